@@ -1,0 +1,52 @@
+//! Errors of the engine. Every variant names the thing that failed and why, so a
+//! daemon log line or a CLI message is actionable without a backtrace.
+
+use std::path::PathBuf;
+
+/// Result alias used across the engine.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid config: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: invalid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: tensor `{tensor}`: {reason}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+    #[error("checkpoint {dir}: tensor `{tensor}` is missing (looked for `{looked_for}`)")]
+    MissingTensor {
+        dir: PathBuf,
+        tensor: String,
+        looked_for: String,
+    },
+    #[error("{path}: tokenizer: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("context full: {needed} positions needed, the context holds {max}")]
+    ContextFull { needed: usize, max: usize },
+    #[error("{0} is not available: this engine was loaded without it")]
+    Unavailable(&'static str),
+}
+
+impl EngineError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

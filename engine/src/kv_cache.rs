@@ -1,0 +1,118 @@
+//! KV cache for the layers that own K/V (KV-shared layers read their source's cache).
+//! Full-attention layers keep every position up to the context limit; sliding layers keep
+//! a ring of `window` positions. Buffers are reserved up front as virtual memory and are
+//! committed by the OS only as positions are written.
+
+use crate::config::{LayerType, TextConfig};
+
+#[derive(Debug)]
+pub(crate) struct LayerKv {
+    /// Ring size for sliding layers; `None` for full layers.
+    pub window: Option<usize>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl LayerKv {
+    /// Storage slot of absolute position `pos`.
+    #[inline]
+    pub fn slot(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => pos % w,
+            None => pos,
+        }
+    }
+}
+
+/// Per-sequence KV state. One engine owns one; `clear` reuses the buffers.
+#[derive(Debug)]
+pub struct KvCache {
+    pub(crate) layers: Vec<Option<LayerKv>>,
+    pub(crate) kv_dim: usize,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &TextConfig, max_len: usize) -> Self {
+        let kv_dim = cfg.kv_dim();
+        let first_shared = cfg.first_kv_shared_layer();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                (l < first_shared).then(|| {
+                    let window = match cfg.layer_types[l] {
+                        LayerType::Sliding => Some(cfg.sliding_window.min(max_len.max(1))),
+                        LayerType::Full => None,
+                    };
+                    let cap = window.unwrap_or(max_len) * kv_dim;
+                    LayerKv {
+                        window,
+                        k: vec![0.0; cap],
+                        v: vec![0.0; cap],
+                    }
+                })
+            })
+            .collect();
+        KvCache {
+            layers,
+            kv_dim,
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// Positions held so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forget the sequence (buffers are kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Bytes of K/V actually holding positions (what a memory report should count).
+    pub fn bytes_used(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| {
+                let n = match l.window {
+                    Some(w) => self.len.min(w),
+                    None => self.len,
+                };
+                2 * n * self.kv_dim * std::mem::size_of::<f32>()
+            })
+            .sum()
+    }
+
+    /// Writes `t` new positions (`k`, `v` are `[t, kv_dim]`) for owner layer `l`, starting
+    /// at the current length. Sliding rings keep only the last `window` of them.
+    pub(crate) fn write(&mut self, l: usize, k: &[f32], v: &[f32], t: usize) {
+        let d = self.kv_dim;
+        let start = self.len;
+        if let Some(layer) = self.layers[l].as_mut() {
+            let skip = match layer.window {
+                Some(w) => t.saturating_sub(w),
+                None => 0,
+            };
+            for i in skip..t {
+                let s = layer.slot(start + i) * d;
+                layer.k[s..s + d].copy_from_slice(&k[i * d..(i + 1) * d]);
+                layer.v[s..s + d].copy_from_slice(&v[i * d..(i + 1) * d]);
+            }
+        }
+    }
+
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}

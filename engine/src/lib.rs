@@ -1,0 +1,16 @@
+//! gemmad-engine: the Gemma 3n model itself. Loads a Hugging Face checkpoint folder,
+//! runs the text decoder with a KV cache, samples, tokenizes and renders chat templates.
+//! Synchronous and single-owner: the daemon gives it one thread.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod weights;
+
+pub use checkpoint::Checkpoint;
+pub use config::{LayerType, Layout, ModelConfig, TextConfig};
+pub use error::{EngineError, Result};
+pub use kv_cache::KvCache;
+pub use model::{LogitsFor, TextModel};

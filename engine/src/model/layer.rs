@@ -1,0 +1,411 @@
+//! One Gemma 3n decoder layer (`Gemma3nTextDecoderLayer`): AltUp predict/correct, LAuReL,
+//! self-attention with q/k/v norms and KV sharing, the MLP with Gaussian top-k sparsity,
+//! and the per-layer-input injection. Names follow modeling_gemma3n.py.
+
+use super::{ops, Loader, TextModel};
+use crate::config::{LayerType, TextConfig};
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::weights::Matrix;
+
+#[derive(Debug)]
+pub struct AltUp {
+    pub correct_output_scale: Vec<f32>,
+    /// `[4, 4]` row-major, clamped to ±altup_coef_clip at load.
+    pub correction_coefs: Vec<f32>,
+    /// `[16, 4]` row-major.
+    pub prediction_coefs: Vec<f32>,
+    pub modality_router: Matrix,
+    pub router_norm: Vec<f32>,
+}
+
+#[derive(Debug)]
+pub struct Laurel {
+    pub linear_left: Matrix,
+    pub linear_right: Matrix,
+    pub post_laurel_norm: Vec<f32>,
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Matrix,
+    /// `None` on KV-shared layers: they read their source layer's cache.
+    pub k_proj: Option<Matrix>,
+    pub v_proj: Option<Matrix>,
+    pub o_proj: Matrix,
+    pub q_norm: Vec<f32>,
+    pub k_norm: Option<Vec<f32>>,
+}
+
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: Matrix,
+    pub up_proj: Matrix,
+    pub down_proj: Matrix,
+    /// Φ⁻¹(p) of the layer's activation sparsity, `None` for dense layers.
+    pub std_multiplier: Option<f32>,
+}
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: Vec<f32>,
+    pub post_attention_layernorm: Vec<f32>,
+    pub pre_feedforward_layernorm: Vec<f32>,
+    pub post_feedforward_layernorm: Vec<f32>,
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub altup: AltUp,
+    pub laurel: Laurel,
+    pub per_layer_input_gate: Matrix,
+    pub per_layer_projection: Matrix,
+    pub post_per_layer_input_norm: Vec<f32>,
+}
+
+impl DecoderLayer {
+    pub(crate) fn load(ld: &Loader, c: &TextConfig, i: usize) -> Result<Self> {
+        let h = c.hidden_size;
+        let p = format!("layers.{i}.");
+        let n = |s: &str| format!("{p}{s}");
+        let a = c.altup_num_inputs;
+        let inter = c.intermediate_size[i];
+        let owns_kv = i < c.first_kv_shared_layer();
+        let clip = c.altup_coef_clip.map(|x| x as f32);
+        let mut correction_coefs = ld.vector_2d(&n("altup.correction_coefs.weight"), a, a)?;
+        if let Some(clip) = clip {
+            for v in correction_coefs.iter_mut() {
+                *v = v.clamp(-clip, clip);
+            }
+        }
+        let sparsity = c.activation_sparsity_pattern[i];
+        Ok(DecoderLayer {
+            input_layernorm: ld.vector(&n("input_layernorm.weight"), h)?,
+            post_attention_layernorm: ld.vector(&n("post_attention_layernorm.weight"), h)?,
+            pre_feedforward_layernorm: ld.vector(&n("pre_feedforward_layernorm.weight"), h)?,
+            post_feedforward_layernorm: ld.vector(&n("post_feedforward_layernorm.weight"), h)?,
+            self_attn: Attention {
+                q_proj: ld.matrix(&n("self_attn.q_proj.weight"), c.q_dim(), h)?,
+                k_proj: owns_kv
+                    .then(|| ld.matrix(&n("self_attn.k_proj.weight"), c.kv_dim(), h))
+                    .transpose()?,
+                v_proj: owns_kv
+                    .then(|| ld.matrix(&n("self_attn.v_proj.weight"), c.kv_dim(), h))
+                    .transpose()?,
+                o_proj: ld.matrix(&n("self_attn.o_proj.weight"), h, c.q_dim())?,
+                q_norm: ld.vector(&n("self_attn.q_norm.weight"), c.head_dim)?,
+                k_norm: owns_kv
+                    .then(|| ld.vector(&n("self_attn.k_norm.weight"), c.head_dim))
+                    .transpose()?,
+            },
+            mlp: Mlp {
+                gate_proj: ld.matrix(&n("mlp.gate_proj.weight"), inter, h)?,
+                up_proj: ld.matrix(&n("mlp.up_proj.weight"), inter, h)?,
+                down_proj: ld.matrix(&n("mlp.down_proj.weight"), h, inter)?,
+                // transformers computes Φ⁻¹(p) in f32 and casts to the activation dtype.
+                std_multiplier: (sparsity > 0.0).then(|| ops::normal_icdf(sparsity) as f32),
+            },
+            altup: AltUp {
+                correct_output_scale: ld.vector(&n("altup.correct_output_scale"), h)?,
+                correction_coefs,
+                prediction_coefs: ld.vector_2d(&n("altup.prediction_coefs.weight"), a * a, a)?,
+                modality_router: ld.matrix(&n("altup.modality_router.weight"), a, h)?,
+                router_norm: ld.vector(&n("altup.router_norm.weight"), h)?,
+            },
+            laurel: Laurel {
+                linear_left: ld.matrix(&n("laurel.linear_left.weight"), c.laurel_rank, h)?,
+                linear_right: ld.matrix(&n("laurel.linear_right.weight"), h, c.laurel_rank)?,
+                post_laurel_norm: ld.vector(&n("laurel.post_laurel_norm.weight"), h)?,
+            },
+            per_layer_input_gate: ld.matrix(
+                &n("per_layer_input_gate.weight"),
+                c.hidden_size_per_layer_input,
+                h,
+            )?,
+            per_layer_projection: ld.matrix(
+                &n("per_layer_projection.weight"),
+                h,
+                c.hidden_size_per_layer_input,
+            )?,
+            post_per_layer_input_norm: ld.vector(&n("post_per_layer_input_norm.weight"), h)?,
+        })
+    }
+
+    /// `tanh(modality_router(router_norm(x) / H))` for each of `t` rows of `x`: `[t, A]`.
+    fn router_modalities(&self, m: &TextModel, x: &[f32], t: usize) -> Vec<f32> {
+        let h = m.cfg.hidden_size;
+        let mut xn = vec![0.0f32; t * h];
+        ops::rms_norm_into(x, &mut xn, h, Some(&self.altup.router_norm), m.eps);
+        let scale = 1.0 / h as f32;
+        for v in xn.iter_mut() {
+            *v *= scale;
+        }
+        let a = m.cfg.altup_num_inputs;
+        let mut out = vec![0.0f32; t * a];
+        self.altup.modality_router.matmul(&xn, t, &mut out);
+        for v in out.iter_mut() {
+            *v = v.tanh();
+        }
+        out
+    }
+
+    /// Runs the layer on `t` tokens whose AltUp streams are `streams` (`A × [t, H]`),
+    /// updating them in place.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        m: &TextModel,
+        li: usize,
+        streams: &mut [Vec<f32>],
+        pli: &[f32],
+        t: usize,
+        pos0: usize,
+        inv_freq: &[f32],
+        cache: &KvCache,
+        chunk_kv: &mut [Option<(Vec<f32>, Vec<f32>)>],
+    ) -> Result<()> {
+        let c = &m.cfg;
+        let h = c.hidden_size;
+        let a = c.altup_num_inputs;
+        let act = c.altup_active_idx;
+        let eps = m.eps;
+
+        // AltUp predict: pred[i] = S[i] + Σ_j coef[4i + j] · S[j].
+        let modalities = self.router_modalities(m, &streams[act], t);
+        let mut coefs = vec![0.0f32; t * a * a];
+        for ti in 0..t {
+            let md = &modalities[ti * a..(ti + 1) * a];
+            for k in 0..a * a {
+                let w = &self.altup.prediction_coefs[k * a..(k + 1) * a];
+                coefs[ti * a * a + k] = w.iter().zip(md).map(|(x, y)| x * y).sum();
+            }
+        }
+        let mut pred: Vec<Vec<f32>> = streams.to_vec();
+        for ti in 0..t {
+            let cf = &coefs[ti * a * a..(ti + 1) * a * a];
+            for e in 0..h {
+                let idx = ti * h + e;
+                for (i, p) in pred.iter_mut().enumerate() {
+                    let mut s = 0.0f32;
+                    for (j, sj) in streams.iter().enumerate() {
+                        s += sj[idx] * cf[i * a + j];
+                    }
+                    p[idx] += s;
+                }
+            }
+        }
+        let active = &pred[act];
+
+        let mut xn = vec![0.0f32; t * h];
+        ops::rms_norm_into(active, &mut xn, h, Some(&self.input_layernorm), eps);
+
+        // LAuReL: xn + norm(right(left(xn))).
+        let r = c.laurel_rank;
+        let mut lr = vec![0.0f32; t * r];
+        self.laurel.linear_left.matmul(&xn, t, &mut lr);
+        let mut laurel = vec![0.0f32; t * h];
+        self.laurel.linear_right.matmul(&lr, t, &mut laurel);
+        ops::rms_norm(&mut laurel, h, Some(&self.laurel.post_laurel_norm), eps);
+        for (o, &x) in laurel.iter_mut().zip(&xn) {
+            *o += x;
+        }
+
+        let mut attn = self.attention(m, li, &xn, t, pos0, inv_freq, cache, chunk_kv);
+        ops::rms_norm(&mut attn, h, Some(&self.post_attention_layernorm), eps);
+
+        // attn_laurel = (active + attn + laurel) / sqrt(2)
+        let sqrt2 = std::f64::consts::SQRT_2 as f32;
+        let mut x = vec![0.0f32; t * h];
+        for i in 0..t * h {
+            x[i] = ((active[i] + attn[i]) + laurel[i]) / sqrt2;
+        }
+        let mut xf = vec![0.0f32; t * h];
+        ops::rms_norm_into(&x, &mut xf, h, Some(&self.pre_feedforward_layernorm), eps);
+        let mut ffw = self.mlp.forward(&xf, t);
+        ops::rms_norm(&mut ffw, h, Some(&self.post_feedforward_layernorm), eps);
+        for (o, &f) in x.iter_mut().zip(&ffw) {
+            *o += f;
+        }
+        let activated = x;
+
+        // AltUp correct: C[i] = pred[i] + (coef(router(activated))[i] + 1) · (activated - pred[act]).
+        let modalities = self.router_modalities(m, &activated, t);
+        for ti in 0..t {
+            let md = &modalities[ti * a..(ti + 1) * a];
+            let mut k = vec![0.0f32; a];
+            for (i, kv) in k.iter_mut().enumerate() {
+                let w = &self.altup.correction_coefs[i * a..(i + 1) * a];
+                *kv = w.iter().zip(md).map(|(x, y)| x * y).sum::<f32>() + 1.0;
+            }
+            for e in 0..h {
+                let idx = ti * h + e;
+                let innov = activated[idx] - pred[act][idx];
+                for (i, s) in streams.iter_mut().enumerate() {
+                    s[idx] = pred[i][idx] + innov * k[i];
+                }
+            }
+        }
+
+        // Per-layer input injection into streams other than the active one.
+        let pdim = c.hidden_size_per_layer_input;
+        let mut first = streams[act].clone();
+        if c.altup_correct_scale {
+            for row in first.chunks_exact_mut(h) {
+                for (v, &s) in row.iter_mut().zip(&self.altup.correct_output_scale) {
+                    *v *= s;
+                }
+            }
+        }
+        let mut gate = vec![0.0f32; t * pdim];
+        self.per_layer_input_gate.matmul(&first, t, &mut gate);
+        let lp = c.num_hidden_layers * pdim;
+        for ti in 0..t {
+            let pl = &pli[ti * lp + li * pdim..ti * lp + (li + 1) * pdim];
+            for (g, &p) in gate[ti * pdim..(ti + 1) * pdim].iter_mut().zip(pl) {
+                *g = ops::gelu_tanh(*g) * p;
+            }
+        }
+        let mut inj = vec![0.0f32; t * h];
+        self.per_layer_projection.matmul(&gate, t, &mut inj);
+        ops::rms_norm(&mut inj, h, Some(&self.post_per_layer_input_norm), eps);
+        for (i, s) in streams.iter_mut().enumerate() {
+            if i == act {
+                continue;
+            }
+            for (v, &p) in s.iter_mut().zip(&inj) {
+                *v += p;
+            }
+        }
+        Ok(())
+    }
+
+    /// Self-attention of `t` new tokens at positions `pos0..pos0+t` over the cached
+    /// positions and the new ones. Owner layers leave their new K/V in `chunk_kv[li]` (the
+    /// caller commits it to the cache after all layers ran); KV-shared layers read their
+    /// source's cache plus its `chunk_kv`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        m: &TextModel,
+        li: usize,
+        xn: &[f32],
+        t: usize,
+        pos0: usize,
+        inv_freq: &[f32],
+        cache: &KvCache,
+        chunk_kv: &mut [Option<(Vec<f32>, Vec<f32>)>],
+    ) -> Vec<f32> {
+        let c = &m.cfg;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let qd = nh * hd;
+        let kvd = nkv * hd;
+        let eps = m.eps;
+        let sa = &self.self_attn;
+
+        let mut q = vec![0.0f32; t * qd];
+        sa.q_proj.matmul(xn, t, &mut q);
+        ops::rms_norm(&mut q, hd, Some(&sa.q_norm), eps);
+        for ti in 0..t {
+            for head in q[ti * qd..(ti + 1) * qd].chunks_exact_mut(hd) {
+                ops::apply_rope(head, pos0 + ti, inv_freq);
+            }
+        }
+
+        if let (Some(kp), Some(vp)) = (&sa.k_proj, &sa.v_proj) {
+            let mut k = vec![0.0f32; t * kvd];
+            let mut v = vec![0.0f32; t * kvd];
+            kp.matmul(xn, t, &mut k);
+            vp.matmul(xn, t, &mut v);
+            ops::rms_norm(&mut k, hd, sa.k_norm.as_deref(), eps);
+            ops::rms_norm(&mut v, hd, None, eps);
+            for ti in 0..t {
+                for head in k[ti * kvd..(ti + 1) * kvd].chunks_exact_mut(hd) {
+                    ops::apply_rope(head, pos0 + ti, inv_freq);
+                }
+            }
+            chunk_kv[li] = Some((k, v));
+        }
+        let src = c.kv_source_layer(li);
+        let empty = (Vec::new(), Vec::new());
+        let (new_k, new_v) = chunk_kv[src].as_ref().unwrap_or(&empty);
+        let Some(cached) = cache.layers[src].as_ref() else {
+            return vec![0.0; t * c.hidden_size]; // unreachable: sources own a cache
+        };
+        let window = match c.layer_types[li] {
+            LayerType::Sliding => Some(c.sliding_window),
+            LayerType::Full => None,
+        };
+
+        let group = nh / nkv;
+        let mut out = vec![0.0f32; t * qd];
+        let mut scores: Vec<f32> = Vec::with_capacity(pos0 + t);
+        for ti in 0..t {
+            let p = pos0 + ti;
+            let lo = match window {
+                Some(w) => (p + 1).saturating_sub(w),
+                None => 0,
+            };
+            for hh in 0..nh {
+                let kvh = hh / group;
+                let qv = &q[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
+                scores.clear();
+                // Cached positions lo..pos0, then new positions pos0..=p.
+                for kp in lo..p + 1 {
+                    let kv: &[f32] = if kp < pos0 {
+                        let s = cached.slot(kp) * kvd + kvh * hd;
+                        &cached.k[s..s + hd]
+                    } else {
+                        let s = (kp - pos0) * kvd + kvh * hd;
+                        &new_k[s..s + hd]
+                    };
+                    scores.push(crate::weights::dot_f32(qv, kv));
+                }
+                ops::softmax(&mut scores);
+                let o = &mut out[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
+                for (j, kp) in (lo..p + 1).enumerate() {
+                    let vv: &[f32] = if kp < pos0 {
+                        let s = cached.slot(kp) * kvd + kvh * hd;
+                        &cached.v[s..s + hd]
+                    } else {
+                        let s = (kp - pos0) * kvd + kvh * hd;
+                        &new_v[s..s + hd]
+                    };
+                    let w = scores[j];
+                    for (a, &b) in o.iter_mut().zip(vv) {
+                        *a += w * b;
+                    }
+                }
+            }
+        }
+        let mut y = vec![0.0f32; t * c.hidden_size];
+        sa.o_proj.matmul(&out, t, &mut y);
+        y
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let inter = self.gate_proj.rows;
+        let h = self.down_proj.rows;
+        let mut gate = vec![0.0f32; t * inter];
+        let mut up = vec![0.0f32; t * inter];
+        self.gate_proj.matmul(x, t, &mut gate);
+        self.up_proj.matmul(x, t, &mut up);
+        for (g_row, u_row) in gate.chunks_exact_mut(inter).zip(up.chunks_exact(inter)) {
+            if let Some(z) = self.std_multiplier {
+                // Gaussian top-k: keep what lies above mean + z·std (population std).
+                let n = inter as f64;
+                let mean = g_row.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = g_row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let cutoff = mean as f32 + (var.sqrt() as f32) * z;
+                for g in g_row.iter_mut() {
+                    *g = (*g - cutoff).max(0.0);
+                }
+            }
+            for (g, &u) in g_row.iter_mut().zip(u_row) {
+                *g = ops::gelu_tanh(*g) * u;
+            }
+        }
+        let mut y = vec![0.0f32; t * h];
+        self.down_proj.matmul(&gate, t, &mut y);
+        y
+    }
+}

@@ -1,0 +1,181 @@
+//! Elementwise and per-row primitives of the Gemma 3n text decoder, in f32.
+
+/// Gemma 3n RMSNorm: `x · (mean(x²) + eps)^-½ · w` (plain `w`, not `1 + w`). `w = None` is
+/// a norm "without scale". Applied to every `dim`-sized row of `x` in place.
+pub fn rms_norm(x: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
+    for row in x.chunks_exact_mut(dim) {
+        let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+        let r = ((ms as f32) + eps).powf(-0.5);
+        match w {
+            Some(w) => {
+                for (v, &g) in row.iter_mut().zip(w) {
+                    *v = (*v * r) * g;
+                }
+            }
+            None => {
+                for v in row.iter_mut() {
+                    *v *= r;
+                }
+            }
+        }
+    }
+}
+
+/// Out-of-place RMSNorm of `x` into `out`.
+pub fn rms_norm_into(x: &[f32], out: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
+    out.copy_from_slice(x);
+    rms_norm(out, dim, w, eps);
+}
+
+/// PyTorch `gelu(approximate="tanh")`.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Root mean square of a row (AltUp magnitudes).
+#[inline]
+pub fn mean_sq(x: &[f32]) -> f32 {
+    (x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64) as f32
+}
+
+/// RoPE frequencies `1 / θ^(2i/d)` for i in 0..d/2, computed as transformers does (f32).
+pub fn rope_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let e = (2 * i) as f32 / head_dim as f32;
+            1.0 / (theta as f32).powf(e)
+        })
+        .collect()
+}
+
+/// Rotate-half RoPE on one head vector at position `pos`.
+#[inline]
+pub fn apply_rope(x: &mut [f32], pos: usize, inv_freq: &[f32]) {
+    let half = inv_freq.len();
+    let p = pos as f32;
+    for i in 0..half {
+        let a = p * inv_freq[i];
+        let (s, c) = a.sin_cos();
+        let x1 = x[i];
+        let x2 = x[i + half];
+        x[i] = x1 * c - x2 * s;
+        x[i + half] = x2 * c + x1 * s;
+    }
+}
+
+/// Softmax over `x` in place (f32, max-subtracted).
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Inverse of the standard normal CDF (Acklam's rational approximation refined by one
+/// Halley step; |error| < 1e-15 in f64), used for the Gaussian top-k cutoff.
+pub fn normal_icdf(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969683028665376e+01,
+        2.209460984245205e+02,
+        -2.759285104469687e+02,
+        1.383_577_518_672_69e2,
+        -3.066479806614716e+01,
+        2.506628277459239e+00,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e+01,
+        1.615858368580409e+02,
+        -1.556989798598866e+02,
+        6.680131188771972e+01,
+        -1.328068155288572e+01,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-03,
+        -3.223964580411365e-01,
+        -2.400758277161838e+00,
+        -2.549732539343734e+00,
+        4.374664141464968e+00,
+        2.938163982698783e+00,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-03,
+        3.224671290700398e-01,
+        2.445134137142996e+00,
+        3.754408661907416e+00,
+    ];
+    if p <= 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if p >= 1.0 {
+        return f64::INFINITY;
+    }
+    let plow = 0.02425;
+    let x = if p < plow {
+        let q = (-2.0 * p.ln()).sqrt();
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    } else if p <= 1.0 - plow {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    } else {
+        let q = (-2.0 * (1.0 - p).ln()).sqrt();
+        -(((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    // Halley refinement with erfc.
+    let e = 0.5 * erfc(-x / std::f64::consts::SQRT_2) - p;
+    let u = e * (2.0 * std::f64::consts::PI).sqrt() * (x * x / 2.0).exp();
+    x - u / (1.0 + x * u / 2.0)
+}
+
+/// Complementary error function (Numerical Recipes `erfcc`, rel. error < 1.2e-7, refined
+/// enough for one Halley step of `normal_icdf`).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * (-z * z - 1.26551223
+        + t * (1.00002368
+            + t * (0.37409196
+                + t * (0.09678418
+                    + t * (-0.18628806
+                        + t * (0.27886807
+                            + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+        .exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn icdf_of_095_matches_reference_constant() {
+        let z = normal_icdf(0.95);
+        assert!((z - 1.6448536269514715).abs() < 1e-6, "{z}");
+        assert_eq!(half::bf16::from_f32(z as f32).to_f32(), 1.6484375);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_and_keeps_norm() {
+        let inv = rope_inv_freq(10000.0, 4);
+        let mut x = vec![1.0, 0.0, 0.0, 0.0];
+        apply_rope(&mut x, 3, &inv);
+        let n: f32 = x.iter().map(|v| v * v).sum();
+        assert!((n - 1.0).abs() < 1e-6);
+        assert!((x[0] - 3f32.cos()).abs() < 1e-6 && (x[2] - 3f32.sin()).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,350 @@
+//! Weight matrices as views: a matrix is a window (rows × cols with a row stride) onto
+//! storage that is either the checkpoint's own mapped pages (bf16/f16/f32, zero-copy) or
+//! an owned buffer. Narrowing rows or columns (MatFormer slices) makes a new view without
+//! copying. Products widen to f32; quantized storage joins this enum later.
+
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::checkpoint::{DType, TensorView};
+use crate::error::Result;
+
+#[cfg(target_endian = "big")]
+compile_error!("gemmad reads little-endian safetensors data in place; big-endian hosts are unsupported");
+
+/// Elements of type `T` either borrowed from a mapping or owned.
+#[derive(Clone, Debug)]
+pub enum Slab<T: 'static> {
+    Mapped {
+        map: Arc<Mmap>,
+        /// Byte offset of element 0; a multiple of `align_of::<T>()`.
+        offset: usize,
+        len: usize,
+    },
+    Owned(Arc<[T]>),
+}
+
+impl<T: Copy + 'static> Slab<T> {
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            Slab::Mapped { map, offset, len } => {
+                // SAFETY: construction checked bounds and alignment; T is a plain number type
+                // for which every bit pattern is valid; the mapping outlives `self`.
+                unsafe { std::slice::from_raw_parts(map.as_ptr().add(*offset) as *const T, *len) }
+            }
+            Slab::Owned(v) => v,
+        }
+    }
+
+    /// The mapped byte range, if any (for residency queries and paging advice).
+    pub fn mapped_range(&self) -> Option<(&Arc<Mmap>, usize, usize)> {
+        match self {
+            Slab::Mapped { map, offset, len } => Some((map, *offset, *len * std::mem::size_of::<T>())),
+            Slab::Owned(_) => None,
+        }
+    }
+}
+
+fn slab_u16(t: &TensorView) -> Slab<u16> {
+    if t.start % 2 == 0 {
+        Slab::Mapped {
+            map: t.map.clone(),
+            offset: t.start,
+            len: t.numel(),
+        }
+    } else {
+        let v: Vec<u16> = t
+            .bytes()
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        Slab::Owned(v.into())
+    }
+}
+
+fn slab_f32(t: &TensorView) -> Slab<f32> {
+    if t.start % 4 == 0 {
+        Slab::Mapped {
+            map: t.map.clone(),
+            offset: t.start,
+            len: t.numel(),
+        }
+    } else {
+        Slab::Owned(t.to_f32_vec().into())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Data {
+    F32(Slab<f32>),
+    Bf16(Slab<u16>),
+    F16(Slab<u16>),
+}
+
+/// A 2-D weight `[rows, cols]` (PyTorch `nn.Linear` layout: one output per row).
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// Elements between the starts of consecutive rows (>= cols once narrowed).
+    pub stride: usize,
+    data: Data,
+}
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PAR_THRESHOLD: usize = 1 << 16;
+
+impl Matrix {
+    /// Wraps a 2-D tensor view without copying when its alignment allows.
+    pub fn from_view(t: &TensorView) -> Result<Self> {
+        if t.shape.len() != 2 {
+            return Err(t.err(format!("expected a 2-D tensor, got shape {:?}", t.shape)));
+        }
+        let data = match t.dtype {
+            DType::F32 => Data::F32(slab_f32(t)),
+            DType::BF16 => Data::Bf16(slab_u16(t)),
+            DType::F16 => Data::F16(slab_u16(t)),
+        };
+        Ok(Matrix {
+            rows: t.shape[0],
+            cols: t.shape[1],
+            stride: t.shape[1],
+            data,
+        })
+    }
+
+    /// An owned f32 matrix (tests, small derived weights).
+    pub fn from_f32(rows: usize, cols: usize, v: Vec<f32>) -> Self {
+        assert_eq!(v.len(), rows * cols, "Matrix::from_f32 size"); // ok: internal caller contract
+        Matrix {
+            rows,
+            cols,
+            stride: cols,
+            data: Data::F32(Slab::Owned(v.into())),
+        }
+    }
+
+    /// The first `rows` rows (MatFormer: FFN prefix of gate/up).
+    pub fn narrow_rows(&self, rows: usize) -> Matrix {
+        Matrix {
+            rows: rows.min(self.rows),
+            ..self.clone()
+        }
+    }
+
+    /// The first `cols` columns of every row (MatFormer: FFN prefix of down).
+    pub fn narrow_cols(&self, cols: usize) -> Matrix {
+        Matrix {
+            cols: cols.min(self.cols),
+            ..self.clone()
+        }
+    }
+
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    /// Dot product of row `r` with `x` (`x.len() == cols`).
+    #[inline]
+    pub fn row_dot(&self, r: usize, x: &[f32]) -> f32 {
+        let s = r * self.stride;
+        match &self.data {
+            Data::F32(v) => dot_f32(&v.as_slice()[s..s + self.cols], x),
+            Data::Bf16(v) => dot_bf16(&v.as_slice()[s..s + self.cols], x),
+            Data::F16(v) => dot_f16(&v.as_slice()[s..s + self.cols], x),
+        }
+    }
+
+    /// Row `r` widened to f32 into `out` (embedding lookups).
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let s = r * self.stride;
+        match &self.data {
+            Data::F32(v) => out.copy_from_slice(&v.as_slice()[s..s + self.cols]),
+            Data::Bf16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v.as_slice()[s..s + self.cols]) {
+                    *o = bf16_to_f32(b);
+                }
+            }
+            Data::F16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v.as_slice()[s..s + self.cols]) {
+                    *o = half::f16::from_bits(b).to_f32();
+                }
+            }
+        }
+    }
+
+    /// `y[t, r] = Σ_c W[r, c] · x[t, c]` for `t` tokens: `x` is `[t, cols]`, `y` is
+    /// `[t, rows]`, both row-major. Rows are split across the thread pool; each weight row
+    /// is read once for all tokens.
+    pub fn matmul(&self, x: &[f32], t: usize, y: &mut [f32]) {
+        debug_assert_eq!(x.len(), t * self.cols);
+        debug_assert_eq!(y.len(), t * self.rows);
+        let work = self.rows * self.cols * t;
+        if t == 1 {
+            if work < PAR_THRESHOLD {
+                for (r, o) in y.iter_mut().enumerate() {
+                    *o = self.row_dot(r, x);
+                }
+            } else {
+                y.par_chunks_mut(64).enumerate().for_each(|(ci, ys)| {
+                    for (i, o) in ys.iter_mut().enumerate() {
+                        *o = self.row_dot(ci * 64 + i, x);
+                    }
+                });
+            }
+            return;
+        }
+        // Compute transposed ([rows, t]) so threads own disjoint output, then transpose.
+        let mut yt = vec![0.0f32; self.rows * t];
+        let cols = self.cols;
+        let body = |r0: usize, chunk: &mut [f32]| {
+            for (i, row_out) in chunk.chunks_mut(t).enumerate() {
+                let r = r0 + i;
+                for (ti, o) in row_out.iter_mut().enumerate() {
+                    *o = self.row_dot(r, &x[ti * cols..(ti + 1) * cols]);
+                }
+            }
+        };
+        if work < PAR_THRESHOLD {
+            body(0, &mut yt);
+        } else {
+            let rows_per = 16;
+            yt.par_chunks_mut(rows_per * t)
+                .enumerate()
+                .for_each(|(ci, chunk)| body(ci * rows_per, chunk));
+        }
+        for r in 0..self.rows {
+            for ti in 0..t {
+                y[ti * self.rows + r] = yt[r * t + ti];
+            }
+        }
+    }
+}
+
+#[inline]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline]
+pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (w, x) = (&w[..n], &x[..n]);
+    let mut acc = [0.0f32; 8];
+    let cw = w.chunks_exact(8);
+    let cx = x.chunks_exact(8);
+    let (rw, rx) = (cw.remainder(), cx.remainder());
+    for (a, b) in cw.zip(cx) {
+        for k in 0..8 {
+            acc[k] += bf16_to_f32(a[k]) * b[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in rw.iter().zip(rx) {
+        s += bf16_to_f32(*a) * b;
+    }
+    s
+}
+
+#[inline]
+pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let cw = w.chunks_exact(8);
+    let cx = x.chunks_exact(8);
+    let (rw, rx) = (cw.remainder(), cx.remainder());
+    for (a, b) in cw.zip(cx) {
+        for k in 0..8 {
+            acc[k] += half::f16::from_bits(a[k]).to_f32() * b[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in rw.iter().zip(rx) {
+        s += half::f16::from_bits(*a).to_f32() * b;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], t: usize) -> Vec<f32> {
+        let mut y = vec![0.0; t * rows];
+        for ti in 0..t {
+            for r in 0..rows {
+                let mut s = 0.0f64;
+                for c in 0..cols {
+                    s += w[r * cols + c] as f64 * x[ti * cols + c] as f64;
+                }
+                y[ti * rows + r] = s as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matmul_matches_scalar_reference_on_odd_shapes() {
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for &(rows, cols, t) in &[(1, 1, 1), (3, 17, 1), (67, 33, 5), (300, 257, 3), (129, 1000, 1)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+            let x: Vec<f32> = (0..t * cols).map(|_| rnd()).collect();
+            let want = reference(&w, rows, cols, &x, t);
+            let m = Matrix::from_f32(rows, cols, w.clone());
+            let mut y = vec![0.0; t * rows];
+            m.matmul(&x, t, &mut y);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{rows}x{cols} t={t}: {a} vs {b}");
+            }
+            // bf16 storage of the same values rounded to bf16
+            let wb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let wr: Vec<f32> = wb.iter().map(|&b| bf16_to_f32(b)).collect();
+            let want = reference(&wr, rows, cols, &x, t);
+            let m = Matrix {
+                rows,
+                cols,
+                stride: cols,
+                data: Data::Bf16(Slab::Owned(wb.into())),
+            };
+            m.matmul(&x, t, &mut y);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "bf16 {rows}x{cols} t={t}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn narrowing_is_a_view() {
+        let w: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let m = Matrix::from_f32(3, 4, w);
+        let n = m.narrow_rows(2).narrow_cols(3);
+        let mut y = vec![0.0; 2];
+        n.matmul(&[1.0, 1.0, 1.0], 1, &mut y);
+        assert_eq!(y, vec![0.0 + 1.0 + 2.0, 4.0 + 5.0 + 6.0]);
+    }
+}
