@@ -4,13 +4,22 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
 pub use checkpoint::Checkpoint;
 pub use config::{LayerType, Layout, ModelConfig, TextConfig};
+pub use engine::{
+    ChatMessage, ContentPart, Engine, FinishReason, GenerateOutput, GenerateRequest, LoadOptions,
+    Prompt, Timings, TokenEvent, Usage,
+};
 pub use error::{EngineError, Result};
 pub use kv_cache::KvCache;
 pub use model::{LogitsFor, TextModel};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::TextTokenizer;

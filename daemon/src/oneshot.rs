@@ -1,0 +1,184 @@
+//! One-shot subcommands that run the engine in this process: `gemmad generate` and
+//! `gemmad logits`. They print their results; they are tools, not the service path.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gemmad_engine::{ChatMessage, Engine, GenerateRequest, LoadOptions, Prompt, SamplingParams};
+
+/// Options shared by the subcommands that load a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint folder as downloaded from the Hugging Face Hub.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Compute threads (default: all CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Context length in tokens (default: the model's maximum).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Engine> {
+        Engine::load(
+            &self.model,
+            LoadOptions {
+                max_context: self.max_context,
+                threads: self.threads,
+            },
+        )
+        .with_context(|| format!("cannot load the model from {}", self.model.display()))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 64)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// RNG seed (same seed, same output).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this string appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// System prompt (chat mode).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Tokenize the prompt as plain text instead of applying the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print usage and timings to stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
+    /// The prompt.
+    pub prompt: String,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let mut engine = a.model.load()?;
+    let prompt = if a.raw || !engine.tokenizer().is_ok_and(|t| t.has_chat_template()) {
+        Prompt::Text(a.prompt.clone())
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::text("system", s));
+        }
+        msgs.push(ChatMessage::text("user", &a.prompt));
+        Prompt::Chat(msgs)
+    };
+    let req = GenerateRequest {
+        prompt,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        cancel: None,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let res = engine.generate(&req, &mut |ev| {
+        if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|_| out.flush()) {
+            write_err = Some(e);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    writeln!(out)?;
+    if a.stats {
+        let t = res.timings;
+        eprintln!(
+            "finish={} prompt_tokens={} completion_tokens={} ttft_ms={:.1} prefill_tok_s={:.1} decode_tok_s={:.2}",
+            res.finish_reason.as_str(),
+            res.usage.prompt_tokens,
+            res.usage.completion_tokens,
+            t.time_to_first_token.as_secs_f64() * 1e3,
+            t.prefill_tokens_per_s,
+            t.decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated token ids, e.g. `2,105,2364`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ids: Vec<u32>,
+    /// Output .npy file: f32, shape [T, vocab], C order.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    if a.ids.is_empty() {
+        bail!("--ids is empty");
+    }
+    let mut engine = a.model.load()?;
+    let vocab = engine.config().text.vocab_size;
+    let logits = engine.logits(&a.ids)?;
+    write_npy_f32(&a.out, &[a.ids.len(), vocab], &logits)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(())
+}
+
+/// Writes a C-order little-endian f32 array in NumPy's .npy format (version 1.0).
+fn write_npy_f32(path: &std::path::Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_s = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
+    // magic(6) + version(2) + len(2) + header + '\n' must be a multiple of 64.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut buf = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    buf.extend_from_slice(b"\x93NUMPY\x01\x00");
+    buf.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    buf.extend_from_slice(header.as_bytes());
+    for v in data {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    let tmp = path.with_extension("npy.tmp");
+    std::fs::write(&tmp, &buf)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
