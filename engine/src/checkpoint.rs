@@ -119,8 +119,8 @@ impl Checkpoint {
         let mut names: Vec<String> = Vec::new();
         let mut index_map: Option<HashMap<String, String>> = None;
         if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| EngineError::io(&index_path, e))?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| st_err(&index_path, format!("index is not valid JSON: {e}")))?;
             let wm = v
@@ -129,11 +129,14 @@ impl Checkpoint {
                 .ok_or_else(|| st_err(&index_path, "index has no `weight_map` object"))?;
             let mut m = HashMap::new();
             for (k, f) in wm {
-                let f = f
-                    .as_str()
-                    .ok_or_else(|| st_err(&index_path, format!("`weight_map.{k}` is not a file name")))?;
+                let f = f.as_str().ok_or_else(|| {
+                    st_err(&index_path, format!("`weight_map.{k}` is not a file name"))
+                })?;
                 if f.contains('/') || f.contains("..") {
-                    return Err(st_err(&index_path, format!("shard name `{f}` must be a plain file name")));
+                    return Err(st_err(
+                        &index_path,
+                        format!("shard name `{f}` must be a plain file name"),
+                    ));
                 }
                 if !names.iter().any(|n| n == f) {
                     names.push(f.to_string());
@@ -149,13 +152,17 @@ impl Checkpoint {
             for e in rd {
                 let e = e.map_err(|e| EngineError::io(dir, e))?;
                 let n = e.file_name().to_string_lossy().into_owned();
-                if n.ends_with(".safetensors") {
+                // Unindexed shards; other safetensors files (e.g. adapters) are not weights.
+                if n.starts_with("model") && n.ends_with(".safetensors") {
                     names.push(n);
                 }
             }
             names.sort();
             if names.is_empty() {
-                return Err(st_err(dir, "no *.safetensors files in the checkpoint folder"));
+                return Err(st_err(
+                    dir,
+                    "no model*.safetensors files in the checkpoint folder",
+                ));
             }
         }
 
@@ -186,7 +193,8 @@ impl Checkpoint {
                     return Err(EngineError::Tensor {
                         path: dir.join(f),
                         tensor: t.clone(),
-                        reason: "listed in model.safetensors.index.json but absent from the shard".into(),
+                        reason: "listed in model.safetensors.index.json but absent from the shard"
+                            .into(),
                     });
                 }
             }
@@ -213,11 +221,14 @@ impl Checkpoint {
 
     /// The tensor `name`, which must exist, have a supported dtype and the given shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorView> {
-        let e = self.entries.get(name).ok_or_else(|| EngineError::MissingTensor {
-            dir: self.dir.clone(),
-            tensor: name.to_string(),
-            looked_for: name.to_string(),
-        })?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor {
+                dir: self.dir.clone(),
+                tensor: name.to_string(),
+                looked_for: name.to_string(),
+            })?;
         let f = &self.files[e.file];
         let terr = |reason: String| EngineError::Tensor {
             path: f.path.clone(),
@@ -245,14 +256,24 @@ impl Checkpoint {
 
 fn parse_header(path: &Path, buf: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
     if buf.len() < 8 {
-        return Err(st_err(path, format!("file is {} bytes, too short for a header", buf.len())));
+        return Err(st_err(
+            path,
+            format!("file is {} bytes, too short for a header", buf.len()),
+        ));
     }
-    let n = u64::from_le_bytes(buf[..8].try_into().map_err(|_| st_err(path, "short header"))?);
+    let n = u64::from_le_bytes(
+        buf[..8]
+            .try_into()
+            .map_err(|_| st_err(path, "short header"))?,
+    );
     let n = usize::try_from(n).map_err(|_| st_err(path, "header length overflows"))?;
     if n > 100_000_000 || 8 + n > buf.len() {
         return Err(st_err(
             path,
-            format!("header claims {n} bytes but the file has {} (truncated?)", buf.len()),
+            format!(
+                "header claims {n} bytes but the file has {} (truncated?)",
+                buf.len()
+            ),
         ));
     }
     let header: Value = serde_json::from_slice(&buf[8..8 + n])
@@ -276,7 +297,9 @@ fn parse_header(path: &Path, buf: &[u8], file: usize) -> Result<Vec<(String, Ent
             "F32" => Ok(DType::F32),
             "F16" => Ok(DType::F16),
             "BF16" => Ok(DType::BF16),
-            other => Err(format!("dtype `{other}` is not supported (F32, F16, BF16 are)")),
+            other => Err(format!(
+                "dtype `{other}` is not supported (F32, F16, BF16 are)"
+            )),
         };
         let shape: Vec<usize> = info
             .get("shape")

@@ -126,9 +126,12 @@ impl Parser<'_> {
     fn usize(&self, key: &str) -> Result<usize> {
         let v = field(self.obj, key)
             .ok_or_else(|| self.err(format!("missing field `{}{key}`", self.prefix)))?;
-        v.as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| self.err(format!("`{}{key}` must be a non-negative integer, got {v}", self.prefix)))
+        v.as_u64().map(|x| x as usize).ok_or_else(|| {
+            self.err(format!(
+                "`{}{key}` must be a non-negative integer, got {v}",
+                self.prefix
+            ))
+        })
     }
 
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
@@ -141,10 +144,9 @@ impl Parser<'_> {
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match field(self.obj, key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("`{}{key}` must be a number, got {v}", self.prefix))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                self.err(format!("`{}{key}` must be a number, got {v}", self.prefix))
+            }),
         }
     }
 
@@ -155,14 +157,18 @@ impl Parser<'_> {
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match field(self.obj, key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(format!("`{}{key}` must be a boolean, got {v}", self.prefix))),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                self.err(format!("`{}{key}` must be a boolean, got {v}", self.prefix))
+            }),
         }
     }
 
     fn ids(&self, v: &Value, key: &str) -> Result<Vec<u32>> {
-        let bad = || self.err(format!("`{key}` must be a token id or a list of ids, got {v}"));
+        let bad = || {
+            self.err(format!(
+                "`{key}` must be a token id or a list of ids, got {v}"
+            ))
+        };
         match v {
             Value::Number(n) => Ok(vec![n.as_u64().ok_or_else(bad)? as u32]),
             Value::Array(a) => a
@@ -211,7 +217,9 @@ impl ModelConfig {
         let (layout, text_obj, prefix) = match field(root, "text_config") {
             Some(t) => (Layout::Multimodal, t, "text_config."),
             None => {
-                let mt = field(root, "model_type").and_then(Value::as_str).unwrap_or("");
+                let mt = field(root, "model_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
                 if mt != "gemma3n_text" && mt != "gemma3n" && !mt.is_empty() {
                     return Err(top.err(format!(
                         "model_type `{mt}` is not a Gemma 3n text model (expected `gemma3n` or `gemma3n_text`)"
@@ -372,7 +380,11 @@ fn parse_text(p: &Parser, root: &Value, gen_eos: Option<&Value>) -> Result<TextC
             }
             v
         }
-        Some(v) => return Err(p.err(format!("`activation_sparsity_pattern` must be a list, got {v}"))),
+        Some(v) => {
+            return Err(p.err(format!(
+                "`activation_sparsity_pattern` must be a list, got {v}"
+            )))
+        }
         None => vec![0.0; num_hidden_layers],
     };
 
@@ -459,7 +471,14 @@ mod tests {
     fn new_rope_form_nested_text_config() {
         let mut t = base();
         t["intermediate_size"] = json!([128, 128, 192, 192, 256, 256]);
-        t["layer_types"] = json!(["sliding_attention","sliding_attention","full_attention","sliding_attention","sliding_attention","full_attention"]);
+        t["layer_types"] = json!([
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention"
+        ]);
         t.as_object_mut().unwrap().remove("rope_theta");
         t.as_object_mut().unwrap().remove("rope_local_base_freq");
         t["rope_parameters"] = json!({
@@ -481,9 +500,21 @@ mod tests {
     fn missing_and_malformed_fields_are_named() {
         for (key, val, needle) in [
             ("hidden_size", Value::Null, "missing field `hidden_size`"),
-            ("head_dim", json!("x"), "`head_dim` must be a non-negative integer"),
-            ("intermediate_size", json!([1, 2]), "`intermediate_size` has 2 entries"),
-            ("num_key_value_heads", json!(3), "multiple of num_key_value_heads"),
+            (
+                "head_dim",
+                json!("x"),
+                "`head_dim` must be a non-negative integer",
+            ),
+            (
+                "intermediate_size",
+                json!([1, 2]),
+                "`intermediate_size` has 2 entries",
+            ),
+            (
+                "num_key_value_heads",
+                json!(3),
+                "multiple of num_key_value_heads",
+            ),
         ] {
             let mut t = base();
             if val.is_null() {

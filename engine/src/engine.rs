@@ -97,6 +97,9 @@ impl GenerateRequest {
 pub struct TokenEvent<'a> {
     pub id: u32,
     pub text: &'a str,
+    /// True only for the last event of a generation that releases text held back for a
+    /// possible stop string; `id` then repeats the last token and is not a new one.
+    pub flush: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,7 +200,9 @@ impl Engine {
             .num_threads(threads.max(1))
             .thread_name(|i| format!("gemmad-compute-{i}"))
             .build()
-            .map_err(|e| EngineError::InvalidRequest(format!("cannot start compute threads: {e}")))?;
+            .map_err(|e| {
+                EngineError::InvalidRequest(format!("cannot start compute threads: {e}"))
+            })?;
         let cache = model.new_cache(max_context);
         tracing::info!(
             dir = %dir.display(),
@@ -235,7 +240,9 @@ impl Engine {
     }
 
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
-        self.tokenizer.as_ref().ok_or(EngineError::Unavailable("the tokenizer (tokenizer.json)"))
+        self.tokenizer
+            .as_ref()
+            .ok_or(EngineError::Unavailable("the tokenizer (tokenizer.json)"))
     }
 
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
@@ -253,15 +260,23 @@ impl Engine {
     }
 
     /// The chat template's rendering of `messages`.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
             let mut parts = Vec::new();
             for p in &m.content {
                 match p {
                     ContentPart::Text(t) => parts.push(json!({"type": "text", "text": t})),
-                    ContentPart::Image(_) => return Err(EngineError::Unavailable("the vision tower")),
-                    ContentPart::Audio(_) => return Err(EngineError::Unavailable("the audio tower")),
+                    ContentPart::Image(_) => {
+                        return Err(EngineError::Unavailable("the vision tower"))
+                    }
+                    ContentPart::Audio(_) => {
+                        return Err(EngineError::Unavailable("the audio tower"))
+                    }
                 }
             }
             // A single text part renders as plain string content, as apps send it.
@@ -302,7 +317,9 @@ impl Engine {
     pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.cache.clear();
         let (model, cache) = (&self.model, &mut self.cache);
-        let r = self.pool.install(|| model.forward(ids, cache, LogitsFor::All));
+        let r = self
+            .pool
+            .install(|| model.forward(ids, cache, LogitsFor::All));
         self.cache.clear();
         r
     }
@@ -317,10 +334,14 @@ impl Engine {
         let t0 = Instant::now();
         req.sampling.validate()?;
         if req.max_tokens == 0 {
-            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+            return Err(EngineError::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         if req.stop.iter().any(String::is_empty) {
-            return Err(EngineError::InvalidRequest("stop strings must not be empty".into()));
+            return Err(EngineError::InvalidRequest(
+                "stop strings must not be empty".into(),
+            ));
         }
         let prompt = self.prompt_ids(&req.prompt)?;
         let max = self.cache.max_len();
@@ -330,7 +351,11 @@ impl Engine {
                 max,
             });
         }
-        let cancelled = || req.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+        let cancelled = || {
+            req.cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+        };
         let mut usage = Usage {
             prompt_tokens: prompt.len(),
             completion_tokens: 0,
@@ -354,7 +379,8 @@ impl Engine {
         let tp = Instant::now();
         let mut logits = pool.install(|| model.forward(&prompt, cache, LogitsFor::Last))?;
         timings.prefill = tp.elapsed();
-        timings.prefill_tokens_per_s = prompt.len() as f64 / timings.prefill.as_secs_f64().max(1e-9);
+        timings.prefill_tokens_per_s =
+            prompt.len() as f64 / timings.prefill.as_secs_f64().max(1e-9);
 
         let mut sampler = Sampler::new(req.sampling.clone());
         let mut stream = TextStream::new(self.tokenizer.as_ref(), &req.stop);
@@ -373,7 +399,13 @@ impl Engine {
             if usage.completion_tokens == 1 {
                 timings.time_to_first_token = t0.elapsed();
             }
-            if on_token(TokenEvent { id, text: &delta }).is_break() {
+            if on_token(TokenEvent {
+                id,
+                text: &delta,
+                flush: false,
+            })
+            .is_break()
+            {
                 break FinishReason::Cancelled;
             }
             if hit_stop {
@@ -397,6 +429,7 @@ impl Engine {
                 let _ = on_token(TokenEvent {
                     id: *out_ids.last().unwrap_or(&0),
                     text: &rest,
+                    flush: true,
                 });
             }
         }

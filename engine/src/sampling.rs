@@ -50,7 +50,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::InvalidRequest(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -112,8 +115,12 @@ impl Sampler {
         }
         let inv_t = 1.0 / p.temperature;
         self.cand.clear();
-        self.cand
-            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
         let by_value_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
         if p.top_k > 0 && p.top_k < self.cand.len() {
             self.cand.select_nth_unstable_by(p.top_k - 1, by_value_desc);
@@ -194,7 +201,9 @@ mod tests {
                 seed: Some(seed),
                 ..Default::default()
             });
-            (0..32).map(|_| s.sample(&mut logits(), &[])).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&mut logits(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));
@@ -204,9 +213,24 @@ mod tests {
     fn top_k_one_and_min_p_one_are_greedy() {
         let want = argmax(&logits());
         for p in [
-            SamplingParams { top_k: 1, seed: Some(3), ..Default::default() },
-            SamplingParams { top_k: 0, top_p: 1.0, min_p: 1.0, seed: Some(3), ..Default::default() },
-            SamplingParams { top_k: 0, top_p: 1e-6, seed: Some(3), ..Default::default() },
+            SamplingParams {
+                top_k: 1,
+                seed: Some(3),
+                ..Default::default()
+            },
+            SamplingParams {
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 1.0,
+                seed: Some(3),
+                ..Default::default()
+            },
+            SamplingParams {
+                top_k: 0,
+                top_p: 1e-6,
+                seed: Some(3),
+                ..Default::default()
+            },
         ] {
             let mut s = Sampler::new(p);
             for _ in 0..20 {
@@ -246,11 +270,26 @@ mod tests {
     #[test]
     fn invalid_params_are_rejected() {
         for p in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { min_p: 2.0, ..Default::default() },
-            SamplingParams { repetition_penalty: 0.0, ..Default::default() },
-            SamplingParams { temperature: f32::NAN, ..Default::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 2.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
         ] {
             assert!(p.validate().is_err(), "{p:?}");
         }

@@ -50,8 +50,9 @@ impl TextTokenizer {
         if !path.exists() {
             return Err(EngineError::Tokenizer {
                 path,
-                reason: "file not found (the checkpoint folder needs tokenizer.json for text prompts)"
-                    .into(),
+                reason:
+                    "file not found (the checkpoint folder needs tokenizer.json for text prompts)"
+                        .into(),
             });
         }
         let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::Tokenizer {
@@ -137,7 +138,10 @@ impl TextTokenizer {
     /// Renders `messages` (transformers' message dicts as JSON) with the chat template.
     pub fn render_chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
         let env = self.template.as_ref().ok_or_else(|| {
-            EngineError::Template("the checkpoint has no chat template (tokenizer_config.json / chat_template.jinja)".into())
+            EngineError::Template(
+                "the checkpoint has no chat template (tokenizer_config.json / chat_template.jinja)"
+                    .into(),
+            )
         })?;
         let tmpl = env
             .get_template("chat")

@@ -12,7 +12,9 @@ use crate::checkpoint::{DType, TensorView};
 use crate::error::Result;
 
 #[cfg(target_endian = "big")]
-compile_error!("gemmad reads little-endian safetensors data in place; big-endian hosts are unsupported");
+compile_error!(
+    "gemmad reads little-endian safetensors data in place; big-endian hosts are unsupported"
+);
 
 /// Elements of type `T` either borrowed from a mapping or owned.
 #[derive(Clone, Debug)]
@@ -41,14 +43,16 @@ impl<T: Copy + 'static> Slab<T> {
     /// The mapped byte range, if any (for residency queries and paging advice).
     pub fn mapped_range(&self) -> Option<(&Arc<Mmap>, usize, usize)> {
         match self {
-            Slab::Mapped { map, offset, len } => Some((map, *offset, *len * std::mem::size_of::<T>())),
+            Slab::Mapped { map, offset, len } => {
+                Some((map, *offset, *len * std::mem::size_of::<T>()))
+            }
             Slab::Owned(_) => None,
         }
     }
 }
 
 fn slab_u16(t: &TensorView) -> Slab<u16> {
-    if t.start % 2 == 0 {
+    if t.start.is_multiple_of(2) {
         Slab::Mapped {
             map: t.map.clone(),
             offset: t.start,
@@ -65,7 +69,7 @@ fn slab_u16(t: &TensorView) -> Slab<u16> {
 }
 
 fn slab_f32(t: &TensorView) -> Slab<f32> {
-    if t.start % 4 == 0 {
+    if t.start.is_multiple_of(4) {
         Slab::Mapped {
             map: t.map.clone(),
             offset: t.start,
@@ -308,10 +312,18 @@ mod tests {
     fn matmul_matches_scalar_reference_on_odd_shapes() {
         let mut seed = 7u64;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        for &(rows, cols, t) in &[(1, 1, 1), (3, 17, 1), (67, 33, 5), (300, 257, 3), (129, 1000, 1)] {
+        for &(rows, cols, t) in &[
+            (1, 1, 1),
+            (3, 17, 1),
+            (67, 33, 5),
+            (300, 257, 3),
+            (129, 1000, 1),
+        ] {
             let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
             let x: Vec<f32> = (0..t * cols).map(|_| rnd()).collect();
             let want = reference(&w, rows, cols, &x, t);
@@ -322,7 +334,10 @@ mod tests {
                 assert!((a - b).abs() < 1e-4, "{rows}x{cols} t={t}: {a} vs {b}");
             }
             // bf16 storage of the same values rounded to bf16
-            let wb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let wb: Vec<u16> = w
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
             let wr: Vec<f32> = wb.iter().map(|&b| bf16_to_f32(b)).collect();
             let want = reference(&wr, rows, cols, &x, t);
             let m = Matrix {

@@ -31,10 +31,14 @@ fn decode_steps_match() {
     let k = want.shape[0];
     let v = cfg.text.vocab_size;
     let mut cache = model.new_cache(64);
-    let _ = model.forward(&ids[..p], &mut cache, LogitsFor::Last).unwrap();
+    let _ = model
+        .forward(&ids[..p], &mut cache, LogitsFor::Last)
+        .unwrap();
     let mut worst = 0.0f32;
     for i in 0..k {
-        let l = model.forward(&ids[p + i..p + i + 1], &mut cache, LogitsFor::Last).unwrap();
+        let l = model
+            .forward(&ids[p + i..p + i + 1], &mut cache, LogitsFor::Last)
+            .unwrap();
         let d = max_abs_diff(&l, &want.f32s[i * v..(i + 1) * v]);
         worst = worst.max(d);
         assert!(d <= TOL, "decode step {i}: max |dlogit| {d}");

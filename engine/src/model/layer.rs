@@ -394,7 +394,11 @@ impl Mlp {
                 // Gaussian top-k: keep what lies above mean + z·std (population std).
                 let n = inter as f64;
                 let mean = g_row.iter().map(|&v| v as f64).sum::<f64>() / n;
-                let var = g_row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let var = g_row
+                    .iter()
+                    .map(|&v| (v as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / n;
                 let cutoff = mean as f32 + (var.sqrt() as f32) * z;
                 for g in g_row.iter_mut() {
                     *g = (*g - cutoff).max(0.0);

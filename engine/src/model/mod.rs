@@ -83,9 +83,13 @@ impl TextModel {
         let l = c.num_hidden_layers;
         let p = c.hidden_size_per_layer_input;
         let embed_tokens = ld.matrix("embed_tokens.weight", c.vocab_size, h)?;
-        let embed_tokens_per_layer =
-            ld.matrix("embed_tokens_per_layer.weight", c.vocab_size_per_layer_input, l * p)?;
-        let per_layer_model_projection = ld.matrix("per_layer_model_projection.weight", l * p, h)?;
+        let embed_tokens_per_layer = ld.matrix(
+            "embed_tokens_per_layer.weight",
+            c.vocab_size_per_layer_input,
+            l * p,
+        )?;
+        let per_layer_model_projection =
+            ld.matrix("per_layer_model_projection.weight", l * p, h)?;
         let per_layer_projection_norm = ld.vector("per_layer_projection_norm.weight", p)?;
         let n_extra = c.altup_num_inputs - 1;
         let altup_projections = (0..n_extra)
@@ -215,7 +219,10 @@ impl TextModel {
         // AltUp stream initialisation (Gemma3nTextModel.forward).
         let mut streams: Vec<Vec<f32>> = Vec::with_capacity(c.altup_num_inputs);
         let mut tmp = vec![0.0f32; t * h];
-        let target: Vec<f32> = embeds.chunks_exact(h).map(|r| ops::mean_sq(r).sqrt()).collect();
+        let target: Vec<f32> = embeds
+            .chunks_exact(h)
+            .map(|r| ops::mean_sq(r).sqrt())
+            .collect();
         for proj in &self.altup_projections {
             proj.matmul(&embeds, t, &mut tmp);
             let mut s = tmp.clone();
@@ -235,7 +242,17 @@ impl TextModel {
                 LayerType::Full => &self.rope_full,
                 LayerType::Sliding => &self.rope_sliding,
             };
-            layer.forward(self, li, &mut streams, pli, t, pos0, inv_freq, cache, &mut chunk_kv)?;
+            layer.forward(
+                self,
+                li,
+                &mut streams,
+                pli,
+                t,
+                pos0,
+                inv_freq,
+                cache,
+                &mut chunk_kv,
+            )?;
         }
         for (li, kv) in chunk_kv.iter().enumerate() {
             if let Some((k, v)) = kv {

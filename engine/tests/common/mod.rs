@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A golden tensor widened to f64-friendly forms.
@@ -23,16 +25,27 @@ pub fn goldens(dir: &str) -> HashMap<String, Golden> {
         let d = view.data();
         let (f32s, i64s) = match view.dtype() {
             safetensors::Dtype::F32 => (
-                d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                d.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
                 vec![],
             ),
             safetensors::Dtype::I64 => (
                 vec![],
-                d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+                d.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
             ),
             other => panic!("unexpected golden dtype {other:?} for {name}"),
         };
-        out.insert(name, Golden { shape: view.shape().to_vec(), f32s, i64s });
+        out.insert(
+            name,
+            Golden {
+                shape: view.shape().to_vec(),
+                f32s,
+                i64s,
+            },
+        );
     }
     out
 }
@@ -43,7 +56,10 @@ pub fn ids(g: &Golden) -> Vec<u32> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn argmax(v: &[f32]) -> usize {
