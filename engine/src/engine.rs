@@ -20,6 +20,11 @@ use crate::tokenizer::TextTokenizer;
 /// How to load a checkpoint.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
+    /// Storage type of the large matrices (decoder and LM head).
+    pub quant: crate::quant::QuantType,
+    /// Where derived files (quantized weights, the PLE cache) are kept; `None` keeps
+    /// quantized weights in memory only.
+    pub cache_dir: Option<PathBuf>,
     /// Context length in tokens; defaults to (and is capped by) the model's
     /// `max_position_embeddings`.
     pub max_context: Option<usize>,
@@ -548,4 +553,12 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
         i -= 1;
     }
     i
+}
+
+// accessors for the daemon
+impl Engine {
+    /// Bytes of K/V holding positions of the current (or last) sequence.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.cache.bytes_used()
+    }
 }

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
+pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
@@ -21,5 +22,6 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use kv_cache::KvCache;
 pub use model::{LogitsFor, TextModel};
+pub use quant::QuantType;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::TextTokenizer;
