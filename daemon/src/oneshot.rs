@@ -21,6 +21,12 @@ pub struct ModelArgs {
     /// Context length in tokens (default: the model's maximum).
     #[arg(long)]
     pub max_context: Option<usize>,
+    /// Weight storage: f32, bf16 (the checkpoint's own), q8_0, q4_0, q4_k.
+    #[arg(long, default_value = "bf16")]
+    pub quant: gemmad_engine::QuantType,
+    /// Directory for derived files (quantized weights, PLE cache).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -30,6 +36,8 @@ impl ModelArgs {
             LoadOptions {
                 max_context: self.max_context,
                 threads: self.threads,
+                quant: self.quant,
+                cache_dir: self.cache_dir.clone(),
             },
         )
         .with_context(|| format!("cannot load the model from {}", self.model.display()))
