@@ -150,6 +150,20 @@ impl Matrix {
         &self.data
     }
 
+    /// Bytes of the stored elements this view covers.
+    pub fn storage_bytes(&self) -> usize {
+        self.rows * self.row_bytes()
+    }
+
+    /// Bytes of one row of this view.
+    pub fn row_bytes(&self) -> usize {
+        let el = match &self.data {
+            Data::F32(_) => 4,
+            Data::Bf16(_) | Data::F16(_) => 2,
+        };
+        self.cols * el
+    }
+
     /// Dot product of row `r` with `x` (`x.len() == cols`).
     #[inline]
     pub fn row_dot(&self, r: usize, x: &[f32]) -> f32 {

@@ -413,3 +413,19 @@ impl Mlp {
         y
     }
 }
+
+impl DecoderLayer {
+    /// Bytes of this layer's weights read for one token.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let a = &self.self_attn;
+        let mut b = a.q_proj.storage_bytes() + a.o_proj.storage_bytes();
+        b += a.k_proj.as_ref().map_or(0, |m| m.storage_bytes());
+        b += a.v_proj.as_ref().map_or(0, |m| m.storage_bytes());
+        b += self.mlp.gate_proj.storage_bytes() + self.mlp.up_proj.storage_bytes();
+        b += self.mlp.down_proj.storage_bytes();
+        b += self.laurel.linear_left.storage_bytes() + self.laurel.linear_right.storage_bytes();
+        b += self.per_layer_input_gate.storage_bytes() + self.per_layer_projection.storage_bytes();
+        b += self.altup.modality_router.storage_bytes();
+        b
+    }
+}

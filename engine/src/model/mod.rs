@@ -319,3 +319,22 @@ impl Loader<'_> {
         Ok(self.ckpt.get(&full, &[rows, cols])?.to_f32_vec())
     }
 }
+
+impl TextModel {
+    /// Bytes of weights one decode step reads: every layer's matrices (KV-shared layers
+    /// skip k/v), the AltUp/unembed projections, one embedding row, one PLE row and the
+    /// tied LM head. The benchmark's roofline figure divides by this.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let mut b = 0usize;
+        for l in &self.layers {
+            b += l.weight_bytes_per_token();
+        }
+        for m in self.altup_projections.iter().chain(&self.altup_unembed_projections) {
+            b += m.storage_bytes();
+        }
+        b += self.per_layer_model_projection.storage_bytes();
+        b += self.embed_tokens.row_bytes() + self.embed_tokens_per_layer.row_bytes();
+        b += self.embed_tokens.storage_bytes(); // tied LM head
+        b
+    }
+}
