@@ -244,11 +244,6 @@ impl Engine {
         self.cache.max_len()
     }
 
-    /// Bytes of K/V held for the current (or last) sequence.
-    pub fn kv_cache_bytes(&self) -> usize {
-        self.cache.bytes_used()
-    }
-
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
         self.tokenizer
             .as_ref()
