@@ -1,43 +1,70 @@
-//! `gemmad`: the Gemma 3n service binary. Subcommands: one-shot tools that run the engine
-//! in-process on a checkpoint folder (`generate`, `logits`).
+//! `gemmad`: the Gemma 3n service binary. `gemmad serve` runs the service (gRPC on a Unix
+//! socket); `generate` and `logits` are one-shot tools that run the engine in-process on a
+//! checkpoint folder.
 
+mod access;
+mod config;
+mod listen;
 mod oneshot;
+mod queue;
+mod request;
+mod serve;
+mod service;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "gemmad", version, about = "Gemma 3n on-device inference service")]
+#[command(
+    name = "gemmad",
+    version,
+    about = "Gemma 3n on-device inference service"
+)]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `gemmad_engine=debug`.
-    #[arg(long, global = true, env = "GEMMAD_LOG", default_value = "warn")]
-    log: String,
+    /// Default: `warn` for the one-shot tools, the config's log.level for `serve`.
+    #[arg(long, global = true, env = "GEMMAD_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the service: serve the model over gRPC on a Unix socket.
+    Serve(serve::ServeArgs),
     /// Generate text in-process from a checkpoint folder, streaming to stdout.
     Generate(oneshot::GenerateArgs),
     /// Write the logits of every position of a token-id sequence as a .npy file.
     Logits(oneshot::LogitsArgs),
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+fn init_oneshot_logging(level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or("warn"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
     let r = match cli.command {
-        Command::Generate(a) => oneshot::generate(a),
-        Command::Logits(a) => oneshot::logits(a),
+        Command::Serve(a) => serve::run(a, cli.log),
+        Command::Generate(a) => {
+            init_oneshot_logging(cli.log.as_deref());
+            oneshot::generate(a)
+        }
+        Command::Logits(a) => {
+            init_oneshot_logging(cli.log.as_deref());
+            oneshot::logits(a)
+        }
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "gemmad failed");
             eprintln!("gemmad: {e:#}");
             std::process::ExitCode::FAILURE
         }

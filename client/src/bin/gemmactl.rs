@@ -1,0 +1,415 @@
+//! gemmactl: talk to gemmad from the command line.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use gemmad_client::{
+    describe, finish_reason_str, image_part, message, pb, text_part, wav_part, Client, ClientError,
+    Generation, ServingStatus,
+};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gemmactl",
+    version,
+    about = "Command-line client of the gemmad service"
+)]
+struct Cli {
+    /// gemmad's Unix socket.
+    #[arg(long, global = true, env = "GEMMAD_SOCKET", default_value = gemmad_client::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a reply to one prompt, streaming it to the terminal.
+    Generate(GenerateArgs),
+    /// Interactive multi-turn chat (/reset forgets the conversation, /exit or Ctrl-D quits).
+    Chat(SamplingArgs),
+    /// What the daemon is doing: model, slice, memory, queue.
+    Status(JsonFlag),
+    /// Token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Text of token ids.
+    Detokenize(DetokenizeArgs),
+    /// The model sizes (MatFormer slices) on offer.
+    Slices(JsonFlag),
+    /// The gRPC health check; exit status 0 when serving.
+    Health,
+}
+
+#[derive(Args, Debug)]
+struct JsonFlag {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct SamplingArgs {
+    /// Maximum tokens to generate (default: the daemon's).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// RNG seed: same seed, same output.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// 0 = greedy (default: the model's, 1.0).
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Stop when this string appears (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Model size: "auto" or a slice name from `gemmactl slices`.
+    #[arg(long)]
+    size: Option<String>,
+    /// Run behind interactive requests.
+    #[arg(long)]
+    background: bool,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Attach an image (PNG/JPEG; repeatable).
+    #[arg(long, value_name = "FILE")]
+    image: Vec<PathBuf>,
+    /// Attach audio (WAV; repeatable).
+    #[arg(long, value_name = "FILE")]
+    audio: Vec<PathBuf>,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Print usage and timings to stderr at the end.
+    #[arg(long)]
+    stats: bool,
+    /// The prompt; "-" reads it from stdin.
+    prompt: String,
+}
+
+#[derive(Args, Debug)]
+struct TokenizeArgs {
+    /// Add special tokens (a leading <bos>).
+    #[arg(long)]
+    special: bool,
+    #[arg(long)]
+    json: bool,
+    text: String,
+}
+
+#[derive(Args, Debug)]
+struct DetokenizeArgs {
+    /// Comma-separated ids, e.g. 2,105,2364.
+    #[arg(value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+}
+
+impl SamplingArgs {
+    fn request(&self, messages: Vec<pb::Message>) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            messages,
+            sampling: Some(pb::Sampling {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            }),
+            max_tokens: self.max_tokens.unwrap_or(0),
+            stop: self.stop.clone(),
+            size: self.size.clone().unwrap_or_default(),
+            priority: if self.background {
+                pb::Priority::Background
+            } else {
+                pb::Priority::Interactive
+            } as i32,
+            ignore_eos: false,
+        }
+    }
+
+    fn system_message(&self) -> Option<pb::Message> {
+        self.system
+            .as_deref()
+            .map(|s| message("system", vec![text_part(s)]))
+    }
+}
+
+fn timings_json(g: &Generation) -> Value {
+    let f = g.finished.clone().unwrap_or_default();
+    let u = f.usage.unwrap_or_default();
+    let t = f.timings.unwrap_or_default();
+    json!({
+        "request_id": g.request_id,
+        "text": g.text,
+        "token_ids": g.token_ids,
+        "finish_reason": finish_reason_str(f.finish_reason),
+        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens},
+        "timings": {
+            "queue_wait_ms": t.queue_wait_ms,
+            "time_to_first_token_ms": t.time_to_first_token_ms,
+            "prefill_ms": t.prefill_ms,
+            "prefill_tokens_per_s": t.prefill_tokens_per_s,
+            "decode_ms": t.decode_ms,
+            "decode_tokens_per_s": t.decode_tokens_per_s,
+            "active_slice": t.active_slice,
+        },
+    })
+}
+
+fn print_stats(g: &Generation) {
+    let f = g.finished.clone().unwrap_or_default();
+    let u = f.usage.unwrap_or_default();
+    let t = f.timings.unwrap_or_default();
+    eprintln!(
+        "finish={} prompt_tokens={} completion_tokens={} queue_ms={:.1} ttft_ms={:.1} decode_tok_s={:.1} slice={}",
+        finish_reason_str(f.finish_reason),
+        u.prompt_tokens,
+        u.completion_tokens,
+        t.queue_wait_ms,
+        t.time_to_first_token_ms,
+        t.decode_tokens_per_s,
+        t.active_slice
+    );
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
+    let prompt = if a.prompt == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+        s
+    } else {
+        a.prompt.clone()
+    };
+    let mut parts = Vec::new();
+    for f in &a.image {
+        parts.push(image_part(read(f)?));
+    }
+    for f in &a.audio {
+        parts.push(wav_part(read(f)?));
+    }
+    parts.push(text_part(&prompt));
+    let mut messages: Vec<_> = a.sampling.system_message().into_iter().collect();
+    messages.push(message("user", parts));
+    let req = a.sampling.request(messages);
+    let json = a.json;
+    let stdout = std::io::stdout();
+    let g = c
+        .generate_with(req, |t| {
+            if !json {
+                let mut o = stdout.lock();
+                let _ = o.write_all(t.as_bytes());
+                let _ = o.flush();
+            }
+        })
+        .await?;
+    if json {
+        println!("{}", timings_json(&g));
+    } else {
+        println!();
+    }
+    if a.stats {
+        print_stats(&g);
+    }
+    Ok(())
+}
+
+async fn chat(c: &mut Client, a: SamplingArgs) -> Result<()> {
+    let mut history: Vec<pb::Message> = a.system_message().into_iter().collect();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.truncate(usize::from(a.system.is_some()));
+                eprintln!("(conversation forgotten)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(message("user", vec![text_part(line)]));
+        let stdout = std::io::stdout();
+        let r = c
+            .generate_with(a.request(history.clone()), |t| {
+                let mut o = stdout.lock();
+                let _ = o.write_all(t.as_bytes());
+                let _ = o.flush();
+            })
+            .await;
+        println!();
+        match r {
+            Ok(g) => history.push(message("model", vec![text_part(&g.text)])),
+            Err(e) => {
+                history.pop();
+                eprintln!("gemmactl: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn modality_str(m: i32) -> &'static str {
+    match pb::Modality::try_from(m) {
+        Ok(pb::Modality::Vision) => "vision",
+        Ok(pb::Modality::Audio) => "audio",
+        _ => "unspecified",
+    }
+}
+
+async fn status(c: &mut Client, json_out: bool) -> Result<()> {
+    let s = c.status().await?;
+    let m = s.model.clone().unwrap_or_default();
+    let q = s.queue.unwrap_or_default();
+    let r = s.requests.unwrap_or_default();
+    if json_out {
+        let v = json!({
+            "version": s.version,
+            "uptime_s": s.uptime_s,
+            "model": {"dir": m.dir, "model_type": m.model_type, "layers": m.layers,
+                      "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
+                      "context_tokens": m.context_tokens},
+            "active_slice": s.active_slice,
+            "towers": s.towers.iter().map(|t| json!({"modality": modality_str(t.modality),
+                "available": t.available, "loaded": t.loaded, "bytes": t.bytes})).collect::<Vec<_>>(),
+            "memory": s.memory.iter().map(|p| (p.part.clone(), json!(p.bytes))).collect::<serde_json::Map<_, _>>(),
+            "queue": {"waiting": q.waiting, "waiting_interactive": q.waiting_interactive,
+                      "waiting_background": q.waiting_background, "running": q.running,
+                      "depth": q.depth, "per_peer": q.per_peer},
+            "requests": {"admitted": r.admitted, "completed": r.completed, "cancelled": r.cancelled,
+                         "failed": r.failed, "rejected": r.rejected},
+            "governor": s.governor.map(|g| json!({"tier": g.tier,
+                "readings": g.readings.iter().map(|x| json!({"name": x.name, "value": x.value, "unit": x.unit})).collect::<Vec<_>>()})),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("gemmad {} up {:.0} s", s.version, s.uptime_s);
+    println!(
+        "model    {} ({}, {} layers, hidden {}, vocab {}, context {} tokens)",
+        m.dir, m.model_type, m.layers, m.hidden_size, m.vocab_size, m.context_tokens
+    );
+    println!("slice    {}", s.active_slice);
+    for t in &s.towers {
+        let state = match (t.available, t.loaded) {
+            (_, true) => format!("loaded ({})", mib(t.bytes)),
+            (true, false) => "available, not loaded".into(),
+            (false, _) => "not available".into(),
+        };
+        println!("tower    {:<7}{state}", modality_str(t.modality));
+    }
+    for p in &s.memory {
+        println!("memory   {:<12}{}", p.part, mib(p.bytes));
+    }
+    println!(
+        "queue    {} waiting ({} interactive, {} background), {}; depth {}, per peer {}",
+        q.waiting,
+        q.waiting_interactive,
+        q.waiting_background,
+        if q.running { "one running" } else { "idle" },
+        q.depth,
+        q.per_peer
+    );
+    println!(
+        "requests {} admitted, {} completed, {} cancelled, {} failed, {} rejected",
+        r.admitted, r.completed, r.cancelled, r.failed, r.rejected
+    );
+    match s.governor {
+        Some(g) => println!("governor tier {}", g.tier),
+        None => println!("governor (none)"),
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    let mut c = Client::connect(&cli.socket).await?;
+    match cli.command {
+        Command::Generate(a) => generate(&mut c, a).await?,
+        Command::Chat(a) => chat(&mut c, a).await?,
+        Command::Status(a) => status(&mut c, a.json).await?,
+        Command::Tokenize(a) => {
+            let r = c.tokenize(&a.text, a.special).await?;
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"ids": r.ids, "count": r.ids.len(), "context_tokens": r.context_tokens})
+                );
+            } else {
+                let ids: Vec<String> = r.ids.iter().map(u32::to_string).collect();
+                println!("{}", ids.join(","));
+                eprintln!("{} tokens (context {})", r.ids.len(), r.context_tokens);
+            }
+        }
+        Command::Detokenize(a) => println!("{}", c.detokenize(a.ids).await?),
+        Command::Slices(a) => {
+            let slices = c.list_slices().await?;
+            if a.json {
+                let v: Vec<Value> = slices
+                    .iter()
+                    .map(|s| json!({"name": s.name, "active": s.active, "layers": s.layers, "ffn_widths": s.ffn_widths}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for s in slices {
+                    let mark = if s.active { "*" } else { " " };
+                    println!(
+                        "{mark} {:<10} {} layers, FFN widths {:?}",
+                        s.name, s.layers, s.ffn_widths
+                    );
+                }
+            }
+        }
+        Command::Health => {
+            let st = c.health("").await?;
+            println!("{}", st.as_str_name());
+            if st != ServingStatus::Serving {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            match e.downcast_ref::<ClientError>() {
+                Some(ClientError::Rpc(s)) => eprintln!("gemmactl: {}", describe(s)),
+                _ => eprintln!("gemmactl: {e:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The daemon's TOML configuration (`/etc/gemmad/gemmad.toml` by default). Every key has
+//! a default, so an empty or missing file is a valid configuration; unknown keys are
+//! errors (a typo must not silently fall back to a default). `systemd/gemmad.toml` is the
+//! documented example.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/gemmad/gemmad.toml";
+pub const DEFAULT_SOCKET: &str = "/run/gemmad/gemmad.sock";
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub server: ServerSection,
+    pub access: AccessSection,
+    pub queue: QueueSection,
+    pub limits: LimitsSection,
+    pub shutdown: ShutdownSection,
+    pub log: LogSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Checkpoint folder; `--model` overrides.
+    pub dir: Option<PathBuf>,
+    /// Context window in tokens; 0 = the model's maximum.
+    pub max_context: usize,
+    /// Compute threads; 0 = all CPUs.
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Unix socket path; `--socket` overrides.
+    pub socket: PathBuf,
+    /// Socket file mode, octal, e.g. "0660".
+    pub socket_mode: String,
+    /// Group owning the socket (name or numeric gid); empty = the daemon's own group.
+    pub socket_group: String,
+    /// Optional TCP listen address for boards without local clients, e.g.
+    /// "0.0.0.0:50051". Empty = off. TCP peers have no credentials: every TCP peer is
+    /// allowed, so only enable this on a trusted network.
+    pub tcp_listen: String,
+    /// Largest request message in bytes (images and audio included).
+    pub max_request_bytes: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: "0660".into(),
+            socket_group: String::new(),
+            tcp_listen: String::new(),
+            max_request_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessSection {
+    /// Uids allowed to call; unset = [0] (root).
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Groups (names or numeric gids) whose members may call; unset = the socket's group.
+    pub allowed_groups: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSection {
+    /// Requests that may wait (the running one not counted).
+    pub depth: usize,
+    /// Requests one peer (uid) may have waiting or running.
+    pub per_peer: usize,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        QueueSection {
+            depth: 64,
+            per_peer: 16,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// max_tokens when a request leaves it 0.
+    pub default_max_tokens: usize,
+    /// Largest max_tokens a request may ask for.
+    pub max_tokens: usize,
+    /// Largest total text of one request's messages, in bytes.
+    pub max_prompt_bytes: usize,
+    /// Most messages in one request.
+    pub max_messages: usize,
+    /// Most stop strings, and the longest one in bytes.
+    pub max_stop_strings: usize,
+    pub max_stop_bytes: usize,
+    /// Largest image and audio part in bytes.
+    pub max_image_bytes: usize,
+    pub max_audio_bytes: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            default_max_tokens: 512,
+            max_tokens: 8192,
+            max_prompt_bytes: 1 << 20,
+            max_messages: 256,
+            max_stop_strings: 16,
+            max_stop_bytes: 256,
+            max_image_bytes: 20 << 20,
+            max_audio_bytes: 20 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InFlight {
+    /// Let queued and running requests finish within the grace period.
+    #[default]
+    Finish,
+    /// End them at once with UNAVAILABLE.
+    Cancel,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSection {
+    pub in_flight: InFlight,
+    /// Seconds to wait for in-flight requests before cancelling them.
+    pub grace_period_s: f64,
+}
+
+impl Default for ShutdownSection {
+    fn default() -> Self {
+        ShutdownSection {
+            in_flight: InFlight::Finish,
+            grace_period_s: 10.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// tracing EnvFilter syntax; `--log` / GEMMAD_LOG override.
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`. A missing file is the all-defaults config only when `path` is the
+    /// default location (a file named on the command line must exist).
+    pub fn load(path: &Path, explicit: bool) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read config {}", path.display()))
+            }
+        };
+        let cfg: Config =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.socket_mode()?;
+        if self.queue.depth == 0 || self.queue.per_peer == 0 {
+            bail!("queue.depth and queue.per_peer must be at least 1");
+        }
+        let l = &self.limits;
+        if l.max_tokens == 0 || l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens {
+            bail!("limits: need 1 <= default_max_tokens <= max_tokens");
+        }
+        if !self.shutdown.grace_period_s.is_finite() || self.shutdown.grace_period_s < 0.0 {
+            bail!("shutdown.grace_period_s must be >= 0");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!(
+                "log.format must be \"text\" or \"json\", got {:?}",
+                self.log.format
+            );
+        }
+        if !self.server.tcp_listen.is_empty() {
+            self.server
+                .tcp_listen
+                .parse::<std::net::SocketAddr>()
+                .with_context(|| format!("server.tcp_listen {:?}", self.server.tcp_listen))?;
+        }
+        if self.server.max_request_bytes < 1024 {
+            bail!("server.max_request_bytes must be at least 1024");
+        }
+        Ok(())
+    }
+
+    pub fn socket_mode(&self) -> Result<u32> {
+        let s = self.server.socket_mode.trim_start_matches("0o");
+        match u32::from_str_radix(s, 8) {
+            Ok(m) if m <= 0o777 => Ok(m),
+            _ => bail!(
+                "server.socket_mode must be an octal mode such as \"0660\", got {:?}",
+                self.server.socket_mode
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_is_all_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.socket_mode().unwrap(), 0o660);
+        assert_eq!(c.queue.depth, 64);
+        assert_eq!(c.shutdown.in_flight, InFlight::Finish);
+    }
+
+    #[test]
+    fn example_file_parses_and_matches_defaults() {
+        let text = include_str!("../../systemd/gemmad.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        let d = Config::default();
+        assert_eq!(c.server.socket, d.server.socket);
+        assert_eq!(c.queue.depth, d.queue.depth);
+        assert_eq!(c.queue.per_peer, d.queue.per_peer);
+        assert_eq!(c.limits.max_tokens, d.limits.max_tokens);
+        assert_eq!(c.limits.default_max_tokens, d.limits.default_max_tokens);
+        assert_eq!(c.limits.max_image_bytes, d.limits.max_image_bytes);
+        assert_eq!(c.shutdown.grace_period_s, d.shutdown.grace_period_s);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        assert!(toml::from_str::<Config>("[queue]\ndepht = 3").is_err());
+        let c: Config = toml::from_str("[server]\nsocket_mode = \"999\"").unwrap();
+        assert!(c.validate().is_err());
+        let c: Config = toml::from_str("[queue]\ndepth = 0").unwrap();
+        assert!(c.validate().is_err());
+        let c: Config = toml::from_str("[shutdown]\nin_flight = \"cancel\"").unwrap();
+        assert_eq!(c.shutdown.in_flight, InFlight::Cancel);
+    }
+}

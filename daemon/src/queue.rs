@@ -1,0 +1,411 @@
+//! The bounded request queue between the gRPC front-end and the inference thread:
+//! interactive requests wait ahead of background ones (FIFO within a class), a per-peer
+//! limit stops one uid from filling it, and a queued request whose client went away is
+//! removed at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use gemmad_proto::v1 as pb;
+use tokio::sync::mpsc::UnboundedSender;
+use tonic::Status;
+
+/// What the worker streams back for one request.
+pub type Event = Result<pb::GenerateResponse, Status>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Interactive,
+    Background,
+}
+
+/// A validated request, ready for the engine.
+pub struct Job {
+    /// Assigned by `Queue::admit`.
+    pub id: u64,
+    pub peer_key: String,
+    pub class: Class,
+    pub request: gemmad_engine::GenerateRequest,
+    pub cancel: Arc<AtomicBool>,
+    pub tx: UnboundedSender<Event>,
+    /// When the front-end received the request.
+    pub received: Instant,
+    pub admitted: Instant,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug)]
+pub enum AdmitError {
+    Full {
+        waiting: usize,
+        retry_after: Duration,
+    },
+    PeerLimit {
+        limit: usize,
+        retry_after: Duration,
+    },
+    ShuttingDown,
+}
+
+impl AdmitError {
+    pub fn into_status(self) -> Status {
+        let (mut st, retry) = match self {
+            AdmitError::Full {
+                waiting,
+                retry_after,
+            } => (
+                Status::resource_exhausted(format!(
+                    "the request queue is full ({waiting} waiting); retry in about {} ms",
+                    retry_after.as_millis()
+                )),
+                Some(retry_after),
+            ),
+            AdmitError::PeerLimit { limit, retry_after } => (
+                Status::resource_exhausted(format!(
+                    "this user already has {limit} requests waiting or running (queue.per_peer); \
+                     retry in about {} ms",
+                    retry_after.as_millis()
+                )),
+                Some(retry_after),
+            ),
+            AdmitError::ShuttingDown => (
+                Status::unavailable("gemmad is shutting down; retry when it is back"),
+                None,
+            ),
+        };
+        if let Some(r) = retry {
+            if let Ok(v) = r.as_millis().to_string().parse() {
+                st.metadata_mut().insert("retry-after-ms", v);
+            }
+        }
+        st
+    }
+}
+
+/// Totals since start (Status RPC, logs, the soak tool's "none lost" check).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub admitted: AtomicU64,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub failed: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+impl Counters {
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Running {
+    id: u64,
+    cancel: Arc<AtomicBool>,
+}
+
+struct Inner {
+    interactive: VecDeque<Job>,
+    background: VecDeque<Job>,
+    per_peer_count: HashMap<String, usize>,
+    running: Option<Running>,
+    depth: usize,
+    per_peer: usize,
+    accepting: bool,
+    stopped: bool,
+    next_id: u64,
+    run_seq: u64,
+    /// Moving average of how long a request holds the inference thread (retry hints).
+    avg_job: Duration,
+}
+
+impl Inner {
+    fn waiting(&self) -> usize {
+        self.interactive.len() + self.background.len()
+    }
+
+    fn release_peer(&mut self, key: &str) {
+        if let Some(n) = self.per_peer_count.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_peer_count.remove(key);
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Duration {
+        let ahead = self.waiting() as u32 + 1;
+        (self.avg_job * ahead).clamp(Duration::from_millis(50), Duration::from_secs(60))
+    }
+}
+
+/// Snapshot for Status.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueSnapshot {
+    pub waiting_interactive: usize,
+    pub waiting_background: usize,
+    pub running: bool,
+    pub depth: usize,
+    pub per_peer: usize,
+}
+
+pub struct Queue {
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    pub counters: Counters,
+}
+
+impl Queue {
+    pub fn new(depth: usize, per_peer: usize) -> Self {
+        Queue {
+            inner: Mutex::new(Inner {
+                interactive: VecDeque::new(),
+                background: VecDeque::new(),
+                per_peer_count: HashMap::new(),
+                running: None,
+                depth,
+                per_peer,
+                accepting: true,
+                stopped: false,
+                next_id: 1,
+                run_seq: 0,
+                avg_job: Duration::from_millis(500),
+            }),
+            cv: Condvar::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock would be a bug in this file; keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_limits(&self, depth: usize, per_peer: usize) {
+        let mut g = self.lock();
+        g.depth = depth;
+        g.per_peer = per_peer;
+    }
+
+    /// Admits `job` (assigning its id) and sends it its `Queued` event, or says why not.
+    pub fn admit(&self, mut job: Job) -> Result<u64, AdmitError> {
+        let mut g = self.lock();
+        if !g.accepting {
+            return Err(AdmitError::ShuttingDown);
+        }
+        let waiting = g.waiting();
+        // The queue is full when `depth` requests wait; a request that can start at once
+        // (nothing running, nothing waiting) never waits, so it is always admitted.
+        if waiting >= g.depth {
+            Counters::bump(&self.counters.rejected);
+            return Err(AdmitError::Full {
+                waiting,
+                retry_after: g.retry_after(),
+            });
+        }
+        let mine = g.per_peer_count.get(&job.peer_key).copied().unwrap_or(0);
+        if mine >= g.per_peer {
+            Counters::bump(&self.counters.rejected);
+            return Err(AdmitError::PeerLimit {
+                limit: g.per_peer,
+                retry_after: g.retry_after(),
+            });
+        }
+        let id = g.next_id;
+        g.next_id += 1;
+        job.id = id;
+        job.admitted = Instant::now();
+        let position = match job.class {
+            Class::Interactive => g.interactive.len(),
+            Class::Background => waiting,
+        };
+        let _ = job.tx.send(Ok(pb::GenerateResponse {
+            event: Some(pb::generate_response::Event::Queued(pb::Queued {
+                request_id: id,
+                position: position as u32,
+            })),
+        }));
+        *g.per_peer_count.entry(job.peer_key.clone()).or_insert(0) += 1;
+        match job.class {
+            Class::Interactive => g.interactive.push_back(job),
+            Class::Background => g.background.push_back(job),
+        }
+        Counters::bump(&self.counters.admitted);
+        drop(g);
+        self.cv.notify_one();
+        Ok(id)
+    }
+
+    /// Blocks until a job is due (returned with its run sequence number) or the queue is
+    /// stopped and empty.
+    pub fn next(&self) -> Option<(Job, u64)> {
+        let mut g = self.lock();
+        loop {
+            let job = match g.interactive.pop_front() {
+                Some(j) => Some(j),
+                None => g.background.pop_front(),
+            };
+            if let Some(job) = job {
+                g.running = Some(Running {
+                    id: job.id,
+                    cancel: job.cancel.clone(),
+                });
+                let seq = g.run_seq;
+                g.run_seq += 1;
+                return Some((job, seq));
+            }
+            if g.stopped {
+                return None;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The worker is done with `job`'s slot.
+    pub fn finished(&self, id: u64, peer_key: &str, held: Duration) {
+        let mut g = self.lock();
+        if g.running.as_ref().is_some_and(|r| r.id == id) {
+            g.running = None;
+        }
+        g.release_peer(peer_key);
+        g.avg_job = (g.avg_job * 7 + held) / 8;
+    }
+
+    /// The client of request `id` went away: drop it if it is still waiting. (A running
+    /// request sees its cancel flag at the next decode step.)
+    pub fn withdraw(&self, id: u64) {
+        let mut g = self.lock();
+        let pos_i = g.interactive.iter().position(|j| j.id == id);
+        let job = match pos_i {
+            Some(p) => g.interactive.remove(p),
+            None => match g.background.iter().position(|j| j.id == id) {
+                Some(p) => g.background.remove(p),
+                None => None,
+            },
+        };
+        if let Some(job) = job {
+            g.release_peer(&job.peer_key);
+            Counters::bump(&self.counters.cancelled);
+            tracing::info!(request_id = id, peer = %job.peer_key, "request withdrawn while queued");
+        }
+    }
+
+    /// Stops admitting new requests.
+    pub fn stop_accepting(&self) {
+        self.lock().accepting = false;
+    }
+
+    /// Ends every waiting request with `status` and cancels the running one (its worker
+    /// ends it with the same kind of status). Returns how many were waiting.
+    pub fn cancel_all(&self, status: &Status) -> usize {
+        let mut g = self.lock();
+        let mut jobs: Vec<Job> = g.interactive.drain(..).collect();
+        jobs.extend(g.background.drain(..));
+        for j in &jobs {
+            j.cancel.store(true, Ordering::Relaxed);
+            let _ = j.tx.send(Err(status.clone()));
+            g.release_peer(&j.peer_key);
+            Counters::bump(&self.counters.cancelled);
+        }
+        if let Some(r) = &g.running {
+            r.cancel.store(true, Ordering::Relaxed);
+        }
+        jobs.len()
+    }
+
+    /// Lets the worker exit once the queue is empty.
+    pub fn stop(&self) {
+        self.lock().stopped = true;
+        self.cv.notify_all();
+    }
+
+    /// Nothing waiting, nothing running.
+    pub fn is_idle(&self) -> bool {
+        let g = self.lock();
+        g.waiting() == 0 && g.running.is_none()
+    }
+
+    pub fn snapshot(&self) -> QueueSnapshot {
+        let g = self.lock();
+        QueueSnapshot {
+            waiting_interactive: g.interactive.len(),
+            waiting_background: g.background.len(),
+            running: g.running.is_some(),
+            depth: g.depth,
+            per_peer: g.per_peer,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(peer: &str, class: Class) -> (Job, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let j = Job {
+            id: 0,
+            peer_key: peer.into(),
+            class,
+            request: gemmad_engine::GenerateRequest::new(gemmad_engine::Prompt::Ids(vec![2])),
+            cancel: Arc::new(AtomicBool::new(false)),
+            tx,
+            received: Instant::now(),
+            admitted: Instant::now(),
+        };
+        (j, rx)
+    }
+
+    #[test]
+    fn interactive_before_background_fifo_within_class() {
+        let q = Queue::new(10, 10);
+        let mut rxs = Vec::new();
+        let mut ids = Vec::new();
+        for (p, c) in [
+            ("a", Class::Background),
+            ("b", Class::Interactive),
+            ("a", Class::Background),
+            ("c", Class::Interactive),
+        ] {
+            let (j, rx) = job(p, c);
+            ids.push(q.admit(j).unwrap());
+            rxs.push(rx);
+        }
+        let order: Vec<u64> = (0..4)
+            .map(|_| {
+                let (j, _) = q.next().unwrap();
+                q.finished(j.id, &j.peer_key, Duration::ZERO);
+                j.id
+            })
+            .collect();
+        assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2]]);
+        assert!(q.is_idle());
+    }
+
+    #[test]
+    fn depth_and_per_peer_limits_then_withdraw_frees_the_slot() {
+        let q = Queue::new(2, 1);
+        let (j1, _r1) = job("a", Class::Interactive);
+        let id1 = q.admit(j1).unwrap();
+        let (j2, _r2) = job("a", Class::Interactive);
+        assert!(matches!(q.admit(j2), Err(AdmitError::PeerLimit { .. })));
+        let (j3, _r3) = job("b", Class::Interactive);
+        q.admit(j3).unwrap();
+        let (j4, _r4) = job("c", Class::Interactive);
+        let st = q.admit(j4).unwrap_err().into_status();
+        assert_eq!(st.code(), tonic::Code::ResourceExhausted);
+        assert!(st.metadata().get("retry-after-ms").is_some());
+        q.withdraw(id1);
+        let (j5, _r5) = job("a", Class::Interactive);
+        q.admit(j5).unwrap();
+        assert_eq!(q.counters.cancelled.load(Ordering::Relaxed), 1);
+        assert_eq!(q.counters.rejected.load(Ordering::Relaxed), 2);
+        q.stop_accepting();
+        let (j6, _r6) = job("d", Class::Interactive);
+        assert!(matches!(q.admit(j6), Err(AdmitError::ShuttingDown)));
+        assert_eq!(q.cancel_all(&Status::unavailable("bye")), 2);
+        q.stop();
+        assert!(q.next().is_none());
+    }
+}

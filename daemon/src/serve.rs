@@ -1,0 +1,375 @@
+//! `gemmad serve`: load the model on the inference thread, listen on the Unix socket
+//! (and optionally TCP), serve gRPC until SIGTERM/SIGINT, reload settings on SIGHUP.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use gemmad_engine::{LoadOptions, TextTokenizer};
+use gemmad_proto::v1::gemmad_server::GemmadServer;
+use tokio::signal::unix::{signal, SignalKind};
+use tonic::service::InterceptorLayer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
+
+use crate::access::{own_gid, resolve_group, Policy};
+use crate::config::{Config, InFlight, DEFAULT_CONFIG};
+use crate::listen;
+use crate::queue::Queue;
+use crate::service::{check_access, GemmadService, Shared};
+use crate::worker::{self, WorkerStats};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Checkpoint folder (overrides [model].dir of the config).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Config file (TOML). Default: /etc/gemmad/gemmad.toml, if it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Unix socket path (overrides [server].socket).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+type LogHandle = reload::Handle<EnvFilter, Registry>;
+
+fn init_logging(level: &str, json: bool) -> Result<LogHandle> {
+    let filter =
+        EnvFilter::try_new(level).with_context(|| format!("invalid log filter {level:?}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()?;
+    Ok(handle)
+}
+
+/// Runs the service until a termination signal. `log_override` is `--log`/GEMMAD_LOG.
+pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
+    let (cfg_path, explicit) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let mut cfg = Config::load(&cfg_path, explicit)?;
+    if let Some(m) = &args.model {
+        cfg.model.dir = Some(m.clone());
+    }
+    if let Some(s) = &args.socket {
+        cfg.server.socket = s.clone();
+    }
+    let level = log_override
+        .clone()
+        .unwrap_or_else(|| cfg.log.level.clone());
+    let log = init_logging(&level, cfg.log.format == "json")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gemmad-rpc")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let r = rt.block_on(serve(cfg, cfg_path, explicit, log, log_override));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    r
+}
+
+async fn serve(
+    cfg: Config,
+    cfg_path: PathBuf,
+    cfg_explicit: bool,
+    log: LogHandle,
+    log_override: Option<String>,
+) -> Result<()> {
+    let dir = cfg
+        .model
+        .dir
+        .clone()
+        .context("no model: pass --model DIR or set [model].dir in the config")?;
+    let socket = cfg.server.socket.clone();
+    let mode = cfg.socket_mode()?;
+    let socket_gid = if cfg.server.socket_group.is_empty() {
+        own_gid()
+    } else {
+        resolve_group(&cfg.server.socket_group).context("server.socket_group")?
+    };
+    let policy = Arc::new(RwLock::new(Policy::from_config(&cfg.access, socket_gid)?));
+    // Fail fast on a live instance before spending time on the model.
+    listen::preflight(&socket)?;
+
+    let queue = Arc::new(Queue::new(cfg.queue.depth, cfg.queue.per_peer));
+    let stats = Arc::new(WorkerStats::default());
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let opts = LoadOptions {
+        max_context: (cfg.model.max_context > 0).then_some(cfg.model.max_context),
+        threads: (cfg.model.threads > 0).then_some(cfg.model.threads),
+        ..Default::default()
+    };
+    let (q, st, sd, d) = (
+        queue.clone(),
+        stats.clone(),
+        shutting_down.clone(),
+        dir.clone(),
+    );
+    let (worker, model) = tokio::task::spawn_blocking(move || worker::spawn(d, opts, q, st, sd))
+        .await
+        .context("model loader")??;
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        Some(Arc::new(
+            TextTokenizer::from_dir(&dir).context("cannot load the tokenizer")?,
+        ))
+    } else {
+        None
+    };
+
+    let (unix, socket_file) = listen::bind_unix(&socket, mode, socket_gid)?;
+    let tcp = if cfg.server.tcp_listen.is_empty() {
+        None
+    } else {
+        let t = tokio::net::TcpListener::bind(&cfg.server.tcp_listen)
+            .await
+            .with_context(|| format!("cannot listen on tcp {}", cfg.server.tcp_listen))?;
+        tracing::warn!(addr = %cfg.server.tcp_listen, "TCP listener on: every TCP peer is allowed");
+        Some(t)
+    };
+    let result = serve_on(
+        cfg,
+        cfg_path,
+        cfg_explicit,
+        log,
+        log_override,
+        Served {
+            unix,
+            tcp,
+            policy,
+            socket_gid,
+            queue: queue.clone(),
+            shared: Arc::new(Shared {
+                queue: queue.clone(),
+                tokenizer,
+                model,
+                limits: RwLock::new(Default::default()),
+                stats,
+                started: Instant::now(),
+            }),
+            shutting_down,
+        },
+    )
+    .await;
+    socket_file.remove();
+    queue.stop();
+    let joined = tokio::task::spawn_blocking(move || worker.join());
+    if tokio::time::timeout(Duration::from_secs(10), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the inference thread did not stop in time");
+    }
+    tracing::info!("gemmad stopped");
+    result
+}
+
+struct Served {
+    unix: tokio::net::UnixListener,
+    tcp: Option<tokio::net::TcpListener>,
+    policy: Arc<RwLock<Policy>>,
+    socket_gid: u32,
+    queue: Arc<Queue>,
+    shared: Arc<Shared>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+struct Reloadable {
+    policy: Arc<RwLock<Policy>>,
+    socket_gid: u32,
+    queue: Arc<Queue>,
+    shared: Arc<Shared>,
+}
+
+async fn serve_on(
+    mut cfg: Config,
+    cfg_path: PathBuf,
+    cfg_explicit: bool,
+    log: LogHandle,
+    log_override: Option<String>,
+    s: Served,
+) -> Result<()> {
+    if let Ok(mut l) = s.shared.limits.write() {
+        *l = cfg.limits.clone();
+    }
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<GemmadServer<GemmadService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(gemmad_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+    let max_msg = cfg.server.max_request_bytes;
+    let svc = GemmadServer::new(GemmadService {
+        shared: s.shared.clone(),
+    })
+    .max_decoding_message_size(max_msg);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let Served {
+        unix,
+        tcp,
+        policy,
+        socket_gid,
+        queue,
+        shared,
+        shutting_down,
+    } = s;
+    let incoming = listen::incoming(unix, tcp, policy.clone());
+    let s = Reloadable {
+        policy,
+        socket_gid,
+        queue,
+        shared,
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(InterceptorLayer::new(check_access))
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+    tracing::info!(
+        socket = %cfg.server.socket.display(),
+        model = %s.shared.model.dir.display(),
+        context = s.shared.model.context_tokens,
+        "gemmad serving"
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                reload(&mut cfg, &cfg_path, cfg_explicit, &log, log_override.as_deref(), &s);
+            }
+        }
+    };
+
+    // Shut down: stop admitting, finish or cancel in-flight work, stop the server.
+    let sd = &cfg.shutdown;
+    tracing::info!(signal = why, in_flight = ?sd.in_flight, grace_s = sd.grace_period_s, "shutting down");
+    shutting_down.store(true, Ordering::Relaxed);
+    s.queue.stop_accepting();
+    health
+        .set_not_serving::<GemmadServer<GemmadService>>()
+        .await;
+    let bye = tonic::Status::unavailable(
+        "gemmad is shutting down; the request was cancelled (retry when it is back)",
+    );
+    let grace = Duration::from_secs_f64(sd.grace_period_s);
+    if sd.in_flight == InFlight::Finish {
+        let deadline = Instant::now() + grace;
+        while !s.queue.is_idle() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let n = s.queue.cancel_all(&bye);
+    if n > 0 {
+        tracing::info!(cancelled = n, "cancelled waiting requests");
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(anyhow::Error::new(e).context("gRPC server")),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("gRPC server task")),
+        Err(_) => {
+            tracing::warn!("connections did not close within 5 s of shutdown; leaving them");
+            Ok(())
+        }
+    }
+}
+
+/// SIGHUP: re-read the config and apply what can change while serving.
+fn reload(
+    cfg: &mut Config,
+    path: &std::path::Path,
+    explicit: bool,
+    log: &LogHandle,
+    log_override: Option<&str>,
+    s: &Reloadable,
+) {
+    let new = match Config::load(path, explicit) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(config = %path.display(), error = format!("{e:#}"), "reload failed; keeping the current settings");
+            return;
+        }
+    };
+    let policy = match Policy::from_config(&new.access, s.socket_gid) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "reload failed ([access]); keeping the current settings"
+            );
+            return;
+        }
+    };
+    if let Ok(mut p) = s.policy.write() {
+        *p = policy;
+    }
+    s.queue.set_limits(new.queue.depth, new.queue.per_peer);
+    if let Ok(mut l) = s.shared.limits.write() {
+        *l = new.limits.clone();
+    }
+    if log_override.is_none() {
+        match EnvFilter::try_new(&new.log.level) {
+            Ok(f) => {
+                if let Err(e) = log.reload(f) {
+                    tracing::warn!(error = %e, "cannot change the log level");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, level = %new.log.level, "invalid log.level; kept"),
+        }
+    }
+    if new.server.socket != cfg.server.socket
+        || new.server.socket_mode != cfg.server.socket_mode
+        || new.server.socket_group != cfg.server.socket_group
+        || new.server.tcp_listen != cfg.server.tcp_listen
+        || new.server.max_request_bytes != cfg.server.max_request_bytes
+        || new.model.max_context != cfg.model.max_context
+        || new.model.threads != cfg.model.threads
+        || new.log.format != cfg.log.format
+    {
+        tracing::warn!("[server], [model] and log.format changes take effect at the next start");
+    }
+    let keep_server = cfg.server.clone();
+    let keep_model = cfg.model.clone();
+    let keep_format = cfg.log.format.clone();
+    *cfg = new;
+    cfg.server = keep_server;
+    cfg.model = keep_model;
+    cfg.log.format = keep_format;
+    tracing::info!(
+        config = %path.display(),
+        queue_depth = cfg.queue.depth,
+        per_peer = cfg.queue.per_peer,
+        "settings reloaded"
+    );
+}

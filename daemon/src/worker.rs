@@ -1,0 +1,253 @@
+//! The inference thread: the only owner of the engine. It loads the model, then runs
+//! queued jobs one at a time, streaming events back through each job's channel.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use gemmad_engine::{Engine, EngineError, FinishReason, LoadOptions};
+use gemmad_proto::v1 as pb;
+use pb::generate_response::Event as Ev;
+use tonic::Status;
+
+use crate::queue::{Counters, Job, Queue};
+
+/// The slice name while the engine has no MatFormer slicing: the model as loaded.
+pub const FULL_SLICE: &str = "full";
+
+/// What the front-end needs to know about the loaded model.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub dir: PathBuf,
+    pub model_type: String,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub context_tokens: usize,
+    pub ffn_widths: Vec<usize>,
+    /// The checkpoint carries vision / audio tower weights.
+    pub checkpoint_vision: bool,
+    pub checkpoint_audio: bool,
+}
+
+/// State the worker publishes for Status.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub kv_cache_bytes: AtomicU64,
+}
+
+/// Maps an engine error to the status a client can act on.
+pub fn engine_status(e: &EngineError) -> Status {
+    match e {
+        EngineError::InvalidRequest(_)
+        | EngineError::ContextFull { .. }
+        | EngineError::Template(_) => Status::invalid_argument(e.to_string()),
+        EngineError::Unavailable(_) => Status::failed_precondition(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// Starts the inference thread and waits for the model to load.
+pub fn spawn(
+    dir: PathBuf,
+    opts: LoadOptions,
+    queue: Arc<Queue>,
+    stats: Arc<WorkerStats>,
+    shutting_down: Arc<AtomicBool>,
+) -> anyhow::Result<(std::thread::JoinHandle<()>, ModelInfo)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("gemmad-inference".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            let mut engine = match Engine::load(&dir, opts) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let c = &engine.config().text;
+            let info = ModelInfo {
+                dir: dir.clone(),
+                model_type: match engine.config().layout {
+                    gemmad_engine::Layout::Multimodal => "gemma3n".into(),
+                    gemmad_engine::Layout::TextOnly => "gemma3n_text".into(),
+                },
+                layers: c.num_hidden_layers,
+                hidden_size: c.hidden_size,
+                vocab_size: c.vocab_size,
+                context_tokens: engine.max_context(),
+                ffn_widths: c.intermediate_size.clone(),
+                checkpoint_vision: engine.config().has_vision,
+                checkpoint_audio: engine.config().has_audio,
+            };
+            tracing::info!(dir = %dir.display(), load_ms = t0.elapsed().as_millis() as u64, "engine ready");
+            if tx.send(Ok(info)).is_err() {
+                return;
+            }
+            while let Some((job, seq)) = queue.next() {
+                let held = Instant::now();
+                let (id, peer) = (job.id, job.peer_key.clone());
+                run(&mut engine, job, seq, &queue.counters, &shutting_down);
+                stats
+                    .kv_cache_bytes
+                    .store(engine.kv_cache_bytes() as u64, Ordering::Relaxed);
+                queue.finished(id, &peer, held.elapsed());
+            }
+            tracing::debug!("inference thread exits");
+        })?;
+    match rx.recv() {
+        Ok(Ok(info)) => Ok((handle, info)),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(anyhow::Error::new(e).context("cannot load the model"))
+        }
+        Err(_) => {
+            let _ = handle.join();
+            anyhow::bail!("the inference thread died while loading the model")
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn send(job: &Job, ev: Ev) -> bool {
+    job.tx
+        .send(Ok(pb::GenerateResponse { event: Some(ev) }))
+        .is_ok()
+}
+
+fn run(engine: &mut Engine, job: Job, seq: u64, counters: &Counters, shutting_down: &AtomicBool) {
+    let start = Instant::now();
+    let queue_wait = start - job.admitted;
+    if job.cancel.load(Ordering::Relaxed) || job.tx.is_closed() {
+        Counters::bump(&counters.cancelled);
+        tracing::debug!(
+            request_id = job.id,
+            "skipping a request cancelled while queued"
+        );
+        return;
+    }
+    send(
+        &job,
+        Ev::Started(pb::Started {
+            request_id: job.id,
+            run_seq: seq,
+            queue_wait_ms: ms(queue_wait),
+            active_slice: FULL_SLICE.into(),
+        }),
+    );
+    let mut first_token: Option<Instant> = None;
+    let mut callbacks = 0usize;
+    let mut prev: Option<u32> = None;
+    // The engine repeats the last id in a final flush event (held-back text). An id equal
+    // to its predecessor is held until the next event or the end, where it is dropped if
+    // it was that flush.
+    let mut held: Option<u32> = None;
+    let tx = job.tx.clone();
+    let res = engine.generate(&job.request, &mut |ev| {
+        callbacks += 1;
+        first_token.get_or_insert_with(Instant::now);
+        let mut ids = Vec::with_capacity(2);
+        ids.extend(held.take());
+        if prev == Some(ev.id) {
+            held = Some(ev.id);
+        } else {
+            ids.push(ev.id);
+        }
+        prev = Some(ev.id);
+        if ev.text.is_empty() && ids.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        let delta = Ev::Delta(pb::Delta {
+            text: ev.text.to_string(),
+            token_ids: ids,
+        });
+        match tx.send(Ok(pb::GenerateResponse { event: Some(delta) })) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    });
+    let out = match res {
+        Ok(out) => out,
+        Err(e) => {
+            Counters::bump(&counters.failed);
+            tracing::warn!(request_id = job.id, error = %e, "generation failed");
+            let _ = job.tx.send(Err(engine_status(&e)));
+            return;
+        }
+    };
+    if let Some(h) = held {
+        if callbacks == out.token_ids.len() {
+            send(
+                &job,
+                Ev::Delta(pb::Delta {
+                    text: String::new(),
+                    token_ids: vec![h],
+                }),
+            );
+        }
+    }
+    let reason = match out.finish_reason {
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::ContextFull => pb::FinishReason::ContextFull,
+        FinishReason::Cancelled => {
+            Counters::bump(&counters.cancelled);
+            let why = if shutting_down.load(Ordering::Relaxed) {
+                let _ = job.tx.send(Err(Status::unavailable(
+                    "gemmad is shutting down; the request was cancelled (retry when it is back)",
+                )));
+                "shutdown"
+            } else {
+                "client"
+            };
+            tracing::info!(
+                request_id = job.id,
+                by = why,
+                completion_tokens = out.usage.completion_tokens,
+                "generation cancelled"
+            );
+            return;
+        }
+    };
+    let t = out.timings;
+    let ttft = first_token.map(|f| ms(f - job.received)).unwrap_or(0.0);
+    send(
+        &job,
+        Ev::Finished(pb::Finished {
+            finish_reason: reason as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens: out.usage.prompt_tokens as u32,
+                completion_tokens: out.usage.completion_tokens as u32,
+            }),
+            timings: Some(pb::Timings {
+                queue_wait_ms: ms(queue_wait),
+                time_to_first_token_ms: ttft,
+                prefill_ms: ms(t.prefill),
+                prefill_tokens_per_s: t.prefill_tokens_per_s,
+                decode_ms: ms(t.decode),
+                decode_tokens_per_s: t.decode_tokens_per_s,
+                active_slice: FULL_SLICE.into(),
+            }),
+        }),
+    );
+    Counters::bump(&counters.completed);
+    tracing::info!(
+        request_id = job.id,
+        peer = %job.peer_key,
+        finish = out.finish_reason.as_str(),
+        prompt_tokens = out.usage.prompt_tokens,
+        completion_tokens = out.usage.completion_tokens,
+        queue_wait_ms = ms(queue_wait),
+        ttft_ms = ttft,
+        decode_tok_s = t.decode_tokens_per_s,
+        "generation finished"
+    );
+}
