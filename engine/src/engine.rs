@@ -184,7 +184,7 @@ impl Engine {
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        let model = TextModel::load(&cfg, &ckpt)?;
+        let model = TextModel::load_quant(&cfg, &ckpt, opts.quant)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(TextTokenizer::from_dir(dir)?)
         } else {

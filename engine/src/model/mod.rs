@@ -11,7 +11,10 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LayerType, ModelConfig, TextConfig};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
+use crate::ple_cache::{PleCache, PleSource};
+use crate::quant::QuantType;
 use crate::weights::Matrix;
+use std::sync::Arc;
 
 pub use layer::DecoderLayer;
 
@@ -28,7 +31,8 @@ pub enum LogitsFor {
 pub struct TextModel {
     pub cfg: TextConfig,
     pub embed_tokens: Matrix,
-    pub embed_tokens_per_layer: Matrix,
+    /// Per-layer embedding table, or the PLE cache that replaces it while serving.
+    pub embed_tokens_per_layer: PleSource,
     pub per_layer_model_projection: Matrix,
     pub per_layer_projection_norm: Vec<f32>,
     pub altup_projections: Vec<Matrix>,
@@ -44,10 +48,17 @@ pub struct TextModel {
 pub(crate) struct Loader<'a> {
     pub ckpt: &'a Checkpoint,
     pub prefix: &'static str,
+    /// Storage type for the matrices (`matrix`); `raw_matrix` keeps the checkpoint's.
+    pub quant: QuantType,
 }
 
 impl Loader<'_> {
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        Ok(self.raw_matrix(name, rows, cols)?.to_quant(self.quant))
+    }
+
+    /// The matrix as stored in the checkpoint (mapped in place where possible).
+    pub fn raw_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let full = format!("{}{}", self.prefix, name);
         let t = self.ckpt.get(&full, &[rows, cols])?;
         Matrix::from_view(&t)
@@ -62,10 +73,27 @@ impl Loader<'_> {
 impl TextModel {
     /// Loads the text decoder of the checkpoint in `dir` (config already parsed).
     pub fn load(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Self> {
+        Self::load_quant(cfg, ckpt, QuantType::Bf16)
+    }
+
+    /// Loads with the large matrices stored as `quant` (quantized once, here).
+    pub fn load_quant(cfg: &ModelConfig, ckpt: &Checkpoint, quant: QuantType) -> Result<Self> {
+        Self::load_with_ple(cfg, ckpt, quant, None)
+    }
+
+    /// As [`TextModel::load_quant`]; with `ple` set, per-layer inputs of text tokens come
+    /// from the PLE cache and no page of the checkpoint's per-layer table is read.
+    pub fn load_with_ple(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        quant: QuantType,
+        ple: Option<Arc<PleCache>>,
+    ) -> Result<Self> {
         let c = &cfg.text;
         let ld = Loader {
             ckpt,
             prefix: cfg.layout.text_prefix(),
+            quant,
         };
         if ckpt.contains(&format!("{}embed_tokens.weight", ld.prefix)) {
             // fine
@@ -83,11 +111,30 @@ impl TextModel {
         let l = c.num_hidden_layers;
         let p = c.hidden_size_per_layer_input;
         let embed_tokens = ld.matrix("embed_tokens.weight", c.vocab_size, h)?;
-        let embed_tokens_per_layer = ld.matrix(
-            "embed_tokens_per_layer.weight",
-            c.vocab_size_per_layer_input,
-            l * p,
-        )?;
+        let embed_tokens_per_layer = match ple {
+            None => PleSource::Table(ld.raw_matrix(
+                "embed_tokens_per_layer.weight",
+                c.vocab_size_per_layer_input,
+                l * p,
+            )?),
+            Some(cache) => {
+                let name = format!("{}embed_tokens_per_layer.weight", ld.prefix);
+                let table = ckpt.get(&name, &[c.vocab_size_per_layer_input, l * p])?;
+                if cache.rows() != c.vocab_size_per_layer_input || cache.row_len() != l * p {
+                    return Err(EngineError::PleCache {
+                        path: cache.path().to_path_buf(),
+                        reason: format!(
+                            "{} rows of {} values do not fit this model ({} × {})",
+                            cache.rows(),
+                            cache.row_len(),
+                            c.vocab_size_per_layer_input,
+                            l * p
+                        ),
+                    });
+                }
+                PleSource::Cache { cache, table }
+            }
+        };
         let per_layer_model_projection =
             ld.matrix("per_layer_model_projection.weight", l * p, h)?;
         let per_layer_projection_norm = ld.vector("per_layer_projection_norm.weight", p)?;
@@ -329,7 +376,11 @@ impl TextModel {
         for l in &self.layers {
             b += l.weight_bytes_per_token();
         }
-        for m in self.altup_projections.iter().chain(&self.altup_unembed_projections) {
+        for m in self
+            .altup_projections
+            .iter()
+            .chain(&self.altup_unembed_projections)
+        {
             b += m.storage_bytes();
         }
         b += self.per_layer_model_projection.storage_bytes();

@@ -44,7 +44,14 @@ impl FromStr for QuantType {
             "q8_0" | "q8" => QuantType::Q8_0,
             "q4_0" => QuantType::Q4_0,
             "q4_k" | "q4k" => QuantType::Q4K,
-            other => return Err(format!("unknown quant type `{other}` (f32, bf16, q8_0, q4_0, q4_k)")),
+            other => {
+                return Err(format!(
+                    "unknown quant type `{other}` (f32, bf16, q8_0, q4_0, q4_k)"
+                ))
+            }
         })
     }
 }
+
+pub mod blocks;
+pub mod kernels;
