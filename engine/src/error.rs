@@ -40,6 +40,16 @@ pub enum EngineError {
     ContextFull { needed: usize, max: usize },
     #[error("{0} is not available: this engine was loaded without it")]
     Unavailable(&'static str),
+    /// The PLE cache file could not be built or used.
+    #[error("{path}: PLE cache: {reason}")]
+    PleCache { path: PathBuf, reason: String },
+    /// A long operation (e.g. building the PLE cache) was interrupted by its caller.
+    #[error("{0} was cancelled")]
+    Cancelled(&'static str),
+    /// A request needs a modality (vision/audio) that cannot serve it now; the message says
+    /// why and what to do.
+    #[error("{0}")]
+    ModalityUnavailable(String),
 }
 
 impl EngineError {

@@ -1,0 +1,336 @@
+//! Residency of memory-mapped files: which pages are in RAM (`mincore`), prefetching
+//! (`MADV_WILLNEED`, touching) and dropping pages (`MADV_DONTNEED`, `MADV_PAGEOUT`,
+//! `posix_fadvise(POSIX_FADV_DONTNEED)`).
+//!
+//! A [`MappedRegion`] is a byte range of one mapping; a [`WeightGroup`] is a named set of
+//! regions (the decoder, the embeddings, a tower, the PLE cache rows) that the engine and
+//! later the governor page in and out as a unit. All calls are advice: failures are
+//! logged and otherwise ignored, because the data stays correct whatever the kernel does.
+//!
+//! Note: for file-backed mappings `mincore` reports whether a page is in the page cache
+//! (i.e. in RAM and mappable without I/O), not whether this process has faulted it in.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+/// The system page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
+
+/// What to do with a region's pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// Read ahead asynchronously (`MADV_WILLNEED`).
+    WillNeed,
+    /// Disable kernel readahead on faults (`MADV_RANDOM`).
+    Random,
+    /// Drop the pages from this process and, where possible, from the page cache.
+    Release,
+}
+
+/// A byte range of a mapped file.
+#[derive(Clone, Debug)]
+pub struct MappedRegion {
+    pub map: Arc<Mmap>,
+    /// The file behind the mapping (for `posix_fadvise`).
+    pub path: PathBuf,
+    /// Byte offset inside the mapping (= inside the file: mappings start at offset 0).
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl MappedRegion {
+    /// The page-aligned sub-range fully inside this region (`inward`) or covering it
+    /// (`!inward`), as (offset, len) relative to the mapping.
+    pub fn page_span(&self, inward: bool) -> (usize, usize) {
+        page_span(self.offset, self.len, self.map.len(), inward)
+    }
+
+    /// Bytes of the region's pages (covering span) that are resident.
+    pub fn resident_bytes(&self) -> usize {
+        let (o, l) = self.page_span(false);
+        resident_bytes(&self.map, o, l)
+    }
+
+    /// Bytes of the pages lying fully inside the region that are resident.
+    pub fn resident_bytes_inward(&self) -> usize {
+        let (o, l) = self.page_span(true);
+        resident_bytes(&self.map, o, l)
+    }
+
+    /// Applies `advice`. `Release` only drops pages fully inside the region, so that
+    /// neighbouring tensors sharing a boundary page keep theirs.
+    pub fn advise(&self, advice: Advice) {
+        let inward = advice == Advice::Release;
+        let (o, l) = self.page_span(inward);
+        advise(&self.map, o, l, advice);
+        if advice == Advice::Release {
+            fadvise_dontneed(&self.path, o, l);
+        }
+    }
+
+    /// Faults every page in (reads one byte per page), so the region is resident when this
+    /// returns.
+    pub fn touch(&self) {
+        let ps = page_size();
+        let data = &self.map[..];
+        let end = (self.offset + self.len).min(data.len());
+        let mut acc = 0u8;
+        let mut i = self.offset;
+        while i < end {
+            // SAFETY: `i` is in bounds of the mapping.
+            acc ^= unsafe { std::ptr::read_volatile(data.as_ptr().add(i)) };
+            i = (i / ps + 1) * ps;
+        }
+        std::hint::black_box(acc);
+    }
+}
+
+fn page_span(offset: usize, len: usize, map_len: usize, inward: bool) -> (usize, usize) {
+    let ps = page_size();
+    let end = (offset + len).min(map_len);
+    if inward {
+        let s = offset.div_ceil(ps) * ps;
+        // The mapping's last partial page is still a page of this range.
+        let e = if end == map_len { end } else { end / ps * ps };
+        if e <= s {
+            (s, 0)
+        } else {
+            (s, e - s)
+        }
+    } else {
+        let s = offset / ps * ps;
+        (s, end.saturating_sub(s))
+    }
+}
+
+/// Bytes of `[offset, offset+len)` of `map` resident in RAM, counted in whole pages.
+/// `offset` must be page-aligned.
+pub fn resident_bytes(map: &Mmap, offset: usize, len: usize) -> usize {
+    let v = residency_vector(map, offset, len);
+    let ps = page_size();
+    let total = len;
+    let mut bytes = 0usize;
+    for (i, &b) in v.iter().enumerate() {
+        if b & 1 == 1 {
+            bytes += ps.min(total - i * ps);
+        }
+    }
+    bytes
+}
+
+/// One byte per page of `[offset, offset+len)` (bit 0 = resident). `offset` must be
+/// page-aligned; an empty vector when the call fails.
+pub fn residency_vector(map: &Mmap, offset: usize, len: usize) -> Vec<u8> {
+    let ps = page_size();
+    let len = len.min(map.len().saturating_sub(offset));
+    if len == 0 || !offset.is_multiple_of(ps) {
+        return Vec::new();
+    }
+    let pages = len.div_ceil(ps);
+    let mut v = vec![0u8; pages];
+    // SAFETY: the range lies inside a live mapping and starts on a page boundary; `v` has
+    // one byte per page.
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr().add(offset) as *mut libc::c_void,
+            len,
+            v.as_mut_ptr() as *mut libc::c_uchar,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(err = %std::io::Error::last_os_error(), "mincore failed");
+        return Vec::new();
+    }
+    v
+}
+
+/// `madvise` on a page-aligned range of `map`.
+pub fn advise(map: &Mmap, offset: usize, len: usize, advice: Advice) {
+    let len = len.min(map.len().saturating_sub(offset));
+    if len == 0 || !offset.is_multiple_of(page_size()) {
+        return;
+    }
+    // SAFETY: the range is inside a live read-only shared file mapping. MADV_DONTNEED on
+    // such a mapping only drops page-table entries; later reads fault the same file bytes
+    // back in, so references into the mapping stay valid and see identical data.
+    let ptr = unsafe { map.as_ptr().add(offset) } as *mut libc::c_void;
+    let call = |adv: libc::c_int| unsafe { libc::madvise(ptr, len, adv) };
+    match advice {
+        Advice::WillNeed => {
+            if call(libc::MADV_WILLNEED) != 0 {
+                tracing::debug!(err = %std::io::Error::last_os_error(), "MADV_WILLNEED failed");
+            }
+        }
+        Advice::Random => {
+            if call(libc::MADV_RANDOM) != 0 {
+                tracing::debug!(err = %std::io::Error::last_os_error(), "MADV_RANDOM failed");
+            }
+        }
+        Advice::Release => {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            {
+                // Reclaims the pages from the page cache too (Linux >= 5.4); EINVAL before.
+                let _ = call(libc::MADV_PAGEOUT);
+            }
+            if call(libc::MADV_DONTNEED) != 0 {
+                tracing::debug!(err = %std::io::Error::last_os_error(), "MADV_DONTNEED failed");
+            }
+        }
+    }
+}
+
+/// `posix_fadvise(POSIX_FADV_DONTNEED)` on a byte range of the file at `path` (drops its
+/// clean pages from the page cache unless another mapping still uses them).
+pub fn fadvise_dontneed(path: &Path, offset: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    match File::open(path) {
+        Ok(f) => fadvise_file(&f, offset, len),
+        Err(e) => tracing::debug!(path = %path.display(), err = %e, "fadvise: open failed"),
+    }
+}
+
+/// `posix_fadvise(POSIX_FADV_DONTNEED)` on an open file.
+pub fn fadvise_file(f: &File, offset: usize, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a valid descriptor.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(rc, "posix_fadvise(DONTNEED) failed");
+    }
+}
+
+/// A named set of mapped regions that is paged in and out as a unit.
+#[derive(Clone, Debug, Default)]
+pub struct WeightGroup {
+    pub name: String,
+    pub regions: Vec<MappedRegion>,
+    /// Parameters (elements) the group holds.
+    pub params: u64,
+}
+
+impl WeightGroup {
+    pub fn new(name: impl Into<String>) -> Self {
+        WeightGroup {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a region, merging it with the previous one when they are contiguous in the
+    /// same mapping (so that page rounding works on whole runs of small tensors).
+    pub fn push(&mut self, r: MappedRegion) {
+        if let Some(last) = self.regions.last_mut() {
+            if Arc::ptr_eq(&last.map, &r.map) && last.offset + last.len == r.offset {
+                last.len += r.len;
+                return;
+            }
+        }
+        self.regions.push(r);
+    }
+
+    /// Sorts regions by (mapping, offset) and merges contiguous ones.
+    pub fn coalesce(&mut self) {
+        let mut rs = std::mem::take(&mut self.regions);
+        rs.sort_by_key(|r| (Arc::as_ptr(&r.map) as usize, r.offset));
+        for r in rs {
+            self.push(r);
+        }
+    }
+
+    /// Mapped bytes of the group.
+    pub fn bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len as u64).sum()
+    }
+
+    /// Resident bytes of the group's pages (pages shared with a neighbour count).
+    pub fn resident_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.resident_bytes() as u64).sum()
+    }
+
+    /// Resident bytes of the pages that belong to this group alone.
+    pub fn resident_bytes_inward(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.resident_bytes_inward() as u64)
+            .sum()
+    }
+
+    /// Starts reading the group in (`MADV_WILLNEED`).
+    pub fn prefetch(&self) {
+        for r in &self.regions {
+            r.advise(Advice::WillNeed);
+        }
+    }
+
+    /// Faults every page of the group in.
+    pub fn touch(&self) {
+        for r in &self.regions {
+            r.touch();
+        }
+    }
+
+    /// Drops the group's pages (`MADV_PAGEOUT`/`MADV_DONTNEED` + `POSIX_FADV_DONTNEED`).
+    pub fn release(&self) {
+        for r in &self.regions {
+            r.advise(Advice::Release);
+        }
+    }
+
+    /// Turns off kernel readahead on page faults in the group.
+    pub fn random_access(&self) {
+        for r in &self.regions {
+            let (o, l) = r.page_span(true);
+            advise(&r.map, o, l, Advice::Random);
+        }
+    }
+}
+
+/// The process's resident set from `/proc/self/status`: (VmRSS, RssAnon, RssFile) in
+/// bytes; zeros where unavailable.
+pub fn process_rss() -> (u64, u64, u64) {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return (0, 0, 0);
+    };
+    let field = |name: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_spans() {
+        let ps = page_size();
+        assert_eq!(page_span(10, 100, 10 * ps, false), (0, 110));
+        assert_eq!(page_span(10, 100, 10 * ps, true).1, 0);
+        assert_eq!(page_span(1, 3 * ps, 10 * ps, true), (ps, 2 * ps));
+        assert_eq!(page_span(ps, 3 * ps + 5, 4 * ps + 5, true), (ps, 3 * ps + 5));
+    }
+}
