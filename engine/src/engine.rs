@@ -30,7 +30,22 @@ pub struct LoadOptions {
     pub max_context: Option<usize>,
     /// Compute threads; defaults to the number of CPUs.
     pub threads: Option<usize>,
+    /// Where per-layer inputs come from (default: the PLE cache file when `cache_dir` is
+    /// set, else the checkpoint's table).
+    pub ple: PleMode,
+    /// Row type of the PLE cache file (bf16 by default; f32 is exact; q8_0 is smallest).
+    pub ple_dtype: crate::ple_cache::RowDType,
+    /// Bytes of the in-RAM hot-row cache in front of the PLE cache file (default 8 MiB;
+    /// 0 disables it).
+    pub ple_hot_bytes: Option<usize>,
+    /// Towers to load at start; by default none (text decoder only).
+    pub modalities: Vec<crate::towers::Modality>,
+    /// What a request needing an unloaded tower gets (default: load it on demand).
+    pub tower_policy: crate::towers::TowerPolicy,
 }
+
+mod residency_api;
+pub use residency_api::{PleMode, DEFAULT_PLE_HOT_BYTES};
 
 /// One part of a chat message.
 #[derive(Clone, Debug, PartialEq)]
@@ -166,6 +181,10 @@ pub struct Engine {
     tokenizer: Option<TextTokenizer>,
     cache: KvCache,
     pool: rayon::ThreadPool,
+    /// Mapped weight groups, towers and the checkpoint (memory control).
+    mem: residency_api::MemState,
+    /// Logits buffer reused across steps and requests.
+    logits: Vec<f32>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -184,7 +203,7 @@ impl Engine {
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        let model = TextModel::load_quant(&cfg, &ckpt, opts.quant)?;
+        let (model, mem) = residency_api::load_parts(&cfg, ckpt, &opts)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(TextTokenizer::from_dir(dir)?)
         } else {
@@ -225,6 +244,8 @@ impl Engine {
             tokenizer,
             cache,
             pool,
+            logits: Vec::new(),
+            mem,
         })
     }
 
@@ -348,7 +369,9 @@ impl Engine {
                 "stop strings must not be empty".into(),
             ));
         }
+        self.check_media(&req.prompt)?;
         let prompt = self.prompt_ids(&req.prompt)?;
+        self.prefetch_prompt(&prompt);
         let max = self.cache.max_len();
         if prompt.len() >= max {
             return Err(EngineError::ContextFull {
@@ -382,7 +405,8 @@ impl Engine {
         self.cache.clear();
         let (model, cache, pool) = (&self.model, &mut self.cache, &self.pool);
         let tp = Instant::now();
-        let mut logits = pool.install(|| model.forward(&prompt, cache, LogitsFor::Last))?;
+        let mut logits = std::mem::take(&mut self.logits);
+        pool.install(|| model.forward_into(&prompt, cache, LogitsFor::Last, &mut logits))?;
         timings.prefill = tp.elapsed();
         timings.prefill_tokens_per_s =
             prompt.len() as f64 / timings.prefill.as_secs_f64().max(1e-9);
@@ -425,8 +449,9 @@ impl Engine {
             if cache.len() + 1 > cache.max_len() {
                 break FinishReason::ContextFull;
             }
-            logits = pool.install(|| model.forward(&[id], cache, LogitsFor::Last))?;
+            pool.install(|| model.forward_into(&[id], cache, LogitsFor::Last, &mut logits))?;
         };
+        self.logits = logits;
         if finish != FinishReason::Stop && finish != FinishReason::Cancelled {
             let rest = stream.flush()?;
             if !rest.is_empty() {

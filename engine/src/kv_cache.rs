@@ -4,6 +4,7 @@
 //! committed by the OS only as positions are written.
 
 use crate::config::{LayerType, TextConfig};
+use crate::model::scratch::Scratch;
 
 #[derive(Debug)]
 pub(crate) struct LayerKv {
@@ -24,11 +25,17 @@ impl LayerKv {
     }
 }
 
-/// Per-sequence KV state. One engine owns one; `clear` reuses the buffers.
+/// Per-sequence state: K/V of the owner layers, the K/V a forward pass is producing
+/// (committed when it ends, so KV-shared layers see "cache after update" as transformers
+/// does), and the activation buffers forward passes reuse. One engine owns one; `clear`
+/// keeps every buffer.
 #[derive(Debug)]
 pub struct KvCache {
     pub(crate) layers: Vec<Option<LayerKv>>,
+    /// New K and V of the current forward pass, per owner layer.
+    pending: Vec<(Vec<f32>, Vec<f32>)>,
     pub(crate) kv_dim: usize,
+    pub(crate) scratch: Scratch,
     len: usize,
     max_len: usize,
 }
@@ -54,8 +61,12 @@ impl KvCache {
             })
             .collect();
         KvCache {
+            pending: (0..cfg.num_hidden_layers)
+                .map(|_| (Vec::new(), Vec::new()))
+                .collect(),
             layers,
             kv_dim,
+            scratch: Scratch::default(),
             len: 0,
             max_len,
         }
@@ -112,7 +123,43 @@ impl KvCache {
         }
     }
 
-    pub(crate) fn advance(&mut self, t: usize) {
+    /// Buffers for the new K and V (`n` elements each) of owner layer `l`.
+    pub(crate) fn pending_mut(&mut self, l: usize, n: usize) -> (&mut [f32], &mut [f32]) {
+        let (k, v) = &mut self.pending[l];
+        k.clear();
+        k.resize(n, 0.0);
+        v.clear();
+        v.resize(n, 0.0);
+        (k, v)
+    }
+
+    /// What layer `l`'s attention reads: its committed K/V and the pending new ones.
+    pub(crate) fn view(&self, l: usize) -> Option<(&LayerKv, &[f32], &[f32])> {
+        let layer = self.layers[l].as_ref()?;
+        let (k, v) = &self.pending[l];
+        Some((layer, k, v))
+    }
+
+    /// Commits the pending K/V of `t` positions for every owner layer.
+    pub(crate) fn commit(&mut self, t: usize) {
+        for l in 0..self.layers.len() {
+            if self.layers[l].is_none() || self.pending[l].0.len() < t * self.kv_dim {
+                continue;
+            }
+            let (k, v) = std::mem::take(&mut self.pending[l]);
+            self.write(l, &k, &v, t);
+            self.pending[l] = (k, v);
+        }
         self.len += t;
+    }
+
+    /// Bytes of the reusable activation buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch.bytes()
+            + self
+                .pending
+                .iter()
+                .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
+                .sum::<usize>()
     }
 }

@@ -525,8 +525,7 @@ pub(crate) fn table_part(table: &TensorView, c: &TextConfig, id: usize, out: &mu
         }
         DType::BF16 => {
             for (o, ch) in out.iter_mut().zip(b.chunks_exact(2)) {
-                *o = half::bf16::from_bits(u16::from_le_bytes([ch[0], ch[1]])).to_f32()
-                    * tok_scale;
+                *o = half::bf16::from_bits(u16::from_le_bytes([ch[0], ch[1]])).to_f32() * tok_scale;
             }
         }
         DType::F16 => {
@@ -1130,12 +1129,7 @@ impl PleCache {
             while j < pages.len() && pages[j] == pages[j - 1] + 1 {
                 j += 1;
             }
-            residency::advise(
-                &self.map,
-                pages[i] * ps,
-                (j - i) * ps,
-                Advice::WillNeed,
-            );
+            residency::advise(&self.map, pages[i] * ps, (j - i) * ps, Advice::WillNeed);
             i = j;
         }
     }

@@ -331,6 +331,9 @@ mod tests {
         assert_eq!(page_span(10, 100, 10 * ps, false), (0, 110));
         assert_eq!(page_span(10, 100, 10 * ps, true).1, 0);
         assert_eq!(page_span(1, 3 * ps, 10 * ps, true), (ps, 2 * ps));
-        assert_eq!(page_span(ps, 3 * ps + 5, 4 * ps + 5, true), (ps, 3 * ps + 5));
+        assert_eq!(
+            page_span(ps, 3 * ps + 5, 4 * ps + 5, true),
+            (ps, 3 * ps + 5)
+        );
     }
 }

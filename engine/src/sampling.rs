@@ -77,6 +77,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Scratch for candidate (id, value) pairs; reused across steps.
     cand: Vec<(u32, f32)>,
+    /// Bitset of ids already penalised in this step; reused across steps.
+    seen: Vec<u64>,
 }
 
 impl Sampler {
@@ -89,6 +91,7 @@ impl Sampler {
             params,
             rng,
             cand: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -97,9 +100,12 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
-            let mut seen = std::collections::HashSet::new();
+            self.seen.clear();
+            self.seen.resize(logits.len().div_ceil(64), 0);
             for &id in history {
-                if seen.insert(id) {
+                let (w, b) = (id as usize / 64, 1u64 << (id % 64));
+                if w < self.seen.len() && self.seen[w] & b == 0 {
+                    self.seen[w] |= b;
                     if let Some(l) = logits.get_mut(id as usize) {
                         *l = if *l > 0.0 {
                             *l / p.repetition_penalty

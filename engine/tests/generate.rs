@@ -17,6 +17,7 @@ fn engine(dir: &Path, max_context: Option<usize>) -> Engine {
         LoadOptions {
             max_context,
             threads: Some(2),
+            ..Default::default()
         },
     )
     .unwrap()

@@ -53,7 +53,10 @@ fn f32_storage_is_exact() {
 #[test]
 fn q8_0_agrees_on_every_clear_top1() {
     let (d, agree, n, clear_agree, clear) = run(QuantType::Q8_0);
-    assert!(clear >= n / 2, "the fixture should have mostly clear positions");
+    assert!(
+        clear >= n / 2,
+        "the fixture should have mostly clear positions"
+    );
     assert_eq!(clear_agree, clear, "max diff {d}");
     assert!(agree * 10 >= n * 8, "top-1 agreement {agree}/{n}");
     assert!(d > 0.0, "Q8_0 should actually quantize something");
@@ -67,6 +70,9 @@ fn q4_variants_stay_close() {
         // Chance agreement is 1/512; 4-bit must stay far above it.
         assert!(d.is_finite() && d < 5.0, "{q}: {d}");
         assert!(agree * 8 >= n, "{q}: top-1 {agree}/{n}");
-        assert!(clear_agree * 4 >= clear, "{q}: clear top-1 {clear_agree}/{clear}");
+        assert!(
+            clear_agree * 4 >= clear,
+            "{q}: clear top-1 {clear_agree}/{clear}"
+        );
     }
 }

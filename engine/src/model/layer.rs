@@ -2,6 +2,7 @@
 //! self-attention with q/k/v norms and KV sharing, the MLP with Gaussian top-k sparsity,
 //! and the per-layer-input injection. Names follow modeling_gemma3n.py.
 
+use super::scratch::Scratch;
 use super::{ops, Loader, TextModel};
 use crate::config::{LayerType, TextConfig};
 use crate::error::Result;
@@ -42,6 +43,12 @@ pub struct Mlp {
     pub gate_proj: Matrix,
     pub up_proj: Matrix,
     pub down_proj: Matrix,
+    /// `down_proj` transposed (`[I, H]`, one contiguous row per FFN neuron) for
+    /// activation-sparse layers: only the ~5% of neurons that survive the Gaussian top-k
+    /// are read. `down_proj` itself is then left mapped and untouched.
+    pub down_proj_t: Option<Matrix>,
+    /// Fraction of FFN activations expected to be non-zero (1 for dense layers).
+    pub density: f64,
     /// Φ⁻¹(p) of the layer's activation sparsity, `None` for dense layers.
     pub std_multiplier: Option<f32>,
 }
@@ -99,7 +106,20 @@ impl DecoderLayer {
             mlp: Mlp {
                 gate_proj: ld.matrix(&n("mlp.gate_proj.weight"), inter, h)?,
                 up_proj: ld.matrix(&n("mlp.up_proj.weight"), inter, h)?,
-                down_proj: ld.matrix(&n("mlp.down_proj.weight"), h, inter)?,
+                down_proj_t: if sparsity > 0.0 {
+                    Some(
+                        ld.raw_matrix(&n("mlp.down_proj.weight"), h, inter)?
+                            .transposed(ld.quant),
+                    )
+                } else {
+                    None
+                },
+                density: 1.0 - sparsity,
+                down_proj: if sparsity > 0.0 {
+                    ld.raw_matrix(&n("mlp.down_proj.weight"), h, inter)?
+                } else {
+                    ld.matrix(&n("mlp.down_proj.weight"), h, inter)?
+                },
                 // transformers computes Φ⁻¹(p) in f32 and casts to the activation dtype.
                 std_multiplier: (sparsity > 0.0).then(|| ops::normal_icdf(sparsity) as f32),
             },
@@ -130,20 +150,21 @@ impl DecoderLayer {
     }
 
     /// `tanh(modality_router(router_norm(x) / H))` for each of `t` rows of `x`: `[t, A]`.
-    fn router_modalities(&self, m: &TextModel, x: &[f32], t: usize) -> Vec<f32> {
+    fn router_modalities(&self, m: &TextModel, x: &[f32], t: usize, sc: &mut Scratch) -> Vec<f32> {
         let h = m.cfg.hidden_size;
-        let mut xn = vec![0.0f32; t * h];
-        ops::rms_norm_into(x, &mut xn, h, Some(&self.altup.router_norm), m.eps);
+        let mut xn = sc.copy_of(x);
+        ops::rms_norm(&mut xn, h, Some(&self.altup.router_norm), m.eps);
         let scale = 1.0 / h as f32;
         for v in xn.iter_mut() {
             *v *= scale;
         }
         let a = m.cfg.altup_num_inputs;
-        let mut out = vec![0.0f32; t * a];
+        let mut out = sc.take(t * a);
         self.altup.modality_router.matmul(&xn, t, &mut out);
         for v in out.iter_mut() {
             *v = v.tanh();
         }
+        sc.give(xn);
         out
     }
 
@@ -159,18 +180,18 @@ impl DecoderLayer {
         t: usize,
         pos0: usize,
         inv_freq: &[f32],
-        cache: &KvCache,
-        chunk_kv: &mut [Option<(Vec<f32>, Vec<f32>)>],
+        cache: &mut KvCache,
     ) -> Result<()> {
         let c = &m.cfg;
         let h = c.hidden_size;
         let a = c.altup_num_inputs;
         let act = c.altup_active_idx;
         let eps = m.eps;
+        let mut sc = std::mem::take(&mut cache.scratch);
 
         // AltUp predict: pred[i] = S[i] + Σ_j coef[4i + j] · S[j].
-        let modalities = self.router_modalities(m, &streams[act], t);
-        let mut coefs = vec![0.0f32; t * a * a];
+        let modalities = self.router_modalities(m, &streams[act], t, &mut sc);
+        let mut coefs = sc.take(t * a * a);
         for ti in 0..t {
             let md = &modalities[ti * a..(ti + 1) * a];
             for k in 0..a * a {
@@ -178,12 +199,17 @@ impl DecoderLayer {
                 coefs[ti * a * a + k] = w.iter().zip(md).map(|(x, y)| x * y).sum();
             }
         }
-        let mut pred: Vec<Vec<f32>> = streams.to_vec();
+        sc.give(modalities);
+        let mut pred_arr: [Vec<f32>; 8] = Default::default();
+        for (i, s) in streams.iter().enumerate() {
+            pred_arr[i] = sc.copy_of(s);
+        }
+        let pred_s = &mut pred_arr[..a];
         for ti in 0..t {
             let cf = &coefs[ti * a * a..(ti + 1) * a * a];
             for e in 0..h {
                 let idx = ti * h + e;
-                for (i, p) in pred.iter_mut().enumerate() {
+                for (i, p) in pred_s.iter_mut().enumerate() {
                     let mut s = 0.0f32;
                     for (j, sj) in streams.iter().enumerate() {
                         s += sj[idx] * cf[i * a + j];
@@ -192,61 +218,71 @@ impl DecoderLayer {
                 }
             }
         }
-        let active = &pred[act];
+        sc.give(coefs);
+        let active = &pred_s[act];
 
-        let mut xn = vec![0.0f32; t * h];
+        let mut xn = sc.take(t * h);
         ops::rms_norm_into(active, &mut xn, h, Some(&self.input_layernorm), eps);
 
         // LAuReL: xn + norm(right(left(xn))).
         let r = c.laurel_rank;
-        let mut lr = vec![0.0f32; t * r];
+        let mut lr = sc.take(t * r);
         self.laurel.linear_left.matmul(&xn, t, &mut lr);
-        let mut laurel = vec![0.0f32; t * h];
+        let mut laurel = sc.take(t * h);
         self.laurel.linear_right.matmul(&lr, t, &mut laurel);
+        sc.give(lr);
         ops::rms_norm(&mut laurel, h, Some(&self.laurel.post_laurel_norm), eps);
         for (o, &x) in laurel.iter_mut().zip(&xn) {
             *o += x;
         }
 
-        let mut attn = self.attention(m, li, &xn, t, pos0, inv_freq, cache, chunk_kv);
+        let mut attn = self.attention(m, li, &xn, t, pos0, inv_freq, cache, &mut sc);
         ops::rms_norm(&mut attn, h, Some(&self.post_attention_layernorm), eps);
 
         // attn_laurel = (active + attn + laurel) / sqrt(2)
         let sqrt2 = std::f64::consts::SQRT_2 as f32;
-        let mut x = vec![0.0f32; t * h];
+        let mut x = sc.take(t * h);
         for i in 0..t * h {
             x[i] = ((active[i] + attn[i]) + laurel[i]) / sqrt2;
         }
-        let mut xf = vec![0.0f32; t * h];
-        ops::rms_norm_into(&x, &mut xf, h, Some(&self.pre_feedforward_layernorm), eps);
-        let mut ffw = self.mlp.forward(&xf, t);
+        sc.give(attn);
+        sc.give(laurel);
+        ops::rms_norm_into(&x, &mut xn, h, Some(&self.pre_feedforward_layernorm), eps);
+        let mut ffw = self.mlp.forward(&xn, t, &mut sc);
         ops::rms_norm(&mut ffw, h, Some(&self.post_feedforward_layernorm), eps);
         for (o, &f) in x.iter_mut().zip(&ffw) {
             *o += f;
         }
+        sc.give(ffw);
+        sc.give(xn);
         let activated = x;
 
         // AltUp correct: C[i] = pred[i] + (coef(router(activated))[i] + 1) · (activated - pred[act]).
-        let modalities = self.router_modalities(m, &activated, t);
+        let modalities = self.router_modalities(m, &activated, t, &mut sc);
+        let mut k = [0.0f32; 8];
         for ti in 0..t {
             let md = &modalities[ti * a..(ti + 1) * a];
-            let mut k = vec![0.0f32; a];
-            for (i, kv) in k.iter_mut().enumerate() {
+            for (i, kv) in k[..a].iter_mut().enumerate() {
                 let w = &self.altup.correction_coefs[i * a..(i + 1) * a];
                 *kv = w.iter().zip(md).map(|(x, y)| x * y).sum::<f32>() + 1.0;
             }
             for e in 0..h {
                 let idx = ti * h + e;
-                let innov = activated[idx] - pred[act][idx];
+                let innov = activated[idx] - pred_s[act][idx];
                 for (i, s) in streams.iter_mut().enumerate() {
-                    s[idx] = pred[i][idx] + innov * k[i];
+                    s[idx] = pred_s[i][idx] + innov * k[i];
                 }
             }
+        }
+        sc.give(modalities);
+        sc.give(activated);
+        for p in pred_arr.iter_mut().take(a) {
+            sc.give(std::mem::take(p));
         }
 
         // Per-layer input injection into streams other than the active one.
         let pdim = c.hidden_size_per_layer_input;
-        let mut first = streams[act].clone();
+        let mut first = sc.copy_of(&streams[act]);
         if c.altup_correct_scale {
             for row in first.chunks_exact_mut(h) {
                 for (v, &s) in row.iter_mut().zip(&self.altup.correct_output_scale) {
@@ -254,8 +290,9 @@ impl DecoderLayer {
                 }
             }
         }
-        let mut gate = vec![0.0f32; t * pdim];
+        let mut gate = sc.take(t * pdim);
         self.per_layer_input_gate.matmul(&first, t, &mut gate);
+        sc.give(first);
         let lp = c.num_hidden_layers * pdim;
         for ti in 0..t {
             let pl = &pli[ti * lp + li * pdim..ti * lp + (li + 1) * pdim];
@@ -263,8 +300,9 @@ impl DecoderLayer {
                 *g = ops::gelu_tanh(*g) * p;
             }
         }
-        let mut inj = vec![0.0f32; t * h];
+        let mut inj = sc.take(t * h);
         self.per_layer_projection.matmul(&gate, t, &mut inj);
+        sc.give(gate);
         ops::rms_norm(&mut inj, h, Some(&self.post_per_layer_input_norm), eps);
         for (i, s) in streams.iter_mut().enumerate() {
             if i == act {
@@ -274,13 +312,15 @@ impl DecoderLayer {
                 *v += p;
             }
         }
+        sc.give(inj);
+        cache.scratch = sc;
         Ok(())
     }
 
     /// Self-attention of `t` new tokens at positions `pos0..pos0+t` over the cached
-    /// positions and the new ones. Owner layers leave their new K/V in `chunk_kv[li]` (the
-    /// caller commits it to the cache after all layers ran); KV-shared layers read their
-    /// source's cache plus its `chunk_kv`.
+    /// positions and the new ones. Owner layers leave their new K/V in the cache's
+    /// pending slot for this layer (committed after all layers ran); KV-shared layers
+    /// read their source's cache plus its pending K/V.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -290,8 +330,8 @@ impl DecoderLayer {
         t: usize,
         pos0: usize,
         inv_freq: &[f32],
-        cache: &KvCache,
-        chunk_kv: &mut [Option<(Vec<f32>, Vec<f32>)>],
+        cache: &mut KvCache,
+        sc: &mut Scratch,
     ) -> Vec<f32> {
         let c = &m.cfg;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -300,7 +340,7 @@ impl DecoderLayer {
         let eps = m.eps;
         let sa = &self.self_attn;
 
-        let mut q = vec![0.0f32; t * qd];
+        let mut q = sc.take(t * qd);
         sa.q_proj.matmul(xn, t, &mut q);
         ops::rms_norm(&mut q, hd, Some(&sa.q_norm), eps);
         for ti in 0..t {
@@ -310,83 +350,80 @@ impl DecoderLayer {
         }
 
         if let (Some(kp), Some(vp)) = (&sa.k_proj, &sa.v_proj) {
-            let mut k = vec![0.0f32; t * kvd];
-            let mut v = vec![0.0f32; t * kvd];
-            kp.matmul(xn, t, &mut k);
-            vp.matmul(xn, t, &mut v);
-            ops::rms_norm(&mut k, hd, sa.k_norm.as_deref(), eps);
-            ops::rms_norm(&mut v, hd, None, eps);
+            let (k, v) = cache.pending_mut(li, t * kvd);
+            kp.matmul(xn, t, k);
+            vp.matmul(xn, t, v);
+            ops::rms_norm(k, hd, sa.k_norm.as_deref(), eps);
+            ops::rms_norm(v, hd, None, eps);
             for ti in 0..t {
                 for head in k[ti * kvd..(ti + 1) * kvd].chunks_exact_mut(hd) {
                     ops::apply_rope(head, pos0 + ti, inv_freq);
                 }
             }
-            chunk_kv[li] = Some((k, v));
         }
         let src = c.kv_source_layer(li);
-        let empty = (Vec::new(), Vec::new());
-        let (new_k, new_v) = chunk_kv[src].as_ref().unwrap_or(&empty);
-        let Some(cached) = cache.layers[src].as_ref() else {
-            return vec![0.0; t * c.hidden_size]; // unreachable: sources own a cache
-        };
         let window = match c.layer_types[li] {
             LayerType::Sliding => Some(c.sliding_window),
             LayerType::Full => None,
         };
-
-        let group = nh / nkv;
-        let mut out = vec![0.0f32; t * qd];
-        let mut scores: Vec<f32> = Vec::with_capacity(pos0 + t);
-        for ti in 0..t {
-            let p = pos0 + ti;
-            let lo = match window {
-                Some(w) => (p + 1).saturating_sub(w),
-                None => 0,
-            };
-            for hh in 0..nh {
-                let kvh = hh / group;
-                let qv = &q[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
-                scores.clear();
-                // Cached positions lo..pos0, then new positions pos0..=p.
-                for kp in lo..p + 1 {
-                    let kv: &[f32] = if kp < pos0 {
-                        let s = cached.slot(kp) * kvd + kvh * hd;
-                        &cached.k[s..s + hd]
-                    } else {
-                        let s = (kp - pos0) * kvd + kvh * hd;
-                        &new_k[s..s + hd]
-                    };
-                    scores.push(crate::weights::dot_f32(qv, kv));
-                }
-                ops::softmax(&mut scores);
-                let o = &mut out[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
-                for (j, kp) in (lo..p + 1).enumerate() {
-                    let vv: &[f32] = if kp < pos0 {
-                        let s = cached.slot(kp) * kvd + kvh * hd;
-                        &cached.v[s..s + hd]
-                    } else {
-                        let s = (kp - pos0) * kvd + kvh * hd;
-                        &new_v[s..s + hd]
-                    };
-                    let w = scores[j];
-                    for (a, &b) in o.iter_mut().zip(vv) {
-                        *a += w * b;
+        let mut out = sc.take(t * qd);
+        let mut scores = sc.take(pos0 + t);
+        if let Some((cached, new_k, new_v)) = cache.view(src) {
+            let group = nh / nkv;
+            for ti in 0..t {
+                let p = pos0 + ti;
+                let lo = match window {
+                    Some(w) => (p + 1).saturating_sub(w),
+                    None => 0,
+                };
+                let n = p + 1 - lo;
+                for hh in 0..nh {
+                    let kvh = hh / group;
+                    let qv = &q[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
+                    // Cached positions lo..pos0, then new positions pos0..=p.
+                    for (j, kp) in (lo..p + 1).enumerate() {
+                        let kv: &[f32] = if kp < pos0 {
+                            let s = cached.slot(kp) * kvd + kvh * hd;
+                            &cached.k[s..s + hd]
+                        } else {
+                            let s = (kp - pos0) * kvd + kvh * hd;
+                            &new_k[s..s + hd]
+                        };
+                        scores[j] = crate::weights::dot_f32(qv, kv);
+                    }
+                    ops::softmax(&mut scores[..n]);
+                    let o = &mut out[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
+                    for (j, kp) in (lo..p + 1).enumerate() {
+                        let vv: &[f32] = if kp < pos0 {
+                            let s = cached.slot(kp) * kvd + kvh * hd;
+                            &cached.v[s..s + hd]
+                        } else {
+                            let s = (kp - pos0) * kvd + kvh * hd;
+                            &new_v[s..s + hd]
+                        };
+                        let w = scores[j];
+                        for (a, &b) in o.iter_mut().zip(vv) {
+                            *a += w * b;
+                        }
                     }
                 }
             }
         }
-        let mut y = vec![0.0f32; t * c.hidden_size];
+        sc.give(scores);
+        sc.give(q);
+        let mut y = sc.take(t * c.hidden_size);
         sa.o_proj.matmul(&out, t, &mut y);
+        sc.give(out);
         y
     }
 }
 
 impl Mlp {
-    fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+    fn forward(&self, x: &[f32], t: usize, sc: &mut Scratch) -> Vec<f32> {
         let inter = self.gate_proj.rows;
-        let h = self.down_proj.rows;
-        let mut gate = vec![0.0f32; t * inter];
-        let mut up = vec![0.0f32; t * inter];
+        let h = self.gate_proj.cols;
+        let mut gate = sc.take(t * inter);
+        let mut up = sc.take(t * inter);
         self.gate_proj.matmul(x, t, &mut gate);
         self.up_proj.matmul(x, t, &mut up);
         for (g_row, u_row) in gate.chunks_exact_mut(inter).zip(up.chunks_exact(inter)) {
@@ -408,8 +445,22 @@ impl Mlp {
                 *g = ops::gelu_tanh(*g) * u;
             }
         }
-        let mut y = vec![0.0f32; t * h];
-        self.down_proj.matmul(&gate, t, &mut y);
+        sc.give(up);
+        let mut y = sc.take(t * h);
+        match &self.down_proj_t {
+            // Sparse: y = Σ over surviving neurons i of a_i · down_proj[:, i].
+            Some(dt) => {
+                for (a_row, y_row) in gate.chunks_exact(inter).zip(y.chunks_exact_mut(h)) {
+                    for (i, &a) in a_row.iter().enumerate() {
+                        if a != 0.0 {
+                            dt.axpy_row(i, a, y_row);
+                        }
+                    }
+                }
+            }
+            None => self.down_proj.matmul(&gate, t, &mut y),
+        }
+        sc.give(gate);
         y
     }
 }
@@ -422,7 +473,10 @@ impl DecoderLayer {
         b += a.k_proj.as_ref().map_or(0, |m| m.storage_bytes());
         b += a.v_proj.as_ref().map_or(0, |m| m.storage_bytes());
         b += self.mlp.gate_proj.storage_bytes() + self.mlp.up_proj.storage_bytes();
-        b += self.mlp.down_proj.storage_bytes();
+        b += match &self.mlp.down_proj_t {
+            Some(dt) => (dt.storage_bytes() as f64 * self.mlp.density) as usize,
+            None => self.mlp.down_proj.storage_bytes(),
+        };
         b += self.laurel.linear_left.storage_bytes() + self.laurel.linear_right.storage_bytes();
         b += self.per_layer_input_gate.storage_bytes() + self.per_layer_projection.storage_bytes();
         b += self.altup.modality_router.storage_bytes();

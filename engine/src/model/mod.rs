@@ -4,6 +4,7 @@
 
 mod layer;
 pub mod ops;
+pub(crate) mod scratch;
 
 use std::path::Path;
 
@@ -14,6 +15,7 @@ use crate::kv_cache::KvCache;
 use crate::ple_cache::{PleCache, PleSource};
 use crate::quant::QuantType;
 use crate::weights::Matrix;
+use scratch::Scratch;
 use std::sync::Arc;
 
 pub use layer::DecoderLayer;
@@ -192,37 +194,119 @@ impl TextModel {
 
     /// Per-layer inputs `[t, L, P]` from the ids (token part) and the input embeddings
     /// (projection part), as `Gemma3nTextModel.project_per_layer_inputs`.
+    ///
+    /// From the PLE cache, a text id (`< vocab_size_per_layer_input`) reads its whole
+    /// precomputed vector and its `embeds` row is not used (for text tokens it is a
+    /// function of the id). Other positions (multimodal hard and soft tokens) compute the
+    /// projection part from `embeds` and take the pad row's table part from the cache.
     pub fn per_layer_inputs(&self, ids: &[u32], embeds: &[f32], out: &mut [f32]) {
         let c = &self.cfg;
         let t = ids.len();
         let lp = c.num_hidden_layers * c.hidden_size_per_layer_input;
-        let p = c.hidden_size_per_layer_input;
-        self.per_layer_model_projection.matmul(embeds, t, out);
-        let proj_scale = (c.hidden_size as f64).powf(-0.5) as f32;
-        for v in out.iter_mut() {
-            *v *= proj_scale;
-        }
-        ops::rms_norm(out, p, Some(&self.per_layer_projection_norm), self.eps);
-        let tok_scale = (p as f64).sqrt() as f32;
-        let input_scale = std::f64::consts::FRAC_1_SQRT_2 as f32;
-        let mut row = vec![0.0f32; lp];
-        for (i, &id) in ids.iter().enumerate() {
-            // Ids outside the per-layer vocabulary (multimodal hard tokens) use the pad row.
-            let id = if (id as usize) < c.vocab_size_per_layer_input {
-                id as usize
-            } else {
-                c.pad_token_id as usize
-            };
-            self.embed_tokens_per_layer.row_to_f32(id, &mut row);
-            for (o, &tok) in out[i * lp..(i + 1) * lp].iter_mut().zip(&row) {
-                *o = (*o + tok * tok_scale) * input_scale;
+        let h = c.hidden_size;
+        let vocab = c.vocab_size_per_layer_input;
+        let pad = c.pad_token_id as usize;
+        let (cache, table) = match &self.embed_tokens_per_layer {
+            PleSource::Table(table) => {
+                crate::ple_cache::projection_part(
+                    &self.per_layer_model_projection,
+                    &self.per_layer_projection_norm,
+                    self.eps,
+                    c,
+                    embeds,
+                    t,
+                    out,
+                );
+                let tok_scale = (c.hidden_size_per_layer_input as f64).sqrt() as f32;
+                thread_local! {
+                    // Reused row buffer: the decode loop must not allocate per token.
+                    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                ROW.with(|r| {
+                    let mut row = r.borrow_mut();
+                    row.resize(lp, 0.0);
+                    for (i, &id) in ids.iter().enumerate() {
+                        // Ids outside the per-layer vocabulary (multimodal hard tokens)
+                        // use the pad row.
+                        let id = if (id as usize) < vocab {
+                            id as usize
+                        } else {
+                            pad
+                        };
+                        table.row_to_f32(id, &mut row);
+                        for v in row.iter_mut() {
+                            *v *= tok_scale;
+                        }
+                        crate::ple_cache::combine(&mut out[i * lp..(i + 1) * lp], &row);
+                    }
+                });
+                return;
             }
+            PleSource::Cache { cache, table } => (cache, table),
+        };
+        // Positions computed at runtime: (position, Some(id) = table row of a corrupt
+        // cache row, None = pad row).
+        let mut runtime: Vec<(usize, Option<usize>)> = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            if id < vocab {
+                if cache.read_row(id, &mut out[i * lp..(i + 1) * lp]).is_err() {
+                    runtime.push((i, Some(id)));
+                }
+            } else {
+                runtime.push((i, None));
+            }
+        }
+        if runtime.is_empty() {
+            return;
+        }
+        let n = runtime.len();
+        let mut x = vec![0.0f32; n * h];
+        for (j, &(i, _)) in runtime.iter().enumerate() {
+            x[j * h..(j + 1) * h].copy_from_slice(&embeds[i * h..(i + 1) * h]);
+        }
+        let mut y = vec![0.0f32; n * lp];
+        crate::ple_cache::projection_part(
+            &self.per_layer_model_projection,
+            &self.per_layer_projection_norm,
+            self.eps,
+            c,
+            &x,
+            n,
+            &mut y,
+        );
+        let mut tok = vec![0.0f32; lp];
+        for (j, &(i, row)) in runtime.iter().enumerate() {
+            let part: &[f32] = match row {
+                Some(id) => {
+                    crate::ple_cache::table_part(table, c, id, &mut tok);
+                    &tok
+                }
+                None => cache.pad_part(),
+            };
+            let o = &mut y[j * lp..(j + 1) * lp];
+            crate::ple_cache::combine(o, part);
+            out[i * lp..(i + 1) * lp].copy_from_slice(o);
         }
     }
 
     /// Runs `ids` at positions `cache.len()..` and returns logits (`[n, vocab]` for the
     /// requested positions; softcapped).
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, want: LogitsFor) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.forward_into(ids, cache, want, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`forward`](Self::forward), writing the logits into `logits` (reused; the
+    /// decode loop allocates nothing once buffers are warm).
+    pub fn forward_into(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        want: LogitsFor,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let c = &self.cfg;
         let t = ids.len();
         if t == 0 {
@@ -242,15 +326,20 @@ impl TextModel {
             });
         }
         let h = c.hidden_size;
-        let mut embeds = vec![0.0f32; t * h];
+        let mut sc = std::mem::take(&mut cache.scratch);
+        let mut embeds = sc.take(t * h);
         self.embed(ids, &mut embeds);
-        let mut pli = vec![0.0f32; t * c.num_hidden_layers * c.hidden_size_per_layer_input];
+        let mut pli = sc.take(t * c.num_hidden_layers * c.hidden_size_per_layer_input);
         self.per_layer_inputs(ids, &embeds, &mut pli);
-        self.forward_embeds(embeds, &pli, cache, want)
+        cache.scratch = sc;
+        let r = self.forward_embeds_into(&embeds, &pli, cache, want, logits);
+        cache.scratch.give(embeds);
+        cache.scratch.give(pli);
+        r
     }
 
-    /// The decoder from input embeddings and per-layer inputs on (the entry point that
-    /// multimodal prompts and the PLE cache will use).
+    /// The decoder from input embeddings `[t, H]` and per-layer inputs `[t, L, P]` on
+    /// (the entry point multimodal prompts use).
     pub fn forward_embeds(
         &self,
         embeds: Vec<f32>,
@@ -258,98 +347,103 @@ impl TextModel {
         cache: &mut KvCache,
         want: LogitsFor,
     ) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.forward_embeds_into(&embeds, pli, cache, want, &mut out)?;
+        Ok(out)
+    }
+
+    pub fn forward_embeds_into(
+        &self,
+        embeds: &[f32],
+        pli: &[f32],
+        cache: &mut KvCache,
+        want: LogitsFor,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let c = &self.cfg;
         let h = c.hidden_size;
         let t = embeds.len() / h;
         let pos0 = cache.len();
+        let a = c.altup_num_inputs;
 
         // AltUp stream initialisation (Gemma3nTextModel.forward).
-        let mut streams: Vec<Vec<f32>> = Vec::with_capacity(c.altup_num_inputs);
-        let mut tmp = vec![0.0f32; t * h];
-        let target: Vec<f32> = embeds
-            .chunks_exact(h)
-            .map(|r| ops::mean_sq(r).sqrt())
-            .collect();
-        for proj in &self.altup_projections {
-            proj.matmul(&embeds, t, &mut tmp);
-            let mut s = tmp.clone();
-            for (i, row) in s.chunks_exact_mut(h).enumerate() {
+        let mut sc = std::mem::take(&mut cache.scratch);
+        let mut streams: [Vec<f32>; 8] = Default::default();
+        streams[0] = sc.copy_of(embeds);
+        for (i, proj) in self.altup_projections.iter().enumerate() {
+            let mut s = sc.take(t * h);
+            proj.matmul(embeds, t, &mut s);
+            for (row, e) in s.chunks_exact_mut(h).zip(embeds.chunks_exact(h)) {
+                let target = ops::mean_sq(e).sqrt();
                 let m = ops::mean_sq(row).max(1e-5).sqrt();
                 for v in row.iter_mut() {
-                    *v = *v * target[i] / m;
+                    *v = *v * target / m;
                 }
             }
-            streams.push(s);
+            streams[i + 1] = s;
         }
-        streams.insert(0, embeds);
+        cache.scratch = sc;
 
-        let mut chunk_kv: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; c.num_hidden_layers];
+        let mut result = Ok(());
         for (li, layer) in self.layers.iter().enumerate() {
             let inv_freq = match c.layer_types[li] {
                 LayerType::Full => &self.rope_full,
                 LayerType::Sliding => &self.rope_sliding,
             };
-            layer.forward(
-                self,
-                li,
-                &mut streams,
-                pli,
-                t,
-                pos0,
-                inv_freq,
-                cache,
-                &mut chunk_kv,
-            )?;
-        }
-        for (li, kv) in chunk_kv.iter().enumerate() {
-            if let Some((k, v)) = kv {
-                cache.write(li, k, v, t);
+            result = layer.forward(self, li, &mut streams[..a], pli, t, pos0, inv_freq, cache);
+            if result.is_err() {
+                break;
             }
         }
-        cache.advance(t);
-
-        let rows: Vec<usize> = match want {
-            LogitsFor::None => return Ok(Vec::new()),
-            LogitsFor::Last => vec![t - 1],
-            LogitsFor::All => (0..t).collect(),
-        };
-        let hidden = self.final_hidden(&streams, &rows);
-        let n = rows.len();
-        let mut logits = vec![0.0f32; n * c.vocab_size];
-        self.embed_tokens.matmul(&hidden, n, &mut logits);
-        if let Some(cap) = c.final_logit_softcapping {
-            let cap = cap as f32;
-            for v in logits.iter_mut() {
-                *v = (*v / cap).tanh() * cap;
-            }
-        }
-        Ok(logits)
-    }
-
-    /// AltUp unembed, stream average and final norm for the given token rows.
-    fn final_hidden(&self, streams: &[Vec<f32>], rows: &[usize]) -> Vec<f32> {
-        let h = self.cfg.hidden_size;
-        let n = rows.len();
-        let mut s0 = vec![0.0f32; n * h];
-        for (j, &r) in rows.iter().enumerate() {
-            s0[j * h..(j + 1) * h].copy_from_slice(&streams[0][r * h..(r + 1) * h]);
-        }
-        let mut acc = s0.clone();
-        let target: Vec<f32> = s0.chunks_exact(h).map(|r| ops::mean_sq(r).sqrt()).collect();
-        let mut x = vec![0.0f32; n * h];
-        let mut u = vec![0.0f32; n * h];
-        for (i, proj) in self.altup_unembed_projections.iter().enumerate() {
-            for (j, &r) in rows.iter().enumerate() {
-                x[j * h..(j + 1) * h].copy_from_slice(&streams[i + 1][r * h..(r + 1) * h]);
-            }
-            proj.matmul(&x, n, &mut u);
-            for (j, row) in u.chunks_exact(h).enumerate() {
-                let m = ops::mean_sq(row).max(1e-5).sqrt();
-                for (a, &v) in acc[j * h..(j + 1) * h].iter_mut().zip(row) {
-                    *a += v * target[j] / m;
+        if result.is_ok() {
+            cache.commit(t);
+            let (r0, n) = match want {
+                LogitsFor::None => (t, 0),
+                LogitsFor::Last => (t - 1, 1),
+                LogitsFor::All => (0, t),
+            };
+            logits.clear();
+            if n > 0 {
+                let hidden = self.final_hidden(&streams[..a], r0, n, &mut cache.scratch);
+                logits.resize(n * c.vocab_size, 0.0);
+                self.embed_tokens.matmul(&hidden, n, logits);
+                cache.scratch.give(hidden);
+                if let Some(cap) = c.final_logit_softcapping {
+                    let cap = cap as f32;
+                    for v in logits.iter_mut() {
+                        *v = (*v / cap).tanh() * cap;
+                    }
                 }
             }
         }
+        for s in streams.iter_mut().take(a) {
+            cache.scratch.give(std::mem::take(s));
+        }
+        result
+    }
+
+    /// AltUp unembed, stream average and final norm for token rows `r0..r0+n`.
+    fn final_hidden(
+        &self,
+        streams: &[Vec<f32>],
+        r0: usize,
+        n: usize,
+        sc: &mut Scratch,
+    ) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let mut acc = sc.copy_of(&streams[0][r0 * h..(r0 + n) * h]);
+        let mut u = sc.take(n * h);
+        for (i, proj) in self.altup_unembed_projections.iter().enumerate() {
+            proj.matmul(&streams[i + 1][r0 * h..(r0 + n) * h], n, &mut u);
+            for (j, row) in u.chunks_exact(h).enumerate() {
+                let target = ops::mean_sq(&streams[0][(r0 + j) * h..(r0 + j + 1) * h]).sqrt();
+                let m = ops::mean_sq(row).max(1e-5).sqrt();
+                for (a, &v) in acc[j * h..(j + 1) * h].iter_mut().zip(row) {
+                    *a += v * target / m;
+                }
+            }
+        }
+        sc.give(u);
         let k = self.cfg.altup_num_inputs as f32;
         for v in acc.iter_mut() {
             *v /= k;

@@ -1,0 +1,332 @@
+//! The engine's memory API: PLE source selection at load, the towers (conditional
+//! parameter loading), weight-group paging and the memory report.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use super::{ContentPart, Engine, LoadOptions, Prompt};
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::memory::{self, MemoryReport, PartMemory, TextGroups};
+use crate::model::TextModel;
+use crate::ple_cache::PleCache;
+use crate::quant::QuantType;
+use crate::residency::{self, Advice, WeightGroup};
+use crate::towers::{Modality, Tower, TowerPolicy};
+
+/// Default size of the PLE hot-row cache.
+pub const DEFAULT_PLE_HOT_BYTES: usize = 8 << 20;
+
+/// Where the per-layer inputs come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PleMode {
+    /// The PLE cache file when `cache_dir` is set, else the checkpoint's table.
+    #[default]
+    Auto,
+    /// The checkpoint's `embed_tokens_per_layer`, mapped (the standard path).
+    Table,
+    /// The PLE cache file (requires `cache_dir`); built first if missing or stale.
+    Cache,
+}
+
+/// What the engine holds besides the model for memory control.
+#[derive(Debug)]
+pub(crate) struct MemState {
+    pub ckpt: Checkpoint,
+    pub cfg: ModelConfig,
+    pub quant: QuantType,
+    pub groups: TextGroups,
+    pub towers: Vec<Tower>,
+    pub policy: TowerPolicy,
+}
+
+/// Loads the text model as `opts` says (PLE source, towers) and returns it with the
+/// memory state. Pages the default configuration does not need are dropped.
+pub(crate) fn load_parts(
+    cfg: &ModelConfig,
+    ckpt: Checkpoint,
+    opts: &LoadOptions,
+) -> Result<(TextModel, MemState)> {
+    let groups = TextGroups::new(cfg, &ckpt);
+    // No implicit readahead anywhere in the checkpoint: what is needed is prefetched
+    // explicitly below, and a fault in one tensor must not pull in its neighbours
+    // (towers, the per-layer table).
+    for f in &ckpt.files {
+        residency::advise(&f.map, 0, f.map.len(), Advice::Random);
+    }
+    let use_cache = match (opts.ple, &opts.cache_dir) {
+        (PleMode::Table, _) => None,
+        (PleMode::Auto, None) => None,
+        (PleMode::Auto | PleMode::Cache, Some(d)) => Some(d.clone()),
+        (PleMode::Cache, None) => {
+            return Err(EngineError::InvalidRequest(
+                "the PLE cache needs a cache directory (cache_dir)".into(),
+            ))
+        }
+    };
+    let ple = match use_cache {
+        None => None,
+        Some(dir) => {
+            let hot = opts.ple_hot_bytes.unwrap_or(DEFAULT_PLE_HOT_BYTES);
+            let mut last = 0u64;
+            let mut log = |done: u64, total: u64| {
+                let pct = done * 100 / total.max(1);
+                if pct >= last + 5 || done == total {
+                    last = pct;
+                    tracing::info!(done, total, "building PLE cache: {pct}%");
+                }
+                ControlFlow::Continue(())
+            };
+            let c = PleCache::open_or_build(cfg, &ckpt, &dir, opts.ple_dtype, hot, &mut log)?;
+            Some(Arc::new(c))
+        }
+    };
+    let serving_from_cache = ple.is_some();
+    let model = TextModel::load_with_ple(cfg, &ckpt, opts.quant, ple)?;
+    groups.decoder.prefetch();
+    groups.embeddings.prefetch();
+    if serving_from_cache {
+        groups.ple_table.release();
+    }
+    let mut state = MemState {
+        ckpt,
+        cfg: cfg.clone(),
+        quant: opts.quant,
+        groups,
+        towers: Vec::new(),
+        policy: opts.tower_policy,
+    };
+    for m in Modality::ALL {
+        if !opts.modalities.contains(&m) {
+            state.groups.tower(m).release();
+        }
+    }
+    for &m in &opts.modalities {
+        state.load(m)?;
+    }
+    Ok((model, state))
+}
+
+impl MemState {
+    fn load(&mut self, m: Modality) -> Result<()> {
+        if self.towers.iter().any(|t| t.modality == m) {
+            return Ok(());
+        }
+        let t = Tower::load(&self.cfg, &self.ckpt, m)?;
+        self.towers.push(t);
+        Ok(())
+    }
+}
+
+/// The modalities a prompt needs.
+fn needed(prompt: &Prompt) -> Vec<Modality> {
+    let mut v = Vec::new();
+    if let Prompt::Chat(msgs) = prompt {
+        for p in msgs.iter().flat_map(|m| &m.content) {
+            let m = match p {
+                ContentPart::Image(_) => Modality::Vision,
+                ContentPart::Audio(_) => Modality::Audio,
+                ContentPart::Text(_) => continue,
+            };
+            if !v.contains(&m) {
+                v.push(m);
+            }
+        }
+    }
+    v
+}
+
+impl Engine {
+    /// The PLE cache the engine serves per-layer inputs from, if any.
+    pub fn ple(&self) -> Option<&PleCache> {
+        self.model.embed_tokens_per_layer.cache().map(|c| &**c)
+    }
+
+    /// Maps, validates and pages in the tower of `m`. Loading a loaded tower is a no-op.
+    pub fn load_modality(&mut self, m: Modality) -> Result<()> {
+        self.mem.load(m)
+    }
+
+    /// Drops the tower of `m` and its pages; returns whether it was loaded.
+    pub fn unload_modality(&mut self, m: Modality) -> bool {
+        match self.mem.towers.iter().position(|t| t.modality == m) {
+            Some(i) => {
+                self.mem.towers.remove(i).unload();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The modalities whose tower is loaded.
+    pub fn loaded_modalities(&self) -> Vec<Modality> {
+        let mut v: Vec<Modality> = self.mem.towers.iter().map(|t| t.modality).collect();
+        v.sort();
+        v
+    }
+
+    pub fn tower_policy(&self) -> TowerPolicy {
+        self.mem.policy
+    }
+
+    pub fn set_tower_policy(&mut self, p: TowerPolicy) {
+        self.mem.policy = p;
+    }
+
+    /// A mapped weight group by name: `decoder`, `embeddings`, `ple_table`, `vision`,
+    /// `audio`, or `ple_cache` (the cache file's rows).
+    pub fn weight_group(&self, name: &str) -> Option<WeightGroup> {
+        let g = &self.mem.groups;
+        Some(match name {
+            "decoder" => g.decoder.clone(),
+            "embeddings" => g.embeddings.clone(),
+            "ple_table" => g.ple_table.clone(),
+            "vision" => g.vision.clone(),
+            "audio" => g.audio.clone(),
+            "ple_cache" => {
+                let c = self.ple()?;
+                let mut w = WeightGroup::new("ple_cache");
+                w.params = (c.rows() * c.row_len()) as u64;
+                w.push(c.rows_region());
+                w
+            }
+            _ => return None,
+        })
+    }
+
+    /// Makes the request's towers available (per the policy), then refuses media: the
+    /// encoders have not landed yet.
+    pub(crate) fn check_media(&mut self, prompt: &Prompt) -> Result<()> {
+        for m in needed(prompt) {
+            let loaded = self.mem.towers.iter().any(|t| t.modality == m);
+            if !loaded {
+                match self.mem.policy {
+                    TowerPolicy::Refuse => {
+                        return Err(EngineError::ModalityUnavailable(format!(
+                            "the {m} tower is not loaded and on-demand loading is off; \
+                             load the {m} modality first"
+                        )))
+                    }
+                    TowerPolicy::OnDemand => self.mem.load(m)?,
+                }
+            }
+            return Err(EngineError::ModalityUnavailable(format!(
+                "{m} input is not available yet: the {m} tower is resident but its \
+                 encoder has not landed in this build"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Prefetches the PLE cache rows of a prompt before prefill.
+    pub(crate) fn prefetch_prompt(&self, ids: &[u32]) {
+        if let Some(c) = self.ple() {
+            c.prefetch(ids);
+        }
+    }
+
+    /// Bytes per part, measured from the mappings (`mincore`) and the engine's buffers,
+    /// and the process RSS.
+    pub fn memory_report(&self) -> MemoryReport {
+        let g = &self.mem.groups;
+        let m = &self.model;
+        let ple = self.ple();
+        let mut parts = Vec::new();
+        let emb_heap = memory::matrix_heap_bytes(&m.embed_tokens);
+        let dec_heap = if self.mem.quant == QuantType::Bf16 {
+            0
+        } else {
+            (m.decode_weight_bytes() as u64).saturating_sub(
+                (m.embed_tokens.storage_bytes()
+                    + m.embed_tokens.row_bytes()
+                    + m.embed_tokens_per_layer.row_bytes()) as u64,
+            )
+        };
+        parts.push(memory::group_part(&g.decoder, dec_heap, true));
+        parts.push(memory::group_part(&g.embeddings, emb_heap, true));
+        parts.push(memory::group_part(&g.ple_table, 0, ple.is_none()));
+        let (cache_part, hot_part) = match ple {
+            Some(c) => {
+                let rows = c.rows_region();
+                let st = c.stats();
+                (
+                    PartMemory {
+                        name: "ple_cache".into(),
+                        params: (c.rows() * c.row_len()) as u64,
+                        mapped_bytes: rows.len as u64,
+                        resident_bytes: c.resident_bytes(),
+                        heap_bytes: c.index_bytes(),
+                        active: true,
+                    },
+                    PartMemory {
+                        name: "ple_hot".into(),
+                        params: st.hot_rows * c.row_len() as u64,
+                        heap_bytes: st.hot_bytes,
+                        active: st.hot_capacity > 0,
+                        ..Default::default()
+                    },
+                )
+            }
+            None => (
+                PartMemory {
+                    name: "ple_cache".into(),
+                    ..Default::default()
+                },
+                PartMemory {
+                    name: "ple_hot".into(),
+                    ..Default::default()
+                },
+            ),
+        };
+        parts.push(cache_part);
+        parts.push(hot_part);
+        for md in Modality::ALL {
+            let loaded = self.mem.towers.iter().any(|t| t.modality == md);
+            parts.push(memory::group_part(g.tower(md), 0, loaded));
+        }
+        let kv_reserved: usize = self
+            .cache
+            .layers
+            .iter()
+            .flatten()
+            .map(|l| (l.k.len() + l.v.len()) * 4)
+            .sum();
+        parts.push(PartMemory {
+            name: "kv_cache".into(),
+            mapped_bytes: kv_reserved as u64,
+            heap_bytes: self.cache.bytes_used() as u64,
+            active: true,
+            ..Default::default()
+        });
+        // Activations are allocated per forward call and freed after it; the persistent
+        // logits buffer is the only scratch kept between calls.
+        parts.push(PartMemory {
+            name: "scratch".into(),
+            heap_bytes: (self.logits.capacity() * 4) as u64,
+            active: true,
+            ..Default::default()
+        });
+        let mut resident_params = 0u64;
+        for p in &parts {
+            if p.name == "kv_cache" || p.name == "scratch" || p.name == "ple_hot" {
+                continue;
+            }
+            if p.mapped_bytes > 0 {
+                let frac = (p.resident_bytes as f64 / p.mapped_bytes as f64).min(1.0);
+                resident_params += (p.params as f64 * frac).round() as u64;
+            } else if p.heap_bytes > 0 {
+                resident_params += p.params;
+            }
+        }
+        let (rss, anon, file) = residency::process_rss();
+        MemoryReport {
+            parts,
+            rss_bytes: rss,
+            rss_anon_bytes: anon,
+            rss_file_bytes: file,
+            resident_params,
+            checkpoint_params: self.mem.ckpt.total_params(),
+        }
+    }
+}

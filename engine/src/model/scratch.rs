@@ -1,0 +1,50 @@
+//! A pool of f32 buffers reused by every forward pass of a sequence, so that the decode
+//! loop stops allocating once the first token has warmed the pool up.
+
+/// Free buffers; `take` hands out a zeroed buffer of the asked length, `give` returns it.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    free: Vec<Vec<f32>>,
+}
+
+impl Scratch {
+    /// A zeroed buffer of `n` elements, reusing a pooled one with enough capacity.
+    pub fn take(&mut self, n: usize) -> Vec<f32> {
+        // Best fit: the smallest pooled buffer that holds n without growing.
+        let mut best: Option<usize> = None;
+        for (i, b) in self.free.iter().enumerate() {
+            if b.capacity() >= n && best.is_none_or(|j| self.free[j].capacity() > b.capacity()) {
+                best = Some(i);
+            }
+        }
+        let mut v = match best {
+            Some(i) => self.free.swap_remove(i),
+            None => match self.free.pop() {
+                Some(mut v) => {
+                    v.reserve(n.saturating_sub(v.len()));
+                    v
+                }
+                None => Vec::with_capacity(n),
+            },
+        };
+        v.clear();
+        v.resize(n, 0.0);
+        v
+    }
+
+    /// A buffer holding a copy of `src`.
+    pub fn copy_of(&mut self, src: &[f32]) -> Vec<f32> {
+        let mut v = self.take(src.len());
+        v.copy_from_slice(src);
+        v
+    }
+
+    pub fn give(&mut self, v: Vec<f32>) {
+        self.free.push(v);
+    }
+
+    /// Bytes held by pooled buffers (memory accounting).
+    pub fn bytes(&self) -> usize {
+        self.free.iter().map(|b| b.capacity() * 4).sum()
+    }
+}
