@@ -76,3 +76,27 @@ fn q4_variants_stay_close() {
         );
     }
 }
+
+#[test]
+fn sparse_down_projection_equals_dense() {
+    // Layers with Gaussian top-k read only the surviving columns of down_proj (stored
+    // transposed). Dropping the transposed copy forces the dense product.
+    let dir = fixture("text");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let g = goldens("text");
+    let ids = ids(&g["input_ids"]);
+    for (q, tol) in [(QuantType::F32, 1e-4f32), (QuantType::Bf16, 1e-4), (QuantType::Q8_0, 0.5)] {
+        let sparse = TextModel::load_quant(&cfg, &ckpt, q).unwrap();
+        assert!(sparse.layers[0].mlp.down_proj_t.is_some());
+        let mut dense = TextModel::load_quant(&cfg, &ckpt, q).unwrap();
+        for l in dense.layers.iter_mut() {
+            l.mlp.down_proj_t = None;
+        }
+        let a = sparse.forward(&ids, &mut sparse.new_cache(64), LogitsFor::All).unwrap();
+        let b = dense.forward(&ids, &mut dense.new_cache(64), LogitsFor::All).unwrap();
+        let d = max_abs_diff(&a, &b);
+        println!("{q}: sparse vs dense max |dlogit| {d:e}");
+        assert!(d <= tol, "{q}: {d}");
+    }
+}
