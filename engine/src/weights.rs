@@ -213,6 +213,63 @@ impl Matrix {
         }
     }
 
+    /// A view onto a stored matrix (quantized-weights cache) of storage `code`
+    /// (see `quant::store`), or `None` if the code or the extent is inconsistent.
+    pub fn from_mapped(
+        code: u8,
+        rows: usize,
+        cols: usize,
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    ) -> Option<Matrix> {
+        fn slab<T>(map: Arc<Mmap>, offset: usize, len: usize, n: usize) -> Option<Slab<T>> {
+            let ok = len == n * std::mem::size_of::<T>()
+                && offset % std::mem::align_of::<T>() == 0
+                && offset + len <= map.len();
+            ok.then_some(Slab::Mapped {
+                map,
+                offset,
+                len: n,
+            })
+        }
+        let el = rows * cols;
+        let data = match code {
+            1 if cols % QK8_0 == 0 => Data::Q8_0(slab(map, offset, len, el / QK8_0)?),
+            2 if cols % QK4_0 == 0 => Data::Q4_0(slab(map, offset, len, el / QK4_0)?),
+            3 if cols % QK_K == 0 => Data::Q4K(slab(map, offset, len, el / QK_K)?),
+            4 => Data::F32(slab(map, offset, len, el)?),
+            5 => Data::Bf16(slab(map, offset, len, el)?),
+            _ => return None,
+        };
+        Some(Matrix {
+            rows,
+            cols,
+            stride: cols,
+            data,
+        })
+    }
+
+    /// Storage code and bytes of an owned, contiguous matrix (what the quantized-weights
+    /// cache stores); `None` for views of the checkpoint's own pages.
+    pub fn stored_bytes(&self) -> Option<(u8, &[u8])> {
+        fn bytes<T>(v: &[T]) -> &[u8] {
+            // SAFETY: plain-old-data blocks/floats viewed as bytes.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        if self.stride != self.cols {
+            return None;
+        }
+        match &self.data {
+            Data::Q8_0(Slab::Owned(v)) => Some((1, bytes(v))),
+            Data::Q4_0(Slab::Owned(v)) => Some((2, bytes(v))),
+            Data::Q4K(Slab::Owned(v)) => Some((3, bytes(v))),
+            Data::F32(Slab::Owned(v)) => Some((4, bytes(v))),
+            Data::Bf16(Slab::Owned(v)) => Some((5, bytes(v))),
+            _ => None,
+        }
+    }
+
     /// Converts to `q` (owned), or returns a cheap clone when `q` does not apply: a
     /// width that is not a multiple of the block (Q4_K falls back to Q4_0 then), or a
     /// matrix with fewer than 8 rows (routers).

@@ -86,17 +86,97 @@ fn sparse_down_projection_equals_dense() {
     let ckpt = Checkpoint::open(&dir).unwrap();
     let g = goldens("text");
     let ids = ids(&g["input_ids"]);
-    for (q, tol) in [(QuantType::F32, 1e-4f32), (QuantType::Bf16, 1e-4), (QuantType::Q8_0, 0.5)] {
+    for (q, tol) in [
+        (QuantType::F32, 1e-4f32),
+        (QuantType::Bf16, 1e-4),
+        (QuantType::Q8_0, 0.5),
+    ] {
         let sparse = TextModel::load_quant(&cfg, &ckpt, q).unwrap();
         assert!(sparse.layers[0].mlp.down_proj_t.is_some());
         let mut dense = TextModel::load_quant(&cfg, &ckpt, q).unwrap();
         for l in dense.layers.iter_mut() {
             l.mlp.down_proj_t = None;
         }
-        let a = sparse.forward(&ids, &mut sparse.new_cache(64), LogitsFor::All).unwrap();
-        let b = dense.forward(&ids, &mut dense.new_cache(64), LogitsFor::All).unwrap();
+        let a = sparse
+            .forward(&ids, &mut sparse.new_cache(64), LogitsFor::All)
+            .unwrap();
+        let b = dense
+            .forward(&ids, &mut dense.new_cache(64), LogitsFor::All)
+            .unwrap();
         let d = max_abs_diff(&a, &b);
         println!("{q}: sparse vs dense max |dlogit| {d:e}");
         assert!(d <= tol, "{q}: {d}");
     }
+}
+
+#[test]
+fn quantized_weights_cache_is_reused_and_rebuilt_when_bad() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("model");
+    std::fs::create_dir(&model_dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("text").join(f), model_dir.join(f)).unwrap();
+    }
+    let cache = tmp.path().join("cache");
+    let g = goldens("text");
+    let ids = ids(&g["input_ids"]);
+    let run = || {
+        let cfg = ModelConfig::from_dir(&model_dir).unwrap();
+        let ckpt = Checkpoint::open(&model_dir).unwrap();
+        let m = TextModel::load_full(&cfg, &ckpt, QuantType::Q4_0, None, Some(&cache)).unwrap();
+        m.forward(&ids, &mut m.new_cache(64), LogitsFor::All)
+            .unwrap()
+    };
+    let file = || {
+        let v: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(v.len(), 1, "{v:?}");
+        v[0].clone()
+    };
+    let first = run();
+    let path = file();
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    assert_eq!(run(), first, "mapped store gives the same logits");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().ino(),
+        ino,
+        "reused, not rewritten"
+    );
+
+    // A flipped data byte: detected, rebuilt, same logits.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x5a;
+    std::fs::write(&path, &bytes).unwrap();
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    assert_eq!(run(), first);
+    assert_ne!(
+        std::fs::metadata(file()).unwrap().ino(),
+        ino,
+        "corrupt store rebuilt"
+    );
+
+    // Truncated: rebuilt.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file())
+        .unwrap();
+    f.set_len(5000).unwrap();
+    assert_eq!(run(), first);
+    assert!(std::fs::metadata(file()).unwrap().len() > 5000);
+
+    // Checkpoint changed (config edited): the key changes, rebuilt.
+    let ino = std::fs::metadata(file()).unwrap().ino();
+    let cfg_path = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, format!("{text}\n")).unwrap();
+    assert_eq!(run(), first);
+    assert_ne!(
+        std::fs::metadata(file()).unwrap().ino(),
+        ino,
+        "stale store rebuilt"
+    );
 }

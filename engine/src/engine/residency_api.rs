@@ -83,7 +83,7 @@ pub(crate) fn load_parts(
         }
     };
     let serving_from_cache = ple.is_some();
-    let model = TextModel::load_with_ple(cfg, &ckpt, opts.quant, ple)?;
+    let model = TextModel::load_full(cfg, &ckpt, opts.quant, ple, opts.cache_dir.as_deref())?;
     groups.decoder.prefetch();
     groups.embeddings.prefetch();
     if serving_from_cache {

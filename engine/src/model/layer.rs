@@ -107,10 +107,7 @@ impl DecoderLayer {
                 gate_proj: ld.matrix(&n("mlp.gate_proj.weight"), inter, h)?,
                 up_proj: ld.matrix(&n("mlp.up_proj.weight"), inter, h)?,
                 down_proj_t: if sparsity > 0.0 {
-                    Some(
-                        ld.raw_matrix(&n("mlp.down_proj.weight"), h, inter)?
-                            .transposed(ld.quant),
-                    )
+                    Some(ld.matrix_t(&n("mlp.down_proj.weight"), h, inter)?)
                 } else {
                     None
                 },

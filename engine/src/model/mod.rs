@@ -52,11 +52,51 @@ pub(crate) struct Loader<'a> {
     pub prefix: &'static str,
     /// Storage type for the matrices (`matrix`); `raw_matrix` keeps the checkpoint's.
     pub quant: QuantType,
+    /// Previously quantized matrices to map instead of converting.
+    pub store: Option<&'a crate::quant::store::QuantStore>,
+    /// Matrices converted here (to be written to the store).
+    pub built: std::cell::RefCell<Vec<(String, Matrix)>>,
 }
 
 impl Loader<'_> {
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        Ok(self.raw_matrix(name, rows, cols)?.to_quant(self.quant))
+        self.converted(name, rows, cols, |m| m.to_quant(self.quant))
+    }
+
+    /// The transpose (`[cols, rows]`) of the stored `[rows, cols]` matrix, converted.
+    pub fn matrix_t(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let key = format!("{name}#t");
+        if let Some(m) = self
+            .store
+            .and_then(|s| s.get(&format!("{}{key}", self.prefix), cols, rows))
+        {
+            return Ok(m);
+        }
+        let m = self.raw_matrix(name, rows, cols)?.transposed(self.quant);
+        if m.stored_bytes().is_some() {
+            self.built
+                .borrow_mut()
+                .push((format!("{}{key}", self.prefix), m.clone()));
+        }
+        Ok(m)
+    }
+
+    fn converted(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        f: impl FnOnce(&Matrix) -> Matrix,
+    ) -> Result<Matrix> {
+        let full = format!("{}{}", self.prefix, name);
+        if let Some(m) = self.store.and_then(|s| s.get(&full, rows, cols)) {
+            return Ok(m);
+        }
+        let m = f(&self.raw_matrix(name, rows, cols)?);
+        if m.stored_bytes().is_some() {
+            self.built.borrow_mut().push((full, m.clone()));
+        }
+        Ok(m)
     }
 
     /// The matrix as stored in the checkpoint (mapped in place where possible).
@@ -91,11 +131,61 @@ impl TextModel {
         quant: QuantType,
         ple: Option<Arc<PleCache>>,
     ) -> Result<Self> {
+        Self::load_full(cfg, ckpt, quant, ple, None)
+    }
+
+    /// As [`TextModel::load_with_ple`]; with `quant_cache` set and a quantized `quant`,
+    /// the quantized weights are mapped from the cache directory when a valid store
+    /// exists there, and written there (atomically) when it does not.
+    pub fn load_full(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        quant: QuantType,
+        ple: Option<Arc<PleCache>>,
+        quant_cache: Option<&Path>,
+    ) -> Result<Self> {
+        use crate::quant::store;
+        let quantized = matches!(quant, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4K);
+        let target = match quant_cache {
+            Some(dir) if quantized => Some(store::store_path(dir, ckpt, quant)?),
+            _ => None,
+        };
+        let opened = match &target {
+            Some((path, key)) => store::QuantStore::open(path, key, quant)?,
+            None => None,
+        };
+        if let Some(s) = &opened {
+            tracing::info!(path = %s.path.display(), matrices = s.len(), "mapping quantized weights from the cache");
+        }
+        let model = Self::load_inner(cfg, ckpt, quant, ple, opened.as_ref())?;
+        if let (Some((path, key)), None) = (&target, &opened) {
+            let t0 = std::time::Instant::now();
+            match store::write(path, key, quant, &model.0) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), secs = t0.elapsed().as_secs_f64(), "wrote quantized weights cache")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not write the quantized weights cache; continuing")
+                }
+            }
+        }
+        Ok(model.1)
+    }
+
+    fn load_inner(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        quant: QuantType,
+        ple: Option<Arc<PleCache>>,
+        store: Option<&crate::quant::store::QuantStore>,
+    ) -> Result<(Vec<(String, Matrix)>, Self)> {
         let c = &cfg.text;
         let ld = Loader {
             ckpt,
             prefix: cfg.layout.text_prefix(),
             quant,
+            store,
+            built: Default::default(),
         };
         if ckpt.contains(&format!("{}embed_tokens.weight", ld.prefix)) {
             // fine
@@ -151,20 +241,23 @@ impl TextModel {
         let layers = (0..l)
             .map(|i| DecoderLayer::load(&ld, c, i))
             .collect::<Result<Vec<_>>>()?;
-        Ok(TextModel {
-            cfg: c.clone(),
-            embed_tokens,
-            embed_tokens_per_layer,
-            per_layer_model_projection,
-            per_layer_projection_norm,
-            altup_projections,
-            altup_unembed_projections,
-            norm,
-            layers,
-            rope_full: ops::rope_inv_freq(c.rope_theta_full, c.head_dim),
-            rope_sliding: ops::rope_inv_freq(c.rope_theta_sliding, c.head_dim),
-            eps: c.rms_norm_eps as f32,
-        })
+        Ok((
+            ld.built.take(),
+            TextModel {
+                cfg: c.clone(),
+                embed_tokens,
+                embed_tokens_per_layer,
+                per_layer_model_projection,
+                per_layer_projection_norm,
+                altup_projections,
+                altup_unembed_projections,
+                norm,
+                layers,
+                rope_full: ops::rope_inv_freq(c.rope_theta_full, c.head_dim),
+                rope_sliding: ops::rope_inv_freq(c.rope_theta_sliding, c.head_dim),
+                eps: c.rms_norm_eps as f32,
+            },
+        ))
     }
 
     /// Convenience: config + checkpoint + model from a folder.

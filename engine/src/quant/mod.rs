@@ -55,3 +55,4 @@ impl FromStr for QuantType {
 
 pub mod blocks;
 pub mod kernels;
+pub mod store;

@@ -1,0 +1,280 @@
+//! The quantized-weights cache file: what `--quant` produced from a checkpoint, written
+//! once into the cache directory and memory-mapped on later starts (no re-quantization,
+//! and the pages are file-backed: the kernel can drop and re-read them).
+//!
+//! Keyed by the checkpoint key of the PLE cache (config, index, shard names, sizes,
+//! mtimes and safetensors headers) plus the quant type and this format's version. The
+//! header carries XXH64 checksums of the index and of the data; a file whose key,
+//! version or checksums do not match is rebuilt, never used. Written to a temp file and
+//! renamed into place.
+//!
+//! Layout: a 4096-byte header page (magic, version, quant, key, entry count, index and
+//! data extents and checksums), the index (per entry: name, storage code, rows, cols,
+//! offset, length), then the data, each entry 64-byte aligned.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use super::QuantType;
+use crate::checkpoint::Checkpoint;
+use crate::error::{EngineError, Result};
+use crate::ple_cache::{checkpoint_key, xxh64, RowDType};
+use crate::weights::Matrix;
+
+const MAGIC: &[u8; 8] = b"GEMMAQW\0";
+const VERSION: u32 = 1;
+const HEADER: usize = 4096;
+const ALIGN: usize = 64;
+
+/// Where the quantized weights of `ckpt` as `quant` live, and their key.
+pub fn store_path(
+    cache_dir: &Path,
+    ckpt: &Checkpoint,
+    quant: QuantType,
+) -> Result<(PathBuf, [u8; 16])> {
+    let base = checkpoint_key(ckpt, RowDType::F32)?;
+    let mut buf = Vec::with_capacity(48);
+    buf.extend_from_slice(b"gemmad-quant\0");
+    buf.extend_from_slice(&base);
+    buf.extend_from_slice(quant.as_str().as_bytes());
+    buf.extend_from_slice(&VERSION.to_le_bytes());
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&xxh64(&buf, 1).to_le_bytes());
+    key[8..].copy_from_slice(&xxh64(&buf, 2).to_le_bytes());
+    let canon = std::fs::canonicalize(&ckpt.dir).unwrap_or_else(|_| ckpt.dir.clone());
+    let h = xxh64(canon.to_string_lossy().as_bytes(), 0);
+    Ok((
+        cache_dir.join(format!("weights-{h:016x}-{quant}.gemmaqw")),
+        key,
+    ))
+}
+
+/// An opened, validated store: matrices by name, mapped in place.
+#[derive(Debug)]
+pub struct QuantStore {
+    pub path: PathBuf,
+    map: Arc<Mmap>,
+    entries: HashMap<String, (u8, usize, usize, usize, usize)>,
+}
+
+fn rd32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn rd64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+impl QuantStore {
+    /// Opens `path` if it is a complete, uncorrupted store for `key` and `quant`;
+    /// `Ok(None)` when it is missing or must be rebuilt (the reason is logged).
+    pub fn open(path: &Path, key: &[u8; 16], quant: QuantType) -> Result<Option<Self>> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(EngineError::io(path, e)),
+        };
+        // SAFETY: read-only map of a file only gemmad writes (atomically, by rename).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+        match Self::parse(path, &map, key, quant) {
+            Ok(entries) => Ok(Some(QuantStore {
+                path: path.to_path_buf(),
+                map: Arc::new(map),
+                entries,
+            })),
+            Err(reason) => {
+                tracing::warn!(path = %path.display(), %reason, "quantized weights cache is stale or corrupt; rebuilding");
+                Ok(None)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn parse(
+        path: &Path,
+        m: &[u8],
+        key: &[u8; 16],
+        quant: QuantType,
+    ) -> std::result::Result<HashMap<String, (u8, usize, usize, usize, usize)>, String> {
+        let _ = path; // reasons are logged by the caller with the path
+        if m.len() < HEADER || &m[..8] != MAGIC {
+            return Err("bad magic or short file".into());
+        }
+        if rd32(&m[8..]) != VERSION {
+            return Err(format!("version {} != {VERSION}", rd32(&m[8..])));
+        }
+        if &m[16..32] != key {
+            return Err("checkpoint changed (key mismatch)".into());
+        }
+        if m[12] != code_of(quant) {
+            return Err("quant type mismatch".into());
+        }
+        let count = rd64(&m[32..]) as usize;
+        let (ioff, ilen) = (rd64(&m[40..]) as usize, rd64(&m[48..]) as usize);
+        let (doff, dlen) = (rd64(&m[56..]) as usize, rd64(&m[64..]) as usize);
+        let (ixx, dxx) = (rd64(&m[72..]), rd64(&m[80..]));
+        if ioff.checked_add(ilen).is_none_or(|e| e > m.len())
+            || doff.checked_add(dlen).is_none_or(|e| e != m.len())
+        {
+            return Err("extents do not match the file size (truncated?)".into());
+        }
+        let index = &m[ioff..ioff + ilen];
+        if xxh64(index, 0) != ixx {
+            return Err("index checksum mismatch".into());
+        }
+        if xxh64(&m[doff..], 0) != dxx {
+            return Err("data checksum mismatch".into());
+        }
+        let mut entries = HashMap::with_capacity(count);
+        let mut p = 0usize;
+        for _ in 0..count {
+            let need = |p: usize, n: usize| {
+                if p + n <= index.len() {
+                    Ok(())
+                } else {
+                    Err("index truncated".to_string())
+                }
+            };
+            need(p, 2)?;
+            let nl = u16::from_le_bytes([index[p], index[p + 1]]) as usize;
+            p += 2;
+            need(p, nl + 1 + 32)?;
+            let name = std::str::from_utf8(&index[p..p + nl])
+                .map_err(|_| "bad name")?
+                .to_string();
+            p += nl;
+            let code = index[p];
+            p += 1;
+            let rows = rd64(&index[p..]) as usize;
+            let cols = rd64(&index[p + 8..]) as usize;
+            let off = rd64(&index[p + 16..]) as usize;
+            let len = rd64(&index[p + 24..]) as usize;
+            p += 32;
+            if off.checked_add(len).is_none_or(|e| e > dlen) || off % ALIGN != 0 {
+                return Err(format!("entry {name} out of range"));
+            }
+            entries.insert(name, (code, rows, cols, doff + off, len));
+        }
+        Ok(entries)
+    }
+
+    /// The stored matrix `name` if it has the expected shape.
+    pub fn get(&self, name: &str, rows: usize, cols: usize) -> Option<Matrix> {
+        let &(code, r, c, off, len) = self.entries.get(name)?;
+        if r != rows || c != cols {
+            return None;
+        }
+        Matrix::from_mapped(code, rows, cols, self.map.clone(), off, len)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of stored weights (mapped).
+    pub fn data_bytes(&self) -> usize {
+        self.map.len()
+    }
+}
+
+pub(crate) fn code_of(q: QuantType) -> u8 {
+    match q {
+        QuantType::F32 => 4,
+        QuantType::Bf16 => 5,
+        QuantType::Q8_0 => 1,
+        QuantType::Q4_0 => 2,
+        QuantType::Q4K => 3,
+    }
+}
+
+/// Writes `mats` (owned, converted matrices) as a store for `key`, atomically.
+pub fn write(
+    path: &Path,
+    key: &[u8; 16],
+    quant: QuantType,
+    mats: &[(String, Matrix)],
+) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    let mut index = Vec::new();
+    let mut off = 0usize;
+    let mut blobs: Vec<(&[u8], usize)> = Vec::with_capacity(mats.len());
+    for (name, m) in mats {
+        let Some((code, bytes)) = m.stored_bytes() else {
+            continue;
+        };
+        let pad = (ALIGN - off % ALIGN) % ALIGN;
+        off += pad;
+        index.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        index.extend_from_slice(name.as_bytes());
+        index.push(code);
+        for v in [m.rows as u64, m.cols as u64, off as u64, bytes.len() as u64] {
+            index.extend_from_slice(&v.to_le_bytes());
+        }
+        blobs.push((bytes, pad));
+        off += bytes.len();
+    }
+    let ioff = HEADER;
+    let doff = (ioff + index.len()).div_ceil(4096) * 4096;
+    let dlen = off;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let write_all = || -> std::io::Result<()> {
+        let f = File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        w.write_all(&vec![0u8; doff])?; // header + index placeholder, rewritten below
+        for (bytes, pad) in &blobs {
+            w.write_all(&vec![0u8; *pad])?;
+            w.write_all(bytes)?;
+        }
+        w.flush()
+    };
+    write_all().map_err(|e| EngineError::io(&tmp, e))?;
+    // Checksum the data by mapping what was written (XXH64 is not incremental here).
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&tmp)
+        .map_err(|e| EngineError::io(&tmp, e))?;
+    // SAFETY: private temp file, not yet visible under its final name.
+    let map = unsafe { Mmap::map(&f) }.map_err(|e| EngineError::io(&tmp, e))?;
+    let dxx = xxh64(&map[doff..doff + dlen], 0);
+    drop(map);
+    let mut head = vec![0u8; HEADER];
+    head[..8].copy_from_slice(MAGIC);
+    head[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    head[12] = code_of(quant);
+    head[16..32].copy_from_slice(key);
+    for (i, v) in [
+        blobs.len() as u64,
+        ioff as u64,
+        index.len() as u64,
+        doff as u64,
+        dlen as u64,
+        xxh64(&index, 0),
+        dxx,
+    ]
+    .iter()
+    .enumerate()
+    {
+        head[32 + 8 * i..40 + 8 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&head, 0)
+        .map_err(|e| EngineError::io(&tmp, e))?;
+    f.write_all_at(&index, ioff as u64)
+        .map_err(|e| EngineError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))?;
+    Ok(())
+}
