@@ -104,6 +104,7 @@ pub fn describe(s: &Status) -> String {
 /// A connection to gemmad.
 #[derive(Clone, Debug)]
 pub struct Client {
+    channel: Channel,
     rpc: GemmadClient<Channel>,
     health: HealthClient<Channel>,
     socket: PathBuf,
@@ -155,6 +156,7 @@ impl Client {
     /// Wraps an existing channel (e.g. TCP to a board).
     pub fn from_channel(channel: Channel, label: PathBuf) -> Client {
         Client {
+            channel: channel.clone(),
             rpc: GemmadClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -165,6 +167,11 @@ impl Client {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The underlying channel (e.g. for the reflection service or a custom codec).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The generated client, for anything this wrapper does not cover.

@@ -38,6 +38,7 @@ impl ModelArgs {
                 threads: self.threads,
                 quant: self.quant,
                 cache_dir: self.cache_dir.clone(),
+                ..Default::default()
             },
         )
         .with_context(|| format!("cannot load the model from {}", self.model.display()))

@@ -219,6 +219,8 @@ fn run(engine: &mut Engine, job: Job, seq: u64, counters: &Counters, shutting_do
     };
     let t = out.timings;
     let ttft = first_token.map(|f| ms(f - job.received)).unwrap_or(0.0);
+    // Count before telling the client, so a Status call after the last message agrees.
+    Counters::bump(&counters.completed);
     send(
         &job,
         Ev::Finished(pb::Finished {
@@ -238,7 +240,6 @@ fn run(engine: &mut Engine, job: Job, seq: u64, counters: &Counters, shutting_do
             }),
         }),
     );
-    Counters::bump(&counters.completed);
     tracing::info!(
         request_id = job.id,
         peer = %job.peer_key,

@@ -1,0 +1,127 @@
+//! Daemon overhead on time to first token: the same prompt and seed run in-process on the
+//! engine and through `gemmad serve` over gRPC on its Unix socket; prints medians and the
+//! difference, and the idle daemon's RSS.
+//!
+//! cargo build --release -p gemmad -p gemmad-bench-serving
+//! target/release/ttft-overhead [--runs 20] [--model DIR] [--threads N]
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Parser;
+use gemmad_bench_serving::{gemmad_binary, median, Daemon, FIXTURE};
+use gemmad_client::pb::generate_response::Event;
+use gemmad_client::{pb, user_prompt, Client};
+use gemmad_engine::{ChatMessage, Engine, GenerateRequest, LoadOptions, Prompt};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = FIXTURE)]
+    model: PathBuf,
+    /// The gemmad binary (default: next to this one).
+    #[arg(long)]
+    gemmad: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Compute threads, for both the in-process engine and the daemon.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value = "Tell me about the sea.")]
+    prompt: String,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let warmup = 3;
+
+    // In-process: from the call to the first token callback.
+    let mut engine = Engine::load(
+        &a.model,
+        LoadOptions {
+            threads: Some(a.threads),
+            ..Default::default()
+        },
+    )?;
+    let mut req = GenerateRequest::new(Prompt::Chat(vec![ChatMessage::text("user", &a.prompt)]));
+    req.sampling.seed = Some(1);
+    req.max_tokens = 1;
+    let mut local = Vec::new();
+    for i in 0..warmup + a.runs {
+        let t0 = Instant::now();
+        let mut first = None;
+        engine.generate(&req, &mut |_| {
+            first.get_or_insert_with(|| t0.elapsed());
+            ControlFlow::Continue(())
+        })?;
+        if i >= warmup {
+            local.push(ms(first.unwrap_or_default()));
+        }
+    }
+    drop(engine);
+
+    // Through the daemon: from sending the request to receiving the first delta.
+    let gemmad = gemmad_binary(a.gemmad.clone())?;
+    let d = Daemon::start(
+        &gemmad,
+        &a.model,
+        &format!(
+            "[model]\nthreads = {}\n[log]\nlevel = \"warn\"\n",
+            a.threads
+        ),
+    )?;
+    let mut c = Client::connect(&d.socket).await?;
+    let mut r = user_prompt(&a.prompt);
+    r.sampling = Some(pb::Sampling {
+        seed: Some(1),
+        ..Default::default()
+    });
+    r.max_tokens = 1;
+    let mut remote = Vec::new();
+    for i in 0..warmup + a.runs {
+        let t0 = Instant::now();
+        let mut s = c.generate(r.clone()).await?;
+        let mut first = None;
+        while let Some(m) = s.message().await? {
+            if let Some(Event::Delta(_)) = m.event {
+                first.get_or_insert_with(|| t0.elapsed());
+            }
+        }
+        if i >= warmup {
+            remote.push(ms(first.unwrap_or_default()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = d.rss()?;
+    let st = c.status().await?;
+    let reported = st
+        .memory
+        .iter()
+        .find(|p| p.part == "process_rss")
+        .map_or(0, |p| p.bytes);
+
+    let (ml, mr) = (median(&mut local), median(&mut remote));
+    println!("model            {}", a.model.display());
+    println!(
+        "runs             {} (after {warmup} warm-up), threads {}",
+        a.runs, a.threads
+    );
+    println!("ttft in-process  median {ml:.3} ms");
+    println!("ttft via gRPC    median {mr:.3} ms");
+    println!(
+        "daemon overhead  {:.3} ms (median difference; target < 5 ms)",
+        mr - ml
+    );
+    println!(
+        "idle daemon RSS  {:.1} MiB (/proc VmRSS; Status says {:.1} MiB)",
+        rss as f64 / 1048576.0,
+        reported as f64 / 1048576.0
+    );
+    Ok(())
+}

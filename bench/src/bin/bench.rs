@@ -1,0 +1,575 @@
+//! `bench --model DIR --quant bf16|q8_0|q4_0|q4_k --threads 2 [--prompt 512] [--gen 128]
+//! [--contexts 4096,32768] [--json FILE] [--cache-dir DIR]`: load time, prefill and decode
+//! tokens/s, RSS, this machine's memory read bandwidth measured in the same run, the
+//! decode roofline efficiency, and the CPU time other processes took meanwhile.
+//! See bench/README.md for what each figure means.
+
+use std::ops::ControlFlow;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use gemmad_bench::membw;
+use gemmad_bench::procfs::{self, CpuSnapshot, CpuUse};
+use gemmad_bench::synth::WyRand;
+use gemmad_engine::{
+    Checkpoint, Engine, GenerateRequest, LoadOptions, ModelConfig, Prompt, QuantType,
+    SamplingParams,
+};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(name = "bench", about = "Gemma 3n CPU inference benchmark")]
+struct Args {
+    /// Checkpoint folder (e.g. one written by make-synthetic).
+    #[arg(long, value_name = "DIR", required_unless_present = "membw_child")]
+    model: Option<PathBuf>,
+    /// Weight storage: f32, bf16, q8_0, q4_0, q4_k.
+    #[arg(long, default_value = "bf16")]
+    quant: QuantType,
+    /// Compute threads (engine and bandwidth probe alike).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Prompt length in tokens for the prefill figure.
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    /// Tokens to generate after the prompt for the decode figure.
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Context lengths at which to measure decode speed and KV-cache size.
+    #[arg(long, value_delimiter = ',')]
+    contexts: Vec<usize>,
+    /// Tokens decoded after each --contexts prefill.
+    #[arg(long, default_value_t = 32)]
+    ctx_gen: usize,
+    /// Write the JSON report here too (it always goes to stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Directory for derived files (quantized weights, PLE cache).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Seed of the random prompt ids.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Bandwidth probe buffer, GiB.
+    #[arg(long, default_value_t = 2.0)]
+    bw_gib: f64,
+    /// Bandwidth probe passes (the best counts).
+    #[arg(long, default_value_t = 5)]
+    bw_passes: usize,
+    /// Do not reload after warming the page cache even if the first load was cold.
+    #[arg(long)]
+    no_reload: bool,
+    /// Internal: run only the bandwidth probe and print its JSON (used as a child process
+    /// so that its buffer does not count in the benchmark's peak RSS).
+    #[arg(long, hide = true)]
+    membw_child: bool,
+}
+
+fn gb(b: f64) -> f64 {
+    b / 1e9
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// Runs the bandwidth probe in a child process (its 2 GiB buffer would otherwise become
+/// this process's peak RSS).
+fn bandwidth(a: &Args) -> Result<Value> {
+    let exe = std::env::current_exe().context("locate the bench executable")?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "--membw-child",
+            "--threads",
+            &a.threads.to_string(),
+            "--bw-gib",
+            &a.bw_gib.to_string(),
+            "--bw-passes",
+            &a.bw_passes.to_string(),
+        ])
+        .output()
+        .context("run the bandwidth probe")?;
+    if !out.status.success() {
+        bail!(
+            "bandwidth probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parse the bandwidth probe's output")
+}
+
+fn membw_child(a: &Args) -> Result<()> {
+    let bytes = (a.bw_gib * (1u64 << 30) as f64) as usize;
+    let b = membw::measure(bytes, a.threads, a.bw_passes)?;
+    println!(
+        "{}",
+        json!({
+            "best_bytes_per_s": b.best_bytes_per_s,
+            "passes_bytes_per_s": b.passes,
+            "buffer_bytes": b.buffer_bytes,
+            "threads": b.threads,
+            "huge_pages_advised": b.huge_pages_advised,
+        })
+    );
+    Ok(())
+}
+
+/// File byte ranges of the tensors a decode step reads from the checkpoint: the text
+/// decoder minus the PLE table (read a row per token). Warming these keeps load and
+/// decode figures free of disk reads.
+struct WarmSet {
+    /// (file, start, end, mapped slice for mincore)
+    ranges: Vec<(PathBuf, usize, usize)>,
+    views: Vec<gemmad_engine::checkpoint::TensorView>,
+    bytes: usize,
+}
+
+fn warm_set(dir: &Path) -> Result<WarmSet> {
+    let ckpt = Checkpoint::open(dir)?;
+    let mut names: Vec<String> = ckpt
+        .tensor_names()
+        .filter(|n| {
+            ![
+                "embed_tokens_per_layer",
+                "vision_tower",
+                "audio_tower",
+                "embed_vision",
+                "embed_audio",
+            ]
+            .iter()
+            .any(|x| n.contains(x))
+        })
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    let mut views = Vec::new();
+    for n in &names {
+        let shape = ckpt.shape(n).context("tensor shape")?.to_vec();
+        views.push(ckpt.get(n, &shape)?);
+    }
+    let mut ranges: Vec<(PathBuf, usize, usize)> = views
+        .iter()
+        .map(|v| (v.path.clone(), v.start, v.end))
+        .collect();
+    ranges.sort();
+    // Merge adjacent ranges of a file.
+    let mut merged: Vec<(PathBuf, usize, usize)> = Vec::new();
+    for r in ranges {
+        match merged.last_mut() {
+            Some(m) if m.0 == r.0 && r.1 <= m.2 => m.2 = m.2.max(r.2),
+            _ => merged.push(r),
+        }
+    }
+    let bytes = merged.iter().map(|r| r.2 - r.1).sum();
+    Ok(WarmSet {
+        ranges: merged,
+        views,
+        bytes,
+    })
+}
+
+impl WarmSet {
+    fn resident(&self) -> Result<usize> {
+        let mut s = 0;
+        for v in &self.views {
+            s += procfs::resident_in(v.bytes())?;
+        }
+        Ok(s)
+    }
+
+    /// Reads every byte into the page cache.
+    fn touch(&self) -> Result<()> {
+        let mut buf = vec![0u8; 8 << 20];
+        for (path, start, end) in &self.ranges {
+            let f =
+                std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+            let mut off = *start;
+            while off < *end {
+                let n = buf.len().min(end - off);
+                f.read_exact_at(&mut buf[..n], off as u64)
+                    .with_context(|| format!("read {}", path.display()))?;
+                off += n;
+            }
+        }
+        std::hint::black_box(&buf);
+        Ok(())
+    }
+}
+
+fn random_prompt(len: usize, seed: u64, salt: u64) -> Vec<u32> {
+    let mut rng = WyRand::new(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut ids: Vec<u32> = (0..len)
+        .map(|_| (rng.next_u64() % 262_144) as u32)
+        .collect();
+    if let Some(first) = ids.first_mut() {
+        *first = 2; // <bos>
+    }
+    ids
+}
+
+fn cpu_json(c: &CpuUse, ncpu: usize) -> Value {
+    json!({
+        "wall_s": c.wall_s,
+        "own_cpu_s": c.own_cpu_s,
+        "others_cpu_s": c.others_cpu_s,
+        "steal_s": c.steal_s,
+        "iowait_s": c.iowait_s,
+        "others_share": c.others_share(ncpu),
+    })
+}
+
+struct GenFigures {
+    prefill_tokens: usize,
+    prefill_s: f64,
+    prefill_tps: f64,
+    decode_tokens: usize,
+    decode_s: f64,
+    decode_tps: f64,
+    cpu_prefill: CpuUse,
+    cpu_decode: CpuUse,
+    kv_bytes: usize,
+}
+
+/// One greedy generation from `ids` with EOS ignored; the first streamed token marks the
+/// boundary between the prefill and decode CPU windows.
+fn run_generation(engine: &mut Engine, ids: Vec<u32>, max_tokens: usize) -> Result<GenFigures> {
+    let n = ids.len();
+    let mut req = GenerateRequest::new(Prompt::Ids(ids));
+    req.sampling = SamplingParams::greedy();
+    req.max_tokens = max_tokens;
+    req.ignore_eos = true;
+    let s0 = CpuSnapshot::now()?;
+    let mut mid: Option<CpuSnapshot> = None;
+    let out = engine.generate(&req, &mut |_ev| {
+        if mid.is_none() {
+            mid = CpuSnapshot::now().ok();
+        }
+        ControlFlow::Continue(())
+    })?;
+    let s2 = CpuSnapshot::now()?;
+    let s1 = mid.unwrap_or(s2);
+    let t = out.timings;
+    Ok(GenFigures {
+        prefill_tokens: n,
+        prefill_s: t.prefill.as_secs_f64(),
+        prefill_tps: t.prefill_tokens_per_s,
+        decode_tokens: out.usage.completion_tokens.saturating_sub(1),
+        decode_s: t.decode.as_secs_f64(),
+        decode_tps: t.decode_tokens_per_s,
+        cpu_prefill: s0.until(&s1),
+        cpu_decode: s1.until(&s2),
+        kv_bytes: engine.kv_cache_bytes(),
+    })
+}
+
+fn load(dir: &Path, a: &Args, max_context: usize) -> Result<(Engine, f64)> {
+    let t = Instant::now();
+    let e = Engine::load(
+        dir,
+        LoadOptions {
+            quant: a.quant,
+            cache_dir: a.cache_dir.clone(),
+            max_context: Some(max_context),
+            threads: Some(a.threads),
+            ..LoadOptions::default()
+        },
+    )
+    .with_context(|| format!("load {} as {}", dir.display(), a.quant))?;
+    Ok((e, t.elapsed().as_secs_f64()))
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    if a.membw_child {
+        return membw_child(&a);
+    }
+    let dir = a.model.clone().context("--model is required")?;
+    if a.prompt == 0 || a.gen < 2 {
+        bail!("--prompt must be >= 1 and --gen >= 2");
+    }
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let run_start = CpuSnapshot::now()?;
+    let cfg = ModelConfig::from_dir(&dir)?;
+    let max_pos = cfg.text.max_position_embeddings;
+    let mut max_context = a.prompt + a.gen + 1;
+    for &c in &a.contexts {
+        max_context = max_context.max(c + a.ctx_gen + 2);
+    }
+    let max_context = max_context.min(max_pos);
+    if a.prompt + a.gen + 1 > max_context {
+        bail!("--prompt + --gen exceeds the model's context ({max_pos})");
+    }
+
+    eprintln!("[bench] warm-up set: text decoder tensors (PLE table excluded)");
+    let ws = warm_set(&dir)?;
+    let resident_before = ws.resident()?;
+    let resident_frac = resident_before as f64 / ws.bytes.max(1) as f64;
+
+    eprintln!(
+        "[bench] loading {} as {} ({:.0}% of the decoder's bytes in the page cache)",
+        dir.display(),
+        a.quant,
+        100.0 * resident_frac
+    );
+    let (engine, load_first_s) = load(&dir, &a, max_context)?;
+    let t = Instant::now();
+    ws.touch()?;
+    let touch_s = t.elapsed().as_secs_f64();
+    let reload = resident_frac < 0.95 && !a.no_reload;
+    let (mut engine, load_warm_s) = if reload {
+        drop(engine);
+        eprintln!("[bench] first load was cold; reloading with a warm page cache");
+        let (e, s) = load(&dir, &a, max_context)?;
+        (e, Some(s))
+    } else {
+        (engine, None)
+    };
+    let mem_after_load = procfs::mem_status()?;
+    let decode_weight_bytes = engine.model().decode_weight_bytes();
+
+    // Warm-up: a short forward pass (thread pool, allocations) and a sanity check that the
+    // weights produce finite logits.
+    let prompt_ids = random_prompt(a.prompt, a.seed, 0);
+    let probe = &prompt_ids[..prompt_ids.len().min(8)];
+    let logits = engine.logits(probe)?;
+    let finite = logits.iter().all(|x| x.is_finite());
+    let max_abs = logits.iter().fold(0f32, |m, &x| m.max(x.abs()));
+    let vocab = cfg.text.vocab_size;
+    let last = &logits[logits.len() - vocab..];
+    let mean = last.iter().map(|&x| f64::from(x)).sum::<f64>() / vocab as f64;
+    let std = (last
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / vocab as f64)
+        .sqrt();
+    drop(logits);
+    if !finite {
+        eprintln!("[bench] WARNING: non-finite logits in the warm-up pass");
+    }
+
+    eprintln!("[bench] memory bandwidth ({} threads)", a.threads);
+    let bw1 = bandwidth(&a)?;
+    eprintln!("[bench] prefill {} + decode {} tokens", a.prompt, a.gen - 1);
+    let main = run_generation(&mut engine, prompt_ids, a.gen)?;
+    let bw2 = bandwidth(&a)?;
+    let bw_of = |v: &Value| v["best_bytes_per_s"].as_f64().unwrap_or(0.0);
+    let bw_best = bw_of(&bw1).max(bw_of(&bw2));
+    let efficiency = decode_weight_bytes as f64 * main.decode_tps / bw_best.max(1.0);
+
+    let mut ctx_rows = Vec::new();
+    for (i, &c) in a.contexts.iter().enumerate() {
+        let len = c.min(max_context - a.ctx_gen - 2);
+        eprintln!(
+            "[bench] context {c}: prefill {len} + decode {} tokens",
+            a.ctx_gen
+        );
+        let ids = random_prompt(len, a.seed, 1 + i as u64);
+        let g = run_generation(&mut engine, ids, a.ctx_gen + 1)?;
+        ctx_rows.push((c, g));
+    }
+    let mem_end = procfs::mem_status()?;
+    let run = run_start.until(&CpuSnapshot::now()?);
+
+    // ---- report ----
+    let contaminated = main.cpu_decode.others_share(ncpu) > 0.05;
+    let mut table = String::new();
+    let mut line = |k: &str, v: String| table.push_str(&format!("{k:<34} {v}\n"));
+    line("model", dir.display().to_string());
+    line(
+        "quant / threads",
+        format!("{} / {} (machine: {ncpu} CPUs)", a.quant, a.threads),
+    );
+    line(
+        "load, first",
+        format!(
+            "{load_first_s:.2} s ({:.0}% of {:.2} GB decoder bytes cached before)",
+            100.0 * resident_frac,
+            gb(ws.bytes as f64)
+        ),
+    );
+    line("page-cache warm-up (read)", format!("{touch_s:.2} s"));
+    line(
+        "load, warm",
+        match load_warm_s {
+            Some(s) => format!("{s:.2} s"),
+            None => "= first load (it was already warm)".into(),
+        },
+    );
+    line(
+        "warm-up logits",
+        format!("finite={finite}, max|x|={max_abs:.2}, last-row std={std:.3}"),
+    );
+    line(
+        "prefill",
+        format!(
+            "{:.2} tok/s ({} tokens in {:.2} s)",
+            main.prefill_tps, main.prefill_tokens, main.prefill_s
+        ),
+    );
+    line(
+        "decode",
+        format!(
+            "{:.3} tok/s ({} tokens in {:.2} s, after {} prompt tokens)",
+            main.decode_tps, main.decode_tokens, main.decode_s, main.prefill_tokens
+        ),
+    );
+    line(
+        "decode weight bytes / token",
+        format!("{:.3} GB", gb(decode_weight_bytes as f64)),
+    );
+    line(
+        "memory read bandwidth",
+        format!(
+            "{:.2} GB/s best (before {:.2}, after {:.2}; {} threads, {} GiB, THP {})",
+            gb(bw_best),
+            gb(bw_of(&bw1)),
+            gb(bw_of(&bw2)),
+            a.threads,
+            a.bw_gib,
+            procfs::thp_mode().unwrap_or_else(|| "?".into())
+        ),
+    );
+    line(
+        "decode roofline efficiency",
+        format!("{:.1}%", 100.0 * efficiency),
+    );
+    line(
+        "RSS after load",
+        format!(
+            "{:.2} GiB (anon {:.2}, file {:.2})",
+            gib(mem_after_load.vm_rss),
+            gib(mem_after_load.rss_anon),
+            gib(mem_after_load.rss_file)
+        ),
+    );
+    line(
+        "RSS at end",
+        format!(
+            "{:.2} GiB (anon {:.2}, file {:.2})",
+            gib(mem_end.vm_rss),
+            gib(mem_end.rss_anon),
+            gib(mem_end.rss_file)
+        ),
+    );
+    line(
+        "peak RSS (VmHWM)",
+        format!("{:.2} GiB", gib(mem_end.vm_hwm)),
+    );
+    line(
+        "KV cache after main run",
+        format!("{:.1} MiB", main.kv_bytes as f64 / (1 << 20) as f64),
+    );
+    let cpu_line = |c: &CpuUse| {
+        format!(
+            "{:.2} CPU-s others, {:.2} steal, {:.2} iowait over {:.1} s wall ({:.1}% of capacity)",
+            c.others_cpu_s,
+            c.steal_s,
+            c.iowait_s,
+            c.wall_s,
+            100.0 * c.others_share(ncpu)
+        )
+    };
+    line("other load during prefill", cpu_line(&main.cpu_prefill));
+    line(
+        "other load during decode",
+        format!(
+            "{}{}",
+            cpu_line(&main.cpu_decode),
+            if contaminated {
+                "  <-- CONTAMINATED, rerun on a quiet machine"
+            } else {
+                ""
+            }
+        ),
+    );
+    line("other load, whole run", cpu_line(&run));
+    for (c, g) in &ctx_rows {
+        line(
+            &format!("context {c}"),
+            format!(
+                "decode {:.3} tok/s ({} tok) after {} tokens; prefill {:.2} tok/s; KV {:.1} MiB; others {:.1}%",
+                g.decode_tps,
+                g.decode_tokens,
+                g.prefill_tokens,
+                g.prefill_tps,
+                g.kv_bytes as f64 / (1 << 20) as f64,
+                100.0 * g.cpu_decode.others_share(ncpu)
+            ),
+        );
+    }
+
+    let report = json!({
+        "model": dir.display().to_string(),
+        "quant": a.quant.as_str(),
+        "threads": a.threads,
+        "machine": {
+            "cpus": ncpu,
+            "cpu_model": procfs::cpu_model(),
+            "thp": procfs::thp_mode(),
+        },
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        "load": {
+            "first_s": load_first_s,
+            "decoder_bytes": ws.bytes,
+            "decoder_resident_before": resident_frac,
+            "page_cache_warmup_s": touch_s,
+            "warm_s": load_warm_s,
+        },
+        "warmup_logits": {"finite": finite, "max_abs": max_abs, "last_row_std": std},
+        "prefill": {
+            "tokens": main.prefill_tokens,
+            "seconds": main.prefill_s,
+            "tokens_per_s": main.prefill_tps,
+            "cpu": cpu_json(&main.cpu_prefill, ncpu),
+        },
+        "decode": {
+            "tokens": main.decode_tokens,
+            "seconds": main.decode_s,
+            "tokens_per_s": main.decode_tps,
+            "after_prompt_tokens": main.prefill_tokens,
+            "cpu": cpu_json(&main.cpu_decode, ncpu),
+            "contaminated": contaminated,
+        },
+        "decode_weight_bytes": decode_weight_bytes,
+        "bandwidth": {
+            "best_bytes_per_s": bw_best,
+            "before_decode": bw1,
+            "after_decode": bw2,
+        },
+        "decode_roofline_efficiency": efficiency,
+        "rss": {
+            "after_load_bytes": mem_after_load.vm_rss,
+            "after_load_anon_bytes": mem_after_load.rss_anon,
+            "after_load_file_bytes": mem_after_load.rss_file,
+            "end_bytes": mem_end.vm_rss,
+            "end_anon_bytes": mem_end.rss_anon,
+            "end_file_bytes": mem_end.rss_file,
+            "peak_bytes": mem_end.vm_hwm,
+        },
+        "kv_cache_bytes_after_main": main.kv_bytes,
+        "contexts": ctx_rows.iter().map(|(c, g)| json!({
+            "context": c,
+            "prefill_tokens": g.prefill_tokens,
+            "prefill_tokens_per_s": g.prefill_tps,
+            "decode_tokens": g.decode_tokens,
+            "decode_tokens_per_s": g.decode_tps,
+            "kv_cache_bytes": g.kv_bytes,
+            "cpu_decode": cpu_json(&g.cpu_decode, ncpu),
+        })).collect::<Vec<_>>(),
+        "cpu_whole_run": cpu_json(&run, ncpu),
+    });
+    println!("{table}");
+    let js = serde_json::to_string_pretty(&report)?;
+    println!("{js}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, format!("{js}\n")).with_context(|| format!("write {}", p.display()))?;
+    }
+    Ok(())
+}
