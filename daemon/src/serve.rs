@@ -143,7 +143,8 @@ async fn serve(
         let t = tokio::net::TcpListener::bind(&cfg.server.tcp_listen)
             .await
             .with_context(|| format!("cannot listen on tcp {}", cfg.server.tcp_listen))?;
-        tracing::warn!(addr = %cfg.server.tcp_listen, "TCP listener on: every TCP peer is allowed");
+        let addr = t.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::warn!(tcp = %addr, "TCP listener on: every TCP peer is allowed");
         Some(t)
     };
     let result = serve_on(

@@ -942,3 +942,34 @@ async fn sighup_reloads_queue_limits_and_access() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn optional_tcp_listener_serves_too() {
+    let d = Daemon::start("[server]\ntcp_listen = \"127.0.0.1:0\"\n");
+    let t0 = Instant::now();
+    while !d.log().contains("tcp=") {
+        assert!(
+            t0.elapsed() < HANG,
+            "no tcp address in the log:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = d.log();
+    let addr = log
+        .split("tcp=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no tcp address in the log:\n{log}"))
+        .to_string();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = Client::from_channel(ch, PathBuf::from(addr));
+    let g = c.generate_text(seeded("over tcp", 1, 8)).await.unwrap();
+    assert!(g.finished.is_some());
+    // The Unix socket still works alongside.
+    d.client().await.status().await.unwrap();
+}

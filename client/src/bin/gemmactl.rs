@@ -1,7 +1,9 @@
 //! gemmactl: talk to gemmad from the command line.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
+
 use std::path::PathBuf;
+use tokio::io::AsyncBufReadExt;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -236,12 +238,13 @@ async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
 
 async fn chat(c: &mut Client, a: SamplingArgs) -> Result<()> {
     let mut history: Vec<pb::Message> = a.system_message().into_iter().collect();
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    // Read stdin asynchronously: the connection keeps answering the daemon meanwhile.
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         eprint!("> ");
-        let Some(line) = lines.next() else { break };
-        let line = line?;
+        let Some(line) = lines.next_line().await? else {
+            break;
+        };
         let line = line.trim();
         match line {
             "" => continue,

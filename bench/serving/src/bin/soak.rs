@@ -74,8 +74,20 @@ async fn client_loop(
         let mut s = match c.generate(r).await {
             Ok(s) => s,
             Err(e) => {
-                *t.errors.entry(format!("{:?}", e.code())).or_default() += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                let st = e.status();
+                let why = match st.map(|s| s.message()) {
+                    Some(m) if m.contains("queue is full") => " (queue full)",
+                    Some(m) if m.contains("per_peer") => " (per-peer limit)",
+                    _ => "",
+                };
+                *t.errors.entry(format!("{:?}{why}", e.code())).or_default() += 1;
+                // Honour the daemon's retry hint.
+                let hint = st
+                    .and_then(|s| s.metadata().get("retry-after-ms"))
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(20);
+                tokio::time::sleep(Duration::from_millis(hint)).await;
                 continue;
             }
         };

@@ -106,6 +106,7 @@ async fn main() -> Result<()> {
         .find(|p| p.part == "process_rss")
         .map_or(0, |p| p.bytes);
 
+    drop(c);
     let (ml, mr) = (median(&mut local), median(&mut remote));
     println!("model            {}", a.model.display());
     println!(
