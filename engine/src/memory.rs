@@ -151,7 +151,8 @@ pub(crate) fn group_part(g: &WeightGroup, heap: u64, active: bool) -> PartMemory
         name: g.name.clone(),
         params: g.params,
         mapped_bytes: g.bytes(),
-        resident_bytes: g.resident_bytes(),
+        // Pages shared with a neighbouring group at a boundary are counted by neither.
+        resident_bytes: g.resident_bytes_inward(),
         heap_bytes: heap,
         active,
     }

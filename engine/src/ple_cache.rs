@@ -73,6 +73,9 @@ pub enum RowDType {
     /// bf16, round-to-nearest-even (half the size; the default).
     #[default]
     Bf16,
+    /// IEEE f16, round-to-nearest: same size as bf16, 8× finer mantissa (the values are
+    /// well inside f16's range).
+    F16,
     /// ggml Q8_0 blocks of 32 (f16 scale + 32 × i8): ~0.53 of bf16.
     Q8_0,
 }
@@ -83,6 +86,7 @@ impl RowDType {
             RowDType::F32 => 0,
             RowDType::Bf16 => 1,
             RowDType::Q8_0 => 2,
+            RowDType::F16 => 3,
         }
     }
 
@@ -91,6 +95,7 @@ impl RowDType {
             0 => RowDType::F32,
             1 => RowDType::Bf16,
             2 => RowDType::Q8_0,
+            3 => RowDType::F16,
             _ => return None,
         })
     }
@@ -100,6 +105,7 @@ impl RowDType {
             RowDType::F32 => "f32",
             RowDType::Bf16 => "bf16",
             RowDType::Q8_0 => "q8_0",
+            RowDType::F16 => "f16",
         }
     }
 
@@ -107,7 +113,7 @@ impl RowDType {
     pub fn row_bytes(self, n: usize) -> Option<usize> {
         match self {
             RowDType::F32 => Some(n * 4),
-            RowDType::Bf16 => Some(n * 2),
+            RowDType::Bf16 | RowDType::F16 => Some(n * 2),
             RowDType::Q8_0 => n.is_multiple_of(32).then_some(n / 32 * 34),
         }
     }
@@ -123,6 +129,11 @@ impl RowDType {
             RowDType::Bf16 => {
                 for (d, v) in dst.chunks_exact_mut(2).zip(src) {
                     d.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
+                }
+            }
+            RowDType::F16 => {
+                for (d, v) in dst.chunks_exact_mut(2).zip(src) {
+                    d.copy_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes());
                 }
             }
             RowDType::Q8_0 => {
@@ -152,6 +163,11 @@ impl RowDType {
                     *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
                 }
             }
+            RowDType::F16 => {
+                for (o, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
             RowDType::Q8_0 => {
                 for (o, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(34)) {
                     let d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
@@ -176,8 +192,13 @@ impl FromStr for RowDType {
         Ok(match s.to_ascii_lowercase().as_str() {
             "f32" => RowDType::F32,
             "bf16" => RowDType::Bf16,
+            "f16" => RowDType::F16,
             "q8_0" | "q8" => RowDType::Q8_0,
-            other => return Err(format!("unknown PLE row dtype `{other}` (f32, bf16, q8_0)")),
+            other => {
+                return Err(format!(
+                    "unknown PLE row dtype `{other}` (f32, bf16, f16, q8_0)"
+                ))
+            }
         })
     }
 }
@@ -1023,7 +1044,8 @@ impl PleCache {
             map: self.map.clone(),
             path: self.path.clone(),
             offset: self.hdr.rows_offset as usize,
-            len: (self.hdr.rows * self.hdr.row_bytes) as usize,
+            // The padding up to the next section belongs to the rows' last page.
+            len: (self.hdr.pad_offset - self.hdr.rows_offset) as usize,
         }
     }
 
@@ -1227,7 +1249,7 @@ mod tests {
     #[test]
     fn row_codecs_round_trip() {
         let v: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.37).collect();
-        for dt in [RowDType::F32, RowDType::Bf16, RowDType::Q8_0] {
+        for dt in [RowDType::F32, RowDType::Bf16, RowDType::F16, RowDType::Q8_0] {
             let mut b = vec![0u8; dt.row_bytes(64).unwrap()];
             dt.encode(&v, &mut b);
             let mut back = vec![0.0; 64];
@@ -1235,6 +1257,7 @@ mod tests {
             let tol = match dt {
                 RowDType::F32 => 0.0,
                 RowDType::Bf16 => 0.05,
+                RowDType::F16 => 0.01,
                 RowDType::Q8_0 => 0.1,
             };
             for (a, b) in v.iter().zip(&back) {
