@@ -119,14 +119,22 @@ impl Data {
 /// Activations quantized once per product, shared read-only by the worker threads.
 enum QuantizedX<'a> {
     None(&'a [f32]),
-    Q8_0(&'a [BlockQ8_0]),
+    /// Blocks and their `d·Σq` sums (for Q4_0).
+    Q8_0(&'a [BlockQ8_0], &'a [f32]),
     Q8K(&'a [BlockQ8K]),
 }
 
+/// Per-thread scratch reused across products so the decode loop does not allocate.
+#[derive(Default)]
+struct MatScratch {
+    q8: Vec<BlockQ8_0>,
+    q8_sums: Vec<f32>,
+    q8k: Vec<BlockQ8K>,
+    yt: Vec<f32>,
+}
+
 thread_local! {
-    /// Per-thread scratch reused across products so the decode loop does not allocate.
-    static SCRATCH: std::cell::RefCell<(Vec<BlockQ8_0>, Vec<BlockQ8K>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    static SCRATCH: std::cell::RefCell<MatScratch> = std::cell::RefCell::new(MatScratch::default());
 }
 
 /// A 2-D weight `[rows, cols]` (PyTorch `nn.Linear` layout: one output per row).
@@ -225,7 +233,7 @@ impl Matrix {
     ) -> Option<Matrix> {
         fn slab<T>(map: Arc<Mmap>, offset: usize, len: usize, n: usize) -> Option<Slab<T>> {
             let ok = len == n * std::mem::size_of::<T>()
-                && offset % std::mem::align_of::<T>() == 0
+                && offset.is_multiple_of(std::mem::align_of::<T>())
                 && offset + len <= map.len();
             ok.then_some(Slab::Mapped {
                 map,
@@ -235,9 +243,9 @@ impl Matrix {
         }
         let el = rows * cols;
         let data = match code {
-            1 if cols % QK8_0 == 0 => Data::Q8_0(slab(map, offset, len, el / QK8_0)?),
-            2 if cols % QK4_0 == 0 => Data::Q4_0(slab(map, offset, len, el / QK4_0)?),
-            3 if cols % QK_K == 0 => Data::Q4K(slab(map, offset, len, el / QK_K)?),
+            1 if cols.is_multiple_of(QK8_0) => Data::Q8_0(slab(map, offset, len, el / QK8_0)?),
+            2 if cols.is_multiple_of(QK4_0) => Data::Q4_0(slab(map, offset, len, el / QK4_0)?),
+            3 if cols.is_multiple_of(QK_K) => Data::Q4K(slab(map, offset, len, el / QK_K)?),
             4 => Data::F32(slab(map, offset, len, el)?),
             5 => Data::Bf16(slab(map, offset, len, el)?),
             _ => return None,
@@ -275,15 +283,15 @@ impl Matrix {
     /// matrix with fewer than 8 rows (routers).
     pub fn to_quant(&self, q: QuantType) -> Matrix {
         let q = match q {
-            QuantType::Q4K if self.cols % QK_K != 0 => QuantType::Q4_0,
+            QuantType::Q4K if !self.cols.is_multiple_of(QK_K) => QuantType::Q4_0,
             other => other,
         };
         // Tiny-row matrices (the AltUp router, 4 rows) feed a tanh: keep them exact.
         let small = self.rows < 8;
         let fits = match q {
             QuantType::F32 | QuantType::Bf16 => true,
-            QuantType::Q8_0 | QuantType::Q4_0 => self.cols % QK8_0 == 0,
-            QuantType::Q4K => self.cols % QK_K == 0,
+            QuantType::Q8_0 | QuantType::Q4_0 => self.cols.is_multiple_of(QK8_0),
+            QuantType::Q4K => self.cols.is_multiple_of(QK_K),
         };
         if q == self.quant_type() || !fits || (small && q != QuantType::F32) {
             return self.clone();
@@ -442,7 +450,9 @@ impl Matrix {
             Data::Q8_0(_) | Data::Q4_0(_) => {
                 let mut xq = vec![BlockQ8_0::default(); self.cols / QK8_0];
                 quantize_q8_0(x, &mut xq);
-                self.row_dot_q(r, &QuantizedX::Q8_0(&xq), 0)
+                let mut sums = Vec::new();
+                kernels::q8_0_sums(&xq, &mut sums);
+                self.row_dot_q(r, &QuantizedX::Q8_0(&xq, &sums), 0)
             }
             Data::Q4K(_) => {
                 let mut xq = vec![BlockQ8K::default(); self.cols / QK_K];
@@ -472,12 +482,14 @@ impl Matrix {
                 &v.as_slice()[s..s + self.cols],
                 &x[t * self.cols..(t + 1) * self.cols],
             ),
-            (Data::Q8_0(v), QuantizedX::Q8_0(x)) => {
+            (Data::Q8_0(v), QuantizedX::Q8_0(x, _)) => {
                 kernels::dot_q8_0(&v.as_slice()[b0..b0 + nb], &x[t * nb..(t + 1) * nb])
             }
-            (Data::Q4_0(v), QuantizedX::Q8_0(x)) => {
-                kernels::dot_q4_0(&v.as_slice()[b0..b0 + nb], &x[t * nb..(t + 1) * nb])
-            }
+            (Data::Q4_0(v), QuantizedX::Q8_0(x, s)) => kernels::dot_q4_0(
+                &v.as_slice()[b0..b0 + nb],
+                &x[t * nb..(t + 1) * nb],
+                &s[t * nb..(t + 1) * nb],
+            ),
             (Data::Q4K(v), QuantizedX::Q8K(x)) => {
                 kernels::dot_q4_k(&v.as_slice()[b0..b0 + nb], &x[t * nb..(t + 1) * nb])
             }
@@ -524,7 +536,12 @@ impl Matrix {
         debug_assert_eq!(y.len(), t * self.rows);
         SCRATCH.with(|cell| {
             let mut guard = cell.borrow_mut();
-            let (q8, q8k, yt) = &mut *guard;
+            let MatScratch {
+                q8,
+                q8_sums,
+                q8k,
+                yt,
+            } = &mut *guard;
             let xq = match &self.data {
                 Data::Q8_0(_) | Data::Q4_0(_) => {
                     let nb = self.cols / QK8_0;
@@ -535,7 +552,8 @@ impl Matrix {
                             &mut q8[ti * nb..(ti + 1) * nb],
                         );
                     }
-                    QuantizedX::Q8_0(&q8[..])
+                    kernels::q8_0_sums(q8, q8_sums);
+                    QuantizedX::Q8_0(&q8[..], &q8_sums[..])
                 }
                 Data::Q4K(_) => {
                     let nb = self.cols / QK_K;
@@ -554,6 +572,36 @@ impl Matrix {
         });
     }
 
+    /// Row `r` against tokens `t0..t0+4` (one weight pass for four tokens), if the
+    /// storage has a four-token kernel.
+    #[inline]
+    fn row_dot_x4(&self, r: usize, x: &QuantizedX, t0: usize) -> Option<[f32; 4]> {
+        let s = r * self.stride;
+        let bs = self.data.block();
+        let (b0, nb) = (s / bs, self.cols / bs);
+        let c = self.cols;
+        Some(match (&self.data, x) {
+            (Data::Bf16(v), QuantizedX::None(x)) => kernels::dot_bf16_x4(
+                &v.as_slice()[s..s + c],
+                [0, 1, 2, 3].map(|i| &x[(t0 + i) * c..(t0 + i + 1) * c]),
+            ),
+            (Data::Q8_0(v), QuantizedX::Q8_0(x, _)) => kernels::dot_q8_0_x4(
+                &v.as_slice()[b0..b0 + nb],
+                [0, 1, 2, 3].map(|i| &x[(t0 + i) * nb..(t0 + i + 1) * nb]),
+            ),
+            (Data::Q4_0(v), QuantizedX::Q8_0(x, sums)) => kernels::dot_q4_0_x4(
+                &v.as_slice()[b0..b0 + nb],
+                [0, 1, 2, 3].map(|i| &x[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                [0, 1, 2, 3].map(|i| &sums[(t0 + i) * nb..(t0 + i + 1) * nb]),
+            ),
+            (Data::Q4K(v), QuantizedX::Q8K(x)) => kernels::dot_q4_k_x4(
+                &v.as_slice()[b0..b0 + nb],
+                [0, 1, 2, 3].map(|i| &x[(t0 + i) * nb..(t0 + i + 1) * nb]),
+            ),
+            _ => return None,
+        })
+    }
+
     fn matmul_prepared(&self, xq: &QuantizedX, t: usize, y: &mut [f32], yt: &mut Vec<f32>) {
         let work = self.rows * self.cols * t;
         let threads = rayon::current_num_threads().max(1);
@@ -563,7 +611,9 @@ impl Matrix {
                     *o = self.row_dot_q(r, xq, 0);
                 }
             } else {
-                let chunk = (self.rows / (threads * 8)).max(16);
+                // Equal contiguous row ranges per thread, split a little finer so a
+                // thread that was descheduled does not hold everyone up.
+                let chunk = self.rows.div_ceil(threads * 4).max(16);
                 y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
                     for (i, o) in ys.iter_mut().enumerate() {
                         *o = self.row_dot_q(ci * chunk + i, xq, 0);
@@ -576,8 +626,17 @@ impl Matrix {
         yt.resize(self.rows * t, 0.0);
         let body = |r0: usize, chunk: &mut [f32]| {
             for (i, row_out) in chunk.chunks_mut(t).enumerate() {
-                for (ti, o) in row_out.iter_mut().enumerate() {
-                    *o = self.row_dot_q(r0 + i, xq, ti);
+                let r = r0 + i;
+                let mut ti = 0;
+                while ti + 4 <= t {
+                    match self.row_dot_x4(r, xq, ti) {
+                        Some(v) => row_out[ti..ti + 4].copy_from_slice(&v),
+                        None => break,
+                    }
+                    ti += 4;
+                }
+                for (tj, o) in row_out.iter_mut().enumerate().skip(ti) {
+                    *o = self.row_dot_q(r, xq, tj);
                 }
             }
         };

@@ -185,7 +185,8 @@ fn corrupt_and_stale_caches_are_detected_and_rebuilt() {
     assert_eq!(open_reason(&model, &file, dt), None);
 
     // Each damage is reported by `open` and repaired by the next load.
-    let damages: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let damages: Vec<(&str, Damage)> = vec![
         (
             "truncated",
             Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 100)),

@@ -198,7 +198,7 @@ impl Engine {
     /// Makes the request's towers available (per the policy), then refuses media: the
     /// encoders have not landed yet.
     pub(crate) fn check_media(&mut self, prompt: &Prompt) -> Result<()> {
-        for m in needed(prompt) {
+        if let Some(m) = needed(prompt).into_iter().next() {
             let loaded = self.mem.towers.iter().any(|t| t.modality == m);
             if !loaded {
                 match self.mem.policy {

@@ -145,7 +145,9 @@ impl TextModel {
         quant_cache: Option<&Path>,
     ) -> Result<Self> {
         use crate::quant::store;
-        let quantized = matches!(quant, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4K);
+        // bf16 stores only what is derived (the transposed sparse down projections), so
+        // that it is file-backed rather than anonymous memory.
+        let quantized = !matches!(quant, QuantType::F32);
         let target = match quant_cache {
             Some(dir) if quantized => Some(store::store_path(dir, ckpt, quant)?),
             _ => None,

@@ -12,11 +12,14 @@ pub enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX-512 VNNI byte dot products on 256-bit registers (plus AVX2 for the rest).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
     #[cfg(target_arch = "aarch64")]
     Neon,
 }
 
-/// Detected once; `GEMMAD_ISA=scalar` forces the portable kernels (for comparisons).
+/// Detected once; `GEMMAD_ISA=scalar|avx2` forces a lower tier (for comparisons).
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
@@ -25,7 +28,18 @@ pub fn isa() -> Isa {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let vnni = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            if vnni && std::env::var("GEMMAD_ISA").as_deref() != Ok("avx2") {
+                return Isa::Avx512Vnni;
+            }
+            if avx2 {
                 return Isa::Avx2;
             }
         }
@@ -109,12 +123,22 @@ pub fn dot_q4_k_scalar(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
 
 // ---------------------------------------------------------------- dispatch
 
+/// Sums `d·Σq` of each activation block: the Q4_0 kernels use unsigned nibbles and
+/// subtract `8·d_w·d_x·Σq_x` per block instead of re-centring every weight.
+pub fn q8_0_sums(x: &[BlockQ8_0], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(
+        x.iter()
+            .map(|b| f16_to_f32(b.d) * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32),
+    );
+}
+
 #[inline]
 pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() verified AVX2 and FMA at run time.
-        Isa::Avx2 => unsafe { x86::dot_bf16(w, x) },
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(w, x) },
         _ => dot_bf16_scalar(w, x),
     }
 }
@@ -123,8 +147,11 @@ pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
 pub fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() verified AVX2 and FMA at run time.
-        Isa::Avx2 => unsafe { x86::dot_q8_0(w, x) },
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 => unsafe { avx2::dot_q8_0(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::dot_q8_0(w, x) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: isa() verified NEON at run time.
         Isa::Neon => unsafe { neon::dot_q8_0(w, x) },
@@ -132,16 +159,23 @@ pub fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     }
 }
 
+/// `xs` are the activation block sums from [`q8_0_sums`].
 #[inline]
-pub fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
+pub fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8_0], xs: &[f32]) -> f32 {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() verified AVX2 and FMA at run time.
-        Isa::Avx2 => unsafe { x86::dot_q4_0(w, x) },
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 => unsafe { avx2::dot_q4_0(w, x, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::dot_q4_0(w, x, xs) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: isa() verified NEON at run time.
         Isa::Neon => unsafe { neon::dot_q4_0(w, x) },
-        _ => dot_q4_0_scalar(w, x),
+        _ => {
+            let _ = xs;
+            dot_q4_0_scalar(w, x)
+        }
     }
 }
 
@@ -149,147 +183,408 @@ pub fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
 pub fn dot_q4_k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() verified AVX2 and FMA at run time.
-        Isa::Avx2 => unsafe { x86::dot_q4_k(w, x) },
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 => unsafe { avx2::dot_q4_k(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::dot_q4_k(w, x) },
         _ => dot_q4_k_scalar(w, x),
     }
 }
 
-// ---------------------------------------------------------------- x86-64 AVX2
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::*;
-    use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum_ps(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Σ of products of signed bytes, as 8 f32 lanes (ggml `mul_sum_i8_pairs_float`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn mul_sum_i8_pairs(x: __m256i, y: __m256i) -> __m256 {
-        let ax = _mm256_sign_epi8(x, x);
-        let sy = _mm256_sign_epi8(y, x);
-        let dot = _mm256_maddubs_epi16(ax, sy);
-        let i32s = _mm256_madd_epi16(dot, _mm256_set1_epi16(1));
-        _mm256_cvtepi32_ps(i32s)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-        let n = w.len().min(x.len());
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: i + 16 <= n bounds both loads.
-            unsafe {
-                let a = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
-                let b = _mm_loadu_si128(w.as_ptr().add(i + 8) as *const __m128i);
-                let fa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
-                let fb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
-                acc0 = _mm256_fmadd_ps(fa, _mm256_loadu_ps(x.as_ptr().add(i)), acc0);
-                acc1 = _mm256_fmadd_ps(fb, _mm256_loadu_ps(x.as_ptr().add(i + 8)), acc1);
-            }
-            i += 16;
-        }
-        let mut s = hsum_ps(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            s += f32::from_bits((w[i] as u32) << 16) * x[i];
-            i += 1;
-        }
-        s
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (a, b) in w.iter().zip(x) {
-            let d = _mm256_set1_ps(f16_to_f32(a.d) * f16_to_f32(b.d));
-            // SAFETY: each qs is exactly 32 bytes.
-            let (qa, qb) = unsafe {
-                (
-                    _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i),
-                    _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i),
-                )
-            };
-            acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs(qa, qb), acc);
-        }
-        hsum_ps(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let m4 = _mm256_set1_epi8(0x0F);
-        let off = _mm256_set1_epi8(8);
-        for (a, b) in w.iter().zip(x) {
-            let d = _mm256_set1_ps(f16_to_f32(a.d) * f16_to_f32(b.d));
-            // SAFETY: qs is 16 bytes, b.qs 32 bytes.
-            let (tmp, qb) = unsafe {
-                (
-                    _mm_loadu_si128(a.qs.as_ptr() as *const __m128i),
-                    _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i),
-                )
-            };
-            let bytes =
-                _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
-            let qa = _mm256_sub_epi8(_mm256_and_si256(bytes, m4), off);
-            acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs(qa, qb), acc);
-        }
-        hsum_ps(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_m = 0.0f32;
-        for (a, b) in w.iter().zip(x) {
-            let d = b.d * f16_to_f32(a.d);
-            let dmin = b.d * f16_to_f32(a.dmin);
-            let mut sc = [0i16; 8];
-            let mut summ = 0i32;
-            for j in 0..8 {
-                let (s, m) = scale_min_k4(j, &a.scales);
-                sc[j] = s as i16;
-                summ += m as i32 * (b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32);
-            }
-            acc_m += dmin * summ as f32;
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..4 {
-                // SAFETY: 32-byte loads inside qs (128 bytes) and b.qs (256 bytes).
-                let (q4, q8l, q8h) = unsafe {
-                    (
-                        _mm256_loadu_si256(a.qs.as_ptr().add(32 * j) as *const __m256i),
-                        _mm256_loadu_si256(b.qs.as_ptr().add(64 * j) as *const __m256i),
-                        _mm256_loadu_si256(b.qs.as_ptr().add(64 * j + 32) as *const __m256i),
-                    )
-                };
-                let q4l = _mm256_and_si256(q4, m4);
-                let q4h = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-                let pl =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(q4l, q8l), _mm256_set1_epi16(sc[2 * j]));
-                let ph = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(q4h, q8h),
-                    _mm256_set1_epi16(sc[2 * j + 1]),
-                );
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-            }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        }
-        hsum_ps(acc) - acc_m
+/// Four tokens against one weight row (prefill): each weight block is unpacked once.
+#[inline]
+pub fn dot_q8_0_x4(w: &[BlockQ8_0], x: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 => unsafe { avx2::dot_q8_0_x4(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::dot_q8_0_x4(w, x) },
+        _ => x.map(|x| dot_q8_0(w, x)),
     }
 }
+
+#[inline]
+pub fn dot_q4_0_x4(w: &[BlockQ4_0], x: [&[BlockQ8_0]; 4], xs: [&[f32]; 4]) -> [f32; 4] {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 => unsafe { avx2::dot_q4_0_x4(w, x, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::dot_q4_0_x4(w, x, xs) },
+        _ => [0, 1, 2, 3].map(|i| dot_q4_0(w, x[i], xs[i])),
+    }
+}
+
+#[inline]
+pub fn dot_q4_k_x4(w: &[BlockQ4K], x: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 => unsafe { avx2::dot_q4_k_x4(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::dot_q4_k_x4(w, x) },
+        _ => x.map(|x| dot_q4_k(w, x)),
+    }
+}
+
+#[inline]
+pub fn dot_bf16_x4(w: &[u16], x: [&[f32]; 4]) -> [f32; 4] {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16_x4(w, x) },
+        _ => x.map(|x| dot_bf16_scalar(w, x)),
+    }
+}
+
+// ---------------------------------------------------------------- x86-64 AVX2 / AVX-512 VNNI
+
+/// The x86 kernels, written once and compiled twice: with AVX2 byte products
+/// (`maddubs` + `madd`) and with AVX-512 VNNI's `vpdpbusd` on 256-bit registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_kernels {
+    ($name:ident, $feat:literal, { $($dp:tt)* }) => {
+        #[allow(dead_code)] // not every tier dispatches every kernel
+        mod $name {
+            use super::*;
+            use std::arch::x86_64::*;
+
+            $($dp)*
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn hsum_ps(v: __m256) -> f32 {
+                let lo = _mm256_castps256_ps128(v);
+                let hi = _mm256_extractf128_ps(v, 1);
+                let s = _mm_add_ps(lo, hi);
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn h(b: u16) -> f32 {
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b as i32)))
+            }
+
+
+            /// The 32 nibbles of a Q4_0 block as bytes 0..15 (low nibbles first).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn nibbles(qs: &[u8; 16]) -> __m256i {
+                // SAFETY: 16-byte load from a 16-byte array.
+                let tmp = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+                let b =
+                    _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
+                _mm256_and_si256(b, _mm256_set1_epi8(0x0F))
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn load32(p: &[i8; 32]) -> __m256i {
+                // SAFETY: 32-byte load from a 32-byte array.
+                unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+                let n = w.len().min(x.len());
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                let mut i = 0;
+                while i + 16 <= n {
+                    // SAFETY: i + 16 <= n bounds both loads.
+                    unsafe {
+                        let a = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
+                        let b = _mm_loadu_si128(w.as_ptr().add(i + 8) as *const __m128i);
+                        let fa =
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+                        let fb =
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+                        acc0 = _mm256_fmadd_ps(fa, _mm256_loadu_ps(x.as_ptr().add(i)), acc0);
+                        acc1 = _mm256_fmadd_ps(fb, _mm256_loadu_ps(x.as_ptr().add(i + 8)), acc1);
+                    }
+                    i += 16;
+                }
+                let mut s = hsum_ps(_mm256_add_ps(acc0, acc1));
+                while i < n {
+                    s += f32::from_bits((w[i] as u32) << 16) * x[i];
+                    i += 1;
+                }
+                s
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_bf16_x4(w: &[u16], x: [&[f32]; 4]) -> [f32; 4] {
+                let n = x.iter().fold(w.len(), |m, v| m.min(v.len()));
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i + 8 <= n {
+                    // SAFETY: i + 8 <= n bounds every load.
+                    unsafe {
+                        let a = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
+                        let fa =
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+                        for t in 0..4 {
+                            acc[t] =
+                                _mm256_fmadd_ps(fa, _mm256_loadu_ps(x[t].as_ptr().add(i)), acc[t]);
+                        }
+                    }
+                    i += 8;
+                }
+                let mut out = [0.0f32; 4];
+                for t in 0..4 {
+                    out[t] = hsum_ps(acc[t]);
+                    for j in i..n {
+                        out[t] += f32::from_bits((w[j] as u32) << 16) * x[t][j];
+                    }
+                }
+                out
+            }
+
+            /// Lane i = Σ of the 8 i32 lanes of `v[i]`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn hsum8(v: &[__m256i; 8]) -> __m256i {
+                let a01 = _mm256_hadd_epi32(v[0], v[1]);
+                let a23 = _mm256_hadd_epi32(v[2], v[3]);
+                let a45 = _mm256_hadd_epi32(v[4], v[5]);
+                let a67 = _mm256_hadd_epi32(v[6], v[7]);
+                let b0 = _mm256_hadd_epi32(a01, a23);
+                let b1 = _mm256_hadd_epi32(a45, a67);
+                let lo = _mm256_permute2x128_si256(b0, b1, 0x20);
+                let hi = _mm256_permute2x128_si256(b0, b1, 0x31);
+                _mm256_add_epi32(lo, hi)
+            }
+
+            /// The f16 scales of 8 consecutive blocks as 8 f32 lanes.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn scales8(d: [u16; 8]) -> __m256 {
+                let v = _mm_set_epi16(
+                    d[7] as i16, d[6] as i16, d[5] as i16, d[4] as i16,
+                    d[3] as i16, d[2] as i16, d[1] as i16, d[0] as i16,
+                );
+                _mm256_cvtph_ps(v)
+            }
+
+            /// N tokens against one Q8_0 row. Blocks go in groups of 8: their integer
+            /// dot products are reduced together and scaled with one vector multiply.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q8_0_n<const N: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; N]) -> [f32; N] {
+                let nb = w.len();
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut b = 0;
+                while b + 8 <= nb {
+                    let wd = scales8(std::array::from_fn(|k| w[b + k].d));
+                    let qa: [__m256i; 8] = std::array::from_fn(|k| load32(&w[b + k].qs));
+                    let aa: [__m256i; 8] = std::array::from_fn(|k| _mm256_sign_epi8(qa[k], qa[k]));
+                    for t in 0..N {
+                        let xb = &x[t][b..b + 8];
+                        let p: [__m256i; 8] = std::array::from_fn(|k| {
+                            dp(aa[k], _mm256_sign_epi8(load32(&xb[k].qs), qa[k]))
+                        });
+                        let xd = scales8(std::array::from_fn(|k| xb[k].d));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(&p)), _mm256_mul_ps(wd, xd), acc[t]);
+                    }
+                    b += 8;
+                }
+                let mut out = [0.0f32; N];
+                for t in 0..N {
+                    out[t] = hsum_ps(acc[t]);
+                    for k in b..nb {
+                        let (a, xb) = (&w[k], &x[t][k]);
+                        let qa = load32(&a.qs);
+                        let p = dp(_mm256_sign_epi8(qa, qa), _mm256_sign_epi8(load32(&xb.qs), qa));
+                        let s = _mm256_cvtepi32_ps(p);
+                        out[t] += hsum_ps(s) * h(a.d) * h(xb.d);
+                    }
+                }
+                out
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+                // SAFETY: same features.
+                unsafe { dot_q8_0_n::<1>(w, [x])[0] }
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q8_0_x4(w: &[BlockQ8_0], x: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+                // SAFETY: same features.
+                unsafe { dot_q8_0_n::<4>(w, x) }
+            }
+
+            /// N tokens against one Q4_0 row: unsigned nibbles times the activations,
+            /// minus 8·Σx per block (`xs`), blocks in groups of 8 as for Q8_0.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q4_0_n<const N: usize>(
+                w: &[BlockQ4_0],
+                x: [&[BlockQ8_0]; N],
+                xs: [&[f32]; N],
+            ) -> [f32; N] {
+                let nb = w.len();
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut corr = [_mm256_setzero_ps(); N];
+                let mut b = 0;
+                while b + 8 <= nb {
+                    let wd = scales8(std::array::from_fn(|k| w[b + k].d));
+                    let q: [__m256i; 8] = std::array::from_fn(|k| nibbles(&w[b + k].qs));
+                    for t in 0..N {
+                        let xb = &x[t][b..b + 8];
+                        let p: [__m256i; 8] = std::array::from_fn(|k| dp(q[k], load32(&xb[k].qs)));
+                        let xd = scales8(std::array::from_fn(|k| xb[k].d));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(&p)), _mm256_mul_ps(wd, xd), acc[t]);
+                        // SAFETY: b + 8 <= nb == xs[t].len().
+                        let sv = unsafe { _mm256_loadu_ps(xs[t].as_ptr().add(b)) };
+                        corr[t] = _mm256_fmadd_ps(wd, sv, corr[t]);
+                    }
+                    b += 8;
+                }
+                let mut out = [0.0f32; N];
+                for t in 0..N {
+                    let mut c = hsum_ps(corr[t]);
+                    out[t] = hsum_ps(acc[t]);
+                    for k in b..nb {
+                        let (a, xb) = (&w[k], &x[t][k]);
+                        let da = h(a.d);
+                        let p = _mm256_cvtepi32_ps(dp(nibbles(&a.qs), load32(&xb.qs)));
+                        out[t] += hsum_ps(p) * da * h(xb.d);
+                        c += da * xs[t][k];
+                    }
+                    out[t] -= 8.0 * c;
+                }
+                out
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8_0], xs: &[f32]) -> f32 {
+                // SAFETY: same features.
+                unsafe { dot_q4_0_n::<1>(w, [x], [xs])[0] }
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q4_0_x4(
+                w: &[BlockQ4_0],
+                x: [&[BlockQ8_0]; 4],
+                xs: [&[f32]; 4],
+            ) -> [f32; 4] {
+                // SAFETY: same features.
+                unsafe { dot_q4_0_n::<4>(w, x, xs) }
+            }
+
+            /// Σ over one Q4_K super-block's 4 chunks: i32 lanes of scale-weighted products.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn q4k_block(a: &BlockQ4K, b: &BlockQ8K, sc: &[i32; 8]) -> __m256i {
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..4 {
+                    // SAFETY: 32-byte loads inside qs (128 bytes) and b.qs (256 bytes).
+                    let (q4, q8l, q8h) = unsafe {
+                        (
+                            _mm256_loadu_si256(a.qs.as_ptr().add(32 * j) as *const __m256i),
+                            _mm256_loadu_si256(b.qs.as_ptr().add(64 * j) as *const __m256i),
+                            _mm256_loadu_si256(b.qs.as_ptr().add(64 * j + 32) as *const __m256i),
+                        )
+                    };
+                    let q4l = _mm256_and_si256(q4, m4);
+                    let q4h = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                    let pl = _mm256_mullo_epi32(dp(q4l, q8l), _mm256_set1_epi32(sc[2 * j]));
+                    let ph = _mm256_mullo_epi32(dp(q4h, q8h), _mm256_set1_epi32(sc[2 * j + 1]));
+                    sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+                }
+                sumi
+            }
+
+            #[inline]
+            fn q4k_scales(a: &BlockQ4K) -> ([i32; 8], [i32; 8]) {
+                let mut sc = [0i32; 8];
+                let mut mn = [0i32; 8];
+                for j in 0..8 {
+                    let (s, m) = scale_min_k4(j, &a.scales);
+                    sc[j] = s as i32;
+                    mn[j] = m as i32;
+                }
+                (sc, mn)
+            }
+
+            #[inline]
+            fn q4k_min_sum(mn: &[i32; 8], b: &BlockQ8K) -> i32 {
+                (0..8)
+                    .map(|j| mn[j] * (b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32))
+                    .sum()
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q4_k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                let mut acc_m = 0.0f32;
+                for (a, b) in w.iter().zip(x) {
+                    let (sc, mn) = q4k_scales(a);
+                    acc_m += b.d * h(a.dmin) * q4k_min_sum(&mn, b) as f32;
+                    let sumi = q4k_block(a, b, &sc);
+                    acc = _mm256_fmadd_ps(
+                        _mm256_set1_ps(b.d * h(a.d)),
+                        _mm256_cvtepi32_ps(sumi),
+                        acc,
+                    );
+                }
+                hsum_ps(acc) - acc_m
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q4_k_x4(w: &[BlockQ4K], x: [&[BlockQ8K]; 4]) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut acc_m = [0.0f32; 4];
+                for (bi, a) in w.iter().enumerate() {
+                    let (sc, mn) = q4k_scales(a);
+                    let (d, dmin) = (h(a.d), h(a.dmin));
+                    for t in 0..4 {
+                        let b = &x[t][bi];
+                        acc_m[t] += b.d * dmin * q4k_min_sum(&mn, b) as f32;
+                        let sumi = q4k_block(a, b, &sc);
+                        acc[t] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(b.d * d),
+                            _mm256_cvtepi32_ps(sumi),
+                            acc[t],
+                        );
+                    }
+                }
+                [0, 1, 2, 3].map(|t| hsum_ps(acc[t]) - acc_m[t])
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+x86_kernels!(avx2, "avx2,fma,f16c", {
+    /// Σ of u8·i8 products in groups of four, as 8 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dp(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernels!(
+    vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    {
+        /// Σ of u8·i8 products in groups of four, as 8 i32 lanes (one `vpdpbusd`).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        fn dp(a: __m256i, b: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+        }
+    }
+);
 
 // ---------------------------------------------------------------- aarch64 NEON
 
@@ -375,15 +670,28 @@ mod tests {
         for &n_blocks in &[1usize, 3, 7, 64, 65] {
             let n = n_blocks * QK_K;
             let w = data(n, 1);
-            let x = data(n, 2);
+            let xs4: Vec<Vec<f32>> = (0..4).map(|i| data(n, 2 + i)).collect();
+            let x = &xs4[0];
             let mut w8 = vec![BlockQ8_0::default(); n / 32];
-            let mut x8 = vec![BlockQ8_0::default(); n / 32];
             quantize_q8_0(&w, &mut w8);
-            quantize_q8_0(&x, &mut x8);
-            assert!(rel(dot_q8_0(&w8, &x8), dot_q8_0_scalar(&w8, &x8)) < 1e-5);
+            let x8: Vec<Vec<BlockQ8_0>> = xs4
+                .iter()
+                .map(|x| {
+                    let mut b = vec![BlockQ8_0::default(); n / 32];
+                    quantize_q8_0(x, &mut b);
+                    b
+                })
+                .collect();
+            let sums: Vec<Vec<f32>> = x8
+                .iter()
+                .map(|b| {
+                    let mut s = Vec::new();
+                    q8_0_sums(b, &mut s);
+                    s
+                })
+                .collect();
             let mut w4 = vec![BlockQ4_0 { d: 0, qs: [0; 16] }; n / 32];
             quantize_q4_0(&w, &mut w4);
-            assert!(rel(dot_q4_0(&w4, &x8), dot_q4_0_scalar(&w4, &x8)) < 1e-5);
             let mut wk = vec![
                 BlockQ4K {
                     d: 0,
@@ -393,14 +701,43 @@ mod tests {
                 };
                 n / 256
             ];
-            let mut xk = vec![BlockQ8K::default(); n / 256];
             quantize_q4_k(&w, &mut wk);
-            quantize_q8_k(&x, &mut xk);
-            assert!(rel(dot_q4_k(&wk, &xk), dot_q4_k_scalar(&wk, &xk)) < 1e-5);
+            let xk: Vec<Vec<BlockQ8K>> = xs4
+                .iter()
+                .map(|x| {
+                    let mut b = vec![BlockQ8K::default(); n / 256];
+                    quantize_q8_k(x, &mut b);
+                    b
+                })
+                .collect();
             let wb: Vec<u16> = w
                 .iter()
                 .map(|&v| half::bf16::from_f32(v).to_bits())
                 .collect();
+
+            // The dispatched kernels (best ISA here) against the scalar references.
+            assert!(rel(dot_q8_0(&w8, &x8[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5);
+            assert!(
+                rel(
+                    dot_q4_0(&w4, &x8[0], &sums[0]),
+                    dot_q4_0_scalar(&w4, &x8[0])
+                ) < 1e-5
+            );
+            assert!(rel(dot_q4_k(&wk, &xk[0]), dot_q4_k_scalar(&wk, &xk[0])) < 1e-5);
+            let r8 = dot_q8_0_x4(&w8, [&x8[0], &x8[1], &x8[2], &x8[3]]);
+            let r4 = dot_q4_0_x4(
+                &w4,
+                [&x8[0], &x8[1], &x8[2], &x8[3]],
+                [&sums[0], &sums[1], &sums[2], &sums[3]],
+            );
+            let rk = dot_q4_k_x4(&wk, [&xk[0], &xk[1], &xk[2], &xk[3]]);
+            let rb = dot_bf16_x4(&wb, [&xs4[0], &xs4[1], &xs4[2], &xs4[3]]);
+            for t in 0..4 {
+                assert!(rel(r8[t], dot_q8_0_scalar(&w8, &x8[t])) < 1e-5);
+                assert!(rel(r4[t], dot_q4_0_scalar(&w4, &x8[t])) < 1e-5);
+                assert!(rel(rk[t], dot_q4_k_scalar(&wk, &xk[t])) < 1e-5);
+                assert!(rel(rb[t], dot_bf16_scalar(&wb, &xs4[t])) < 1e-4);
+            }
             for len in [n, n - 5, 13] {
                 assert!(
                     rel(
@@ -408,6 +745,50 @@ mod tests {
                         dot_bf16_scalar(&wb[..len], &x[..len])
                     ) < 1e-4
                 );
+            }
+            // Both x86 tiers explicitly, where this CPU has them.
+            #[cfg(target_arch = "x86_64")]
+            {
+                let f = |feat: &str| {
+                    std::arch::is_x86_feature_detected!("avx2") && feat == "avx2"
+                        || (std::arch::is_x86_feature_detected!("avx512vnni")
+                            && std::arch::is_x86_feature_detected!("avx512vl")
+                            && feat == "vnni")
+                };
+                if f("avx2") {
+                    // SAFETY: features checked above.
+                    unsafe {
+                        assert!(
+                            rel(avx2::dot_q8_0(&w8, &x8[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5
+                        );
+                        assert!(
+                            rel(
+                                avx2::dot_q4_0(&w4, &x8[0], &sums[0]),
+                                dot_q4_0_scalar(&w4, &x8[0])
+                            ) < 1e-5
+                        );
+                        assert!(
+                            rel(avx2::dot_q4_k(&wk, &xk[0]), dot_q4_k_scalar(&wk, &xk[0])) < 1e-5
+                        );
+                    }
+                }
+                if f("vnni") {
+                    // SAFETY: features checked above.
+                    unsafe {
+                        assert!(
+                            rel(vnni::dot_q8_0(&w8, &x8[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5
+                        );
+                        assert!(
+                            rel(
+                                vnni::dot_q4_0(&w4, &x8[0], &sums[0]),
+                                dot_q4_0_scalar(&w4, &x8[0])
+                            ) < 1e-5
+                        );
+                        assert!(
+                            rel(vnni::dot_q4_k(&wk, &xk[0]), dot_q4_k_scalar(&wk, &xk[0])) < 1e-5
+                        );
+                    }
+                }
             }
         }
     }
@@ -427,7 +808,9 @@ mod tests {
         assert!((dot_q8_0(&w8, &x8) - exact).abs() / norm < 2e-3);
         let mut w4 = vec![BlockQ4_0 { d: 0, qs: [0; 16] }; n / 32];
         quantize_q4_0(&w, &mut w4);
-        assert!((dot_q4_0(&w4, &x8) - exact).abs() / norm < 2e-2);
+        let mut sums = Vec::new();
+        q8_0_sums(&x8, &mut sums);
+        assert!((dot_q4_0(&w4, &x8, &sums) - exact).abs() / norm < 2e-2);
         let mut wk = vec![
             BlockQ4K {
                 d: 0,

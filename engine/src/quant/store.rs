@@ -157,7 +157,7 @@ impl QuantStore {
             let off = rd64(&index[p + 16..]) as usize;
             let len = rd64(&index[p + 24..]) as usize;
             p += 32;
-            if off.checked_add(len).is_none_or(|e| e > dlen) || off % ALIGN != 0 {
+            if off.checked_add(len).is_none_or(|e| e > dlen) || !off.is_multiple_of(ALIGN) {
                 return Err(format!("entry {name} out of range"));
             }
             entries.insert(name, (code, rows, cols, doff + off, len));
