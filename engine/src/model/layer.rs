@@ -2,7 +2,15 @@
 //! self-attention with q/k/v norms and KV sharing, the MLP with Gaussian top-k sparsity,
 //! and the per-layer-input injection. Names follow modeling_gemma3n.py.
 
+use rayon::prelude::*;
+
 use super::scratch::Scratch;
+use crate::quant::kernels;
+
+thread_local! {
+    /// Attention scores of one (token, head) task; grows to the longest context seen.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 use super::{ops, Loader, TextModel};
 use crate::config::{LayerType, TextConfig};
 use crate::error::Result;
@@ -364,49 +372,54 @@ impl DecoderLayer {
             LayerType::Full => None,
         };
         let mut out = sc.take(t * qd);
-        let mut scores = sc.take(pos0 + t);
         if let Some((cached, new_k, new_v)) = cache.view(src) {
             let group = nh / nkv;
-            for ti in 0..t {
+            // One task per (token, head): each owns its hd-sized slice of `out`.
+            let work = out.len() / hd * (pos0 + t).min(window.unwrap_or(usize::MAX)) * hd;
+            let body = |idx: usize, o: &mut [f32]| {
+                let (ti, hh) = (idx / nh, idx % nh);
                 let p = pos0 + ti;
                 let lo = match window {
                     Some(w) => (p + 1).saturating_sub(w),
                     None => 0,
                 };
                 let n = p + 1 - lo;
-                for hh in 0..nh {
-                    let kvh = hh / group;
-                    let qv = &q[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
+                let kvh = hh / group;
+                let qv = &q[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
+                let key = |kp: usize| -> (&[f32], &[f32]) {
+                    if kp < pos0 {
+                        let s = cached.slot(kp) * kvd + kvh * hd;
+                        (&cached.k[s..s + hd], &cached.v[s..s + hd])
+                    } else {
+                        let s = (kp - pos0) * kvd + kvh * hd;
+                        (&new_k[s..s + hd], &new_v[s..s + hd])
+                    }
+                };
+                SCORES.with(|cell| {
+                    let mut scores = cell.borrow_mut();
+                    if scores.len() < n {
+                        scores.resize(n, 0.0);
+                    }
                     // Cached positions lo..pos0, then new positions pos0..=p.
                     for (j, kp) in (lo..p + 1).enumerate() {
-                        let kv: &[f32] = if kp < pos0 {
-                            let s = cached.slot(kp) * kvd + kvh * hd;
-                            &cached.k[s..s + hd]
-                        } else {
-                            let s = (kp - pos0) * kvd + kvh * hd;
-                            &new_k[s..s + hd]
-                        };
-                        scores[j] = crate::weights::dot_f32(qv, kv);
+                        scores[j] = kernels::dot_f32(qv, key(kp).0);
                     }
                     ops::softmax(&mut scores[..n]);
-                    let o = &mut out[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
                     for (j, kp) in (lo..p + 1).enumerate() {
-                        let vv: &[f32] = if kp < pos0 {
-                            let s = cached.slot(kp) * kvd + kvh * hd;
-                            &cached.v[s..s + hd]
-                        } else {
-                            let s = (kp - pos0) * kvd + kvh * hd;
-                            &new_v[s..s + hd]
-                        };
-                        let w = scores[j];
-                        for (a, &b) in o.iter_mut().zip(vv) {
-                            *a += w * b;
-                        }
+                        kernels::axpy_f32(scores[j], key(kp).1, o);
                     }
+                });
+            };
+            if work < 1 << 15 {
+                for (idx, o) in out.chunks_mut(hd).enumerate() {
+                    body(idx, o);
                 }
+            } else {
+                out.par_chunks_mut(hd)
+                    .enumerate()
+                    .for_each(|(idx, o)| body(idx, o));
             }
         }
-        sc.give(scores);
         sc.give(q);
         let mut y = sc.take(t * c.hidden_size);
         sa.o_proj.matmul(&out, t, &mut y);
