@@ -107,10 +107,18 @@ fn main() {
     let s4 = [&sums[..], &sums[..], &sums[..], &sums[..]];
     let k4 = [&xk[..], &xk[..], &xk[..], &xk[..]];
     let xf = [&x[..], &x[..], &x[..], &x[..]];
-    run("bf16x4", 0.5, &mut |r| kernels::dot_bf16_x4(&wb[r * cols..(r + 1) * cols], xf).iter().sum::<f32>() * 0.0 + 0.0);
-    println!("  (x4 rows: divide the GMAC/s figure's time by 4 -> multiply GMAC/s by 4)");
-    run("q8_0x4", 34.0 / 32.0 / 4.0, &mut |r| kernels::dot_q8_0_x4(&w8[r * nb..(r + 1) * nb], x4)[3]);
-    run("q4_0x4", 18.0 / 32.0 / 4.0, &mut |r| kernels::dot_q4_0_x4(&w4[r * nb..(r + 1) * nb], x4, s4)[3]);
-    run("q4_kx4", 144.0 / 256.0 / 4.0, &mut |r| kernels::dot_q4_k_x4(&wk[r * cols / 256..(r + 1) * cols / 256], k4)[3]);
+    println!("4-token kernels (prefill): multiply GMAC/s by 4 for all four tokens");
+    run("bf16x4", 0.5, &mut |r| {
+        kernels::dot_bf16_x4(&wb[r * cols..(r + 1) * cols], xf)[3]
+    });
+    run("q8_0x4", 34.0 / 32.0 / 4.0, &mut |r| {
+        kernels::dot_q8_0_x4(&w8[r * nb..(r + 1) * nb], x4)[3]
+    });
+    run("q4_0x4", 18.0 / 32.0 / 4.0, &mut |r| {
+        kernels::dot_q4_0_x4(&w4[r * nb..(r + 1) * nb], x4, s4)[3]
+    });
+    run("q4_kx4", 144.0 / 256.0 / 4.0, &mut |r| {
+        kernels::dot_q4_k_x4(&wk[r * cols / 256..(r + 1) * cols / 256], k4)[3]
+    });
     println!("(sink {sink})");
 }
