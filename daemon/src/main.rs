@@ -64,7 +64,6 @@ fn main() -> std::process::ExitCode {
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "gemmad failed");
             eprintln!("gemmad: {e:#}");
             std::process::ExitCode::FAILURE
         }

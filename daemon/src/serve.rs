@@ -95,6 +95,11 @@ async fn serve(
     log: LogHandle,
     log_override: Option<String>,
 ) -> Result<()> {
+    let sig = Signals {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+        hup: signal(SignalKind::hangup())?,
+    };
     let dir = cfg
         .model
         .dir
@@ -148,6 +153,7 @@ async fn serve(
         Some(t)
     };
     let result = serve_on(
+        sig,
         cfg,
         cfg_path,
         cfg_explicit,
@@ -201,7 +207,16 @@ struct Reloadable {
     shared: Arc<Shared>,
 }
 
+/// The signals the service handles, installed before anything else so that a signal
+/// during start-up is handled (as soon as serving starts) instead of killing the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
 async fn serve_on(
+    sig: Signals,
     mut cfg: Config,
     cfg_path: PathBuf,
     cfg_explicit: bool,
@@ -259,9 +274,11 @@ async fn serve_on(
         "gemmad serving"
     );
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = sig;
     let why = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
@@ -295,12 +312,14 @@ async fn serve_on(
         tracing::info!(cancelled = n, "cancelled waiting requests");
     }
     let _ = stop_tx.send(());
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
+    // Requests are over by now; give connections a moment to close cleanly (a peer that
+    // does not answer the HTTP/2 goaway handshake does not hold the shutdown).
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(anyhow::Error::new(e).context("gRPC server")),
         Ok(Err(e)) => Err(anyhow::Error::new(e).context("gRPC server task")),
         Err(_) => {
-            tracing::warn!("connections did not close within 5 s of shutdown; leaving them");
+            tracing::warn!("connections did not close within 2 s of shutdown; leaving them");
             Ok(())
         }
     }

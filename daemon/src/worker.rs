@@ -90,8 +90,19 @@ pub fn spawn(
             }
             while let Some((job, seq)) = queue.next() {
                 let held = Instant::now();
-                let (id, peer) = (job.id, job.peer_key.clone());
-                run(&mut engine, job, seq, &queue.counters, &shutting_down);
+                let (id, peer, tx) = (job.id, job.peer_key.clone(), job.tx.clone());
+                // An engine bug must not take the service down: fail this request, keep
+                // serving (the next generate starts from a cleared cache).
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&mut engine, job, seq, &queue.counters, &shutting_down)
+                }));
+                if r.is_err() {
+                    Counters::bump(&queue.counters.failed);
+                    tracing::error!(request_id = id, "the engine panicked; request failed");
+                    let _ = tx.send(Err(Status::internal(
+                        "the engine failed on this request (a bug: please report it with the daemon log)",
+                    )));
+                }
                 stats
                     .kv_cache_bytes
                     .store(engine.kv_cache_bytes() as u64, Ordering::Relaxed);

@@ -86,8 +86,9 @@ impl Daemon {
         Client::connect(&self.socket).await.unwrap()
     }
 
-    /// Waits for the process to exit and returns its status.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
+    /// Waits for the process to exit and returns its status (without blocking the async
+    /// runtime, so this process's connections keep answering the daemon's shutdown).
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         let t0 = Instant::now();
         loop {
@@ -99,7 +100,7 @@ impl Daemon {
                 "daemon did not exit; log:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -702,7 +703,7 @@ async fn sigterm_mid_stream_ends_the_stream_and_removes_the_socket() {
     };
     assert_eq!(st.code(), Code::Unavailable, "{st:?}");
     assert!(st.message().contains("shutting down"), "{st:?}");
-    let exit = d.wait_exit();
+    let exit = d.wait_exit().await;
     assert!(exit.success(), "{exit:?}; log:\n{}", d.log());
     assert!(!d.socket.exists(), "socket left behind");
     let e = Client::connect(&d.socket).await.unwrap_err();
@@ -722,7 +723,7 @@ async fn sigterm_lets_in_flight_work_finish_within_the_grace_period() {
         unreachable!()
     };
     assert_eq!(f.usage.unwrap().completion_tokens, 300);
-    assert!(d.wait_exit().success());
+    assert!(d.wait_exit().await.success());
     assert!(!d.socket.exists());
 }
 
@@ -866,14 +867,19 @@ async fn start_up_rules_for_the_socket_and_the_model() {
             nix::sys::signal::Signal::SIGINT,
         )
         .unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (child.wait().unwrap(), err)
+        // Off the async thread: our dropped connection must still close while we wait.
+        tokio::task::spawn_blocking(move || {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            (child.wait().unwrap(), err)
+        })
+        .await
+        .unwrap()
     };
     assert!(st.success(), "{err}");
     assert!(err.contains("stale socket"), "{err}");

@@ -106,7 +106,9 @@ async fn main() -> Result<()> {
         .find(|p| p.part == "process_rss")
         .map_or(0, |p| p.bytes);
 
+    // Close the connection before the daemon is stopped (its drop blocks this thread).
     drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (ml, mr) = (median(&mut local), median(&mut remote));
     println!("model            {}", a.model.display());
     println!(
