@@ -39,7 +39,7 @@ fn main() {
     let mut xq = vec![BlockQ8_0::default(); cols / 32];
     quantize_q8_0(&x, &mut xq);
     let mut sums = Vec::new();
-    kernels::q8_0_sums(&xq, &mut sums);
+    kernels::q8_0_meta(&xq, xq.len(), &mut sums);
     let mut xk = vec![BlockQ8K::default(); cols / 256];
     quantize_q8_k(&x, &mut xk);
     let mut w8 = vec![BlockQ8_0::default(); rows * cols / 32];
@@ -94,7 +94,7 @@ fn main() {
         kernels::dot_bf16(&wb[r * cols..(r + 1) * cols], &x)
     });
     run("q8_0", 34.0 / 32.0, &mut |r| {
-        kernels::dot_q8_0(&w8[r * nb..(r + 1) * nb], &xq)
+        kernels::dot_q8_0(&w8[r * nb..(r + 1) * nb], &xq, &sums)
     });
     run("q4_0", 18.0 / 32.0, &mut |r| {
         kernels::dot_q4_0(&w4[r * nb..(r + 1) * nb], &xq, &sums)
@@ -112,7 +112,7 @@ fn main() {
         kernels::dot_bf16_x4(&wb[r * cols..(r + 1) * cols], xf)[3]
     });
     run("q8_0x4", 34.0 / 32.0 / 4.0, &mut |r| {
-        kernels::dot_q8_0_x4(&w8[r * nb..(r + 1) * nb], x4)[3]
+        kernels::dot_q8_0_x4(&w8[r * nb..(r + 1) * nb], x4, s4)[3]
     });
     run("q4_0x4", 18.0 / 32.0 / 4.0, &mut |r| {
         kernels::dot_q4_0_x4(&w4[r * nb..(r + 1) * nb], x4, s4)[3]

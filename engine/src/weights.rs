@@ -119,7 +119,7 @@ impl Data {
 /// Activations quantized once per product, shared read-only by the worker threads.
 enum QuantizedX<'a> {
     None(&'a [f32]),
-    /// Blocks and their `d·Σq` sums (for Q4_0).
+    /// Blocks and their per-token metadata (`quant::kernels::q8_0_meta`).
     Q8_0(&'a [BlockQ8_0], &'a [f32]),
     Q8K(&'a [BlockQ8K]),
 }
@@ -451,7 +451,7 @@ impl Matrix {
                 let mut xq = vec![BlockQ8_0::default(); self.cols / QK8_0];
                 quantize_q8_0(x, &mut xq);
                 let mut sums = Vec::new();
-                kernels::q8_0_sums(&xq, &mut sums);
+                kernels::q8_0_meta(&xq, xq.len(), &mut sums);
                 self.row_dot_q(r, &QuantizedX::Q8_0(&xq, &sums), 0)
             }
             Data::Q4K(_) => {
@@ -482,13 +482,15 @@ impl Matrix {
                 &v.as_slice()[s..s + self.cols],
                 &x[t * self.cols..(t + 1) * self.cols],
             ),
-            (Data::Q8_0(v), QuantizedX::Q8_0(x, _)) => {
-                kernels::dot_q8_0(&v.as_slice()[b0..b0 + nb], &x[t * nb..(t + 1) * nb])
-            }
-            (Data::Q4_0(v), QuantizedX::Q8_0(x, s)) => kernels::dot_q4_0(
+            (Data::Q8_0(v), QuantizedX::Q8_0(x, m)) => kernels::dot_q8_0(
                 &v.as_slice()[b0..b0 + nb],
                 &x[t * nb..(t + 1) * nb],
-                &s[t * nb..(t + 1) * nb],
+                &m[2 * t * nb..2 * (t + 1) * nb],
+            ),
+            (Data::Q4_0(v), QuantizedX::Q8_0(x, m)) => kernels::dot_q4_0(
+                &v.as_slice()[b0..b0 + nb],
+                &x[t * nb..(t + 1) * nb],
+                &m[2 * t * nb..2 * (t + 1) * nb],
             ),
             (Data::Q4K(v), QuantizedX::Q8K(x)) => {
                 kernels::dot_q4_k(&v.as_slice()[b0..b0 + nb], &x[t * nb..(t + 1) * nb])
@@ -552,7 +554,7 @@ impl Matrix {
                             &mut q8[ti * nb..(ti + 1) * nb],
                         );
                     }
-                    kernels::q8_0_sums(q8, q8_sums);
+                    kernels::q8_0_meta(q8, nb, q8_sums);
                     QuantizedX::Q8_0(&q8[..], &q8_sums[..])
                 }
                 Data::Q4K(_) => {
@@ -585,14 +587,15 @@ impl Matrix {
                 &v.as_slice()[s..s + c],
                 [0, 1, 2, 3].map(|i| &x[(t0 + i) * c..(t0 + i + 1) * c]),
             ),
-            (Data::Q8_0(v), QuantizedX::Q8_0(x, _)) => kernels::dot_q8_0_x4(
+            (Data::Q8_0(v), QuantizedX::Q8_0(x, m)) => kernels::dot_q8_0_x4(
                 &v.as_slice()[b0..b0 + nb],
                 [0, 1, 2, 3].map(|i| &x[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                [0, 1, 2, 3].map(|i| &m[2 * (t0 + i) * nb..2 * (t0 + i + 1) * nb]),
             ),
-            (Data::Q4_0(v), QuantizedX::Q8_0(x, sums)) => kernels::dot_q4_0_x4(
+            (Data::Q4_0(v), QuantizedX::Q8_0(x, m)) => kernels::dot_q4_0_x4(
                 &v.as_slice()[b0..b0 + nb],
                 [0, 1, 2, 3].map(|i| &x[(t0 + i) * nb..(t0 + i + 1) * nb]),
-                [0, 1, 2, 3].map(|i| &sums[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                [0, 1, 2, 3].map(|i| &m[2 * (t0 + i) * nb..2 * (t0 + i + 1) * nb]),
             ),
             (Data::Q4K(v), QuantizedX::Q8K(x)) => kernels::dot_q4_k_x4(
                 &v.as_slice()[b0..b0 + nb],

@@ -123,14 +123,18 @@ pub fn dot_q4_k_scalar(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
 
 // ---------------------------------------------------------------- dispatch
 
-/// Sums `d·Σq` of each activation block: the Q4_0 kernels use unsigned nibbles and
-/// subtract `8·d_w·d_x·Σq_x` per block instead of re-centring every weight.
-pub fn q8_0_sums(x: &[BlockQ8_0], out: &mut Vec<f32>) {
+/// Per-token metadata of activation blocks (`nb` blocks per token): the `nb` scales as
+/// f32, then the `nb` sums `d·Σq` (the Q4_0 kernels use unsigned nibbles and subtract
+/// `8·d_w·d_x·Σq_x` per block instead of re-centring every weight).
+pub fn q8_0_meta(x: &[BlockQ8_0], nb: usize, out: &mut Vec<f32>) {
     out.clear();
-    out.extend(
-        x.iter()
-            .map(|b| f16_to_f32(b.d) * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32),
-    );
+    for tok in x.chunks(nb.max(1)) {
+        out.extend(tok.iter().map(|b| f16_to_f32(b.d)));
+        out.extend(
+            tok.iter()
+                .map(|b| f16_to_f32(b.d) * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32),
+        );
+    }
 }
 
 #[inline]
@@ -144,22 +148,26 @@ pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
 }
 
 #[inline]
-pub fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+/// `xm` is the token's metadata from [`q8_0_meta`].
+pub fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0], xm: &[f32]) -> f32 {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
-        Isa::Avx2 => unsafe { avx2::dot_q8_0(w, x) },
+        Isa::Avx2 => unsafe { avx2::dot_q8_0(w, x, xm) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512Vnni => unsafe { vnni::dot_q8_0(w, x) },
+        Isa::Avx512Vnni => unsafe { vnni::dot_q8_0(w, x, xm) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: isa() verified NEON at run time.
         Isa::Neon => unsafe { neon::dot_q8_0(w, x) },
-        _ => dot_q8_0_scalar(w, x),
+        _ => {
+            let _ = xm;
+            dot_q8_0_scalar(w, x)
+        }
     }
 }
 
-/// `xs` are the activation block sums from [`q8_0_sums`].
+/// `xs` is the token's metadata from [`q8_0_meta`].
 #[inline]
 pub fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8_0], xs: &[f32]) -> f32 {
     match isa() {
@@ -220,15 +228,15 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 /// Four tokens against one weight row (prefill): each weight block is unpacked once.
 #[inline]
-pub fn dot_q8_0_x4(w: &[BlockQ8_0], x: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+pub fn dot_q8_0_x4(w: &[BlockQ8_0], x: [&[BlockQ8_0]; 4], xm: [&[f32]; 4]) -> [f32; 4] {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
-        Isa::Avx2 => unsafe { avx2::dot_q8_0_x4(w, x) },
+        Isa::Avx2 => unsafe { avx2::dot_q8_0_x4(w, x, xm) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512Vnni => unsafe { vnni::dot_q8_0_x4(w, x) },
-        _ => x.map(|x| dot_q8_0(w, x)),
+        Isa::Avx512Vnni => unsafe { vnni::dot_q8_0_x4(w, x, xm) },
+        _ => [0, 1, 2, 3].map(|i| dot_q8_0(w, x[i], xm[i])),
     }
 }
 
@@ -460,7 +468,11 @@ macro_rules! x86_kernels {
             /// N tokens against one Q8_0 row. Blocks go in groups of 8: their integer
             /// dot products are reduced together and scaled with one vector multiply.
             #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q8_0_n<const N: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; N]) -> [f32; N] {
+            pub unsafe fn dot_q8_0_n<const N: usize>(
+                w: &[BlockQ8_0],
+                x: [&[BlockQ8_0]; N],
+                xm: [&[f32]; N],
+            ) -> [f32; N] {
                 let nb = w.len();
                 let mut acc = [_mm256_setzero_ps(); N];
                 let mut b = 0;
@@ -473,7 +485,8 @@ macro_rules! x86_kernels {
                         let p: [__m256i; 8] = std::array::from_fn(|k| {
                             dp(aa[k], _mm256_sign_epi8(load32(&xb[k].qs), qa[k]))
                         });
-                        let xd = scales8(std::array::from_fn(|k| xb[k].d));
+                        // SAFETY: b + 8 <= nb <= xm[t].len().
+                        let xd = unsafe { _mm256_loadu_ps(xm[t].as_ptr().add(b)) };
                         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(&p)), _mm256_mul_ps(wd, xd), acc[t]);
                     }
                     b += 8;
@@ -493,15 +506,15 @@ macro_rules! x86_kernels {
             }
 
             #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+            pub unsafe fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0], xm: &[f32]) -> f32 {
                 // SAFETY: same features.
-                unsafe { dot_q8_0_n::<1>(w, [x])[0] }
+                unsafe { dot_q8_0_n::<1>(w, [x], [xm])[0] }
             }
 
             #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q8_0_x4(w: &[BlockQ8_0], x: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+            pub unsafe fn dot_q8_0_x4(w: &[BlockQ8_0], x: [&[BlockQ8_0]; 4], xm: [&[f32]; 4]) -> [f32; 4] {
                 // SAFETY: same features.
-                unsafe { dot_q8_0_n::<4>(w, x) }
+                unsafe { dot_q8_0_n::<4>(w, x, xm) }
             }
 
             /// N tokens against one Q4_0 row: unsigned nibbles times the activations,
@@ -522,10 +535,14 @@ macro_rules! x86_kernels {
                     for t in 0..N {
                         let xb = &x[t][b..b + 8];
                         let p: [__m256i; 8] = std::array::from_fn(|k| dp(q[k], load32(&xb[k].qs)));
-                        let xd = scales8(std::array::from_fn(|k| xb[k].d));
+                        // SAFETY: b + 8 <= nb and xs[t] holds 2·nb values.
+                        let (xd, sv) = unsafe {
+                            (
+                                _mm256_loadu_ps(xs[t].as_ptr().add(b)),
+                                _mm256_loadu_ps(xs[t].as_ptr().add(nb + b)),
+                            )
+                        };
                         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(&p)), _mm256_mul_ps(wd, xd), acc[t]);
-                        // SAFETY: b + 8 <= nb == xs[t].len().
-                        let sv = unsafe { _mm256_loadu_ps(xs[t].as_ptr().add(b)) };
                         corr[t] = _mm256_fmadd_ps(wd, sv, corr[t]);
                     }
                     b += 8;
@@ -539,7 +556,7 @@ macro_rules! x86_kernels {
                         let da = h(a.d);
                         let p = _mm256_cvtepi32_ps(dp(nibbles(&a.qs), load32(&xb.qs)));
                         out[t] += hsum_ps(p) * da * h(xb.d);
-                        c += da * xs[t][k];
+                        c += da * xs[t][nb + k];
                     }
                     out[t] -= 8.0 * c;
                 }
@@ -769,7 +786,7 @@ mod tests {
                 .iter()
                 .map(|b| {
                     let mut s = Vec::new();
-                    q8_0_sums(b, &mut s);
+                    q8_0_meta(b, b.len(), &mut s);
                     s
                 })
                 .collect();
@@ -799,7 +816,7 @@ mod tests {
                 .collect();
 
             // The dispatched kernels (best ISA here) against the scalar references.
-            assert!(rel(dot_q8_0(&w8, &x8[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5);
+            assert!(rel(dot_q8_0(&w8, &x8[0], &sums[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5);
             assert!(
                 rel(
                     dot_q4_0(&w4, &x8[0], &sums[0]),
@@ -807,7 +824,11 @@ mod tests {
                 ) < 1e-5
             );
             assert!(rel(dot_q4_k(&wk, &xk[0]), dot_q4_k_scalar(&wk, &xk[0])) < 1e-5);
-            let r8 = dot_q8_0_x4(&w8, [&x8[0], &x8[1], &x8[2], &x8[3]]);
+            let r8 = dot_q8_0_x4(
+                &w8,
+                [&x8[0], &x8[1], &x8[2], &x8[3]],
+                [&sums[0], &sums[1], &sums[2], &sums[3]],
+            );
             let r4 = dot_q4_0_x4(
                 &w4,
                 [&x8[0], &x8[1], &x8[2], &x8[3]],
@@ -842,7 +863,7 @@ mod tests {
                     // SAFETY: features checked above.
                     unsafe {
                         assert!(
-                            rel(avx2::dot_q8_0(&w8, &x8[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5
+                            rel(avx2::dot_q8_0(&w8, &x8[0], &sums[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5
                         );
                         assert!(
                             rel(
@@ -859,7 +880,7 @@ mod tests {
                     // SAFETY: features checked above.
                     unsafe {
                         assert!(
-                            rel(vnni::dot_q8_0(&w8, &x8[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5
+                            rel(vnni::dot_q8_0(&w8, &x8[0], &sums[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5
                         );
                         assert!(
                             rel(
@@ -888,12 +909,12 @@ mod tests {
         let mut x8 = vec![BlockQ8_0::default(); n / 32];
         quantize_q8_0(&w, &mut w8);
         quantize_q8_0(&x, &mut x8);
-        assert!((dot_q8_0(&w8, &x8) - exact).abs() / norm < 2e-3);
+        let mut meta = Vec::new();
+        q8_0_meta(&x8, x8.len(), &mut meta);
+        assert!((dot_q8_0(&w8, &x8, &meta) - exact).abs() / norm < 2e-3);
         let mut w4 = vec![BlockQ4_0 { d: 0, qs: [0; 16] }; n / 32];
         quantize_q4_0(&w, &mut w4);
-        let mut sums = Vec::new();
-        q8_0_sums(&x8, &mut sums);
-        assert!((dot_q4_0(&w4, &x8, &sums) - exact).abs() / norm < 2e-2);
+        assert!((dot_q4_0(&w4, &x8, &meta) - exact).abs() / norm < 2e-2);
         let mut wk = vec![
             BlockQ4K {
                 d: 0,
