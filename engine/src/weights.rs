@@ -384,6 +384,40 @@ impl Matrix {
         Matrix::from_f32(cols, rows, t).to_quant(q)
     }
 
+    /// `y += alpha · row r` restricted to columns `c0..c0 + y.len()` (sparse down
+    /// projection; `c0` and the length are multiples of the block size).
+    pub fn axpy_row_part(&self, r: usize, c0: usize, alpha: f32, y: &mut [f32]) {
+        let bs = self.data.block();
+        let s = r * self.stride + c0;
+        let (b0, nb) = (s / bs, y.len() / bs);
+        match &self.data {
+            Data::Bf16(v) => kernels::axpy_bf16(&v.as_slice()[s..s + y.len()], alpha, y),
+            Data::Q8_0(v) => kernels::axpy_q8_0(&v.as_slice()[b0..b0 + nb], alpha, y),
+            Data::Q4_0(v) => kernels::axpy_q4_0(&v.as_slice()[b0..b0 + nb], alpha, y),
+            Data::F32(v) => kernels::axpy_f32(alpha, &v.as_slice()[s..s + y.len()], y),
+            _ => {
+                // Rare storage (f16, Q4_K): dequantize the row.
+                let mut row = vec![0.0f32; self.cols];
+                self.row_to_f32(r, &mut row);
+                kernels::axpy_f32(alpha, &row[c0..c0 + y.len()], y);
+            }
+        }
+    }
+
+    /// `y += Σ_i a_i · row i` over the non-zero `a_i`.
+    pub fn axpy_row_all(&self, a: &[f32], y: &mut [f32]) {
+        for (i, &v) in a.iter().enumerate() {
+            if v != 0.0 {
+                self.axpy_row(i, v, y);
+            }
+        }
+    }
+
+    /// Elements per storage block (1 for plain floats).
+    pub fn block_size(&self) -> usize {
+        self.data.block()
+    }
+
     /// `y += alpha · row r` (sparse down projection).
     pub fn axpy_row(&self, r: usize, alpha: f32, y: &mut [f32]) {
         let s = r * self.stride;
@@ -395,39 +429,14 @@ impl Matrix {
                     *o += alpha * w;
                 }
             }
-            Data::Bf16(v) => {
-                for (o, &w) in y.iter_mut().zip(&v.as_slice()[s..s + self.cols]) {
-                    *o += alpha * bf16_to_f32(w);
-                }
-            }
+            Data::Bf16(v) => kernels::axpy_bf16(&v.as_slice()[s..s + self.cols], alpha, y),
             Data::F16(v) => {
                 for (o, &w) in y.iter_mut().zip(&v.as_slice()[s..s + self.cols]) {
                     *o += alpha * half::f16::from_bits(w).to_f32();
                 }
             }
-            Data::Q8_0(v) => {
-                for (blk, o) in v.as_slice()[b0..b0 + nb]
-                    .iter()
-                    .zip(y.chunks_exact_mut(QK8_0))
-                {
-                    let d = alpha * f16_to_f32(blk.d);
-                    for (a, &q) in o.iter_mut().zip(&blk.qs) {
-                        *a += d * q as f32;
-                    }
-                }
-            }
-            Data::Q4_0(v) => {
-                for (blk, o) in v.as_slice()[b0..b0 + nb]
-                    .iter()
-                    .zip(y.chunks_exact_mut(QK4_0))
-                {
-                    let d = alpha * f16_to_f32(blk.d);
-                    for j in 0..QK4_0 / 2 {
-                        o[j] += d * ((blk.qs[j] & 0x0F) as i32 - 8) as f32;
-                        o[j + 16] += d * ((blk.qs[j] >> 4) as i32 - 8) as f32;
-                    }
-                }
-            }
+            Data::Q8_0(v) => kernels::axpy_q8_0(&v.as_slice()[b0..b0 + nb], alpha, y),
+            Data::Q4_0(v) => kernels::axpy_q4_0(&v.as_slice()[b0..b0 + nb], alpha, y),
             Data::Q4K(v) => {
                 let mut tmp = [0.0f32; QK_K];
                 for (blk, o) in v.as_slice()[b0..b0 + nb]

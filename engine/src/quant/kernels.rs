@@ -226,6 +226,57 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `y += alpha · dequant(w)` for a row of Q8_0 / Q4_0 / bf16 weights (the sparse down
+/// projection reads only the rows of surviving FFN neurons).
+#[inline]
+pub fn axpy_q8_0(w: &[BlockQ8_0], alpha: f32, y: &mut [f32]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::axpy_q8_0(w, alpha, y) },
+        _ => {
+            for (b, o) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+                let d = alpha * f16_to_f32(b.d);
+                for (a, &q) in o.iter_mut().zip(&b.qs) {
+                    *a += d * q as f32;
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+pub fn axpy_q4_0(w: &[BlockQ4_0], alpha: f32, y: &mut [f32]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::axpy_q4_0(w, alpha, y) },
+        _ => {
+            for (b, o) in w.iter().zip(y.chunks_exact_mut(QK4_0)) {
+                let d = alpha * f16_to_f32(b.d);
+                for j in 0..QK4_0 / 2 {
+                    o[j] += d * ((b.qs[j] & 0x0F) as i32 - 8) as f32;
+                    o[j + 16] += d * ((b.qs[j] >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+pub fn axpy_bf16(w: &[u16], alpha: f32, y: &mut [f32]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::axpy_bf16(w, alpha, y) },
+        _ => {
+            for (o, &b) in y.iter_mut().zip(w) {
+                *o += alpha * f32::from_bits((b as u32) << 16);
+            }
+        }
+    }
+}
+
 /// Four tokens against one weight row (prefill): each weight block is unpacked once.
 #[inline]
 pub fn dot_q8_0_x4(w: &[BlockQ8_0], x: [&[BlockQ8_0]; 4], xm: [&[f32]; 4]) -> [f32; 4] {
@@ -407,6 +458,63 @@ macro_rules! x86_kernels {
                 }
                 while i < n {
                     y[i] += alpha * x[i];
+                    i += 1;
+                }
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn axpy_q8_0(w: &[BlockQ8_0], alpha: f32, y: &mut [f32]) {
+                for (b, o) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+                    let d = _mm256_set1_ps(alpha * h(b.d));
+                    for k in 0..4 {
+                        // SAFETY: 8 bytes at 8k inside qs (32 bytes); 8 floats inside o (32).
+                        unsafe {
+                            let q = _mm_loadl_epi64(b.qs.as_ptr().add(8 * k) as *const __m128i);
+                            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                            let p = o.as_mut_ptr().add(8 * k);
+                            _mm256_storeu_ps(p, _mm256_fmadd_ps(d, f, _mm256_loadu_ps(p)));
+                        }
+                    }
+                }
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn axpy_q4_0(w: &[BlockQ4_0], alpha: f32, y: &mut [f32]) {
+                let off = _mm256_set1_epi8(8);
+                for (b, o) in w.iter().zip(y.chunks_exact_mut(QK4_0)) {
+                    let d = _mm256_set1_ps(alpha * h(b.d));
+                    let q = _mm256_sub_epi8(nibbles(&b.qs), off);
+                    let lo = _mm256_castsi256_si128(q);
+                    let hi = _mm256_extracti128_si256(q, 1);
+                    let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                    for (k, part) in parts.iter().enumerate() {
+                        let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(*part));
+                        // SAFETY: 8 floats at 8k inside o (32).
+                        unsafe {
+                            let p = o.as_mut_ptr().add(8 * k);
+                            _mm256_storeu_ps(p, _mm256_fmadd_ps(d, f, _mm256_loadu_ps(p)));
+                        }
+                    }
+                }
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn axpy_bf16(w: &[u16], alpha: f32, y: &mut [f32]) {
+                let n = w.len().min(y.len());
+                let va = _mm256_set1_ps(alpha);
+                let mut i = 0;
+                while i + 8 <= n {
+                    // SAFETY: i + 8 <= n bounds the loads and the store.
+                    unsafe {
+                        let a = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
+                        let f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+                        let p = y.as_mut_ptr().add(i);
+                        _mm256_storeu_ps(p, _mm256_fmadd_ps(va, f, _mm256_loadu_ps(p)));
+                    }
+                    i += 8;
+                }
+                while i < n {
+                    y[i] += alpha * f32::from_bits((w[i] as u32) << 16);
                     i += 1;
                 }
             }
@@ -816,7 +924,12 @@ mod tests {
                 .collect();
 
             // The dispatched kernels (best ISA here) against the scalar references.
-            assert!(rel(dot_q8_0(&w8, &x8[0], &sums[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5);
+            assert!(
+                rel(
+                    dot_q8_0(&w8, &x8[0], &sums[0]),
+                    dot_q8_0_scalar(&w8, &x8[0])
+                ) < 1e-5
+            );
             assert!(
                 rel(
                     dot_q4_0(&w4, &x8[0], &sums[0]),
@@ -863,7 +976,10 @@ mod tests {
                     // SAFETY: features checked above.
                     unsafe {
                         assert!(
-                            rel(avx2::dot_q8_0(&w8, &x8[0], &sums[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5
+                            rel(
+                                avx2::dot_q8_0(&w8, &x8[0], &sums[0]),
+                                dot_q8_0_scalar(&w8, &x8[0])
+                            ) < 1e-5
                         );
                         assert!(
                             rel(
@@ -880,7 +996,10 @@ mod tests {
                     // SAFETY: features checked above.
                     unsafe {
                         assert!(
-                            rel(vnni::dot_q8_0(&w8, &x8[0], &sums[0]), dot_q8_0_scalar(&w8, &x8[0])) < 1e-5
+                            rel(
+                                vnni::dot_q8_0(&w8, &x8[0], &sums[0]),
+                                dot_q8_0_scalar(&w8, &x8[0])
+                            ) < 1e-5
                         );
                         assert!(
                             rel(
@@ -895,6 +1014,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn axpy_kernels_match_dequantize() {
+        let n = 1024;
+        let w = data(n, 9);
+        let mut w8 = vec![BlockQ8_0::default(); n / 32];
+        quantize_q8_0(&w, &mut w8);
+        let mut w4 = vec![BlockQ4_0 { d: 0, qs: [0; 16] }; n / 32];
+        quantize_q4_0(&w, &mut w4);
+        let wb: Vec<u16> = w
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let mut deq = vec![0.0; n];
+        let check = |y: &[f32], deq: &[f32]| {
+            for (a, b) in y.iter().zip(deq) {
+                assert!((a - (1.0 + 0.5 * b)).abs() < 1e-5, "{a} vs {b}");
+            }
+        };
+        let mut y = vec![1.0; n];
+        axpy_q8_0(&w8, 0.5, &mut y);
+        dequantize_q8_0(&w8, &mut deq);
+        check(&y, &deq);
+        let mut y = vec![1.0; n];
+        axpy_q4_0(&w4, 0.5, &mut y);
+        dequantize_q4_0(&w4, &mut deq);
+        check(&y, &deq);
+        let mut y = vec![1.0; n];
+        axpy_bf16(&wb, 0.5, &mut y);
+        let deq: Vec<f32> = wb
+            .iter()
+            .map(|&b| f32::from_bits((b as u32) << 16))
+            .collect();
+        check(&y, &deq);
     }
 
     #[test]
