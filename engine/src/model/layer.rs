@@ -473,7 +473,7 @@ impl Mlp {
                             }
                         }
                     };
-                    if threads > 1 && h >= 1024 && h % bs == 0 {
+                    if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
                         y_row
                             .par_chunks_mut(part)
                             .enumerate()

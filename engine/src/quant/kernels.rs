@@ -519,27 +519,31 @@ macro_rules! x86_kernels {
                 }
             }
 
+            /// Same accumulation order per token as `dot_bf16`, so a token's result does
+            /// not depend on whether it was computed alone or in a group of four.
             #[target_feature(enable = $feat)]
             pub unsafe fn dot_bf16_x4(w: &[u16], x: [&[f32]; 4]) -> [f32; 4] {
                 let n = x.iter().fold(w.len(), |m, v| m.min(v.len()));
-                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut acc0 = [_mm256_setzero_ps(); 4];
+                let mut acc1 = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
-                while i + 8 <= n {
-                    // SAFETY: i + 8 <= n bounds every load.
+                while i + 16 <= n {
+                    // SAFETY: i + 16 <= n bounds every load.
                     unsafe {
                         let a = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
-                        let fa =
-                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+                        let b = _mm_loadu_si128(w.as_ptr().add(i + 8) as *const __m128i);
+                        let fa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+                        let fb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
                         for t in 0..4 {
-                            acc[t] =
-                                _mm256_fmadd_ps(fa, _mm256_loadu_ps(x[t].as_ptr().add(i)), acc[t]);
+                            acc0[t] = _mm256_fmadd_ps(fa, _mm256_loadu_ps(x[t].as_ptr().add(i)), acc0[t]);
+                            acc1[t] = _mm256_fmadd_ps(fb, _mm256_loadu_ps(x[t].as_ptr().add(i + 8)), acc1[t]);
                         }
                     }
-                    i += 8;
+                    i += 16;
                 }
                 let mut out = [0.0f32; 4];
                 for t in 0..4 {
-                    out[t] = hsum_ps(acc[t]);
+                    out[t] = hsum_ps(_mm256_add_ps(acc0[t], acc1[t]));
                     for j in i..n {
                         out[t] += f32::from_bits((w[j] as u32) << 16) * x[t][j];
                     }
@@ -547,8 +551,6 @@ macro_rules! x86_kernels {
                 out
             }
 
-            /// Lane i = Σ of the 8 i32 lanes of `v[i]`.
-            #[inline]
             #[target_feature(enable = $feat)]
             fn hsum8(v: &[__m256i; 8]) -> __m256i {
                 let a01 = _mm256_hadd_epi32(v[0], v[1]);
@@ -954,6 +956,12 @@ mod tests {
                 assert!(rel(r4[t], dot_q4_0_scalar(&w4, &x8[t])) < 1e-5);
                 assert!(rel(rk[t], dot_q4_k_scalar(&wk, &xk[t])) < 1e-5);
                 assert!(rel(rb[t], dot_bf16_scalar(&wb, &xs4[t])) < 1e-4);
+                // Grouping must not change a token's result (prefill batch size
+                // independence, which the PLE cache relies on).
+                assert_eq!(rb[t].to_bits(), dot_bf16(&wb, &xs4[t]).to_bits());
+                assert_eq!(r8[t].to_bits(), dot_q8_0(&w8, &x8[t], &sums[t]).to_bits());
+                assert_eq!(r4[t].to_bits(), dot_q4_0(&w4, &x8[t], &sums[t]).to_bits());
+                assert_eq!(rk[t].to_bits(), dot_q4_k(&wk, &xk[t]).to_bits());
             }
             for len in [n, n - 5, 13] {
                 assert!(
