@@ -32,6 +32,39 @@ pub struct ModelSection {
     pub max_context: usize,
     /// Compute threads; 0 = all CPUs.
     pub threads: usize,
+    /// Weight storage: "bf16" (the checkpoint's own), "q8_0", "q4_0", "q4_k", "f32".
+    pub quant: String,
+    /// Derived files (quantized weights, PLE cache); "" keeps them in memory only.
+    pub cache_dir: PathBuf,
+    /// Per-layer inputs: "auto" (PLE cache file when cache_dir is set), "cache", "table".
+    pub ple: String,
+}
+
+impl ModelSection {
+    /// `model.quant` parsed ("" = bf16).
+    pub fn quant(&self) -> Result<gemmad_engine::QuantType> {
+        if self.quant.is_empty() {
+            return Ok(gemmad_engine::QuantType::Bf16);
+        }
+        self.quant
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("model.quant: {e}"))
+    }
+
+    /// `model.ple` parsed ("" = auto).
+    pub fn ple_mode(&self) -> Result<gemmad_engine::PleMode> {
+        Ok(match self.ple.as_str() {
+            "" | "auto" => gemmad_engine::PleMode::Auto,
+            "cache" => gemmad_engine::PleMode::Cache,
+            "table" => gemmad_engine::PleMode::Table,
+            other => bail!("model.ple: `{other}` is not auto, cache or table"),
+        })
+    }
+
+    /// `model.cache_dir`, if set.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        (!self.cache_dir.as_os_str().is_empty()).then(|| self.cache_dir.clone())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -189,6 +222,8 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         self.socket_mode()?;
+        self.model.quant()?;
+        self.model.ple_mode()?;
         if self.queue.depth == 0 || self.queue.per_peer == 0 {
             bail!("queue.depth and queue.per_peer must be at least 1");
         }

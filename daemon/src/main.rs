@@ -37,6 +37,8 @@ enum Command {
     Generate(oneshot::GenerateArgs),
     /// Write the logits of every position of a token-id sequence as a .npy file.
     Logits(oneshot::LogitsArgs),
+    /// Build the PLE cache file of a checkpoint (with a progress bar).
+    PleCache(oneshot::PleCacheArgs),
 }
 
 fn init_oneshot_logging(level: Option<&str>) {
@@ -59,6 +61,10 @@ fn main() -> std::process::ExitCode {
         Command::Logits(a) => {
             init_oneshot_logging(cli.log.as_deref());
             oneshot::logits(a)
+        }
+        Command::PleCache(a) => {
+            init_oneshot_logging(cli.log.as_deref());
+            oneshot::ple_cache(a)
         }
     };
     match r {

@@ -191,3 +191,64 @@ fn write_npy_f32(path: &std::path::Path, shape: &[usize], data: &[f32]) -> Resul
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct PleCacheArgs {
+    /// Checkpoint folder.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Cache directory (the daemon's `model.cache_dir`).
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/gemmad")]
+    pub cache_dir: PathBuf,
+    /// Row type: bf16, f16, f32 or q8_0.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: gemmad_engine::RowDType,
+}
+
+/// Builds the PLE cache, drawing a progress bar on stderr; Ctrl-C leaves no partial file.
+pub fn ple_cache(a: PleCacheArgs) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOP: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_sigint(_: nix::libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::SigHandler::Handler(on_sigint),
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let mut last = 0u64;
+    let report =
+        gemmad_engine::ple_cache::build(&a.model, &a.cache_dir, a.dtype, &mut |done, total| {
+            let pct = if total > 0 { done * 100 / total } else { 100 };
+            if pct != last || done == total {
+                last = pct;
+                let bar = "#".repeat((pct / 2) as usize);
+                let eta = if done > 0 {
+                    t0.elapsed().as_secs_f64() * (total - done) as f64 / done as f64
+                } else {
+                    0.0
+                };
+                eprint!("\r[{bar:<50}] {pct:3}%  {done}/{total} rows  eta {eta:.0} s ");
+            }
+            if STOP.load(Ordering::SeqCst) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .with_context(|| format!("building the PLE cache of {}", a.model.display()))?;
+    eprintln!();
+    println!(
+        "{} ({} rows, {} bytes, {}) built in {:.1} s",
+        report.path.display(),
+        report.rows,
+        report.file_bytes,
+        report.dtype,
+        report.elapsed.as_secs_f64()
+    );
+    Ok(())
+}

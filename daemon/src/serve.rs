@@ -122,6 +122,9 @@ async fn serve(
     let opts = LoadOptions {
         max_context: (cfg.model.max_context > 0).then_some(cfg.model.max_context),
         threads: (cfg.model.threads > 0).then_some(cfg.model.threads),
+        quant: cfg.model.quant()?,
+        cache_dir: cfg.model.cache_dir(),
+        ple: cfg.model.ple_mode()?,
         ..Default::default()
     };
     let (q, st, sd, d) = (

@@ -328,16 +328,28 @@ impl Gemmad for GemmadService {
                 tower(pb::Modality::Vision, m),
                 tower(pb::Modality::Audio, m),
             ],
-            memory: vec![
-                pb::MemoryPart {
-                    part: "process_rss".into(),
-                    bytes: process_rss(),
-                },
-                pb::MemoryPart {
-                    part: "kv_cache".into(),
-                    bytes: load(&s.stats.kv_cache_bytes),
-                },
-            ],
+            memory: {
+                let mut parts = vec![
+                    pb::MemoryPart {
+                        part: "process_rss".into(),
+                        bytes: process_rss(),
+                    },
+                    pb::MemoryPart {
+                        part: "kv_cache".into(),
+                        bytes: load(&s.stats.kv_cache_bytes),
+                    },
+                ];
+                // The engine's report by part (decoder, embeddings, PLE, towers, ...), as
+                // of the end of the last request.
+                parts.extend(
+                    s.stats
+                        .memory_parts()
+                        .into_iter()
+                        .filter(|(p, _)| p != "kv_cache")
+                        .map(|(part, bytes)| pb::MemoryPart { part, bytes }),
+                );
+                parts
+            },
             queue: Some(pb::QueueInfo {
                 waiting: (q.waiting_interactive + q.waiting_background) as u32,
                 waiting_interactive: q.waiting_interactive as u32,

@@ -36,6 +36,34 @@ pub struct ModelInfo {
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     pub kv_cache_bytes: AtomicU64,
+    /// The engine's memory report by part (bytes in RAM), refreshed after load and after
+    /// every request by the inference thread.
+    pub memory: std::sync::Mutex<Vec<(String, u64)>>,
+}
+
+impl WorkerStats {
+    fn publish(&self, engine: &Engine) {
+        self.kv_cache_bytes
+            .store(engine.kv_cache_bytes() as u64, Ordering::Relaxed);
+        let r = engine.memory_report();
+        let mut parts: Vec<(String, u64)> = r
+            .parts
+            .iter()
+            .map(|p| (p.name.clone(), p.ram_bytes()))
+            .collect();
+        parts.push(("rss_anon".into(), r.rss_anon_bytes));
+        parts.push(("rss_file".into(), r.rss_file_bytes));
+        parts.push(("resident_params".into(), r.resident_params));
+        parts.push(("checkpoint_params".into(), r.checkpoint_params));
+        if let Ok(mut m) = self.memory.lock() {
+            *m = parts;
+        }
+    }
+
+    /// A copy of the last published report.
+    pub fn memory_parts(&self) -> Vec<(String, u64)> {
+        self.memory.lock().map(|m| m.clone()).unwrap_or_default()
+    }
 }
 
 /// Maps an engine error to the status a client can act on.
@@ -44,7 +72,9 @@ pub fn engine_status(e: &EngineError) -> Status {
         EngineError::InvalidRequest(_)
         | EngineError::ContextFull { .. }
         | EngineError::Template(_) => Status::invalid_argument(e.to_string()),
-        EngineError::Unavailable(_) => Status::failed_precondition(e.to_string()),
+        EngineError::Unavailable(_) | EngineError::ModalityUnavailable(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         _ => Status::internal(e.to_string()),
     }
 }
@@ -85,6 +115,7 @@ pub fn spawn(
                 checkpoint_audio: engine.config().has_audio,
             };
             tracing::info!(dir = %dir.display(), load_ms = t0.elapsed().as_millis() as u64, "engine ready");
+            stats.publish(&engine);
             if tx.send(Ok(info)).is_err() {
                 return;
             }
@@ -103,9 +134,7 @@ pub fn spawn(
                         "the engine failed on this request (a bug: please report it with the daemon log)",
                     )));
                 }
-                stats
-                    .kv_cache_bytes
-                    .store(engine.kv_cache_bytes() as u64, Ordering::Relaxed);
+                stats.publish(&engine);
                 queue.finished(id, &peer, held.elapsed());
             }
             tracing::debug!("inference thread exits");
@@ -154,24 +183,11 @@ fn run(engine: &mut Engine, job: Job, seq: u64, counters: &Counters, shutting_do
         }),
     );
     let mut first_token: Option<Instant> = None;
-    let mut callbacks = 0usize;
-    let mut prev: Option<u32> = None;
-    // The engine repeats the last id in a final flush event (held-back text). An id equal
-    // to its predecessor is held until the next event or the end, where it is dropped if
-    // it was that flush.
-    let mut held: Option<u32> = None;
     let tx = job.tx.clone();
     let res = engine.generate(&job.request, &mut |ev| {
-        callbacks += 1;
         first_token.get_or_insert_with(Instant::now);
-        let mut ids = Vec::with_capacity(2);
-        ids.extend(held.take());
-        if prev == Some(ev.id) {
-            held = Some(ev.id);
-        } else {
-            ids.push(ev.id);
-        }
-        prev = Some(ev.id);
+        // The final flush event releases held-back text; its id is not a new token.
+        let ids = if ev.flush { Vec::new() } else { vec![ev.id] };
         if ev.text.is_empty() && ids.is_empty() {
             return ControlFlow::Continue(());
         }
@@ -193,17 +209,6 @@ fn run(engine: &mut Engine, job: Job, seq: u64, counters: &Counters, shutting_do
             return;
         }
     };
-    if let Some(h) = held {
-        if callbacks == out.token_ids.len() {
-            send(
-                &job,
-                Ev::Delta(pb::Delta {
-                    text: String::new(),
-                    token_ids: vec![h],
-                }),
-            );
-        }
-    }
     let reason = match out.finish_reason {
         FinishReason::Eos => pb::FinishReason::Eos,
         FinishReason::Stop => pb::FinishReason::Stop,

@@ -124,3 +124,44 @@ fn bad_model_and_bad_ids_fail_with_reason() {
     assert!(e.contains("99999") && e.contains("vocabulary"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
 }
+
+#[test]
+fn ple_cache_subcommand_builds_a_cache_that_generate_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = gemmad()
+        .args(["ple-cache", "--model"])
+        .arg(fixture("text"))
+        .arg("--cache-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_string_lossy().ends_with("-bf16.gemmaple"));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("480 rows"), "{stdout}");
+    // The same greedy output with and without the cache (bf16 rows: same argmax here).
+    let run = |cache: bool| {
+        let mut c = gemmad();
+        c.args(["generate", "--model"]).arg(fixture("text")).args([
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--raw",
+            "Hello",
+        ]);
+        if cache {
+            c.arg("--cache-dir").arg(dir.path());
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o.stdout
+    };
+    assert_eq!(run(true), run(false));
+}

@@ -8,12 +8,10 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message, not a `source`, so that error chains
+    /// printed with `{:#}` do not repeat it.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: invalid config: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error("{path}: invalid safetensors file: {reason}")]
@@ -56,7 +54,7 @@ impl EngineError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         EngineError::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }
