@@ -223,7 +223,7 @@ pub fn ple_cache(a: PleCacheArgs) -> Result<()> {
     let mut last = 0u64;
     let report =
         gemmad_engine::ple_cache::build(&a.model, &a.cache_dir, a.dtype, &mut |done, total| {
-            let pct = if total > 0 { done * 100 / total } else { 100 };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
             if pct != last || done == total {
                 last = pct;
                 let bar = "#".repeat((pct / 2) as usize);

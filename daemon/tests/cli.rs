@@ -144,24 +144,30 @@ fn ple_cache_subcommand_builds_a_cache_that_generate_uses() {
     assert!(files[0].to_string_lossy().ends_with("-bf16.gemmaple"));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("480 rows"), "{stdout}");
-    // The same greedy output with and without the cache (bf16 rows: same argmax here).
-    let run = |cache: bool| {
-        let mut c = gemmad();
-        c.args(["generate", "--model"]).arg(fixture("text")).args([
+    // generate with that cache dir maps the file instead of rebuilding it.
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(&files[0]).unwrap().ino();
+    let o = gemmad()
+        .args(["generate", "--model"])
+        .arg(fixture("text"))
+        .args([
             "--max-tokens",
             "8",
-            "--temperature",
-            "0",
             "--ignore-eos",
-            "--raw",
-            "Hello",
-        ]);
-        if cache {
-            c.arg("--cache-dir").arg(dir.path());
-        }
-        let o = c.output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        o.stdout
-    };
-    assert_eq!(run(true), run(false));
+            "--seed",
+            "1",
+            "--stats",
+            "--cache-dir",
+        ])
+        .arg(dir.path())
+        .arg("Hello")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("completion_tokens=8"));
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().ino(),
+        ino,
+        "cache reused"
+    );
 }
