@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gemmad_engine::{LoadOptions, TextTokenizer};
+use gemmad_engine::LoadOptions;
 use gemmad_proto::v1::gemmad_server::GemmadServer;
 use tokio::signal::unix::{signal, SignalKind};
 use tonic::service::InterceptorLayer;
@@ -136,13 +136,7 @@ async fn serve(
     let (worker, model) = tokio::task::spawn_blocking(move || worker::spawn(d, opts, q, st, sd))
         .await
         .context("model loader")??;
-    let tokenizer = if dir.join("tokenizer.json").exists() {
-        Some(Arc::new(
-            TextTokenizer::from_dir(&dir).context("cannot load the tokenizer")?,
-        ))
-    } else {
-        None
-    };
+    let tokenizer = model.tokenizer.clone();
 
     let (unix, socket_file) = listen::bind_unix(&socket, mode, socket_gid)?;
     let tcp = if cfg.server.tcp_listen.is_empty() {

@@ -21,6 +21,8 @@ pub const FULL_SLICE: &str = "full";
 #[derive(Clone, Debug)]
 pub struct ModelInfo {
     pub dir: PathBuf,
+    /// The engine's tokenizer, shared (one copy in memory).
+    pub tokenizer: Option<Arc<gemmad_engine::TextTokenizer>>,
     pub model_type: String,
     pub layers: usize,
     pub hidden_size: usize,
@@ -102,6 +104,7 @@ pub fn spawn(
             let c = &engine.config().text;
             let info = ModelInfo {
                 dir: dir.clone(),
+                tokenizer: engine.shared_tokenizer(),
                 model_type: match engine.config().layout {
                     gemmad_engine::Layout::Multimodal => "gemma3n".into(),
                     gemmad_engine::Layout::TextOnly => "gemma3n_text".into(),

@@ -178,7 +178,7 @@ pub struct Engine {
     dir: PathBuf,
     cfg: ModelConfig,
     model: TextModel,
-    tokenizer: Option<TextTokenizer>,
+    tokenizer: Option<Arc<TextTokenizer>>,
     cache: KvCache,
     pool: rayon::ThreadPool,
     /// Mapped weight groups, towers and the checkpoint (memory control).
@@ -205,7 +205,7 @@ impl Engine {
         let ckpt = Checkpoint::open(dir)?;
         let (model, mem) = residency_api::load_parts(&cfg, ckpt, &opts)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
-            Some(TextTokenizer::from_dir(dir)?)
+            Some(Arc::new(TextTokenizer::from_dir(dir)?))
         } else {
             None
         };
@@ -265,9 +265,15 @@ impl Engine {
         self.cache.max_len()
     }
 
+    /// The tokenizer, shareable with other threads (a front-end that counts prompt tokens
+    /// before queuing should use this one rather than load a second copy).
+    pub fn shared_tokenizer(&self) -> Option<Arc<TextTokenizer>> {
+        self.tokenizer.clone()
+    }
+
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
         self.tokenizer
-            .as_ref()
+            .as_deref()
             .ok_or(EngineError::Unavailable("the tokenizer (tokenizer.json)"))
     }
 
@@ -412,7 +418,7 @@ impl Engine {
             prompt.len() as f64 / timings.prefill.as_secs_f64().max(1e-9);
 
         let mut sampler = Sampler::new(req.sampling.clone());
-        let mut stream = TextStream::new(self.tokenizer.as_ref(), &req.stop);
+        let mut stream = TextStream::new(self.tokenizer.as_deref(), &req.stop);
         let eos = &self.cfg.text.eos_token_ids;
         let td = Instant::now();
         let finish = loop {
