@@ -42,6 +42,9 @@ pub struct LoadOptions {
     pub modalities: Vec<crate::towers::Modality>,
     /// What a request needing an unloaded tower gets (default: load it on demand).
     pub tower_policy: crate::towers::TowerPolicy,
+    /// Prompt tokens per prefill pass (0 = 512). Bounds the activation memory of long
+    /// prompts; results do not depend on it.
+    pub prefill_chunk: usize,
 }
 
 mod residency_api;
@@ -185,6 +188,7 @@ pub struct Engine {
     mem: residency_api::MemState,
     /// Logits buffer reused across steps and requests.
     logits: Vec<f32>,
+    prefill_chunk: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -245,6 +249,11 @@ impl Engine {
             cache,
             pool,
             logits: Vec::new(),
+            prefill_chunk: if opts.prefill_chunk == 0 {
+                512
+            } else {
+                opts.prefill_chunk
+            },
             mem,
         })
     }
@@ -348,10 +357,17 @@ impl Engine {
     /// Logits of every position of `ids` (`[len, vocab]`), one prefill from an empty cache.
     pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.cache.clear();
+        let chunk = self.prefill_chunk;
         let (model, cache) = (&self.model, &mut self.cache);
-        let r = self
-            .pool
-            .install(|| model.forward(ids, cache, LogitsFor::All));
+        let r = self.pool.install(|| {
+            let mut all = Vec::with_capacity(ids.len() * model.cfg.vocab_size);
+            let mut part = Vec::new();
+            for c in ids.chunks(chunk) {
+                model.forward_into(c, cache, LogitsFor::All, &mut part)?;
+                all.extend_from_slice(&part);
+            }
+            Ok(all)
+        });
         self.cache.clear();
         r
     }
@@ -412,7 +428,19 @@ impl Engine {
         let (model, cache, pool) = (&self.model, &mut self.cache, &self.pool);
         let tp = Instant::now();
         let mut logits = std::mem::take(&mut self.logits);
-        pool.install(|| model.forward_into(&prompt, cache, LogitsFor::Last, &mut logits))?;
+        let chunk = self.prefill_chunk;
+        pool.install(|| -> Result<()> {
+            let n = prompt.len().div_ceil(chunk);
+            for (i, c) in prompt.chunks(chunk).enumerate() {
+                let want = if i + 1 == n {
+                    LogitsFor::Last
+                } else {
+                    LogitsFor::None
+                };
+                model.forward_into(c, cache, want, &mut logits)?;
+            }
+            Ok(())
+        })?;
         timings.prefill = tp.elapsed();
         timings.prefill_tokens_per_s =
             prompt.len() as f64 / timings.prefill.as_secs_f64().max(1e-9);

@@ -315,3 +315,36 @@ fn ids_only_checkpoint_without_tokenizer_generates_ids() {
     let err = e.tokenize("hi", true).unwrap_err();
     assert!(err.to_string().contains("tokenizer"), "{err}");
 }
+
+#[test]
+fn chunked_prefill_gives_identical_results() {
+    // Long prompts are prefilled in chunks (bounded memory); the chunk size must not
+    // change a single bit of the logits: the sliding-window ring and KV sharing see the
+    // same keys, and products do not depend on how many tokens go in a pass.
+    let g = goldens("text");
+    let ids = ids(&g["input_ids"]);
+    let load = |chunk| {
+        Engine::load(
+            &fixture("text"),
+            LoadOptions {
+                prefill_chunk: chunk,
+                threads: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let whole = load(0).logits(&ids).unwrap();
+    for chunk in [1, 3, 7, 8, 9] {
+        let got = load(chunk).logits(&ids).unwrap();
+        assert_eq!(got, whole, "chunk {chunk}");
+    }
+    let mut e = load(5);
+    let req = greedy_req(Prompt::Ids(ids[..12].to_vec()), 20);
+    let (out, _, _) = collect(&mut e, &req);
+    assert_eq!(out.token_ids, ids_of(&g["greedy_output"]));
+}
+
+fn ids_of(g: &common::Golden) -> Vec<u32> {
+    common::ids(g)
+}
