@@ -245,7 +245,7 @@ impl Matrix {
         }
     }
 
-    /// A copy of a stored matrix (quantized-weights cache) of storage `code`
+    /// A view onto a stored matrix (quantized-weights cache) of storage `code`
     /// (see `quant::store`), or `None` if the code or the extent is inconsistent.
     pub fn from_mapped(
         code: u8,
@@ -259,17 +259,14 @@ impl Matrix {
             let ok = len == n * std::mem::size_of::<T>()
                 && offset.is_multiple_of(std::mem::align_of::<T>())
                 && offset + len <= map.len();
-            if !ok || n == 0 {
-                return None;
-            }
-            // Copied into huge-page-backed memory (see `huge_vec`); the file's pages
-            // stay in the page cache only as long as the kernel likes.
-            // SAFETY: bounds and alignment checked above; T is plain old data.
-            let src =
-                unsafe { std::slice::from_raw_parts(map.as_ptr().add(offset) as *const T, n) };
-            let mut v = huge_vec(n, src[0]);
-            v.copy_from_slice(src);
-            Some(Slab::Owned(Arc::new(v)))
+            // Mapped, not copied: file-backed pages the kernel (and the governor) can
+            // drop and re-read, and no second copy at load. (Copying into huge-page
+            // memory measured no better decode here and raised peak RSS.)
+            ok.then_some(Slab::Mapped {
+                map,
+                offset,
+                len: n,
+            })
         }
         let el = rows * cols;
         let data = match code {

@@ -235,7 +235,13 @@ impl Engine {
         let mut parts = Vec::new();
         let emb_heap = memory::matrix_heap_bytes(&m.embed_tokens);
         let dec_heap = if self.mem.quant == QuantType::Bf16 {
-            0
+            // The only derived decoder weights in bf16 mode: the transposed down
+            // projections of the activation-sparse layers (heap or weights-cache file).
+            m.layers
+                .iter()
+                .filter_map(|l| l.mlp.down_proj_t.as_ref())
+                .map(|d| d.storage_bytes() as u64)
+                .sum()
         } else {
             (m.decode_weight_bytes() as u64).saturating_sub(
                 (m.embed_tokens.storage_bytes()
