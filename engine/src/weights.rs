@@ -422,11 +422,22 @@ impl Matrix {
             Data::Q8_0(v) => kernels::axpy_q8_0(&v.as_slice()[b0..b0 + nb], alpha, y),
             Data::Q4_0(v) => kernels::axpy_q4_0(&v.as_slice()[b0..b0 + nb], alpha, y),
             Data::F32(v) => kernels::axpy_f32(alpha, &v.as_slice()[s..s + y.len()], y),
-            _ => {
-                // Rare storage (f16, Q4_K): dequantize the row.
-                let mut row = vec![0.0f32; self.cols];
-                self.row_to_f32(r, &mut row);
-                kernels::axpy_f32(alpha, &row[c0..c0 + y.len()], y);
+            Data::F16(v) => {
+                let n = y.len();
+                for (o, &w) in y.iter_mut().zip(&v.as_slice()[s..s + n]) {
+                    *o += alpha * half::f16::from_bits(w).to_f32();
+                }
+            }
+            Data::Q4K(v) => {
+                // Only the blocks of this part, through a stack buffer.
+                let mut tmp = [0.0f32; QK_K];
+                for (blk, o) in v.as_slice()[b0..b0 + nb]
+                    .iter()
+                    .zip(y.chunks_exact_mut(QK_K))
+                {
+                    dequantize_q4_k(std::slice::from_ref(blk), &mut tmp);
+                    kernels::axpy_f32(alpha, &tmp, o);
+                }
             }
         }
     }
@@ -447,56 +458,7 @@ impl Matrix {
 
     /// `y += alpha · row r` (sparse down projection).
     pub fn axpy_row(&self, r: usize, alpha: f32, y: &mut [f32]) {
-        let s = r * self.stride;
-        let bs = self.data.block();
-        let (b0, nb) = (s / bs, self.cols / bs);
-        match &self.data {
-            Data::F32(v) => {
-                for (o, &w) in y.iter_mut().zip(&v.as_slice()[s..s + self.cols]) {
-                    *o += alpha * w;
-                }
-            }
-            Data::Bf16(v) => kernels::axpy_bf16(&v.as_slice()[s..s + self.cols], alpha, y),
-            Data::F16(v) => {
-                for (o, &w) in y.iter_mut().zip(&v.as_slice()[s..s + self.cols]) {
-                    *o += alpha * half::f16::from_bits(w).to_f32();
-                }
-            }
-            Data::Q8_0(v) => kernels::axpy_q8_0(&v.as_slice()[b0..b0 + nb], alpha, y),
-            Data::Q4_0(v) => kernels::axpy_q4_0(&v.as_slice()[b0..b0 + nb], alpha, y),
-            Data::Q4K(v) => {
-                let mut tmp = [0.0f32; QK_K];
-                for (blk, o) in v.as_slice()[b0..b0 + nb]
-                    .iter()
-                    .zip(y.chunks_exact_mut(QK_K))
-                {
-                    dequantize_q4_k(std::slice::from_ref(blk), &mut tmp);
-                    for (a, &w) in o.iter_mut().zip(&tmp) {
-                        *a += alpha * w;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Dot product of row `r` with `x` (`x.len() == cols`).
-    #[inline]
-    pub fn row_dot(&self, r: usize, x: &[f32]) -> f32 {
-        match &self.data {
-            Data::Q8_0(_) | Data::Q4_0(_) => {
-                let mut xq = vec![BlockQ8_0::default(); self.cols / QK8_0];
-                quantize_q8_0(x, &mut xq);
-                let mut sums = Vec::new();
-                kernels::q8_0_meta(&xq, xq.len(), &mut sums);
-                self.row_dot_q(r, &QuantizedX::Q8_0(&xq, &sums), 0)
-            }
-            Data::Q4K(_) => {
-                let mut xq = vec![BlockQ8K::default(); self.cols / QK_K];
-                quantize_q8_k(x, &mut xq);
-                self.row_dot_q(r, &QuantizedX::Q8K(&xq), 0)
-            }
-            _ => self.row_dot_q(r, &QuantizedX::None(x), 0),
-        }
+        self.axpy_row_part(r, 0, alpha, &mut y[..self.cols]);
     }
 
     /// Row `r` times token `t` of the prepared activations.
@@ -724,26 +686,6 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
-    }
-    s
-}
-
-#[inline]
-pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-    let n = w.len().min(x.len());
-    let (w, x) = (&w[..n], &x[..n]);
-    let mut acc = [0.0f32; 8];
-    let cw = w.chunks_exact(8);
-    let cx = x.chunks_exact(8);
-    let (rw, rx) = (cw.remainder(), cx.remainder());
-    for (a, b) in cw.zip(cx) {
-        for k in 0..8 {
-            acc[k] += bf16_to_f32(a[k]) * b[k];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (a, b) in rw.iter().zip(rx) {
-        s += bf16_to_f32(*a) * b;
     }
     s
 }
