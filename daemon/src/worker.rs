@@ -41,12 +41,21 @@ pub struct WorkerStats {
     /// The engine's memory report by part (bytes in RAM), refreshed after load and after
     /// every request by the inference thread.
     pub memory: std::sync::Mutex<Vec<(String, u64)>>,
+    /// When the memory report was last taken (it walks every mapping with mincore,
+    /// so it is not redone between back-to-back requests).
+    memory_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl WorkerStats {
     fn publish(&self, engine: &Engine) {
         self.kv_cache_bytes
             .store(engine.kv_cache_bytes() as u64, Ordering::Relaxed);
+        if let Ok(mut at) = self.memory_at.lock() {
+            if at.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
         let r = engine.memory_report();
         let mut parts: Vec<(String, u64)> = r
             .parts
