@@ -100,17 +100,23 @@ pub fn dequantize_q8_0(b: &[BlockQ8_0], out: &mut [f32]) {
     }
 }
 
+/// The largest magnitude in `x` and the signed value that has it (first one on ties).
+fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (amax, max)
+}
+
 /// ggml `quantize_row_q4_0_ref`: the scale maps the value of largest magnitude to -8.
 pub fn quantize_q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
     for (xb, b) in x.chunks_exact(QK4_0).zip(out.iter_mut()) {
-        let mut amax = 0.0f32;
-        let mut max = 0.0f32;
-        for &v in xb {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (_, max) = signed_absmax(xb);
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         b.d = f32_to_f16(d);
@@ -267,14 +273,7 @@ pub fn dequantize_q4_k(b: &[BlockQ4K], out: &mut [f32]) {
 /// ggml `quantize_row_q8_K_ref`.
 pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
-        let mut amax = 0.0f32;
-        let mut max = 0.0f32;
-        for &v in xb {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (amax, max) = signed_absmax(xb);
         if amax == 0.0 {
             *b = BlockQ8K::default();
             continue;
