@@ -213,6 +213,7 @@ impl Engine {
         } else {
             None
         };
+        crate::residency::trim_heap();
         let max_pos = cfg.text.max_position_embeddings;
         let max_context = opts.max_context.unwrap_or(max_pos);
         if max_context == 0 || max_context > max_pos {

@@ -130,15 +130,36 @@ impl TextGroups {
     }
 }
 
+/// The mapped byte range a matrix reads in place, if it does.
+pub(crate) fn matrix_mapped(m: &Matrix) -> Option<(&std::sync::Arc<memmap2::Mmap>, usize, usize)> {
+    match m.data() {
+        Data::F32(s) => s.mapped_range(),
+        Data::Bf16(s) | Data::F16(s) => s.mapped_range(),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Unmaps the checkpoint pages `src` faulted in while `converted` was derived from it,
+/// unless `converted` still reads them in place. Only pages lying wholly inside the
+/// tensor are dropped (neighbours may share a boundary page); the page cache keeps them,
+/// so only this process's RSS changes.
+pub(crate) fn unmap_source(src: &Matrix, converted: &Matrix) {
+    let Some((map, off, len)) = matrix_mapped(src) else {
+        return;
+    };
+    if let Some((m2, o2, _)) = matrix_mapped(converted) {
+        if std::sync::Arc::ptr_eq(map, m2) && o2 == off {
+            return;
+        }
+    }
+    let (s, l) = crate::residency::page_span(off, len, map.len(), true);
+    crate::residency::advise(map, s, l, crate::residency::Advice::Unmap);
+}
+
 /// Heap bytes of a matrix that does not read the checkpoint's pages in place.
 pub(crate) fn matrix_heap_bytes(m: &Matrix) -> u64 {
-    let mapped = match m.data() {
-        Data::F32(s) => s.mapped_range().is_some(),
-        Data::Bf16(s) | Data::F16(s) => s.mapped_range().is_some(),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    };
-    if mapped {
+    if matrix_mapped(m).is_some() {
         0
     } else {
         m.storage_bytes() as u64

@@ -36,6 +36,9 @@ pub enum Advice {
     Random,
     /// Drop the pages from this process and, where possible, from the page cache.
     Release,
+    /// Drop the pages from this process only (`MADV_DONTNEED`); the page cache keeps
+    /// them for the next reader. For source tensors whose converted copy is in use.
+    Unmap,
 }
 
 /// A byte range of a mapped file.
@@ -96,7 +99,7 @@ impl MappedRegion {
     }
 }
 
-fn page_span(offset: usize, len: usize, map_len: usize, inward: bool) -> (usize, usize) {
+pub(crate) fn page_span(offset: usize, len: usize, map_len: usize, inward: bool) -> (usize, usize) {
     let ps = page_size();
     let end = (offset + len).min(map_len);
     if inward {
@@ -175,6 +178,11 @@ pub fn advise(map: &Mmap, offset: usize, len: usize, advice: Advice) {
         Advice::Random => {
             if call(libc::MADV_RANDOM) != 0 {
                 tracing::debug!(err = %std::io::Error::last_os_error(), "MADV_RANDOM failed");
+            }
+        }
+        Advice::Unmap => {
+            if call(libc::MADV_DONTNEED) != 0 {
+                tracing::debug!(err = %std::io::Error::last_os_error(), "MADV_DONTNEED failed");
             }
         }
         Advice::Release => {
@@ -319,6 +327,17 @@ pub fn process_rss() -> (u64, u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
+}
+
+/// Returns the heap's free pages to the OS. Parsing a large `tokenizer.json` and
+/// converting weights leave hundreds of MiB freed but still mapped in glibc's heap; after
+/// load nothing will reuse most of it.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions and only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(test)]

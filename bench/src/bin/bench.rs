@@ -15,7 +15,7 @@ use gemmad_bench::membw;
 use gemmad_bench::procfs::{self, CpuSnapshot, CpuUse};
 use gemmad_bench::synth::WyRand;
 use gemmad_engine::{
-    Checkpoint, Engine, GenerateRequest, LoadOptions, ModelConfig, Prompt, QuantType,
+    Checkpoint, Engine, GenerateRequest, LoadOptions, ModelConfig, PleMode, Prompt, QuantType,
     SamplingParams,
 };
 use serde_json::{json, Value};
@@ -50,6 +50,10 @@ struct Args {
     /// Directory for derived files (quantized weights, PLE cache).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Per-layer inputs from: auto (the PLE cache file with --cache-dir, else the
+    /// checkpoint's table), table, or cache (needs --cache-dir).
+    #[arg(long, default_value = "auto", value_parser = parse_ple)]
+    ple: PleMode,
     /// Seed of the random prompt ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -66,6 +70,15 @@ struct Args {
     /// so that its buffer does not count in the benchmark's peak RSS).
     #[arg(long, hide = true)]
     membw_child: bool,
+}
+
+fn parse_ple(s: &str) -> std::result::Result<PleMode, String> {
+    match s {
+        "auto" => Ok(PleMode::Auto),
+        "table" => Ok(PleMode::Table),
+        "cache" => Ok(PleMode::Cache),
+        other => Err(format!("unknown PLE mode {other:?} (auto, table or cache)")),
+    }
 }
 
 fn gb(b: f64) -> f64 {
@@ -274,6 +287,7 @@ fn load(dir: &Path, a: &Args, max_context: usize) -> Result<(Engine, f64)> {
             cache_dir: a.cache_dir.clone(),
             max_context: Some(max_context),
             threads: Some(a.threads),
+            ple: a.ple,
             ..LoadOptions::default()
         },
     )
@@ -505,6 +519,7 @@ fn main() -> Result<()> {
     let report = json!({
         "model": dir.display().to_string(),
         "quant": a.quant.as_str(),
+        "ple": format!("{:?}", a.ple).to_lowercase(),
         "threads": a.threads,
         "machine": {
             "cpus": ncpu,

@@ -72,7 +72,10 @@ impl Loader<'_> {
         {
             return Ok(m);
         }
-        let m = self.raw_matrix(name, rows, cols)?.transposed(self.quant);
+        let raw = self.raw_matrix(name, rows, cols)?;
+        let m = raw.transposed(self.quant);
+        // The source stays mapped (the dense `down_proj` handle) but is never read again.
+        crate::memory::unmap_source(&raw, &m);
         if m.stored_bytes().is_some() {
             self.built
                 .borrow_mut()
@@ -92,7 +95,9 @@ impl Loader<'_> {
         if let Some(m) = self.store.and_then(|s| s.get(&full, rows, cols)) {
             return Ok(m);
         }
-        let m = f(&self.raw_matrix(name, rows, cols)?);
+        let raw = self.raw_matrix(name, rows, cols)?;
+        let m = f(&raw);
+        crate::memory::unmap_source(&raw, &m);
         if m.stored_bytes().is_some() {
             self.built.borrow_mut().push((full, m.clone()));
         }
