@@ -1,7 +1,7 @@
 //! Measures the PLE cache and memory control on a checkpoint (issue #5 figures).
 //!
 //! ```text
-//! ple_measure --model DIR --cache-dir DIR MODE [--dtype bf16] [--prompt 512] [--decode 128]
+//! ple_measure --model DIR --cache-dir DIR MODE [--dtype bf16] [--quant bf16] [--prompt 512] [--decode 128]
 //!   MODE: build   build the PLE cache (time, size), with a progress line
 //!         table   serve with the checkpoint's table in RAM (a)
 //!         cache   serve from the PLE cache (b), then ple.release() (c)
@@ -25,6 +25,7 @@ struct Args {
     prompt: usize,
     decode: usize,
     threads: Option<usize>,
+    quant: QuantType,
 }
 
 fn args() -> Result<Args, String> {
@@ -36,6 +37,7 @@ fn args() -> Result<Args, String> {
         prompt: 512,
         decode: 128,
         threads: None,
+        quant: QuantType::Bf16,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -44,6 +46,7 @@ fn args() -> Result<Args, String> {
             "--model" => a.model = v()?.into(),
             "--cache-dir" => a.cache_dir = v()?.into(),
             "--dtype" => a.dtype = v()?.parse()?,
+            "--quant" => a.quant = v()?.parse().map_err(|e| format!("{e}"))?,
             "--prompt" => a.prompt = v()?.parse().map_err(|e| format!("{e}"))?,
             "--decode" => a.decode = v()?.parse().map_err(|e| format!("{e}"))?,
             "--threads" => a.threads = Some(v()?.parse().map_err(|e| format!("{e}"))?),
@@ -104,6 +107,7 @@ fn load(a: &Args, ple: PleMode) -> Engine {
         &a.model,
         LoadOptions {
             cache_dir: Some(a.cache_dir.clone()),
+            quant: a.quant,
             ple,
             ple_dtype: a.dtype,
             threads: a.threads,

@@ -447,8 +447,9 @@ impl Mlp {
         let mut up = sc.take(t * inter);
         self.gate_proj.matmul(x, t, &mut gate);
         self.up_proj.matmul(x, t, &mut up);
-        for (g_row, u_row) in gate.chunks_exact_mut(inter).zip(up.chunks_exact(inter)) {
-            if let Some(z) = self.std_multiplier {
+        let std_multiplier = self.std_multiplier;
+        let act = |g_row: &mut [f32], u_row: &[f32]| {
+            if let Some(z) = std_multiplier {
                 // Gaussian top-k: keep what lies above mean + z·std (population std).
                 let n = inter as f64;
                 let mean = g_row.iter().map(|&v| v as f64).sum::<f64>() / n;
@@ -465,6 +466,15 @@ impl Mlp {
             for (g, &u) in g_row.iter_mut().zip(u_row) {
                 *g = ops::gelu_tanh(*g) * u;
             }
+        };
+        if t > 1 {
+            // Prefill: tokens are independent; serial, this loop (tanh per activation)
+            // left the other compute threads idle.
+            gate.par_chunks_exact_mut(inter)
+                .zip(up.par_chunks_exact(inter))
+                .for_each(|(g, u)| act(g, u));
+        } else {
+            act(&mut gate, &up);
         }
         sc.give(up);
         let mut y = sc.take(t * h);
@@ -476,6 +486,15 @@ impl Mlp {
                 let threads = rayon::current_num_threads().max(1);
                 let bs = dt.block_size().max(32);
                 let part = h.div_ceil(threads).div_ceil(bs) * bs;
+                if t > 1 && threads > 1 {
+                    // Prefill: one task per token (same arithmetic per output element
+                    // as the column split below, so prefill and decode agree).
+                    gate.par_chunks_exact(inter)
+                        .zip(y.par_chunks_exact_mut(h))
+                        .for_each(|(a_row, y_row)| dt.axpy_row_all(a_row, y_row));
+                    sc.give(gate);
+                    return y;
+                }
                 for (a_row, y_row) in gate.chunks_exact(inter).zip(y.chunks_exact_mut(h)) {
                     let run = |pi: usize, yp: &mut [f32]| {
                         for (i, &a) in a_row.iter().enumerate() {
