@@ -149,7 +149,7 @@ fn main() {
                 macs * bytes / toks as f64 / dt / 1e9
             );
         };
-        println!("row kernels (AVX-512 VNNI, 4 rows per call; x4: 4 tokens, all counted)");
+        println!("row kernels (AVX-512 VNNI; rx4: 2 rows x 4 tokens per call, all tokens counted)");
         let px8 = kernels_rows::PreparedX {
             qs: &xr8,
             fix: &f8,
