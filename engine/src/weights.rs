@@ -12,6 +12,7 @@ use crate::checkpoint::{DType, TensorView};
 use crate::error::Result;
 use crate::quant::blocks::*;
 use crate::quant::kernels;
+use crate::quant::kernels_rows;
 use crate::quant::QuantType;
 
 #[cfg(target_endian = "big")]
@@ -146,6 +147,8 @@ enum QuantizedX<'a> {
     /// Blocks and their per-token metadata (`quant::kernels::q8_0_meta`).
     Q8_0(&'a [BlockQ8_0], &'a [f32]),
     Q8K(&'a [BlockQ8K]),
+    /// Q8_0 activations laid out for the AVX-512 row kernels (`quant::kernels_rows`).
+    Rows(kernels_rows::PreparedX<'a>),
 }
 
 /// Per-thread scratch reused across products so the decode loop does not allocate.
@@ -154,6 +157,9 @@ struct MatScratch {
     q8: Vec<BlockQ8_0>,
     q8_sums: Vec<f32>,
     q8k: Vec<BlockQ8K>,
+    /// Activation bytes for the row kernels.
+    xr: Vec<i8>,
+    xfix: Vec<i32>,
     yt: Vec<f32>,
 }
 
@@ -540,6 +546,8 @@ impl Matrix {
                 q8,
                 q8_sums,
                 q8k,
+                xr,
+                xfix,
                 yt,
             } = &mut *guard;
             let xq = match &self.data {
@@ -553,7 +561,21 @@ impl Matrix {
                         );
                     }
                     kernels::q8_0_meta(q8, nb, q8_sums);
-                    QuantizedX::Q8_0(&q8[..], &q8_sums[..])
+                    if kernels_rows::available() {
+                        let off = match &self.data {
+                            Data::Q8_0(_) => kernels_rows::OFFSET_Q8_0,
+                            _ => kernels_rows::OFFSET_Q4_0,
+                        };
+                        kernels_rows::prepare_x(q8, nb, off, xr, xfix);
+                        QuantizedX::Rows(kernels_rows::PreparedX {
+                            qs: &xr[..],
+                            fix: &xfix[..],
+                            meta: &q8_sums[..],
+                            nb,
+                        })
+                    } else {
+                        QuantizedX::Q8_0(&q8[..], &q8_sums[..])
+                    }
                 }
                 Data::Q4K(_) => {
                     let nb = self.cols / QK_K;
@@ -603,9 +625,85 @@ impl Matrix {
         })
     }
 
+    /// Rows `rows` × tokens `toks` with the AVX-512 row kernels into `out` (row-major,
+    /// `out_stride` apart).
+    fn rows_tile(
+        &self,
+        x: &kernels_rows::PreparedX,
+        rows: std::ops::Range<usize>,
+        toks: std::ops::Range<usize>,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let stride = self.stride / QK8_0;
+        match &self.data {
+            Data::Q8_0(v) => {
+                kernels_rows::tile_q8_0(v.as_slice(), stride, rows, x, toks, out, out_stride)
+            }
+            Data::Q4_0(v) => {
+                kernels_rows::tile_q4_0(v.as_slice(), stride, rows, x, toks, out, out_stride)
+            }
+            _ => unreachable!("row kernels prepared for a non-Q8_0/Q4_0 matrix"),
+        }
+    }
+
+    fn matmul_rows(
+        &self,
+        x: &kernels_rows::PreparedX,
+        t: usize,
+        y: &mut [f32],
+        yt: &mut Vec<f32>,
+        serial: bool,
+    ) {
+        let threads = rayon::current_num_threads().max(1);
+        if t == 1 {
+            if serial {
+                self.rows_tile(x, 0..self.rows, 0..1, y, 1);
+            } else {
+                // As in `matmul_prepared`, a little finer than one range per thread, in
+                // whole row groups so no task ends in single-row calls.
+                let g = kernels_rows::ROWS;
+                let chunk = self.rows.div_ceil(threads * 4).max(16).next_multiple_of(g);
+                y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
+                    let r0 = ci * chunk;
+                    self.rows_tile(x, r0..r0 + ys.len(), 0..1, ys, 1);
+                });
+            }
+            return;
+        }
+        yt.resize(self.rows * t, 0.0);
+        // Same tiling as `matmul_prepared`: a row chunk's weights stay in L1/L2 while
+        // tiles of 32 tokens go past them.
+        const TOKEN_TILE: usize = 32;
+        let body = |r0: usize, chunk: &mut [f32]| {
+            let nrows = chunk.len() / t;
+            for t0 in (0..t).step_by(TOKEN_TILE) {
+                let t1 = (t0 + TOKEN_TILE).min(t);
+                self.rows_tile(x, r0..r0 + nrows, t0..t1, chunk, t);
+            }
+        };
+        if serial {
+            body(0, yt);
+        } else {
+            let g = kernels_rows::ROWS;
+            let rows_per = (self.rows / (threads * 8)).clamp(g, 16) / g * g;
+            yt.par_chunks_mut(rows_per * t)
+                .enumerate()
+                .for_each(|(ci, chunk)| body(ci * rows_per, chunk));
+        }
+        for r in 0..self.rows {
+            for ti in 0..t {
+                y[ti * self.rows + r] = yt[r * t + ti];
+            }
+        }
+    }
+
     fn matmul_prepared(&self, xq: &QuantizedX, t: usize, y: &mut [f32], yt: &mut Vec<f32>) {
         let work = self.rows * self.cols * t;
         let threads = rayon::current_num_threads().max(1);
+        if let QuantizedX::Rows(x) = xq {
+            return self.matmul_rows(x, t, y, yt, work < PAR_THRESHOLD || threads == 1);
+        }
         if t == 1 {
             if work < PAR_THRESHOLD || threads == 1 {
                 for (r, o) in y.iter_mut().enumerate() {

@@ -55,4 +55,5 @@ impl FromStr for QuantType {
 
 pub mod blocks;
 pub mod kernels;
+pub mod kernels_rows;
 pub mod store;
