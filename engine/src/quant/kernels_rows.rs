@@ -23,10 +23,14 @@ use super::kernels::{isa, Isa};
 const GROUP: usize = 8;
 
 /// Whether [`tile_q8_0`] / [`tile_q4_0`] can run here (runtime feature detection).
+/// `GEMMAD_ROW_KERNELS=0` turns them off (the per-row `kernels` tiers run instead), for
+/// comparisons.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         isa() == Isa::Avx512Vnni
+            && !*OFF.get_or_init(|| std::env::var("GEMMAD_ROW_KERNELS").as_deref() == Ok("0"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
