@@ -123,6 +123,35 @@ pub fn dot_q4_k_scalar(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
 
 // ---------------------------------------------------------------- dispatch
 
+/// Reference for `dot_f32_rows`.
+pub fn dot_f32_rows_scalar(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) {
+    for (r, qr) in q.iter().enumerate() {
+        for (j, kj) in k.iter().enumerate() {
+            out[r * stride + j] = qr.iter().zip(kj.iter()).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+/// Reference for `axpy_f32_rows`.
+pub fn axpy_f32_rows_scalar(
+    p: &[f32],
+    stride: usize,
+    v: &[&[f32]],
+    scale: &[f32],
+    acc: &mut [f32],
+) {
+    let n = acc.len() / scale.len();
+    for (r, (row, &s)) in acc.chunks_exact_mut(n).zip(scale).enumerate() {
+        for (i, a) in row.iter_mut().enumerate() {
+            let mut x = *a * s;
+            for (j, vj) in v.iter().enumerate() {
+                x += p[r * stride + j] * vj[i];
+            }
+            *a = x;
+        }
+    }
+}
+
 /// Per-token metadata of activation blocks (`nb` blocks per token): the `nb` scales as
 /// f32, then the `nb` sums `d·Σq` (the Q4_0 kernels use unsigned nibbles and subtract
 /// `8·d_w·d_x·Σq_x` per block instead of re-centring every weight).
@@ -223,6 +252,54 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
                 *o += alpha * v;
             }
         }
+    }
+}
+
+/// `out[r·stride + j] = q[r] · k[j]` for 1 to 4 query rows and any number of keys (the
+/// score block of tiled attention). Each pair is summed in an order that depends on
+/// neither the number of rows nor the number of keys in the call, so a query's scores
+/// do not depend on how queries and keys were tiled (prefill and decode agree bit for bit).
+pub fn dot_f32_rows(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe {
+            match q.len() {
+                1 => avx2::dot_f32_rows::<1>([q[0]], k, out, stride),
+                2 => avx2::dot_f32_rows::<2>([q[0], q[1]], k, out, stride),
+                3 => avx2::dot_f32_rows::<3>([q[0], q[1], q[2]], k, out, stride),
+                4 => avx2::dot_f32_rows::<4>([q[0], q[1], q[2], q[3]], k, out, stride),
+                n => panic!("dot_f32_rows: {n} rows (1 to 4)"),
+            }
+        },
+        _ => dot_f32_rows_scalar(q, k, out, stride),
+    }
+}
+
+/// `acc[r] = acc[r]·scale[r] + Σ_j p[r·stride + j]·v[j]` for 1 to 4 rows of `acc` (each
+/// `acc.len() / rows` long): tiled attention's rescaled weighted sum of values. Per
+/// element the operations are the same (a multiply, then one fused multiply-add per key
+/// in key order) whatever the number of rows, for the same reason as `dot_f32_rows`.
+pub fn axpy_f32_rows(p: &[f32], stride: usize, v: &[&[f32]], scale: &[f32], acc: &mut [f32]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe {
+            match scale.len() {
+                1 => avx2::axpy_f32_rows::<1>(p, stride, v, [scale[0]], acc),
+                2 => avx2::axpy_f32_rows::<2>(p, stride, v, [scale[0], scale[1]], acc),
+                3 => avx2::axpy_f32_rows::<3>(p, stride, v, [scale[0], scale[1], scale[2]], acc),
+                4 => avx2::axpy_f32_rows::<4>(
+                    p,
+                    stride,
+                    v,
+                    [scale[0], scale[1], scale[2], scale[3]],
+                    acc,
+                ),
+                n => panic!("axpy_f32_rows: {n} rows (1 to 4)"),
+            }
+        },
+        _ => axpy_f32_rows_scalar(p, stride, v, scale, acc),
     }
 }
 
@@ -459,6 +536,124 @@ macro_rules! x86_kernels {
                 while i < n {
                     y[i] += alpha * x[i];
                     i += 1;
+                }
+            }
+
+            /// See `super::dot_f32_rows`: two keys at a time, one accumulator per pair.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_f32_rows<const R: usize>(
+                q: [&[f32]; R],
+                k: &[&[f32]],
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                let n = q[0].len();
+                let q = q.map(|x| &x[..n]);
+                let mut j = 0;
+                while j < k.len() {
+                    let two = j + 1 < k.len();
+                    let k0 = &k[j][..n];
+                    // A lone last key is paired with itself; its second sum is dropped.
+                    let k1 = if two { &k[j + 1][..n] } else { k0 };
+                    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                    let mut i = 0;
+                    while i + 8 <= n {
+                        // SAFETY: i + 8 <= n and every row above is n long.
+                        unsafe {
+                            let a0 = _mm256_loadu_ps(k0.as_ptr().add(i));
+                            let a1 = _mm256_loadu_ps(k1.as_ptr().add(i));
+                            for r in 0..R {
+                                let x = _mm256_loadu_ps(q[r].as_ptr().add(i));
+                                acc[r][0] = _mm256_fmadd_ps(x, a0, acc[r][0]);
+                                acc[r][1] = _mm256_fmadd_ps(x, a1, acc[r][1]);
+                            }
+                        }
+                        i += 8;
+                    }
+                    for r in 0..R {
+                        let (mut s0, mut s1) = (hsum_ps(acc[r][0]), hsum_ps(acc[r][1]));
+                        for e in i..n {
+                            s0 += q[r][e] * k0[e];
+                            s1 += q[r][e] * k1[e];
+                        }
+                        out[r * stride + j] = s0;
+                        if two {
+                            out[r * stride + j + 1] = s1;
+                        }
+                    }
+                    j += 2;
+                }
+            }
+
+            /// See `super::axpy_f32_rows`: 16 columns of every row stay in registers
+            /// while all keys are added, so `acc` is read and written once per call.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn axpy_f32_rows<const R: usize>(
+                p: &[f32],
+                stride: usize,
+                v: &[&[f32]],
+                scale: [f32; R],
+                acc: &mut [f32],
+            ) {
+                let n = acc.len() / R;
+                let nk = v.len();
+                assert!(p.len() >= (R - 1) * stride + nk && v.iter().all(|x| x.len() >= n));
+                let pp = p.as_ptr();
+                let ap = acc.as_mut_ptr();
+                let mut i = 0;
+                while i + 16 <= n {
+                    // SAFETY: rows are n long, i + 16 <= n, and p holds ·stride + nk
+                    // (asserted above).
+                    unsafe {
+                        let mut a = [[_mm256_setzero_ps(); 2]; R];
+                        for r in 0..R {
+                            let s = _mm256_set1_ps(scale[r]);
+                            a[r][0] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i)), s);
+                            a[r][1] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i + 8)), s);
+                        }
+                        for (j, vj) in v.iter().enumerate() {
+                            let v0 = _mm256_loadu_ps(vj.as_ptr().add(i));
+                            let v1 = _mm256_loadu_ps(vj.as_ptr().add(i + 8));
+                            for r in 0..R {
+                                let b = _mm256_set1_ps(*pp.add(r * stride + j));
+                                a[r][0] = _mm256_fmadd_ps(b, v0, a[r][0]);
+                                a[r][1] = _mm256_fmadd_ps(b, v1, a[r][1]);
+                            }
+                        }
+                        for r in 0..R {
+                            _mm256_storeu_ps(ap.add(r * n + i), a[r][0]);
+                            _mm256_storeu_ps(ap.add(r * n + i + 8), a[r][1]);
+                        }
+                    }
+                    i += 16;
+                }
+                while i + 8 <= n {
+                    // SAFETY: as above, with i + 8 <= n.
+                    unsafe {
+                        let mut a = [_mm256_setzero_ps(); R];
+                        for r in 0..R {
+                            a[r] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i)), _mm256_set1_ps(scale[r]));
+                        }
+                        for (j, vj) in v.iter().enumerate() {
+                            let v0 = _mm256_loadu_ps(vj.as_ptr().add(i));
+                            for r in 0..R {
+                                a[r] = _mm256_fmadd_ps(_mm256_set1_ps(*pp.add(r * stride + j)), v0, a[r]);
+                            }
+                        }
+                        for r in 0..R {
+                            _mm256_storeu_ps(ap.add(r * n + i), a[r]);
+                        }
+                    }
+                    i += 8;
+                }
+                for e in i..n {
+                    for r in 0..R {
+                        let mut x = acc[r * n + e] * scale[r];
+                        for (j, vj) in v.iter().enumerate() {
+                            x = p[r * stride + j].mul_add(vj[e], x);
+                        }
+                        acc[r * n + e] = x;
+                    }
                 }
             }
 
@@ -1018,6 +1213,60 @@ mod tests {
                         assert!(
                             rel(vnni::dot_q4_k(&wk, &xk[0]), dot_q4_k_scalar(&wk, &xk[0])) < 1e-5
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_row_kernels_match_scalar_and_ignore_grouping() {
+        for &n in &[256usize, 40, 37, 8, 3] {
+            let q: Vec<Vec<f32>> = (0..4).map(|i| data(n, 10 + i)).collect();
+            let kv: Vec<Vec<f32>> = (0..7).map(|i| data(n, 20 + i)).collect();
+            let qs: Vec<&[f32]> = q.iter().map(|x| &x[..]).collect();
+            let ks: Vec<&[f32]> = kv.iter().map(|x| &x[..]).collect();
+            let stride = 9;
+            for rows in 1..=4 {
+                for nk in [1usize, 2, 3, 7] {
+                    let mut got = vec![0.0; 4 * stride];
+                    let mut want = vec![0.0; 4 * stride];
+                    dot_f32_rows(&qs[..rows], &ks[..nk], &mut got, stride);
+                    dot_f32_rows_scalar(&qs[..rows], &ks[..nk], &mut want, stride);
+                    for r in 0..rows {
+                        for j in 0..nk {
+                            let (g, w) = (got[r * stride + j], want[r * stride + j]);
+                            assert!(rel(g, w) < 1e-5, "n {n} rows {rows} nk {nk}: {g} vs {w}");
+                            // One row and one key alone give the same bits.
+                            let mut one = [0.0f32];
+                            dot_f32_rows(&qs[r..r + 1], &ks[j..j + 1], &mut one, 1);
+                            assert_eq!(one[0].to_bits(), g.to_bits());
+                        }
+                    }
+
+                    let p = data(4 * stride, 30 + nk as u64);
+                    let scale = [0.5f32, 1.0, 0.25, 2.0];
+                    let acc0 = data(rows * n, 40);
+                    let mut got = acc0.clone();
+                    let mut want = acc0.clone();
+                    axpy_f32_rows(&p, stride, &ks[..nk], &scale[..rows], &mut got);
+                    axpy_f32_rows_scalar(&p, stride, &ks[..nk], &scale[..rows], &mut want);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(rel(*g, *w) < 1e-5, "n {n} rows {rows} nk {nk}: {g} vs {w}");
+                    }
+                    for r in 0..rows {
+                        let mut one = acc0[r * n..(r + 1) * n].to_vec();
+                        axpy_f32_rows(
+                            &p[r * stride..],
+                            stride,
+                            &ks[..nk],
+                            &scale[r..r + 1],
+                            &mut one,
+                        );
+                        assert!(one
+                            .iter()
+                            .zip(&got[r * n..(r + 1) * n])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()));
                     }
                 }
             }
