@@ -260,18 +260,26 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// neither the number of rows nor the number of keys in the call, so a query's scores
 /// do not depend on how queries and keys were tiled (prefill and decode agree bit for bit).
 pub fn dot_f32_rows(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! rows {
+        ($m:ident, $k:literal) => {
+            match q.len() {
+                1 => $m::dot_f32_rows::<1, $k>([q[0]], k, out, stride),
+                2 => $m::dot_f32_rows::<2, $k>([q[0], q[1]], k, out, stride),
+                3 => $m::dot_f32_rows::<3, $k>([q[0], q[1], q[2]], k, out, stride),
+                4 => $m::dot_f32_rows::<4, $k>([q[0], q[1], q[2], q[3]], k, out, stride),
+                n => panic!("dot_f32_rows: {n} rows (1 to 4)"),
+            }
+        };
+    }
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe {
-            match q.len() {
-                1 => avx2::dot_f32_rows::<1>([q[0]], k, out, stride),
-                2 => avx2::dot_f32_rows::<2>([q[0], q[1]], k, out, stride),
-                3 => avx2::dot_f32_rows::<3>([q[0], q[1], q[2]], k, out, stride),
-                4 => avx2::dot_f32_rows::<4>([q[0], q[1], q[2], q[3]], k, out, stride),
-                n => panic!("dot_f32_rows: {n} rows (1 to 4)"),
-            }
-        },
+        Isa::Avx2 => unsafe { rows!(avx2, 2) },
+        // AVX-512VL gives 32 vector registers: 4×4 accumulators fit.
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { rows!(vnni, 4) },
         _ => dot_f32_rows_scalar(q, k, out, stride),
     }
 }
@@ -281,24 +289,26 @@ pub fn dot_f32_rows(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) 
 /// element the operations are the same (a multiply, then one fused multiply-add per key
 /// in key order) whatever the number of rows, for the same reason as `dot_f32_rows`.
 pub fn axpy_f32_rows(p: &[f32], stride: usize, v: &[&[f32]], scale: &[f32], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! rows {
+        ($m:ident, $w:literal) => {
+            match *scale {
+                [a] => $m::axpy_f32_rows::<1, $w>(p, stride, v, [a], acc),
+                [a, b] => $m::axpy_f32_rows::<2, $w>(p, stride, v, [a, b], acc),
+                [a, b, c] => $m::axpy_f32_rows::<3, $w>(p, stride, v, [a, b, c], acc),
+                [a, b, c, d] => $m::axpy_f32_rows::<4, $w>(p, stride, v, [a, b, c, d], acc),
+                _ => panic!("axpy_f32_rows: {} rows (1 to 4)", scale.len()),
+            }
+        };
+    }
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe {
-            match scale.len() {
-                1 => avx2::axpy_f32_rows::<1>(p, stride, v, [scale[0]], acc),
-                2 => avx2::axpy_f32_rows::<2>(p, stride, v, [scale[0], scale[1]], acc),
-                3 => avx2::axpy_f32_rows::<3>(p, stride, v, [scale[0], scale[1], scale[2]], acc),
-                4 => avx2::axpy_f32_rows::<4>(
-                    p,
-                    stride,
-                    v,
-                    [scale[0], scale[1], scale[2], scale[3]],
-                    acc,
-                ),
-                n => panic!("axpy_f32_rows: {n} rows (1 to 4)"),
-            }
-        },
+        Isa::Avx2 => unsafe { rows!(avx2, 2) },
+        // 32 registers: 4 rows × 32 columns of accumulators.
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { rows!(vnni, 4) },
         _ => axpy_f32_rows_scalar(p, stride, v, scale, acc),
     }
 }
@@ -539,9 +549,9 @@ macro_rules! x86_kernels {
                 }
             }
 
-            /// See `super::dot_f32_rows`: two keys at a time, one accumulator per pair.
+            /// See `super::dot_f32_rows`: `K` keys at a time, one accumulator per pair.
             #[target_feature(enable = $feat)]
-            pub unsafe fn dot_f32_rows<const R: usize>(
+            pub unsafe fn dot_f32_rows<const R: usize, const K: usize>(
                 q: [&[f32]; R],
                 k: &[&[f32]],
                 out: &mut [f32],
@@ -551,44 +561,41 @@ macro_rules! x86_kernels {
                 let q = q.map(|x| &x[..n]);
                 let mut j = 0;
                 while j < k.len() {
-                    let two = j + 1 < k.len();
-                    let k0 = &k[j][..n];
-                    // A lone last key is paired with itself; its second sum is dropped.
-                    let k1 = if two { &k[j + 1][..n] } else { k0 };
-                    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                    let nk = (k.len() - j).min(K);
+                    // Past the last key the last one is repeated; those sums are dropped.
+                    let kk: [&[f32]; K] = std::array::from_fn(|c| &k[j + c.min(nk - 1)][..n]);
+                    let mut acc = [[_mm256_setzero_ps(); K]; R];
                     let mut i = 0;
                     while i + 8 <= n {
                         // SAFETY: i + 8 <= n and every row above is n long.
                         unsafe {
-                            let a0 = _mm256_loadu_ps(k0.as_ptr().add(i));
-                            let a1 = _mm256_loadu_ps(k1.as_ptr().add(i));
+                            let a: [__m256; K] = std::array::from_fn(|c| _mm256_loadu_ps(kk[c].as_ptr().add(i)));
                             for r in 0..R {
                                 let x = _mm256_loadu_ps(q[r].as_ptr().add(i));
-                                acc[r][0] = _mm256_fmadd_ps(x, a0, acc[r][0]);
-                                acc[r][1] = _mm256_fmadd_ps(x, a1, acc[r][1]);
+                                for c in 0..K {
+                                    acc[r][c] = _mm256_fmadd_ps(x, a[c], acc[r][c]);
+                                }
                             }
                         }
                         i += 8;
                     }
                     for r in 0..R {
-                        let (mut s0, mut s1) = (hsum_ps(acc[r][0]), hsum_ps(acc[r][1]));
-                        for e in i..n {
-                            s0 += q[r][e] * k0[e];
-                            s1 += q[r][e] * k1[e];
-                        }
-                        out[r * stride + j] = s0;
-                        if two {
-                            out[r * stride + j + 1] = s1;
+                        for c in 0..nk {
+                            let mut s = hsum_ps(acc[r][c]);
+                            for e in i..n {
+                                s += q[r][e] * kk[c][e];
+                            }
+                            out[r * stride + j + c] = s;
                         }
                     }
-                    j += 2;
+                    j += K;
                 }
             }
 
-            /// See `super::axpy_f32_rows`: 16 columns of every row stay in registers
+            /// See `super::axpy_f32_rows`: `8·W` columns of every row stay in registers
             /// while all keys are added, so `acc` is read and written once per call.
             #[target_feature(enable = $feat)]
-            pub unsafe fn axpy_f32_rows<const R: usize>(
+            pub unsafe fn axpy_f32_rows<const R: usize, const W: usize>(
                 p: &[f32],
                 stride: usize,
                 v: &[&[f32]],
@@ -601,31 +608,33 @@ macro_rules! x86_kernels {
                 let pp = p.as_ptr();
                 let ap = acc.as_mut_ptr();
                 let mut i = 0;
-                while i + 16 <= n {
-                    // SAFETY: rows are n long, i + 16 <= n, and p holds ·stride + nk
+                while i + 8 * W <= n {
+                    // SAFETY: rows are n long, i + 8·W <= n, and p holds ·stride + nk
                     // (asserted above).
                     unsafe {
-                        let mut a = [[_mm256_setzero_ps(); 2]; R];
+                        let mut a = [[_mm256_setzero_ps(); W]; R];
                         for r in 0..R {
                             let s = _mm256_set1_ps(scale[r]);
-                            a[r][0] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i)), s);
-                            a[r][1] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i + 8)), s);
+                            for c in 0..W {
+                                a[r][c] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i + 8 * c)), s);
+                            }
                         }
                         for (j, vj) in v.iter().enumerate() {
-                            let v0 = _mm256_loadu_ps(vj.as_ptr().add(i));
-                            let v1 = _mm256_loadu_ps(vj.as_ptr().add(i + 8));
+                            let vc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(vj.as_ptr().add(i + 8 * c)));
                             for r in 0..R {
                                 let b = _mm256_set1_ps(*pp.add(r * stride + j));
-                                a[r][0] = _mm256_fmadd_ps(b, v0, a[r][0]);
-                                a[r][1] = _mm256_fmadd_ps(b, v1, a[r][1]);
+                                for c in 0..W {
+                                    a[r][c] = _mm256_fmadd_ps(b, vc[c], a[r][c]);
+                                }
                             }
                         }
                         for r in 0..R {
-                            _mm256_storeu_ps(ap.add(r * n + i), a[r][0]);
-                            _mm256_storeu_ps(ap.add(r * n + i + 8), a[r][1]);
+                            for c in 0..W {
+                                _mm256_storeu_ps(ap.add(r * n + i + 8 * c), a[r][c]);
+                            }
                         }
                     }
-                    i += 16;
+                    i += 8 * W;
                 }
                 while i + 8 <= n {
                     // SAFETY: as above, with i + 8 <= n.
@@ -1253,6 +1262,29 @@ mod tests {
                     axpy_f32_rows_scalar(&p, stride, &ks[..nk], &scale[..rows], &mut want);
                     for (g, w) in got.iter().zip(&want) {
                         assert!(rel(*g, *w) < 1e-5, "n {n} rows {rows} nk {nk}: {g} vs {w}");
+                    }
+                    // The AVX2 tier explicitly (this CPU may dispatch to AVX-512).
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                        && rows == 4
+                    {
+                        let mut a = acc0.clone();
+                        let mut d = vec![0.0; 4 * stride];
+                        // SAFETY: features checked above.
+                        unsafe {
+                            avx2::axpy_f32_rows::<4, 2>(&p, stride, &ks[..nk], scale, &mut a);
+                            avx2::dot_f32_rows::<4, 2>(
+                                [qs[0], qs[1], qs[2], qs[3]],
+                                &ks[..nk],
+                                &mut d,
+                                stride,
+                            );
+                        }
+                        assert!(a.iter().zip(&want).all(|(g, w)| rel(*g, *w) < 1e-5));
+                        let mut dw = vec![0.0; 4 * stride];
+                        dot_f32_rows_scalar(&qs[..4], &ks[..nk], &mut dw, stride);
+                        assert!(d.iter().zip(&dw).all(|(g, w)| rel(*g, *w) < 1e-5));
                     }
                     for r in 0..rows {
                         let mut one = acc0[r * n..(r + 1) * n].to_vec();
