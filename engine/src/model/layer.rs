@@ -4,13 +4,8 @@
 
 use rayon::prelude::*;
 
+use super::attention::{attention_forward, Heads, KvView, TILING};
 use super::scratch::Scratch;
-use crate::quant::kernels;
-
-thread_local! {
-    /// Attention scores of one (token, head) task; grows to the longest context seen.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 use super::{ops, Loader, TextModel};
 use crate::config::{LayerType, TextConfig};
 use crate::error::Result;
@@ -373,63 +368,18 @@ impl DecoderLayer {
         };
         let mut out = sc.take(t * qd);
         if let Some((cached, new_k, new_v)) = cache.view(src) {
-            let group = nh / nkv;
-            // One task per (token, KV head): the `group` query heads that share a KV
-            // head read each key and value once (GQA), and own a contiguous
-            // group·hd slice of `out`. Per head the arithmetic is the same as one task
-            // per head, so results do not depend on the grouping.
-            let work = out.len() / hd * (pos0 + t).min(window.unwrap_or(usize::MAX)) * hd;
-            let body = |idx: usize, o: &mut [f32]| {
-                let (ti, kvh) = (idx / nkv, idx % nkv);
-                let p = pos0 + ti;
-                let lo = match window {
-                    Some(w) => (p + 1).saturating_sub(w),
-                    None => 0,
-                };
-                let n = p + 1 - lo;
-                let key = |kp: usize| -> (&[f32], &[f32]) {
-                    if kp < pos0 {
-                        let s = cached.slot(kp) * kvd + kvh * hd;
-                        (&cached.k[s..s + hd], &cached.v[s..s + hd])
-                    } else {
-                        let s = (kp - pos0) * kvd + kvh * hd;
-                        (&new_k[s..s + hd], &new_v[s..s + hd])
-                    }
-                };
-                let q0 = ti * qd + kvh * group * hd;
-                SCORES.with(|cell| {
-                    let mut scores = cell.borrow_mut();
-                    if scores.len() < group * n {
-                        scores.resize(group * n, 0.0);
-                    }
-                    // Cached positions lo..pos0, then new positions pos0..=p.
-                    for (j, kp) in (lo..p + 1).enumerate() {
-                        let k = key(kp).0;
-                        for g in 0..group {
-                            let qv = &q[q0 + g * hd..q0 + (g + 1) * hd];
-                            scores[g * n + j] = kernels::dot_f32(qv, k);
-                        }
-                    }
-                    for g in 0..group {
-                        ops::softmax(&mut scores[g * n..(g + 1) * n]);
-                    }
-                    for (j, kp) in (lo..p + 1).enumerate() {
-                        let v = key(kp).1;
-                        for (g, og) in o.chunks_exact_mut(hd).enumerate() {
-                            kernels::axpy_f32(scores[g * n + j], v, og);
-                        }
-                    }
-                });
+            let kv = KvView {
+                cached,
+                new_k,
+                new_v,
             };
-            if work < 1 << 15 {
-                for (idx, o) in out.chunks_mut(group * hd).enumerate() {
-                    body(idx, o);
-                }
-            } else {
-                out.par_chunks_mut(group * hd)
-                    .enumerate()
-                    .for_each(|(idx, o)| body(idx, o));
-            }
+            let heads = Heads {
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+                window,
+            };
+            attention_forward(&q, t, pos0, &kv, heads, TILING, &mut out, sc);
         }
         sc.give(q);
         let mut y = sc.take(t * c.hidden_size);

@@ -2,6 +2,7 @@
 //! weights from a checkpoint and running prefill/decode over a [`KvCache`].
 //! Per-layer pieces (AltUp, Laurel, attention, MLP) live in `layer.rs`.
 
+mod attention;
 mod layer;
 pub mod ops;
 pub(crate) mod scratch;

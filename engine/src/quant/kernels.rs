@@ -123,6 +123,35 @@ pub fn dot_q4_k_scalar(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
 
 // ---------------------------------------------------------------- dispatch
 
+/// Reference for `dot_f32_rows`.
+pub fn dot_f32_rows_scalar(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) {
+    for (r, qr) in q.iter().enumerate() {
+        for (j, kj) in k.iter().enumerate() {
+            out[r * stride + j] = qr.iter().zip(kj.iter()).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+/// Reference for `axpy_f32_rows`.
+pub fn axpy_f32_rows_scalar(
+    p: &[f32],
+    stride: usize,
+    v: &[&[f32]],
+    scale: &[f32],
+    acc: &mut [f32],
+) {
+    let n = acc.len() / scale.len();
+    for (r, (row, &s)) in acc.chunks_exact_mut(n).zip(scale).enumerate() {
+        for (i, a) in row.iter_mut().enumerate() {
+            let mut x = *a * s;
+            for (j, vj) in v.iter().enumerate() {
+                x += p[r * stride + j] * vj[i];
+            }
+            *a = x;
+        }
+    }
+}
+
 /// Per-token metadata of activation blocks (`nb` blocks per token): the `nb` scales as
 /// f32, then the `nb` sums `d·Σq` (the Q4_0 kernels use unsigned nibbles and subtract
 /// `8·d_w·d_x·Σq_x` per block instead of re-centring every weight).
@@ -223,6 +252,64 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
                 *o += alpha * v;
             }
         }
+    }
+}
+
+/// `out[r·stride + j] = q[r] · k[j]` for 1 to 4 query rows and any number of keys (the
+/// score block of tiled attention). Each pair is summed in an order that depends on
+/// neither the number of rows nor the number of keys in the call, so a query's scores
+/// do not depend on how queries and keys were tiled (prefill and decode agree bit for bit).
+pub fn dot_f32_rows(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! rows {
+        ($m:ident, $k:literal) => {
+            match q.len() {
+                1 => $m::dot_f32_rows::<1, $k>([q[0]], k, out, stride),
+                2 => $m::dot_f32_rows::<2, $k>([q[0], q[1]], k, out, stride),
+                3 => $m::dot_f32_rows::<3, $k>([q[0], q[1], q[2]], k, out, stride),
+                4 => $m::dot_f32_rows::<4, $k>([q[0], q[1], q[2], q[3]], k, out, stride),
+                n => panic!("dot_f32_rows: {n} rows (1 to 4)"),
+            }
+        };
+    }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 => unsafe { rows!(avx2, 2) },
+        // AVX-512VL gives 32 vector registers: 4×4 accumulators fit.
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { rows!(vnni, 4) },
+        _ => dot_f32_rows_scalar(q, k, out, stride),
+    }
+}
+
+/// `acc[r] = acc[r]·scale[r] + Σ_j p[r·stride + j]·v[j]` for 1 to 4 rows of `acc` (each
+/// `acc.len() / rows` long): tiled attention's rescaled weighted sum of values. Per
+/// element the operations are the same (a multiply, then one fused multiply-add per key
+/// in key order) whatever the number of rows, for the same reason as `dot_f32_rows`.
+pub fn axpy_f32_rows(p: &[f32], stride: usize, v: &[&[f32]], scale: &[f32], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! rows {
+        ($m:ident, $w:literal) => {
+            match *scale {
+                [a] => $m::axpy_f32_rows::<1, $w>(p, stride, v, [a], acc),
+                [a, b] => $m::axpy_f32_rows::<2, $w>(p, stride, v, [a, b], acc),
+                [a, b, c] => $m::axpy_f32_rows::<3, $w>(p, stride, v, [a, b, c], acc),
+                [a, b, c, d] => $m::axpy_f32_rows::<4, $w>(p, stride, v, [a, b, c, d], acc),
+                _ => panic!("axpy_f32_rows: {} rows (1 to 4)", scale.len()),
+            }
+        };
+    }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() verified the features at run time.
+        Isa::Avx2 => unsafe { rows!(avx2, 2) },
+        // 32 registers: 4 rows × 32 columns of accumulators.
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { rows!(vnni, 4) },
+        _ => axpy_f32_rows_scalar(p, stride, v, scale, acc),
     }
 }
 
@@ -459,6 +546,123 @@ macro_rules! x86_kernels {
                 while i < n {
                     y[i] += alpha * x[i];
                     i += 1;
+                }
+            }
+
+            /// See `super::dot_f32_rows`: `K` keys at a time, one accumulator per pair.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_f32_rows<const R: usize, const K: usize>(
+                q: [&[f32]; R],
+                k: &[&[f32]],
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                let n = q[0].len();
+                let q = q.map(|x| &x[..n]);
+                let mut j = 0;
+                while j < k.len() {
+                    let nk = (k.len() - j).min(K);
+                    // Past the last key the last one is repeated; those sums are dropped.
+                    let kk: [&[f32]; K] = std::array::from_fn(|c| &k[j + c.min(nk - 1)][..n]);
+                    let mut acc = [[_mm256_setzero_ps(); K]; R];
+                    let mut i = 0;
+                    while i + 8 <= n {
+                        // SAFETY: i + 8 <= n and every row above is n long.
+                        unsafe {
+                            let a: [__m256; K] = std::array::from_fn(|c| _mm256_loadu_ps(kk[c].as_ptr().add(i)));
+                            for r in 0..R {
+                                let x = _mm256_loadu_ps(q[r].as_ptr().add(i));
+                                for c in 0..K {
+                                    acc[r][c] = _mm256_fmadd_ps(x, a[c], acc[r][c]);
+                                }
+                            }
+                        }
+                        i += 8;
+                    }
+                    for r in 0..R {
+                        for c in 0..nk {
+                            let mut s = hsum_ps(acc[r][c]);
+                            for e in i..n {
+                                s += q[r][e] * kk[c][e];
+                            }
+                            out[r * stride + j + c] = s;
+                        }
+                    }
+                    j += K;
+                }
+            }
+
+            /// See `super::axpy_f32_rows`: `8·W` columns of every row stay in registers
+            /// while all keys are added, so `acc` is read and written once per call.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn axpy_f32_rows<const R: usize, const W: usize>(
+                p: &[f32],
+                stride: usize,
+                v: &[&[f32]],
+                scale: [f32; R],
+                acc: &mut [f32],
+            ) {
+                let n = acc.len() / R;
+                let nk = v.len();
+                assert!(p.len() >= (R - 1) * stride + nk && v.iter().all(|x| x.len() >= n));
+                let pp = p.as_ptr();
+                let ap = acc.as_mut_ptr();
+                let mut i = 0;
+                while i + 8 * W <= n {
+                    // SAFETY: rows are n long, i + 8·W <= n, and p holds ·stride + nk
+                    // (asserted above).
+                    unsafe {
+                        let mut a = [[_mm256_setzero_ps(); W]; R];
+                        for r in 0..R {
+                            let s = _mm256_set1_ps(scale[r]);
+                            for c in 0..W {
+                                a[r][c] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i + 8 * c)), s);
+                            }
+                        }
+                        for (j, vj) in v.iter().enumerate() {
+                            let vc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(vj.as_ptr().add(i + 8 * c)));
+                            for r in 0..R {
+                                let b = _mm256_set1_ps(*pp.add(r * stride + j));
+                                for c in 0..W {
+                                    a[r][c] = _mm256_fmadd_ps(b, vc[c], a[r][c]);
+                                }
+                            }
+                        }
+                        for r in 0..R {
+                            for c in 0..W {
+                                _mm256_storeu_ps(ap.add(r * n + i + 8 * c), a[r][c]);
+                            }
+                        }
+                    }
+                    i += 8 * W;
+                }
+                while i + 8 <= n {
+                    // SAFETY: as above, with i + 8 <= n.
+                    unsafe {
+                        let mut a = [_mm256_setzero_ps(); R];
+                        for r in 0..R {
+                            a[r] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i)), _mm256_set1_ps(scale[r]));
+                        }
+                        for (j, vj) in v.iter().enumerate() {
+                            let v0 = _mm256_loadu_ps(vj.as_ptr().add(i));
+                            for r in 0..R {
+                                a[r] = _mm256_fmadd_ps(_mm256_set1_ps(*pp.add(r * stride + j)), v0, a[r]);
+                            }
+                        }
+                        for r in 0..R {
+                            _mm256_storeu_ps(ap.add(r * n + i), a[r]);
+                        }
+                    }
+                    i += 8;
+                }
+                for e in i..n {
+                    for r in 0..R {
+                        let mut x = acc[r * n + e] * scale[r];
+                        for (j, vj) in v.iter().enumerate() {
+                            x = p[r * stride + j].mul_add(vj[e], x);
+                        }
+                        acc[r * n + e] = x;
+                    }
                 }
             }
 
@@ -1018,6 +1222,83 @@ mod tests {
                         assert!(
                             rel(vnni::dot_q4_k(&wk, &xk[0]), dot_q4_k_scalar(&wk, &xk[0])) < 1e-5
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_row_kernels_match_scalar_and_ignore_grouping() {
+        for &n in &[256usize, 40, 37, 8, 3] {
+            let q: Vec<Vec<f32>> = (0..4).map(|i| data(n, 10 + i)).collect();
+            let kv: Vec<Vec<f32>> = (0..7).map(|i| data(n, 20 + i)).collect();
+            let qs: Vec<&[f32]> = q.iter().map(|x| &x[..]).collect();
+            let ks: Vec<&[f32]> = kv.iter().map(|x| &x[..]).collect();
+            let stride = 9;
+            for rows in 1..=4 {
+                for nk in [1usize, 2, 3, 7] {
+                    let mut got = vec![0.0; 4 * stride];
+                    let mut want = vec![0.0; 4 * stride];
+                    dot_f32_rows(&qs[..rows], &ks[..nk], &mut got, stride);
+                    dot_f32_rows_scalar(&qs[..rows], &ks[..nk], &mut want, stride);
+                    for r in 0..rows {
+                        for j in 0..nk {
+                            let (g, w) = (got[r * stride + j], want[r * stride + j]);
+                            assert!(rel(g, w) < 1e-5, "n {n} rows {rows} nk {nk}: {g} vs {w}");
+                            // One row and one key alone give the same bits.
+                            let mut one = [0.0f32];
+                            dot_f32_rows(&qs[r..r + 1], &ks[j..j + 1], &mut one, 1);
+                            assert_eq!(one[0].to_bits(), g.to_bits());
+                        }
+                    }
+
+                    let p = data(4 * stride, 30 + nk as u64);
+                    let scale = [0.5f32, 1.0, 0.25, 2.0];
+                    let acc0 = data(rows * n, 40);
+                    let mut got = acc0.clone();
+                    let mut want = acc0.clone();
+                    axpy_f32_rows(&p, stride, &ks[..nk], &scale[..rows], &mut got);
+                    axpy_f32_rows_scalar(&p, stride, &ks[..nk], &scale[..rows], &mut want);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(rel(*g, *w) < 1e-5, "n {n} rows {rows} nk {nk}: {g} vs {w}");
+                    }
+                    // The AVX2 tier explicitly (this CPU may dispatch to AVX-512).
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                        && rows == 4
+                    {
+                        let mut a = acc0.clone();
+                        let mut d = vec![0.0; 4 * stride];
+                        // SAFETY: features checked above.
+                        unsafe {
+                            avx2::axpy_f32_rows::<4, 2>(&p, stride, &ks[..nk], scale, &mut a);
+                            avx2::dot_f32_rows::<4, 2>(
+                                [qs[0], qs[1], qs[2], qs[3]],
+                                &ks[..nk],
+                                &mut d,
+                                stride,
+                            );
+                        }
+                        assert!(a.iter().zip(&want).all(|(g, w)| rel(*g, *w) < 1e-5));
+                        let mut dw = vec![0.0; 4 * stride];
+                        dot_f32_rows_scalar(&qs[..4], &ks[..nk], &mut dw, stride);
+                        assert!(d.iter().zip(&dw).all(|(g, w)| rel(*g, *w) < 1e-5));
+                    }
+                    for r in 0..rows {
+                        let mut one = acc0[r * n..(r + 1) * n].to_vec();
+                        axpy_f32_rows(
+                            &p[r * stride..],
+                            stride,
+                            &ks[..nk],
+                            &scale[r..r + 1],
+                            &mut one,
+                        );
+                        assert!(one
+                            .iter()
+                            .zip(&got[r * n..(r + 1) * n])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()));
                     }
                 }
             }

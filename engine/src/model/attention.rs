@@ -1,0 +1,401 @@
+//! The scaled dot-product part of `Gemma3nTextAttention` (transformers'
+//! `eager_attention_forward`, scaling 1, no softcap), computed flash-attention style:
+//! queries are tiled, each tile walks its keys in blocks with an online softmax, so a
+//! block of K/V is read from memory once per tile instead of once per query. A long
+//! prefill would otherwise stream the whole cache once per token.
+//!
+//! Key blocks are aligned on absolute positions and a query's arithmetic only involves
+//! keys it may attend to (others enter as exact zeros), so a query's output does not
+//! depend on the tile it landed in: a prefill of any chunk size and token-by-token decode
+//! give the same bits.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::scratch::Scratch;
+use crate::kv_cache::LayerKv;
+use crate::quant::kernels;
+
+/// Most keys per block (the block's slice tables live on the stack).
+const MAX_BLOCK_KEYS: usize = 128;
+
+/// Query tokens per tile and keys per block.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tiling {
+    pub queries: usize,
+    pub keys: usize,
+}
+
+/// On E2B (4 query heads per KV head, head_dim 256): a tile's accumulators are 128 KiB
+/// and a block's K and V 64 KiB each, so all stay in L2 while every query row of the
+/// tile reuses the block.
+pub(crate) const TILING: Tiling = Tiling {
+    queries: 32,
+    keys: 64,
+};
+
+/// Keys and values one pass attends to: positions before `pos0` in the committed cache
+/// (a ring on sliding layers), the pass's own `[t, kv_dim]` in `new_k` / `new_v`.
+pub(crate) struct KvView<'a> {
+    pub cached: &'a LayerKv,
+    pub new_k: &'a [f32],
+    pub new_v: &'a [f32],
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heads {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window (keys `p - window < k <= p`), `None` on full-attention layers.
+    pub window: Option<usize>,
+}
+
+thread_local! {
+    /// Scores, running max, running sum and rescale factors of one tile's rows; sized
+    /// by the largest tile, so decode stops allocating once any pass has run here.
+    static TILE_STATE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Causal (and windowed) attention of the `t` queries `q` (`[t, num_heads·head_dim]`, at
+/// positions `pos0..pos0+t`) into `out` (same shape).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_forward(
+    q: &[f32],
+    t: usize,
+    pos0: usize,
+    kv: &KvView,
+    heads: Heads,
+    tiling: Tiling,
+    out: &mut [f32],
+    sc: &mut Scratch,
+) {
+    let Heads {
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        window,
+    } = heads;
+    if t == 0 {
+        return;
+    }
+    let group = nh / nkv;
+    assert!((1..=MAX_BLOCK_KEYS).contains(&tiling.keys) && tiling.queries > 0);
+    let tq = tiling.queries.min(t);
+    let ntiles = t.div_ceil(tq);
+    // One task per (KV head, tile): it owns the tile's `tq·group` query rows of that KV
+    // head (the GQA group shares every key it reads), laid out row after row.
+    let chunk = tq * group * hd;
+    let task = |idx: usize, acc: &mut [f32]| {
+        let (kvh, tile) = (idx / ntiles, idx % ntiles);
+        let ta = tile * tq;
+        let tb = (ta + tq).min(t);
+        let rows = (tb - ta) * group;
+        attend_tile(
+            q,
+            ta..tb,
+            pos0,
+            kvh,
+            kv,
+            heads,
+            tiling.keys,
+            &mut acc[..rows * hd],
+        );
+    };
+    let work = t * nh * (pos0 + t).min(window.unwrap_or(usize::MAX)) * hd;
+    let run = |buf: &mut [f32]| {
+        if work < 1 << 15 {
+            buf.chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, c)| task(i, c));
+        } else {
+            buf.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, c)| task(i, c));
+        }
+    };
+    if t == 1 {
+        // One token: the task layout [KV head][group·hd] is the output layout.
+        run(out);
+        return;
+    }
+    let mut tiles = sc.take(nkv * ntiles * chunk);
+    run(&mut tiles);
+    let gd = group * hd;
+    for kvh in 0..nkv {
+        for ti in 0..t {
+            let s = (kvh * ntiles * tq + ti) * gd;
+            let d = ti * nh * hd + kvh * gd;
+            out[d..d + gd].copy_from_slice(&tiles[s..s + gd]);
+        }
+    }
+    sc.give(tiles);
+}
+
+/// Attention of the query rows of tokens `toks` for KV head `kvh` into `acc`
+/// (`[rows, head_dim]`, zeroed). Row `r` is query head `kvh·group + r % group` of token
+/// `toks.start + r / group`.
+#[allow(clippy::too_many_arguments)]
+fn attend_tile(
+    q: &[f32],
+    toks: std::ops::Range<usize>,
+    pos0: usize,
+    kvh: usize,
+    kv: &KvView,
+    heads: Heads,
+    kb: usize,
+    acc: &mut [f32],
+) {
+    let hd = heads.head_dim;
+    let group = heads.num_heads / heads.num_kv_heads;
+    let (qd, kvd) = (heads.num_heads * hd, heads.num_kv_heads * hd);
+    let rows = toks.len() * group;
+    let pos = |r: usize| pos0 + toks.start + r / group;
+    let lo_of = |p: usize| heads.window.map_or(0, |w| (p + 1).saturating_sub(w));
+    let q_row = |r: usize| {
+        let s = (toks.start + r / group) * qd + (kvh * group + r % group) * hd;
+        &q[s..s + hd]
+    };
+    let kv_at = |kp: usize| -> (&[f32], &[f32]) {
+        if kp < pos0 {
+            let s = kv.cached.slot(kp) * kvd + kvh * hd;
+            (&kv.cached.k[s..s + hd], &kv.cached.v[s..s + hd])
+        } else {
+            let s = (kp - pos0) * kvd + kvh * hd;
+            (&kv.new_k[s..s + hd], &kv.new_v[s..s + hd])
+        }
+    };
+
+    TILE_STATE.with(|cell| {
+        let mut st = cell.borrow_mut();
+        if st.len() < rows * (kb + 3) {
+            st.resize(rows * (kb + 3), 0.0);
+        }
+        let (s, rest) = st.split_at_mut(rows * kb);
+        let (m, rest) = rest.split_at_mut(rows);
+        let (l, rest) = rest.split_at_mut(rows);
+        let scale = &mut rest[..rows];
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+
+        let mut ks: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
+        let mut vs: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
+        let (klo, khi) = (lo_of(pos(0)), pos(rows - 1));
+        for b in klo / kb..=khi / kb {
+            // Keys ba..=bz of block b that some row of the tile attends to.
+            let (ba, bz) = ((b * kb).max(klo), (b * kb + kb - 1).min(khi));
+            for kp in ba..=bz {
+                (ks[kp - ba], vs[kp - ba]) = kv_at(kp);
+            }
+            // Rows four at a time (the kernels' register block); a group of rows skips
+            // the keys none of its rows sees.
+            for r0 in (0..rows).step_by(4) {
+                let r1 = (r0 + 4).min(rows);
+                let (ka, kz) = (ba.max(lo_of(pos(r0))), bz.min(pos(r1 - 1)));
+                if ka > kz {
+                    continue;
+                }
+                let (j0, j1) = (ka - ba, kz - ba + 1);
+                let qs = [0, 1, 2, 3].map(|i| q_row((r0 + i).min(r1 - 1)));
+                kernels::dot_f32_rows(&qs[..r1 - r0], &ks[j0..j1], &mut s[r0 * kb + j0..], kb);
+                for r in r0..r1 {
+                    let sr = &mut s[r * kb + j0..r * kb + j1];
+                    let (lo, hi) = (lo_of(pos(r)).max(ka), pos(r).min(kz));
+                    if lo > hi {
+                        // Nothing for this row here: weights 0, state untouched.
+                        sr.fill(0.0);
+                        scale[r] = 1.0;
+                        continue;
+                    }
+                    let own = lo - ka..hi - ka + 1;
+                    let bm = sr[own.clone()]
+                        .iter()
+                        .copied()
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let mn = m[r].max(bm);
+                    // exp(-inf) = 0 on the row's first block, whose state is all zero.
+                    scale[r] = (m[r] - mn).exp();
+                    let mut sum = l[r] * scale[r];
+                    for (j, x) in sr.iter_mut().enumerate() {
+                        *x = if own.contains(&j) {
+                            (*x - mn).exp()
+                        } else {
+                            0.0
+                        };
+                        sum += *x;
+                    }
+                    (m[r], l[r]) = (mn, sum);
+                }
+                kernels::axpy_f32_rows(
+                    &s[r0 * kb + j0..],
+                    kb,
+                    &vs[j0..j1],
+                    &scale[r0..r1],
+                    &mut acc[r0 * hd..r1 * hd],
+                );
+            }
+        }
+        // Every row saw at least its own key, so l > 0.
+        for (row, &lr) in acc.chunks_exact_mut(hd).zip(l.iter()) {
+            let inv = 1.0 / lr;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    /// Keys/values of every position `0..n` (`[n, kv_dim]`), and a cache holding those
+    /// before `pos0` as the engine would (a ring of `ring` slots on sliding layers).
+    fn cache_of(k: &[f32], v: &[f32], kvd: usize, pos0: usize, ring: Option<usize>) -> LayerKv {
+        let cap = ring.unwrap_or(pos0.max(1));
+        let mut c = LayerKv {
+            window: ring,
+            k: vec![f32::NAN; cap * kvd],
+            v: vec![f32::NAN; cap * kvd],
+        };
+        for p in pos0.saturating_sub(cap)..pos0 {
+            let s = c.slot(p) * kvd;
+            c.k[s..s + kvd].copy_from_slice(&k[p * kvd..(p + 1) * kvd]);
+            c.v[s..s + kvd].copy_from_slice(&v[p * kvd..(p + 1) * kvd]);
+        }
+        c
+    }
+
+    /// Full softmax in f64 over each query's visible keys.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], t: usize, pos0: usize, h: Heads) -> Vec<f32> {
+        let (hd, nh) = (h.head_dim, h.num_heads);
+        let (qd, kvd, group) = (nh * hd, h.num_kv_heads * hd, nh / h.num_kv_heads);
+        let mut out = vec![0.0; t * qd];
+        for ti in 0..t {
+            let p = pos0 + ti;
+            let lo = h.window.map_or(0, |w| (p + 1).saturating_sub(w));
+            for head in 0..nh {
+                let qv = &q[ti * qd + head * hd..][..hd];
+                let kvo = (head / group) * hd;
+                let sc: Vec<f64> = (lo..=p)
+                    .map(|kp| {
+                        let kr = &k[kp * kvd + kvo..][..hd];
+                        qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum()
+                    })
+                    .collect();
+                let mx = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let acc: f64 = (lo..=p)
+                        .zip(&e)
+                        .map(|(kp, w)| w * v[kp * kvd + kvo + d] as f64)
+                        .sum();
+                    out[ti * qd + head * hd + d] = (acc / z) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn run(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        pos0: usize,
+        h: Heads,
+        tiling: Tiling,
+    ) -> Vec<f32> {
+        let kvd = h.num_kv_heads * h.head_dim;
+        let ring = h.window;
+        let cached = cache_of(k, v, kvd, pos0, ring);
+        let kv = KvView {
+            cached: &cached,
+            new_k: &k[pos0 * kvd..(pos0 + t) * kvd],
+            new_v: &v[pos0 * kvd..(pos0 + t) * kvd],
+        };
+        let mut out = vec![0.0; t * h.num_heads * h.head_dim];
+        let mut sc = Scratch::default();
+        attention_forward(q, t, pos0, &kv, h, tiling, &mut out, &mut sc);
+        out
+    }
+
+    #[test]
+    fn tiled_attention_matches_full_softmax_and_is_tiling_invariant() {
+        for (window, nh, nkv, hd) in [
+            (Some(7), 6, 2, 40),
+            (None, 6, 2, 40),
+            (Some(5), 8, 2, 256),
+            (None, 4, 4, 37),
+            (Some(70), 4, 1, 16),
+        ] {
+            let heads = Heads {
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+                window,
+            };
+            let (qd, kvd) = (nh * hd, nkv * hd);
+            for (pos0, t) in [(0, 13), (21, 13), (130, 37), (3, 1), (150, 1)] {
+                let n = pos0 + t;
+                let k = data(n * kvd, 1 + n as u64);
+                let v = data(n * kvd, 2 + n as u64);
+                // Scores of order one, as after q_norm/k_norm.
+                let q: Vec<f32> = data(t * qd, 3 + n as u64)
+                    .iter()
+                    .map(|x| x / (hd as f32).sqrt())
+                    .collect();
+                let want = reference(&q, &k, &v, t, pos0, heads);
+                let tilings = [
+                    TILING,
+                    Tiling {
+                        queries: 4,
+                        keys: 5,
+                    },
+                    Tiling {
+                        queries: 3,
+                        keys: 128,
+                    },
+                ];
+                for tiling in tilings {
+                    let got = run(&q, &k, &v, t, pos0, heads, tiling);
+                    let d = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(d <= 1e-5, "{heads:?} pos0 {pos0} t {t} {tiling:?}: {d}");
+                    // Token by token (decode) gives the same bits as the whole pass.
+                    for ti in [0, t / 2, t - 1] {
+                        let one = run(
+                            &q[ti * qd..(ti + 1) * qd],
+                            &k,
+                            &v,
+                            1,
+                            pos0 + ti,
+                            heads,
+                            tiling,
+                        );
+                        let same = one
+                            .iter()
+                            .zip(&got[ti * qd..(ti + 1) * qd])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{heads:?} pos0 {pos0} token {ti} {tiling:?}");
+                    }
+                }
+            }
+        }
+    }
+}
