@@ -121,7 +121,7 @@ fn main() {
     run("q4_kx4", 144.0 / 256.0 / 4.0, &mut |r| {
         kernels::dot_q4_k_x4(&wk[r * cols / 256..(r + 1) * cols / 256], k4)[3]
     });
-    if kernels_rows::available() {
+    if kernels_rows::supported() {
         // Whole-matrix tiles (the matmul path on AVX-512 VNNI): 4 rows per call sharing
         // each activation load; MACs counted per token.
         let (mut xr8, mut f8, mut xr4, mut f4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

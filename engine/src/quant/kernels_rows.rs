@@ -22,21 +22,26 @@ use super::kernels::{isa, Isa};
 /// `nb % GROUP` blocks go one at a time (activations in natural order there).
 const GROUP: usize = 8;
 
-/// Whether [`tile_q8_0`] / [`tile_q4_0`] can run here (runtime feature detection).
-/// `GEMMAD_ROW_KERNELS=0` turns them off (the per-row `kernels` tiers run instead), for
-/// comparisons.
-pub fn available() -> bool {
+/// Whether the CPU can run [`tile_q8_0`] / [`tile_q4_0`] (runtime feature detection).
+pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         isa() == Isa::Avx512Vnni
-            && !*OFF.get_or_init(|| std::env::var("GEMMAD_ROW_KERNELS").as_deref() == Ok("0"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = isa();
         false
     }
+}
+
+/// Whether `Matrix::matmul` uses these kernels: only with `GEMMAD_ROW_KERNELS=1`. They
+/// beat the per-row `kernels` tiers on cache-resident data, but end to end on synthetic
+/// E2B (2 threads, quiet machine) they decoded Q4_0 at 7.4 vs 14.1 tok/s and prefilled
+/// at 26 vs 33 tok/s; kept, tested, for the follow-up that finds out why.
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    supported() && *ON.get_or_init(|| std::env::var("GEMMAD_ROW_KERNELS").as_deref() == Ok("1"))
 }
 
 /// Weight offsets: the kernels multiply unsigned weight bytes (Q8_0: byte + 128, Q4_0:
@@ -96,7 +101,7 @@ macro_rules! tile_fn {
         /// `out[(r - rows.start) * out_stride + tok] = row r · token tok` for the rows and
         /// tokens given; `w` is the whole matrix with rows `stride` blocks apart.
         ///
-        /// Panics (a caller bug) if [`available`] is false.
+        /// Panics (a caller bug) if [`supported`] is false.
         pub fn $name(
             w: &[$blk],
             stride: usize,
@@ -107,7 +112,7 @@ macro_rules! tile_fn {
             out_stride: usize,
         ) {
             assert!(
-                available(),
+                supported(),
                 "AVX-512 VNNI row kernels on a CPU without them"
             );
             let nb = x.nb;
@@ -124,7 +129,7 @@ macro_rules! tile_fn {
                 let mut t = toks.start;
                 while t < toks.end {
                     let nt = if t + TOKENS <= toks.end { TOKENS } else { 1 };
-                    // SAFETY: `available()` checked the CPU features above.
+                    // SAFETY: `supported()` checked the CPU features above.
                     unsafe {
                         match (nr, nt) {
                             (ROWS_P, TOKENS) => {
@@ -181,7 +186,7 @@ pub fn tile_q8_0(
     _: &mut [f32],
     _: usize,
 ) {
-    unreachable!("row kernels need AVX-512 VNNI; callers check available()")
+    unreachable!("row kernels need AVX-512 VNNI; callers check supported()")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -194,7 +199,7 @@ pub fn tile_q4_0(
     _: &mut [f32],
     _: usize,
 ) {
-    unreachable!("row kernels need AVX-512 VNNI; callers check available()")
+    unreachable!("row kernels need AVX-512 VNNI; callers check supported()")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -427,7 +432,7 @@ mod tests {
     /// 4-token groups) and block counts with and without a partial group.
     #[test]
     fn tiles_match_scalar_and_do_not_depend_on_grouping() {
-        if !available() {
+        if !supported() {
             eprintln!("no AVX-512 VNNI here: row kernels not exercised");
             return;
         }
