@@ -176,6 +176,9 @@ pub struct GenerateOutput {
     pub timings: Timings,
 }
 
+/// Prompts at least this long free their prefill buffers before decoding.
+const RELEASE_AFTER_PREFILL: usize = 64;
+
 /// One loaded Gemma 3n model and its sequence state.
 pub struct Engine {
     dir: PathBuf,
@@ -445,6 +448,15 @@ impl Engine {
         timings.prefill = tp.elapsed();
         timings.prefill_tokens_per_s =
             prompt.len() as f64 / timings.prefill.as_secs_f64().max(1e-9);
+        if prompt.len() >= RELEASE_AFTER_PREFILL {
+            // A long prefill leaves chunk-sized activation and pending-K/V buffers
+            // (~180 MiB for a 512-token chunk of E2B) that decode never uses; give them back rather than
+            // hold them for the life of the service. Decode re-warms small ones.
+            cache.release_scratch();
+            self.pool
+                .broadcast(|_| crate::weights::release_thread_scratch());
+            crate::residency::trim_heap();
+        }
 
         let mut sampler = Sampler::new(req.sampling.clone());
         let mut stream = TextStream::new(self.tokenizer.as_deref(), &req.stop);

@@ -153,6 +153,15 @@ impl KvCache {
         self.len += t;
     }
 
+    /// Frees the activation pool and the pending K/V buffers (both sized by the last
+    /// forward pass; committed K/V stay). The next pass allocates what it needs.
+    pub(crate) fn release_scratch(&mut self) {
+        self.scratch.release();
+        for p in &mut self.pending {
+            *p = (Vec::new(), Vec::new());
+        }
+    }
+
     /// Bytes of the reusable activation buffers.
     pub fn scratch_bytes(&self) -> usize {
         self.scratch.bytes()

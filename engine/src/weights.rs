@@ -167,6 +167,16 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<MatScratch> = std::cell::RefCell::new(MatScratch::default());
 }
 
+/// Frees this thread's product scratch (sized by the largest prefill chunk it ran); the
+/// next product allocates what it needs again.
+pub fn release_thread_scratch() {
+    SCRATCH.with(|cell| {
+        if let Ok(mut s) = cell.try_borrow_mut() {
+            *s = MatScratch::default();
+        }
+    });
+}
+
 /// A 2-D weight `[rows, cols]` (PyTorch `nn.Linear` layout: one output per row).
 #[derive(Clone, Debug)]
 pub struct Matrix {

@@ -348,3 +348,28 @@ fn chunked_prefill_gives_identical_results() {
 fn ids_of(g: &common::Golden) -> Vec<u32> {
     common::ids(g)
 }
+
+/// A long prompt's chunk-sized prefill buffers are freed before decoding (the service
+/// would otherwise hold them between requests), and generation is unchanged by it.
+#[test]
+fn prefill_buffers_are_freed_before_decode_and_results_do_not_change() {
+    let mut e = engine(&fixture("text"), None);
+    let prompt: Vec<u32> = (0..300u32).map(|i| 3 + (i * 7) % 500).collect();
+    let req = greedy_req(Prompt::Ids(prompt.clone()), 6);
+    let (first, _, _) = collect(&mut e, &req);
+    let scratch = e.memory_report().part("scratch").unwrap().heap_bytes;
+    // One prefill buffer of the widest MLP alone is 300 tokens × 256 × 4 bytes.
+    assert!(
+        scratch < 300 * 256 * 4,
+        "{scratch} bytes of scratch kept after the request"
+    );
+    let (second, _, _) = collect(&mut e, &req);
+    assert_eq!(first.token_ids, second.token_ids);
+    // Same tokens as a prefill that keeps its buffers (logits of the whole prompt).
+    let l = e.logits(&prompt).unwrap();
+    let vocab = l.len() / prompt.len();
+    assert_eq!(
+        argmax(&l[(prompt.len() - 1) * vocab..]) as u32,
+        first.token_ids[0]
+    );
+}

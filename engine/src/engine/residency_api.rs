@@ -305,11 +305,11 @@ impl Engine {
             active: true,
             ..Default::default()
         });
-        // Activations are allocated per forward call and freed after it; the persistent
-        // logits buffer is the only scratch kept between calls.
+        // The logits buffer and the activation pool kept between forward passes (the
+        // per-thread product scratch is not counted: it is freed after a prefill).
         parts.push(PartMemory {
             name: "scratch".into(),
-            heap_bytes: (self.logits.capacity() * 4) as u64,
+            heap_bytes: (self.logits.capacity() * 4 + self.cache.scratch_bytes()) as u64,
             active: true,
             ..Default::default()
         });

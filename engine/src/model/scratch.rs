@@ -43,6 +43,11 @@ impl Scratch {
         self.free.push(v);
     }
 
+    /// Frees every pooled buffer (after a prefill, whose buffers are prompt-chunk sized).
+    pub fn release(&mut self) {
+        self.free = Vec::new();
+    }
+
     /// Bytes held by pooled buffers (memory accounting).
     pub fn bytes(&self) -> usize {
         self.free.iter().map(|b| b.capacity() * 4).sum()
