@@ -53,12 +53,12 @@ impl ModelSection {
 
     /// `model.ple` parsed ("" = auto).
     pub fn ple_mode(&self) -> Result<gemmad_engine::PleMode> {
-        Ok(match self.ple.as_str() {
-            "" | "auto" => gemmad_engine::PleMode::Auto,
-            "cache" => gemmad_engine::PleMode::Cache,
-            "table" => gemmad_engine::PleMode::Table,
-            other => bail!("model.ple: `{other}` is not auto, cache or table"),
-        })
+        if self.ple.is_empty() {
+            return Ok(gemmad_engine::PleMode::Auto);
+        }
+        self.ple
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("model.ple: {e}"))
     }
 
     /// `model.cache_dir`, if set.

@@ -46,7 +46,7 @@ fn args() -> Result<Args, String> {
             "--model" => a.model = v()?.into(),
             "--cache-dir" => a.cache_dir = v()?.into(),
             "--dtype" => a.dtype = v()?.parse()?,
-            "--quant" => a.quant = v()?.parse().map_err(|e: String| e)?,
+            "--quant" => a.quant = v()?.parse()?,
             "--prompt" => a.prompt = v()?.parse().map_err(|e| format!("{e}"))?,
             "--decode" => a.decode = v()?.parse().map_err(|e| format!("{e}"))?,
             "--threads" => a.threads = Some(v()?.parse().map_err(|e| format!("{e}"))?),

@@ -52,7 +52,7 @@ struct Args {
     cache_dir: Option<PathBuf>,
     /// Per-layer inputs from: auto (the PLE cache file with --cache-dir, else the
     /// checkpoint's table), table, or cache (needs --cache-dir).
-    #[arg(long, default_value = "auto", value_parser = parse_ple)]
+    #[arg(long, default_value = "auto")]
     ple: PleMode,
     /// Seed of the random prompt ids.
     #[arg(long, default_value_t = 0)]
@@ -70,15 +70,6 @@ struct Args {
     /// so that its buffer does not count in the benchmark's peak RSS).
     #[arg(long, hide = true)]
     membw_child: bool,
-}
-
-fn parse_ple(s: &str) -> std::result::Result<PleMode, String> {
-    match s {
-        "auto" => Ok(PleMode::Auto),
-        "table" => Ok(PleMode::Table),
-        "cache" => Ok(PleMode::Cache),
-        other => Err(format!("unknown PLE mode {other:?} (auto, table or cache)")),
-    }
 }
 
 fn gb(b: f64) -> f64 {

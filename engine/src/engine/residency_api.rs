@@ -30,6 +30,18 @@ pub enum PleMode {
     Cache,
 }
 
+impl std::str::FromStr for PleMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(PleMode::Auto),
+            "table" => Ok(PleMode::Table),
+            "cache" => Ok(PleMode::Cache),
+            other => Err(format!("`{other}` is not auto, cache or table")),
+        }
+    }
+}
+
 /// What the engine holds besides the model for memory control.
 #[derive(Debug)]
 pub(crate) struct MemState {
