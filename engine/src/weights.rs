@@ -3,6 +3,7 @@
 //! an owned buffer. Narrowing rows or columns (MatFormer slices) makes a new view without
 //! copying. Products widen to f32; quantized storage joins this enum later.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -647,46 +648,55 @@ impl Matrix {
         }
     }
 
-    fn matmul_rows(
+    /// Splits a product over the threads. `tile(rows, toks, out, out_stride)` writes row
+    /// `r` · token `tok` to `out[(r - rows.start)·out_stride + tok]`; row ranges are whole
+    /// multiples of `group` except at the end.
+    ///
+    /// Decode: contiguous row ranges written straight into `y`, a little finer than one
+    /// per thread so a descheduled thread does not hold everyone up. Prefill: computed
+    /// transposed (`yt`, `[rows, t]`) so threads own disjoint output, in chunks of rows
+    /// (their weights stay in L1/L2) against tiles of 32 tokens (their activations stay in
+    /// L2), then transposed into `y`.
+    fn schedule<F>(
         &self,
-        x: &kernels_rows::PreparedX,
         t: usize,
         y: &mut [f32],
         yt: &mut Vec<f32>,
         serial: bool,
-    ) {
+        group: usize,
+        tile: F,
+    ) where
+        F: Fn(Range<usize>, Range<usize>, &mut [f32], usize) + Sync,
+    {
         let threads = rayon::current_num_threads().max(1);
         if t == 1 {
             if serial {
-                self.rows_tile(x, 0..self.rows, 0..1, y, 1);
+                tile(0..self.rows, 0..1, y, 1);
             } else {
-                // As in `matmul_prepared`, a little finer than one range per thread, in
-                // whole row groups so no task ends in single-row calls.
-                let g = kernels_rows::ROWS;
-                let chunk = self.rows.div_ceil(threads * 4).max(16).next_multiple_of(g);
+                let chunk = self
+                    .rows
+                    .div_ceil(threads * 4)
+                    .max(16)
+                    .next_multiple_of(group);
                 y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
                     let r0 = ci * chunk;
-                    self.rows_tile(x, r0..r0 + ys.len(), 0..1, ys, 1);
+                    tile(r0..r0 + ys.len(), 0..1, ys, 1);
                 });
             }
             return;
         }
         yt.resize(self.rows * t, 0.0);
-        // Same tiling as `matmul_prepared`: a row chunk's weights stay in L1/L2 while
-        // tiles of 32 tokens go past them.
         const TOKEN_TILE: usize = 32;
         let body = |r0: usize, chunk: &mut [f32]| {
             let nrows = chunk.len() / t;
             for t0 in (0..t).step_by(TOKEN_TILE) {
-                let t1 = (t0 + TOKEN_TILE).min(t);
-                self.rows_tile(x, r0..r0 + nrows, t0..t1, chunk, t);
+                tile(r0..r0 + nrows, t0..(t0 + TOKEN_TILE).min(t), chunk, t);
             }
         };
         if serial {
             body(0, yt);
         } else {
-            let g = kernels_rows::ROWS;
-            let rows_per = (self.rows / (threads * 8)).clamp(g, 16) / g * g;
+            let rows_per = (self.rows / (threads * 8)).clamp(group, 16) / group * group;
             yt.par_chunks_mut(rows_per * t)
                 .enumerate()
                 .for_each(|(ci, chunk)| body(ci * rows_per, chunk));
@@ -696,62 +706,33 @@ impl Matrix {
 
     fn matmul_prepared(&self, xq: &QuantizedX, t: usize, y: &mut [f32], yt: &mut Vec<f32>) {
         let work = self.rows * self.cols * t;
-        let threads = rayon::current_num_threads().max(1);
+        let serial = work < PAR_THRESHOLD || rayon::current_num_threads() <= 1;
         if let QuantizedX::Rows(x) = xq {
-            return self.matmul_rows(x, t, y, yt, work < PAR_THRESHOLD || threads == 1);
+            return self.schedule(
+                t,
+                y,
+                yt,
+                serial,
+                kernels_rows::ROWS,
+                |rows, toks, out, st| self.rows_tile(x, rows, toks, out, st),
+            );
         }
-        if t == 1 {
-            if work < PAR_THRESHOLD || threads == 1 {
-                for (r, o) in y.iter_mut().enumerate() {
-                    *o = self.row_dot_q(r, xq, 0);
+        self.schedule(t, y, yt, serial, 1, |rows, toks, out, stride| {
+            for r in rows.clone() {
+                let row_out = &mut out[(r - rows.start) * stride..];
+                let mut ti = toks.start;
+                while ti + 4 <= toks.end {
+                    match self.row_dot_x4(r, xq, ti) {
+                        Some(v) => row_out[ti..ti + 4].copy_from_slice(&v),
+                        None => break,
+                    }
+                    ti += 4;
                 }
-            } else {
-                // Equal contiguous row ranges per thread, split a little finer so a
-                // thread that was descheduled does not hold everyone up.
-                let chunk = self.rows.div_ceil(threads * 4).max(16);
-                y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
-                    for (i, o) in ys.iter_mut().enumerate() {
-                        *o = self.row_dot_q(ci * chunk + i, xq, 0);
-                    }
-                });
-            }
-            return;
-        }
-        // Compute transposed ([rows, t]) so threads own disjoint output, then transpose.
-        yt.resize(self.rows * t, 0.0);
-        // Tiles: a chunk of rows (its weights stay in L1/L2) against tiles of 32 tokens
-        // (their activations stay in L2), so neither is streamed from memory per row.
-        const TOKEN_TILE: usize = 32;
-        let body = |r0: usize, chunk: &mut [f32]| {
-            let nrows = chunk.len() / t;
-            for t0 in (0..t).step_by(TOKEN_TILE) {
-                let t1 = (t0 + TOKEN_TILE).min(t);
-                for i in 0..nrows {
-                    let r = r0 + i;
-                    let row_out = &mut chunk[i * t..(i + 1) * t];
-                    let mut ti = t0;
-                    while ti + 4 <= t1 {
-                        match self.row_dot_x4(r, xq, ti) {
-                            Some(v) => row_out[ti..ti + 4].copy_from_slice(&v),
-                            None => break,
-                        }
-                        ti += 4;
-                    }
-                    for (tj, o) in row_out.iter_mut().enumerate().take(t1).skip(ti) {
-                        *o = self.row_dot_q(r, xq, tj);
-                    }
+                for (tj, o) in row_out.iter_mut().enumerate().take(toks.end).skip(ti) {
+                    *o = self.row_dot_q(r, xq, tj);
                 }
             }
-        };
-        if work < PAR_THRESHOLD || threads == 1 {
-            body(0, yt);
-        } else {
-            let rows_per = (self.rows / (threads * 8)).clamp(1, 16);
-            yt.par_chunks_mut(rows_per * t)
-                .enumerate()
-                .for_each(|(ci, chunk)| body(ci * rows_per, chunk));
-        }
-        transpose_into(yt, self.rows, t, y, work < PAR_THRESHOLD || threads == 1);
+        });
     }
 }
 
