@@ -32,3 +32,21 @@ pub use quant::QuantType;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::TextTokenizer;
 pub use towers::{Modality, TowerPolicy};
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// `n` seeded pseudo-random values in [-2, 2) (an LCG): reproducible kernel inputs
+    /// with both signs and a spread of magnitudes.
+    pub fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+}

@@ -247,18 +247,7 @@ fn attend_tile(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::test_util::data;
 
     /// Keys/values of every position `0..n` (`[n, kv_dim]`), and a cache holding those
     /// before `pos0` as the engine would (a ring of `ring` slots on sliding layers).

@@ -422,7 +422,7 @@ pub fn dot_bf16_x4(w: &[u16], x: [&[f32]; 4]) -> [f32; 4] {
 macro_rules! x86_kernels {
     ($name:ident, $feat:literal, { $($dp:tt)* }) => {
         #[allow(dead_code)] // not every tier dispatches every kernel
-        mod $name {
+        pub(crate) mod $name {
             use super::*;
             use std::arch::x86_64::*;
 
@@ -430,7 +430,7 @@ macro_rules! x86_kernels {
 
             #[inline]
             #[target_feature(enable = $feat)]
-            fn hsum_ps(v: __m256) -> f32 {
+            pub(crate) fn hsum_ps(v: __m256) -> f32 {
                 let lo = _mm256_castps256_ps128(v);
                 let hi = _mm256_extractf128_ps(v, 1);
                 let s = _mm_add_ps(lo, hi);
@@ -441,7 +441,7 @@ macro_rules! x86_kernels {
 
             #[inline]
             #[target_feature(enable = $feat)]
-            fn h(b: u16) -> f32 {
+            pub(crate) fn h(b: u16) -> f32 {
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b as i32)))
             }
 
@@ -771,7 +771,7 @@ macro_rules! x86_kernels {
             /// The f16 scales of 8 consecutive blocks as 8 f32 lanes.
             #[inline]
             #[target_feature(enable = $feat)]
-            fn scales8(d: [u16; 8]) -> __m256 {
+            pub(crate) fn scales8(d: [u16; 8]) -> __m256 {
                 let v = _mm_set_epi16(
                     d[7] as i16, d[6] as i16, d[5] as i16, d[4] as i16,
                     d[3] as i16, d[2] as i16, d[1] as i16, d[0] as i16,
@@ -1062,18 +1062,7 @@ mod neon {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::test_util::data;
 
     fn rel(a: f32, b: f32) -> f32 {
         (a - b).abs() / b.abs().max(1.0)

@@ -102,6 +102,7 @@ macro_rules! tile_fn {
         /// tokens given; `w` is the whole matrix with rows `stride` blocks apart.
         ///
         /// Panics (a caller bug) if [`supported`] is false.
+        #[cfg(target_arch = "x86_64")]
         pub fn $name(
             w: &[$blk],
             stride: usize,
@@ -168,42 +169,28 @@ macro_rules! tile_fn {
                 r += nr;
             }
         }
+
+        #[cfg(not(target_arch = "x86_64"))]
+        pub fn $name(
+            _: &[$blk],
+            _: usize,
+            _: Range<usize>,
+            _: &PreparedX,
+            _: Range<usize>,
+            _: &mut [f32],
+            _: usize,
+        ) {
+            unreachable!("row kernels need AVX-512 VNNI; callers check supported()")
+        }
     };
 }
 
-#[cfg(target_arch = "x86_64")]
 tile_fn!(tile_q8_0, BlockQ8_0, q8_0);
-#[cfg(target_arch = "x86_64")]
 tile_fn!(tile_q4_0, BlockQ4_0, q4_0);
-
-#[cfg(not(target_arch = "x86_64"))]
-pub fn tile_q8_0(
-    _: &[BlockQ8_0],
-    _: usize,
-    _: Range<usize>,
-    _: &PreparedX,
-    _: Range<usize>,
-    _: &mut [f32],
-    _: usize,
-) {
-    unreachable!("row kernels need AVX-512 VNNI; callers check supported()")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-pub fn tile_q4_0(
-    _: &[BlockQ4_0],
-    _: usize,
-    _: Range<usize>,
-    _: &PreparedX,
-    _: Range<usize>,
-    _: &mut [f32],
-    _: usize,
-) {
-    unreachable!("row kernels need AVX-512 VNNI; callers check supported()")
-}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::kernels::vnni::{h, hsum_ps, scales8};
     use super::*;
     use std::arch::x86_64::*;
 
@@ -216,44 +203,10 @@ mod x86 {
         tail: f32,
     }
 
-    /// The f16 scales of 8 consecutive blocks as 8 f32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    fn scales8(d: [u16; 8]) -> __m256 {
-        let v = _mm_set_epi16(
-            d[7] as i16,
-            d[6] as i16,
-            d[5] as i16,
-            d[4] as i16,
-            d[3] as i16,
-            d[2] as i16,
-            d[1] as i16,
-            d[0] as i16,
-        );
-        _mm256_cvtph_ps(v)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    fn h(b: u16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b as i32)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    fn hsum256(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     fn hsum512(v: __m512) -> f32 {
-        hsum256(_mm256_add_ps(
+        hsum_ps(_mm256_add_ps(
             _mm512_castps512_ps256(v),
             _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
         ))
@@ -324,7 +277,7 @@ mod x86 {
                 };
                 for i in 0..R {
                     let p = _mm256_cvtepi32_ps(single(&w[i][k], xv, fix));
-                    acc[i][j].tail += hsum256(p) * wd[i] * x[j].1[k];
+                    acc[i][j].tail += hsum_ps(p) * wd[i] * x[j].1[k];
                 }
             }
         }
@@ -415,18 +368,7 @@ mod x86 {
 mod tests {
     use super::super::kernels::{dot_q4_0_scalar, dot_q8_0_scalar, q8_0_meta};
     use super::*;
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::test_util::data;
 
     /// Odd row counts (tails of the 4-row groups), odd token counts (tails of the
     /// 4-token groups) and block counts with and without a partial group.
