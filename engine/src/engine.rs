@@ -449,9 +449,10 @@ impl Engine {
         timings.prefill_tokens_per_s =
             prompt.len() as f64 / timings.prefill.as_secs_f64().max(1e-9);
         if prompt.len() >= RELEASE_AFTER_PREFILL {
-            // A long prefill leaves chunk-sized activation and pending-K/V buffers
-            // (~180 MiB for a 512-token chunk of E2B) that decode never uses; give them back rather than
-            // hold them for the life of the service. Decode re-warms small ones.
+            // A long prefill leaves chunk-sized activation and pending-K/V buffers (~180
+            // MiB for a 512-token chunk of E2B) that decode never uses; give them back
+            // rather than hold them for the life of the service. Decode re-warms small
+            // ones.
             cache.release_scratch();
             self.pool
                 .broadcast(|_| crate::weights::release_thread_scratch());

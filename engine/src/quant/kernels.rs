@@ -229,17 +229,6 @@ pub fn dot_q4_k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
     }
 }
 
-/// f32 dot product (attention scores, f32 weights).
-#[inline]
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() verified the features at run time.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_f32(a, b) },
-        _ => crate::weights::dot_f32(a, b),
-    }
-}
-
 /// `y += alpha · x` (attention's weighted sum of values).
 #[inline]
 pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
@@ -487,44 +476,6 @@ macro_rules! x86_kernels {
                 let mut s = hsum_ps(_mm256_add_ps(acc0, acc1));
                 while i < n {
                     s += f32::from_bits((w[i] as u32) << 16) * x[i];
-                    i += 1;
-                }
-                s
-            }
-
-            #[target_feature(enable = $feat)]
-            pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-                let n = a.len().min(b.len());
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i + 32 <= n {
-                    for k in 0..4 {
-                        // SAFETY: i + 32 <= n bounds the loads.
-                        unsafe {
-                            acc[k] = _mm256_fmadd_ps(
-                                _mm256_loadu_ps(a.as_ptr().add(i + 8 * k)),
-                                _mm256_loadu_ps(b.as_ptr().add(i + 8 * k)),
-                                acc[k],
-                            );
-                        }
-                    }
-                    i += 32;
-                }
-                while i + 8 <= n {
-                    // SAFETY: i + 8 <= n bounds the loads.
-                    unsafe {
-                        acc[0] = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(a.as_ptr().add(i)),
-                            _mm256_loadu_ps(b.as_ptr().add(i)),
-                            acc[0],
-                        );
-                    }
-                    i += 8;
-                }
-                let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                let mut s = hsum_ps(v);
-                while i < n {
-                    s += a[i] * b[i];
                     i += 1;
                 }
                 s
