@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::quant::blocks::*;
 use crate::quant::kernels;
 use crate::quant::kernels_rows;
+use crate::quant::packed::{self, PackedW, PackedX, XMeta};
 use crate::quant::QuantType;
 
 #[cfg(target_endian = "big")]
@@ -118,6 +119,9 @@ pub enum Data {
     Q8_0(Slab<BlockQ8_0>),
     Q4_0(Slab<BlockQ4_0>),
     Q4K(Slab<BlockQ4K>),
+    /// Q8_0 / Q4_0 / Q4_K blocks interleaved 16 rows at a time (`quant::packed`); `stride`
+    /// and `cols` stay in elements, `rows` is a multiple of 16 in storage.
+    Packed(QuantType, Slab<u8>),
 }
 
 impl Data {
@@ -127,6 +131,8 @@ impl Data {
             Data::F32(_) | Data::Bf16(_) | Data::F16(_) => 1,
             Data::Q8_0(_) | Data::Q4_0(_) => QK8_0,
             Data::Q4K(_) => QK_K,
+            Data::Packed(QuantType::Q4K, _) => QK_K,
+            Data::Packed(..) => QK8_0,
         }
     }
 
@@ -138,6 +144,7 @@ impl Data {
             Data::Q8_0(_) => std::mem::size_of::<BlockQ8_0>(),
             Data::Q4_0(_) => std::mem::size_of::<BlockQ4_0>(),
             Data::Q4K(_) => std::mem::size_of::<BlockQ4K>(),
+            Data::Packed(q, _) => packed::group_block_bytes(*q).unwrap_or(0) / packed::ROWS,
         }
     }
 }
@@ -150,6 +157,8 @@ enum QuantizedX<'a> {
     Q8K(&'a [BlockQ8K]),
     /// Q8_0 activations laid out for the AVX-512 row kernels (`quant::kernels_rows`).
     Rows(kernels_rows::PreparedX<'a>),
+    /// Q8_0 activations for packed weights.
+    Packed(PackedX<'a>),
 }
 
 /// Per-thread scratch reused across products so the decode loop does not allocate.
@@ -161,6 +170,7 @@ struct MatScratch {
     /// Activation bytes for the row kernels.
     xr: Vec<i8>,
     xfix: Vec<i32>,
+    xmeta: Vec<XMeta>,
     yt: Vec<f32>,
 }
 
@@ -259,6 +269,7 @@ impl Matrix {
             Data::Q8_0(_) => QuantType::Q8_0,
             Data::Q4_0(_) => QuantType::Q4_0,
             Data::Q4K(_) => QuantType::Q4K,
+            Data::Packed(q, _) => *q,
         }
     }
 
@@ -292,6 +303,18 @@ impl Matrix {
             3 if cols.is_multiple_of(QK_K) => Data::Q4K(slab(map, offset, len, el / QK_K)?),
             4 => Data::F32(slab(map, offset, len, el)?),
             5 => Data::Bf16(slab(map, offset, len, el)?),
+            6..=8 if packed::enabled() && rows.is_multiple_of(packed::ROWS) => {
+                let q = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4K][code as usize - 6];
+                let bs = if q == QuantType::Q4K { QK_K } else { QK8_0 };
+                let gbb = packed::group_block_bytes(q)?;
+                if !cols.is_multiple_of(bs) {
+                    return None;
+                }
+                Data::Packed(
+                    q,
+                    slab(map, offset, len, rows / packed::ROWS * cols / bs * gbb)?,
+                )
+            }
             _ => return None,
         };
         Some(Matrix {
@@ -318,6 +341,14 @@ impl Matrix {
             Data::Q4K(Slab::Owned(v)) => Some((3, bytes(v))),
             Data::F32(Slab::Owned(v)) => Some((4, bytes(v))),
             Data::Bf16(Slab::Owned(v)) => Some((5, bytes(v))),
+            Data::Packed(q, Slab::Owned(v)) => {
+                let code = match q {
+                    QuantType::Q8_0 => 6,
+                    QuantType::Q4_0 => 7,
+                    _ => 8,
+                };
+                Some((code, bytes(v)))
+            }
             _ => None,
         }
     }
@@ -413,6 +444,26 @@ impl Matrix {
         }
     }
 
+    /// This matrix in the 16-row interleaved layout of `quant::packed` when packing is on
+    /// and it applies (Q8_0/Q4_0/Q4_K, whole row groups, not a view); else a cheap clone.
+    pub fn packed(&self) -> Matrix {
+        if !packed::enabled() || !self.rows.is_multiple_of(packed::ROWS) || self.stride != self.cols
+        {
+            return self.clone();
+        }
+        let (rows, nb) = (self.rows, self.cols / self.data.block());
+        let (q, bytes) = match &self.data {
+            Data::Q8_0(v) => (QuantType::Q8_0, packed::pack_q8_0(v.as_slice(), rows, nb)),
+            Data::Q4_0(v) => (QuantType::Q4_0, packed::pack_q4_0(v.as_slice(), rows, nb)),
+            Data::Q4K(v) => (QuantType::Q4K, packed::pack_q4_k(v.as_slice(), rows, nb)),
+            _ => return self.clone(),
+        };
+        Matrix {
+            data: Data::Packed(q, Slab::Owned(bytes.into())),
+            ..self.clone()
+        }
+    }
+
     /// The transpose `[cols, rows]` in storage type `q` (owned). Used to store
     /// `down_proj` column-contiguous for activation-sparse layers.
     pub fn transposed(&self, q: QuantType) -> Matrix {
@@ -444,6 +495,12 @@ impl Matrix {
                 for (o, &w) in y.iter_mut().zip(&v.as_slice()[s..s + n]) {
                     *o += alpha * half::f16::from_bits(w).to_f32();
                 }
+            }
+            Data::Packed(..) => {
+                // Not on a hot path (sparse rows are stored in ggml's layout).
+                let mut row = vec![0.0f32; self.cols];
+                self.row_to_f32(r, &mut row);
+                kernels::axpy_f32(alpha, &row[c0..c0 + y.len()], y);
             }
             Data::Q4K(v) => {
                 // Only the blocks of this part, through a stack buffer.
@@ -541,6 +598,17 @@ impl Matrix {
                 let nb = self.cols / QK_K;
                 dequantize_q4_k(&v.as_slice()[s / QK_K..s / QK_K + nb], out);
             }
+            Data::Packed(q, v) => {
+                let bs = self.data.block();
+                packed::row_to_f32(
+                    *q,
+                    v.as_slice(),
+                    self.stride / bs,
+                    self.cols / bs,
+                    r,
+                    &mut out[..self.cols],
+                );
+            }
         }
     }
 
@@ -559,9 +627,21 @@ impl Matrix {
                 q8k,
                 xr,
                 xfix,
+                xmeta,
                 yt,
             } = &mut *guard;
             let xq = match &self.data {
+                Data::Packed(..) => {
+                    let nbx = self.cols / QK8_0;
+                    q8.resize(t * nbx, BlockQ8_0::default());
+                    per_token(&mut q8[..], nbx, x, self.cols, t, quantize_q8_0);
+                    packed::prepare(q8, xmeta);
+                    QuantizedX::Packed(PackedX {
+                        blocks: &q8[..],
+                        meta: &xmeta[..],
+                        nbx,
+                    })
+                }
                 Data::Q8_0(_) | Data::Q4_0(_) => {
                     let nb = self.cols / QK8_0;
                     q8.resize(t * nb, BlockQ8_0::default());
@@ -707,6 +787,18 @@ impl Matrix {
     fn matmul_prepared(&self, xq: &QuantizedX, t: usize, y: &mut [f32], yt: &mut Vec<f32>) {
         let work = self.rows * self.cols * t;
         let serial = work < PAR_THRESHOLD || rayon::current_num_threads() <= 1;
+        if let (QuantizedX::Packed(x), Data::Packed(q, v)) = (xq, &self.data) {
+            let bs = self.data.block();
+            let w = PackedW {
+                kind: *q,
+                bytes: v.as_slice(),
+                nbs: self.stride / bs,
+                nb: self.cols / bs,
+            };
+            return self.schedule(t, y, yt, serial, packed::ROWS, |rows, toks, out, st| {
+                packed::tile(&w, rows, x, toks, out, st)
+            });
+        }
         if let QuantizedX::Rows(x) = xq {
             return self.schedule(
                 t,

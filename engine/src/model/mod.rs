@@ -61,7 +61,7 @@ pub(crate) struct Loader<'a> {
 
 impl Loader<'_> {
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        self.converted(name, rows, cols, |m| m.to_quant(self.quant))
+        self.converted(name, rows, cols, |m| m.to_quant(self.quant).packed())
     }
 
     /// The transpose (`[cols, rows]`) of the stored `[rows, cols]` matrix, converted.

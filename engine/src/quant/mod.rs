@@ -56,4 +56,5 @@ impl FromStr for QuantType {
 pub mod blocks;
 pub mod kernels;
 pub mod kernels_rows;
+pub mod packed;
 pub mod store;

@@ -42,6 +42,7 @@ pub fn store_path(
     buf.extend_from_slice(b"gemmad-quant\0");
     buf.extend_from_slice(&base);
     buf.extend_from_slice(quant.as_str().as_bytes());
+    buf.extend_from_slice(super::packed::layout_tag().as_bytes());
     buf.extend_from_slice(&VERSION.to_le_bytes());
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&xxh64(&buf, 1).to_le_bytes());
@@ -49,7 +50,10 @@ pub fn store_path(
     let canon = std::fs::canonicalize(&ckpt.dir).unwrap_or_else(|_| ckpt.dir.clone());
     let h = xxh64(canon.to_string_lossy().as_bytes(), 0);
     Ok((
-        cache_dir.join(format!("weights-{h:016x}-{quant}.gemmaqw")),
+        cache_dir.join(format!(
+            "weights-{h:016x}-{quant}-{}.gemmaqw",
+            super::packed::layout_tag()
+        )),
         key,
     ))
 }

@@ -1,0 +1,622 @@
+//! Weights interleaved 16 rows at a time (the "x16" layout) and the AVX-512 VNNI products
+//! that read them.
+//!
+//! In ggml's layout a row's quants are contiguous, so a SIMD dot product runs along one
+//! row, ends in a horizontal sum, and applies each block's scale to a scalar. Here the 16
+//! rows of a group advance together: one 64-byte load holds 4 quant bytes of each of the
+//! 16 rows, one `vpdpbusd` against 4 broadcast activation bytes advances all 16 rows, the
+//! 16 rows' block scales are one vector, and nothing is reduced horizontally. In a prefill
+//! the unpacked weights of a block stay in registers for up to 8 tokens.
+//!
+//! The bytes are ggml's blocks, permuted (llama.cpp's repacked CPU buffers do the same);
+//! only Q4_K's 6-bit scales are stored unpacked, one byte each. Per row group (rows
+//! 16g..16g+16) of `nbs` blocks, all quants first, then all scales:
+//! - Q8_0: quants `[b][j<8][row][4]` (bytes `4j..4j+4` of the row's block `b`), then
+//!   scales `[b][row]` f16: 544 bytes per block.
+//! - Q4_0: quants `[b][j<4][row][4]`, each byte holding quant `4j+i` in its low nibble and
+//!   `16+4j+i` in its high nibble as in ggml, then scales: 288 bytes per block.
+//! - Q4_K: quants `[b][c<4][j<8][row][4]` (`c`: ggml's 64-quant chunk, low nibbles are
+//!   sub-block `2c`, high `2c+1`), then per super-block 320 bytes: scales `[s<8][row]` u8,
+//!   mins `[s<8][row]` u8, `d[row]` f16, `dmin[row]` f16: 2368 bytes per block.
+//!
+//! Activations are Q8_0 (per 32 values) for all three, so a Q4_K sub-block meets exactly
+//! one activation block. Q8_0 weights are fed as unsigned bytes (`w ^ 0x80 = w + 128`) and
+//! Q4_0 as raw nibbles (`q + 8`); the integer sum starts at `−offset · Σ activations`, so
+//! it stays exact. Each (row, token) result takes the same operations in the same order
+//! whatever the tile, so a prefill and a decode agree bit for bit.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::blocks::*;
+use super::kernels::isa;
+#[cfg(target_arch = "x86_64")]
+use super::kernels::Isa;
+use super::QuantType;
+
+/// Rows per interleaved group.
+pub const ROWS: usize = 16;
+/// Tokens whose accumulators a call keeps in registers.
+const MAX_TOKENS: usize = 8;
+
+/// Whether the CPU can run the packed products (AVX-512 VNNI).
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa() == Isa::Avx512Vnni
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa();
+        false
+    }
+}
+
+/// Whether loaded matrices are packed: where supported, unless `GEMMAD_PACK=0` (for
+/// comparisons with the ggml-layout kernels).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    supported() && *ON.get_or_init(|| std::env::var("GEMMAD_PACK").as_deref() != Ok("0"))
+}
+
+/// Layout name for cache keys: a store written packed is only read where packing is on.
+pub fn layout_tag() -> &'static str {
+    if enabled() {
+        "x16"
+    } else {
+        "ggml"
+    }
+}
+
+/// Bytes of one row group per block (32 quants; 256 for Q4_K), or `None` for a type that
+/// is not packed.
+pub fn group_block_bytes(kind: QuantType) -> Option<usize> {
+    match kind {
+        QuantType::Q8_0 => Some(544),
+        QuantType::Q4_0 => Some(288),
+        QuantType::Q4K => Some(2368),
+        _ => None,
+    }
+}
+
+fn quant_bytes(kind: QuantType) -> usize {
+    match kind {
+        QuantType::Q8_0 => 512,
+        QuantType::Q4_0 => 256,
+        _ => 2048,
+    }
+}
+
+/// Quant bytes of row `r` of ggml block `b` and its scale(s), as the packers need them.
+trait Source: Sync {
+    fn kind() -> QuantType;
+    /// The quant bytes (Q8_0: 32, Q4_0: 16, Q4_K: 128).
+    fn qs(&self) -> &[u8];
+    /// Writes this block's scales for row `r` into the group's scale area `meta`.
+    fn put_meta(&self, r: usize, meta: &mut [u8]);
+}
+
+impl Source for BlockQ8_0 {
+    fn kind() -> QuantType {
+        QuantType::Q8_0
+    }
+    fn qs(&self) -> &[u8] {
+        // SAFETY: i8 and u8 have the same layout.
+        unsafe { std::slice::from_raw_parts(self.qs.as_ptr() as *const u8, QK8_0) }
+    }
+    fn put_meta(&self, r: usize, meta: &mut [u8]) {
+        meta[2 * r..2 * r + 2].copy_from_slice(&self.d.to_le_bytes());
+    }
+}
+
+impl Source for BlockQ4_0 {
+    fn kind() -> QuantType {
+        QuantType::Q4_0
+    }
+    fn qs(&self) -> &[u8] {
+        &self.qs
+    }
+    fn put_meta(&self, r: usize, meta: &mut [u8]) {
+        meta[2 * r..2 * r + 2].copy_from_slice(&self.d.to_le_bytes());
+    }
+}
+
+impl Source for BlockQ4K {
+    fn kind() -> QuantType {
+        QuantType::Q4K
+    }
+    fn qs(&self) -> &[u8] {
+        &self.qs
+    }
+    fn put_meta(&self, r: usize, meta: &mut [u8]) {
+        for s in 0..8 {
+            let (sc, m) = scale_min_k4(s, &self.scales);
+            meta[s * ROWS + r] = sc;
+            meta[128 + s * ROWS + r] = m;
+        }
+        meta[256 + 2 * r..258 + 2 * r].copy_from_slice(&self.d.to_le_bytes());
+        meta[288 + 2 * r..290 + 2 * r].copy_from_slice(&self.dmin.to_le_bytes());
+    }
+}
+
+/// Packs `rows` rows (a multiple of [`ROWS`]) of `nb` ggml blocks each.
+fn pack<B: Source>(src: &[B], rows: usize, nb: usize) -> Vec<u8> {
+    let kind = B::kind();
+    let (gbb, qb) = (group_block_bytes(kind).unwrap_or(0), quant_bytes(kind));
+    let mut out = crate::weights::huge_vec(rows / ROWS * nb * gbb, 0u8);
+    let meta_bytes = gbb - qb;
+    out.par_chunks_mut(nb * gbb).enumerate().for_each(|(g, o)| {
+        let (quants, metas) = o.split_at_mut(nb * qb);
+        for r in 0..ROWS {
+            let row = &src[(g * ROWS + r) * nb..(g * ROWS + r + 1) * nb];
+            for (b, blk) in row.iter().enumerate() {
+                // 4-byte groups of the block's quants, one per `j`, each row's in its slot.
+                for (j, four) in blk.qs().chunks_exact(4).enumerate() {
+                    let at = b * qb + j * 64 + r * 4;
+                    quants[at..at + 4].copy_from_slice(four);
+                }
+                blk.put_meta(r, &mut metas[b * meta_bytes..(b + 1) * meta_bytes]);
+            }
+        }
+    });
+    out
+}
+
+pub fn pack_q8_0(src: &[BlockQ8_0], rows: usize, nb: usize) -> Vec<u8> {
+    pack(src, rows, nb)
+}
+
+pub fn pack_q4_0(src: &[BlockQ4_0], rows: usize, nb: usize) -> Vec<u8> {
+    pack(src, rows, nb)
+}
+
+pub fn pack_q4_k(src: &[BlockQ4K], rows: usize, nb: usize) -> Vec<u8> {
+    pack(src, rows, nb)
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// Row `r` of a packed matrix (`nbs` blocks per row stored, the first `nb` wanted)
+/// dequantized into `out` (embedding lookups).
+pub fn row_to_f32(kind: QuantType, w: &[u8], nbs: usize, nb: usize, r: usize, out: &mut [f32]) {
+    let Some(gbb) = group_block_bytes(kind) else {
+        return;
+    };
+    let qb = quant_bytes(kind);
+    let g = &w[r / ROWS * nbs * gbb..(r / ROWS + 1) * nbs * gbb];
+    let (quants, metas) = g.split_at(nbs * qb);
+    let rr = r % ROWS;
+    let meta_bytes = gbb - qb;
+    for b in 0..nb {
+        let q = |j: usize, i: usize| quants[b * qb + j * 64 + rr * 4 + i];
+        let m = &metas[b * meta_bytes..(b + 1) * meta_bytes];
+        match kind {
+            QuantType::Q8_0 => {
+                let d = f16_at(m, 2 * rr);
+                for k in 0..32 {
+                    out[b * 32 + k] = d * (q(k / 4, k % 4) as i8) as f32;
+                }
+            }
+            QuantType::Q4_0 => {
+                let d = f16_at(m, 2 * rr);
+                for k in 0..16 {
+                    let v = q(k / 4, k % 4);
+                    out[b * 32 + k] = d * ((v & 0x0F) as i32 - 8) as f32;
+                    out[b * 32 + 16 + k] = d * ((v >> 4) as i32 - 8) as f32;
+                }
+            }
+            _ => {
+                let (d, dmin) = (f16_at(m, 256 + 2 * rr), f16_at(m, 288 + 2 * rr));
+                for c in 0..4 {
+                    for half in 0..2 {
+                        let s = 2 * c + half;
+                        let sc = d * m[s * ROWS + rr] as f32;
+                        let mn = dmin * m[128 + s * ROWS + rr] as f32;
+                        for k in 0..32 {
+                            let v = q(8 * c + k / 4, k % 4);
+                            let v = if half == 0 { v & 0x0F } else { v >> 4 };
+                            out[b * 256 + s * 32 + k] = sc * v as f32 - mn;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per activation block: its scale, and its integer and scaled quant sums.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct XMeta {
+    pub d: f32,
+    pub dsum: f32,
+    pub isum: i32,
+}
+
+/// The [`XMeta`] of every block of `x`, in order.
+pub fn prepare(x: &[BlockQ8_0], out: &mut Vec<XMeta>) {
+    out.clear();
+    out.extend(x.iter().map(|b| {
+        let d = f16_to_f32(b.d);
+        let isum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+        XMeta {
+            d,
+            dsum: d * isum as f32,
+            isum,
+        }
+    }));
+}
+
+/// Q8_0-quantized activations of a product: `nbx` blocks per token, token-major.
+#[derive(Clone, Copy)]
+pub struct PackedX<'a> {
+    pub blocks: &'a [BlockQ8_0],
+    pub meta: &'a [XMeta],
+    pub nbx: usize,
+}
+
+/// A packed matrix as the kernels see it.
+#[derive(Clone, Copy)]
+pub struct PackedW<'a> {
+    pub kind: QuantType,
+    pub bytes: &'a [u8],
+    /// Blocks stored per row, and the first `nb` of them that the product reads.
+    pub nbs: usize,
+    pub nb: usize,
+}
+
+/// `out[(r − rows.start)·out_stride + tok] = W[r] · x[tok]` for rows `rows` (the start a
+/// multiple of [`ROWS`]) and tokens `toks`.
+pub fn tile(
+    w: &PackedW,
+    rows: Range<usize>,
+    x: &PackedX,
+    toks: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let Some(gbb) = group_block_bytes(w.kind) else {
+        return;
+    };
+    let per_block = if w.kind == QuantType::Q4K { 8 } else { 1 };
+    assert!(
+        supported()
+            && rows.start.is_multiple_of(ROWS)
+            && w.nb <= w.nbs
+            && x.nbx == w.nb * per_block
+            && w.bytes.len() >= rows.end.div_ceil(ROWS) * w.nbs * gbb
+            && x.blocks.len() >= toks.end * x.nbx
+            && x.meta.len() >= toks.end * x.nbx,
+        "packed::tile: inconsistent operands"
+    ); // ok: internal contract of Matrix::matmul
+    for g0 in rows.clone().step_by(ROWS) {
+        let nr = (rows.end - g0).min(ROWS);
+        let group = &w.bytes[g0 / ROWS * w.nbs * gbb..(g0 / ROWS + 1) * w.nbs * gbb];
+        let mut t = toks.start;
+        while t < toks.end {
+            let n = (toks.end - t).min(MAX_TOKENS);
+            let mut res = [[0.0f32; ROWS]; MAX_TOKENS];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 VNNI checked by `supported()`; bounds checked above.
+            unsafe {
+                avx512::group(w.kind, group, w.nbs, w.nb, x, t, n, &mut res)
+            };
+            for (i, r) in res.iter().enumerate().take(n) {
+                for (rr, &v) in r.iter().enumerate().take(nr) {
+                    out[(g0 - rows.start + rr) * out_stride + t + i] = v;
+                }
+            }
+            t += n;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Activation bytes `4k..4k+4` of a block broadcast to every lane.
+    #[inline(always)]
+    unsafe fn bcast(a: *const i8, k: usize) -> __m512i {
+        _mm512_set1_epi32((a.add(4 * k) as *const i32).read_unaligned())
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m512i {
+        _mm512_loadu_si512(p as *const __m512i)
+    }
+
+    #[inline(always)]
+    unsafe fn scales16(p: *const u8) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+
+    /// One row group × tokens `t..t+n` into `res[i][row]`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn group(
+        kind: QuantType,
+        g: &[u8],
+        nbs: usize,
+        nb: usize,
+        x: &PackedX,
+        t: usize,
+        n: usize,
+        res: &mut [[f32; ROWS]; MAX_TOKENS],
+    ) {
+        macro_rules! run {
+            ($f:ident, $($n:literal)*) => {
+                match n {
+                    $($n => {
+                        let acc = $f::<$n>(g.as_ptr(), nbs, nb, x, t);
+                        for (r, a) in res.iter_mut().zip(acc.iter()) {
+                            _mm512_storeu_ps(r.as_mut_ptr(), *a);
+                        }
+                    })*
+                    _ => {}
+                }
+            };
+        }
+        match kind {
+            QuantType::Q8_0 => run!(q8_0, 1 2 3 4 5 6 7 8),
+            QuantType::Q4_0 => run!(q4_0, 1 2 3 4 5 6 7 8),
+            QuantType::Q4K => run!(q4_k, 1 2 3 4 5 6 7 8),
+            _ => {}
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn xat(x: &PackedX, t: usize, blk: usize) -> (*const i8, XMeta) {
+        let i = t * x.nbx + blk;
+        (
+            x.blocks.get_unchecked(i).qs.as_ptr(),
+            *x.meta.get_unchecked(i),
+        )
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q8_0<const N: usize>(
+        g: *const u8,
+        nbs: usize,
+        nb: usize,
+        x: &PackedX,
+        t: usize,
+    ) -> [__m512; N] {
+        let mut acc = [_mm512_setzero_ps(); N];
+        let flip = _mm512_set1_epi8(-128);
+        let scales = g.add(nbs * 512);
+        for b in 0..nb {
+            let q = g.add(b * 512);
+            let w: [__m512i; 8] =
+                std::array::from_fn(|j| _mm512_xor_si512(load(q.add(64 * j)), flip));
+            let dw = scales16(scales.add(32 * b));
+            for (n, acc) in acc.iter_mut().enumerate() {
+                let (a, m) = xat(x, t + n, b);
+                let mut i0 = _mm512_set1_epi32(-128 * m.isum);
+                let mut i1 = _mm512_setzero_si512();
+                for j in (0..8).step_by(2) {
+                    i0 = _mm512_dpbusd_epi32(i0, w[j], bcast(a, j));
+                    i1 = _mm512_dpbusd_epi32(i1, w[j + 1], bcast(a, j + 1));
+                }
+                let s = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
+                *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(m.d)), *acc);
+            }
+        }
+        acc
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q4_0<const N: usize>(
+        g: *const u8,
+        nbs: usize,
+        nb: usize,
+        x: &PackedX,
+        t: usize,
+    ) -> [__m512; N] {
+        let mut acc = [_mm512_setzero_ps(); N];
+        let m4 = _mm512_set1_epi8(0x0F);
+        let scales = g.add(nbs * 256);
+        for b in 0..nb {
+            let q = g.add(b * 256);
+            let v: [__m512i; 4] = std::array::from_fn(|j| load(q.add(64 * j)));
+            let lo: [__m512i; 4] = std::array::from_fn(|j| _mm512_and_si512(v[j], m4));
+            let hi: [__m512i; 4] =
+                std::array::from_fn(|j| _mm512_and_si512(_mm512_srli_epi16(v[j], 4), m4));
+            let dw = scales16(scales.add(32 * b));
+            for (n, acc) in acc.iter_mut().enumerate() {
+                let (a, m) = xat(x, t + n, b);
+                let mut i0 = _mm512_set1_epi32(-8 * m.isum);
+                let mut i1 = _mm512_setzero_si512();
+                for j in 0..4 {
+                    i0 = _mm512_dpbusd_epi32(i0, lo[j], bcast(a, j));
+                    i1 = _mm512_dpbusd_epi32(i1, hi[j], bcast(a, 4 + j));
+                }
+                let s = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
+                *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(m.d)), *acc);
+            }
+        }
+        acc
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q4_k<const N: usize>(
+        g: *const u8,
+        nbs: usize,
+        nb: usize,
+        x: &PackedX,
+        t: usize,
+    ) -> [__m512; N] {
+        let mut acc = [_mm512_setzero_ps(); N];
+        let m4 = _mm512_set1_epi8(0x0F);
+        for b in 0..nb {
+            let meta = g.add(nbs * 2048 + b * 320);
+            let d = scales16(meta.add(256));
+            let dmin = scales16(meta.add(288));
+            for c in 0..4 {
+                let q = g.add(b * 2048 + c * 512);
+                for half in 0..2 {
+                    let s = 2 * c + half;
+                    let w: [__m512i; 8] = std::array::from_fn(|j| {
+                        let v = load(q.add(64 * j));
+                        if half == 0 {
+                            _mm512_and_si512(v, m4)
+                        } else {
+                            _mm512_and_si512(_mm512_srli_epi16(v, 4), m4)
+                        }
+                    });
+                    let u8s = |p: *const u8| {
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            p as *const __m128i,
+                        )))
+                    };
+                    let dsc = _mm512_mul_ps(d, u8s(meta.add(s * ROWS)));
+                    let dm = _mm512_mul_ps(dmin, u8s(meta.add(128 + s * ROWS)));
+                    for (n, acc) in acc.iter_mut().enumerate() {
+                        let (a, m) = xat(x, t + n, 8 * b + s);
+                        let mut i0 = _mm512_setzero_si512();
+                        let mut i1 = _mm512_setzero_si512();
+                        for j in (0..8).step_by(2) {
+                            i0 = _mm512_dpbusd_epi32(i0, w[j], bcast(a, j));
+                            i1 = _mm512_dpbusd_epi32(i1, w[j + 1], bcast(a, j + 1));
+                        }
+                        let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
+                        *acc = _mm512_fmadd_ps(sum, _mm512_mul_ps(dsc, _mm512_set1_ps(m.d)), *acc);
+                        *acc = _mm512_fnmadd_ps(dm, _mm512_set1_ps(m.dsum), *acc);
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::data;
+
+    /// Packed products against the dequantized weights times the dequantized activations
+    /// (what the integer arithmetic computes exactly, up to float rounding), and packed
+    /// rows against ggml's dequantization, on shapes with partial row groups and token
+    /// counts that are not multiples of the register tile.
+    fn check<B: Source + Copy>(
+        quantize: fn(&[f32], &mut [B]),
+        dequantize: fn(&[B], &mut [f32]),
+        zero: B,
+        bs: usize,
+    ) {
+        if !supported() {
+            eprintln!("packed kernels need AVX-512 VNNI; skipped");
+            return;
+        }
+        for &(rows, cols) in &[(16usize, 256usize), (48, 512), (32, 768)] {
+            let nb = cols / bs;
+            let wf = data(rows * cols, 7 + rows as u64);
+            let mut wq = vec![zero; rows * nb];
+            for (r, o) in wq.chunks_mut(nb).enumerate() {
+                quantize(&wf[r * cols..(r + 1) * cols], o);
+            }
+            let mut wd = vec![0.0f32; rows * cols];
+            for (r, o) in wd.chunks_mut(cols).enumerate() {
+                dequantize(&wq[r * nb..(r + 1) * nb], o);
+            }
+            let packed = pack(&wq, rows, nb);
+            let mut row = vec![0.0f32; cols];
+            for r in 0..rows {
+                row_to_f32(B::kind(), &packed, nb, nb, r, &mut row);
+                assert_eq!(
+                    row,
+                    wd[r * cols..(r + 1) * cols],
+                    "row {r} of {rows}x{cols}"
+                );
+            }
+            for &t in &[1usize, 3, 8, 13] {
+                let xf = data(t * cols, 99 + t as u64);
+                let nbx = cols / QK8_0;
+                let mut xq = vec![BlockQ8_0::default(); t * nbx];
+                for (i, o) in xq.chunks_mut(nbx).enumerate() {
+                    quantize_q8_0(&xf[i * cols..(i + 1) * cols], o);
+                }
+                let mut xd = vec![0.0f32; t * cols];
+                dequantize_q8_0(&xq, &mut xd);
+                let mut meta = Vec::new();
+                prepare(&xq, &mut meta);
+                let x = PackedX {
+                    blocks: &xq,
+                    meta: &meta,
+                    nbx,
+                };
+                let w = PackedW {
+                    kind: B::kind(),
+                    bytes: &packed,
+                    nbs: nb,
+                    nb,
+                };
+                // Rows 16.. only, and a ragged end, through a strided output.
+                let (r0, r1) = (ROWS.min(rows - ROWS), rows - 3);
+                let mut out = vec![f32::NAN; (r1 - r0) * (t + 2)];
+                tile(&w, r0..r1, &x, 0..t, &mut out, t + 2);
+                for r in r0..r1 {
+                    for i in 0..t {
+                        let want: f64 = (0..cols)
+                            .map(|c| wd[r * cols + c] as f64 * xd[i * cols + c] as f64)
+                            .sum();
+                        let got = out[(r - r0) * (t + 2) + i] as f64;
+                        let scale: f64 = (0..cols)
+                            .map(|c| (wd[r * cols + c] as f64 * xd[i * cols + c] as f64).abs())
+                            .sum();
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale + 1e-6,
+                            "{:?} {rows}x{cols} t={t} row {r} tok {i}: {got} vs {want}",
+                            B::kind()
+                        );
+                    }
+                }
+                // One token at a time gives the same bits as the tile.
+                for i in 0..t {
+                    let mut one = vec![0.0f32; (r1 - r0) * (t + 2)];
+                    tile(&w, r0..r1, &x, i..i + 1, &mut one, t + 2);
+                    for r in r0..r1 {
+                        let at = (r - r0) * (t + 2) + i;
+                        assert_eq!(one[at].to_bits(), out[at].to_bits(), "row {r} tok {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_packed_matches_reference() {
+        check(quantize_q8_0, dequantize_q8_0, BlockQ8_0::default(), QK8_0);
+    }
+
+    #[test]
+    fn q4_0_packed_matches_reference() {
+        check(
+            quantize_q4_0,
+            dequantize_q4_0,
+            BlockQ4_0 { d: 0, qs: [0; 16] },
+            QK4_0,
+        );
+    }
+
+    #[test]
+    fn q4_k_packed_matches_reference() {
+        check(
+            quantize_q4_k,
+            dequantize_q4_k,
+            BlockQ4K {
+                d: 0,
+                dmin: 0,
+                scales: [0; 12],
+                qs: [0; 128],
+            },
+            QK_K,
+        );
+    }
+}
