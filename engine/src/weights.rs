@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{DType, TensorView};
 use crate::error::Result;
+use crate::quant::activations::quantize_q8_0_fast;
 use crate::quant::blocks::*;
 use crate::quant::kernels;
 use crate::quant::kernels_rows;
@@ -634,7 +635,7 @@ impl Matrix {
                 Data::Packed(..) => {
                     let nbx = self.cols / QK8_0;
                     q8.resize(t * nbx, BlockQ8_0::default());
-                    per_token(&mut q8[..], nbx, x, self.cols, t, quantize_q8_0);
+                    per_token(&mut q8[..], nbx, x, self.cols, t, quantize_q8_0_fast);
                     packed::prepare(q8, xmeta);
                     QuantizedX::Packed(PackedX {
                         blocks: &q8[..],
@@ -645,7 +646,7 @@ impl Matrix {
                 Data::Q8_0(_) | Data::Q4_0(_) => {
                     let nb = self.cols / QK8_0;
                     q8.resize(t * nb, BlockQ8_0::default());
-                    per_token(&mut q8[..], nb, x, self.cols, t, quantize_q8_0);
+                    per_token(&mut q8[..], nb, x, self.cols, t, quantize_q8_0_fast);
                     kernels::q8_0_meta(q8, nb, q8_sums);
                     if kernels_rows::available() {
                         let off = match &self.data {

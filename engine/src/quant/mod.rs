@@ -53,6 +53,7 @@ impl FromStr for QuantType {
     }
 }
 
+pub mod activations;
 pub mod blocks;
 pub mod kernels;
 pub mod kernels_rows;
