@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::quant::activations::quantize_q8_0_fast;
 use crate::quant::blocks::*;
 use crate::quant::kernels;
+use crate::quant::kernels_bf16;
 use crate::quant::kernels_rows;
 use crate::quant::packed::{self, PackedW, PackedX, XMeta};
 use crate::quant::QuantType;
@@ -799,6 +800,41 @@ impl Matrix {
             return self.schedule(t, y, yt, serial, packed::ROWS, |rows, toks, out, st| {
                 packed::tile(&w, rows, x, toks, out, st)
             });
+        }
+        if let (QuantizedX::None(x), Data::Bf16(v)) = (xq, &self.data) {
+            if t > 1 && kernels_bf16::available() {
+                let (w, c, st) = (v.as_slice(), self.cols, self.stride);
+                let row = |r: usize| &w[r * st..r * st + c];
+                let tok = |ti: usize| &x[ti * c..(ti + 1) * c];
+                return self.schedule(t, y, yt, serial, 4, |rows, toks, out, os| {
+                    let mut r = rows.start;
+                    while r < rows.end {
+                        let nr = (rows.end - r).min(4);
+                        let at = |i: usize, ti: usize| (r + i - rows.start) * os + ti;
+                        let mut ti = toks.start;
+                        if nr == 4 {
+                            let ws = [0, 1, 2, 3].map(|i| row(r + i));
+                            while ti + 4 <= toks.end {
+                                let res = kernels_bf16::dot_bf16_4x4(
+                                    ws,
+                                    [0, 1, 2, 3].map(|j| tok(ti + j)),
+                                );
+                                for (i, res) in res.iter().enumerate() {
+                                    out[at(i, ti)..at(i, ti) + 4].copy_from_slice(res);
+                                }
+                                ti += 4;
+                            }
+                        }
+                        // Ragged rows and tokens: the one-row kernel (same bits).
+                        for i in 0..nr {
+                            for tj in ti..toks.end {
+                                out[at(i, tj)] = kernels::dot_bf16(row(r + i), tok(tj));
+                            }
+                        }
+                        r += nr;
+                    }
+                });
+            }
         }
         if let QuantizedX::Rows(x) = xq {
             return self.schedule(

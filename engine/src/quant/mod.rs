@@ -56,6 +56,7 @@ impl FromStr for QuantType {
 pub mod activations;
 pub mod blocks;
 pub mod kernels;
+pub mod kernels_bf16;
 pub mod kernels_rows;
 pub mod packed;
 pub mod store;
