@@ -797,9 +797,37 @@ impl Matrix {
                 nbs: self.stride / bs,
                 nb: self.cols / bs,
             };
-            return self.schedule(t, y, yt, serial, packed::ROWS, |rows, toks, out, st| {
-                packed::tile(&w, rows, x, toks, out, st)
-            });
+            if t == 1 {
+                return self.schedule(t, y, yt, serial, packed::ROWS, |rows, toks, out, st| {
+                    packed::tile(&w, rows, x, toks, out, st)
+                });
+            }
+            // Prefill: each task owns 16 rows of every token and writes them token-major
+            // straight into `y` (a transposition pass cost ~7% of a prefill).
+            const TOKEN_TILE: usize = 32;
+            let rows = self.rows;
+            let view = packed::OutView {
+                ptr: y.as_mut_ptr(),
+                row_stride: 1,
+                tok_stride: rows,
+            };
+            let task = |g: usize| {
+                let r0 = g * packed::ROWS;
+                let r1 = (r0 + packed::ROWS).min(rows);
+                let out = view.from_row(r0);
+                for t0 in (0..t).step_by(TOKEN_TILE) {
+                    // SAFETY: `y` is `[t, rows]` and borrowed exclusively; task `g` alone
+                    // writes rows r0..r1 of each token.
+                    unsafe { packed::tile_into(&w, r0..r1, x, t0..(t0 + TOKEN_TILE).min(t), out) };
+                }
+            };
+            let groups = rows.div_ceil(packed::ROWS);
+            if serial {
+                (0..groups).for_each(task);
+            } else {
+                (0..groups).into_par_iter().for_each(task);
+            }
+            return;
         }
         if let (QuantizedX::None(x), Data::Bf16(v)) = (xq, &self.data) {
             if t > 1 && kernels_bf16::available() {
@@ -1030,6 +1058,43 @@ mod tests {
             m.matmul(&x, t, &mut y);
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "bf16 {rows}x{cols} t={t}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_products_match_ggml_layout_and_decode_matches_prefill() {
+        if !packed::enabled() {
+            eprintln!("packing is off on this CPU; skipped");
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (rows, cols, t) = (80, 512, 13);
+        let w = crate::test_util::data(rows * cols, 11);
+        let x = crate::test_util::data(t * cols, 12);
+        for q in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4K] {
+            let plain = Matrix::from_f32(rows, cols, w.clone()).to_quant(q);
+            let packed = plain.packed();
+            assert!(matches!(packed.data(), Data::Packed(..)), "{q} not packed");
+            let (mut yp, mut yq) = (vec![0.0; t * rows], vec![0.0; t * rows]);
+            pool.install(|| {
+                packed.matmul(&x, t, &mut yp);
+                plain.matmul(&x, t, &mut yq);
+            });
+            // Q4_K's ggml kernel quantizes activations per 256 (Q8_K), packed per 32;
+            // the others see the same activations and differ by summation order only.
+            let top = yq.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let tol = if q == QuantType::Q4K { 1e-2 } else { 1e-5 } * top;
+            for (i, (a, b)) in yp.iter().zip(&yq).enumerate() {
+                assert!((a - b).abs() <= tol, "{q} [{i}]: {a} vs {b} (max {top})");
+            }
+            for k in 0..t {
+                let mut y1 = vec![0.0; rows];
+                pool.install(|| packed.matmul(&x[k * cols..(k + 1) * cols], 1, &mut y1));
+                assert_eq!(y1, yp[k * rows..(k + 1) * rows], "{q} token {k}");
             }
         }
     }

@@ -268,6 +268,30 @@ pub struct PackedW<'a> {
     pub nb: usize,
 }
 
+/// Where a tile's results go: row `r`, token `k` at
+/// `ptr[(r − rows.start)·row_stride + k·tok_stride]`.
+#[derive(Clone, Copy, Debug)]
+pub struct OutView {
+    pub ptr: *mut f32,
+    pub row_stride: usize,
+    pub tok_stride: usize,
+}
+
+impl OutView {
+    /// The view whose first row is this one's row `r`.
+    pub fn from_row(self, r: usize) -> OutView {
+        OutView {
+            ptr: self.ptr.wrapping_add(r * self.row_stride),
+            ..self
+        }
+    }
+}
+
+// SAFETY: a view is only written through `tile_into`, whose callers give each task a
+// disjoint set of elements.
+unsafe impl Send for OutView {}
+unsafe impl Sync for OutView {}
+
 /// `out[(r − rows.start)·out_stride + tok] = W[r] · x[tok]` for rows `rows` (the start a
 /// multiple of [`ROWS`]) and tokens `toks`.
 pub fn tile(
@@ -277,6 +301,35 @@ pub fn tile(
     toks: Range<usize>,
     out: &mut [f32],
     out_stride: usize,
+) {
+    if rows.is_empty() || toks.is_empty() {
+        return;
+    }
+    assert!(
+        out.len() > (rows.len() - 1) * out_stride + toks.end - 1,
+        "packed::tile: output too short"
+    ); // ok: internal contract of Matrix::matmul
+    let view = OutView {
+        ptr: out.as_mut_ptr(),
+        row_stride: out_stride,
+        tok_stride: 1,
+    };
+    // SAFETY: every element written lies in `out` (checked above), borrowed exclusively.
+    unsafe { tile_into(w, rows, x, toks, view) }
+}
+
+/// [`tile`] into any layout; prefill writes token-major straight into the product's
+/// output (16 consecutive floats per token), with no transposition afterwards.
+///
+/// # Safety
+/// Every element `(r, k)` for `r` in `rows`, `k` in `toks` must address memory that the
+/// caller owns exclusively for the duration of the call.
+pub unsafe fn tile_into(
+    w: &PackedW,
+    rows: Range<usize>,
+    x: &PackedX,
+    toks: Range<usize>,
+    out: OutView,
 ) {
     let Some(gbb) = group_block_bytes(w.kind) else {
         return;
@@ -305,8 +358,16 @@ pub fn tile(
                 avx512::group(w.kind, group, w.nbs, w.nb, x, t, n, &mut res)
             };
             for (i, r) in res.iter().enumerate().take(n) {
-                for (rr, &v) in r.iter().enumerate().take(nr) {
-                    out[(g0 - rows.start + rr) * out_stride + t + i] = v;
+                let base = (g0 - rows.start) * out.row_stride + (t + i) * out.tok_stride;
+                // SAFETY: the caller owns these elements (function contract).
+                unsafe {
+                    if out.row_stride == 1 {
+                        std::ptr::copy_nonoverlapping(r.as_ptr(), out.ptr.add(base), nr);
+                    } else {
+                        for (rr, &v) in r.iter().enumerate().take(nr) {
+                            *out.ptr.add(base + rr * out.row_stride) = v;
+                        }
+                    }
                 }
             }
             t += n;
