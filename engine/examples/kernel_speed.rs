@@ -4,7 +4,8 @@
 
 use gemmad_engine::quant::blocks::*;
 use gemmad_engine::quant::kernels::{self, isa};
-use gemmad_engine::quant::kernels_rows;
+use gemmad_engine::quant::packed;
+use gemmad_engine::quant::QuantType;
 
 fn cpu_now() -> f64 {
     let mut ts = libc_timespec {
@@ -121,71 +122,60 @@ fn main() {
     run("q4_kx4", 144.0 / 256.0 / 4.0, &mut |r| {
         kernels::dot_q4_k_x4(&wk[r * cols / 256..(r + 1) * cols / 256], k4)[3]
     });
-    if kernels_rows::supported() {
-        // Whole-matrix tiles (the matmul path on AVX-512 VNNI): 4 rows per call sharing
-        // each activation load; MACs counted per token.
-        let (mut xr8, mut f8, mut xr4, mut f4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        kernels_rows::prepare_x(&xq, nb, kernels_rows::OFFSET_Q8_0, &mut xr8, &mut f8);
-        kernels_rows::prepare_x(&xq, nb, kernels_rows::OFFSET_Q4_0, &mut xr4, &mut f4);
-        let x4q: Vec<BlockQ8_0> = (0..4).flat_map(|_| xq.iter().copied()).collect();
-        let mut m4 = Vec::new();
-        kernels::q8_0_meta(&x4q, nb, &mut m4);
-        let (mut xr8t, mut f8t, mut xr4t, mut f4t) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        kernels_rows::prepare_x(&x4q, nb, kernels_rows::OFFSET_Q8_0, &mut xr8t, &mut f8t);
-        kernels_rows::prepare_x(&x4q, nb, kernels_rows::OFFSET_Q4_0, &mut xr4t, &mut f4t);
-        let mut out = vec![0.0f32; rows * 4];
-        let mut tile = |name: &str, bytes: f64, toks: usize, f: &mut dyn FnMut(&mut [f32])| {
-            let t0 = cpu_now();
-            for _ in 0..reps {
-                f(&mut out);
-                sink += out[rows - 1];
+    if packed::supported() {
+        // The 16-row interleaved layout (the matmul path on AVX-512 VNNI): one token
+        // (decode) and eight tokens per weight pass (prefill), all tokens counted.
+        let x8: Vec<BlockQ8_0> = (0..8).flat_map(|_| xq.iter().copied()).collect();
+        let mut meta = Vec::new();
+        packed::prepare(&x8, &mut meta);
+        let px = packed::PackedX {
+            blocks: &x8,
+            meta: &meta,
+            nbx: nb,
+        };
+        let mut out = vec![0.0f32; rows * 8];
+        println!("packed x16 kernels (AVX-512 VNNI; x8: eight tokens per weight pass)");
+        for (name, q, bytes, data) in [
+            (
+                "q8_0",
+                QuantType::Q8_0,
+                34.0 / 32.0,
+                packed::pack_q8_0(&w8, rows, nb),
+            ),
+            (
+                "q4_0",
+                QuantType::Q4_0,
+                18.0 / 32.0,
+                packed::pack_q4_0(&w4, rows, nb),
+            ),
+            (
+                "q4_k",
+                QuantType::Q4K,
+                144.0 / 256.0,
+                packed::pack_q4_k(&wk, rows, cols / 256),
+            ),
+        ] {
+            let w = packed::PackedW {
+                kind: q,
+                bytes: &data,
+                nbs: if q == QuantType::Q4K { cols / 256 } else { nb },
+                nb: if q == QuantType::Q4K { cols / 256 } else { nb },
+            };
+            for toks in [1usize, 8] {
+                let t0 = cpu_now();
+                for _ in 0..reps {
+                    packed::tile(&w, 0..rows, &px, 0..toks, &mut out, toks);
+                    sink += out[rows - 1];
+                }
+                let dt = cpu_now() - t0;
+                let macs = (reps * rows * cols * toks) as f64;
+                println!(
+                    "{name}x16 t={toks} {:6.2} GMAC/s/core  = {:6.2} GB/s of weights per core",
+                    macs / dt / 1e9,
+                    macs * bytes / toks as f64 / dt / 1e9
+                );
             }
-            let dt = cpu_now() - t0;
-            let macs = (reps * rows * cols * toks) as f64;
-            println!(
-                "{name:8} {:6.2} GMAC/s/core  = {:6.2} GB/s of weights per core",
-                macs / dt / 1e9,
-                macs * bytes / toks as f64 / dt / 1e9
-            );
-        };
-        println!("row kernels (AVX-512 VNNI; rx4: 2 rows x 4 tokens per call, all tokens counted)");
-        let px8 = kernels_rows::PreparedX {
-            qs: &xr8,
-            fix: &f8,
-            meta: &sums,
-            nb,
-        };
-        let px4 = kernels_rows::PreparedX {
-            qs: &xr4,
-            fix: &f4,
-            meta: &sums,
-            nb,
-        };
-        let px8t = kernels_rows::PreparedX {
-            qs: &xr8t,
-            fix: &f8t,
-            meta: &m4,
-            nb,
-        };
-        let px4t = kernels_rows::PreparedX {
-            qs: &xr4t,
-            fix: &f4t,
-            meta: &m4,
-            nb,
-        };
-        tile("q8_0r", 34.0 / 32.0, 1, &mut |o| {
-            kernels_rows::tile_q8_0(&w8, nb, 0..rows, &px8, 0..1, o, 1)
-        });
-        tile("q4_0r", 18.0 / 32.0, 1, &mut |o| {
-            kernels_rows::tile_q4_0(&w4, nb, 0..rows, &px4, 0..1, o, 1)
-        });
-        tile("q8_0rx4", 34.0 / 32.0, 4, &mut |o| {
-            kernels_rows::tile_q8_0(&w8, nb, 0..rows, &px8t, 0..4, o, 4)
-        });
-        tile("q4_0rx4", 18.0 / 32.0, 4, &mut |o| {
-            kernels_rows::tile_q4_0(&w4, nb, 0..rows, &px4t, 0..4, o, 4)
-        });
+        }
     }
     println!("(sink {sink})");
 }

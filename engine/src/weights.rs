@@ -15,7 +15,6 @@ use crate::quant::activations::quantize_q8_0_fast;
 use crate::quant::blocks::*;
 use crate::quant::kernels;
 use crate::quant::kernels_bf16;
-use crate::quant::kernels_rows;
 use crate::quant::packed::{self, PackedW, PackedX, XMeta};
 use crate::quant::QuantType;
 
@@ -157,8 +156,6 @@ enum QuantizedX<'a> {
     /// Blocks and their per-token metadata (`quant::kernels::q8_0_meta`).
     Q8_0(&'a [BlockQ8_0], &'a [f32]),
     Q8K(&'a [BlockQ8K]),
-    /// Q8_0 activations laid out for the AVX-512 row kernels (`quant::kernels_rows`).
-    Rows(kernels_rows::PreparedX<'a>),
     /// Q8_0 activations for packed weights.
     Packed(PackedX<'a>),
 }
@@ -169,9 +166,6 @@ struct MatScratch {
     q8: Vec<BlockQ8_0>,
     q8_sums: Vec<f32>,
     q8k: Vec<BlockQ8K>,
-    /// Activation bytes for the row kernels.
-    xr: Vec<i8>,
-    xfix: Vec<i32>,
     xmeta: Vec<XMeta>,
     yt: Vec<f32>,
 }
@@ -627,8 +621,6 @@ impl Matrix {
                 q8,
                 q8_sums,
                 q8k,
-                xr,
-                xfix,
                 xmeta,
                 yt,
             } = &mut *guard;
@@ -649,21 +641,7 @@ impl Matrix {
                     q8.resize(t * nb, BlockQ8_0::default());
                     per_token(&mut q8[..], nb, x, self.cols, t, quantize_q8_0_fast);
                     kernels::q8_0_meta(q8, nb, q8_sums);
-                    if kernels_rows::available() {
-                        let off = match &self.data {
-                            Data::Q8_0(_) => kernels_rows::OFFSET_Q8_0,
-                            _ => kernels_rows::OFFSET_Q4_0,
-                        };
-                        kernels_rows::prepare_x(q8, nb, off, xr, xfix);
-                        QuantizedX::Rows(kernels_rows::PreparedX {
-                            qs: &xr[..],
-                            fix: &xfix[..],
-                            meta: &q8_sums[..],
-                            nb,
-                        })
-                    } else {
-                        QuantizedX::Q8_0(&q8[..], &q8_sums[..])
-                    }
+                    QuantizedX::Q8_0(&q8[..], &q8_sums[..])
                 }
                 Data::Q4K(_) => {
                     let nb = self.cols / QK_K;
@@ -706,28 +684,6 @@ impl Matrix {
             ),
             _ => return None,
         })
-    }
-
-    /// Rows `rows` × tokens `toks` with the AVX-512 row kernels into `out` (row-major,
-    /// `out_stride` apart).
-    fn rows_tile(
-        &self,
-        x: &kernels_rows::PreparedX,
-        rows: std::ops::Range<usize>,
-        toks: std::ops::Range<usize>,
-        out: &mut [f32],
-        out_stride: usize,
-    ) {
-        let stride = self.stride / QK8_0;
-        match &self.data {
-            Data::Q8_0(v) => {
-                kernels_rows::tile_q8_0(v.as_slice(), stride, rows, x, toks, out, out_stride)
-            }
-            Data::Q4_0(v) => {
-                kernels_rows::tile_q4_0(v.as_slice(), stride, rows, x, toks, out, out_stride)
-            }
-            _ => unreachable!("row kernels prepared for a non-Q8_0/Q4_0 matrix"),
-        }
     }
 
     /// Splits a product over the threads. `tile(rows, toks, out, out_stride)` writes row
@@ -863,16 +819,6 @@ impl Matrix {
                     }
                 });
             }
-        }
-        if let QuantizedX::Rows(x) = xq {
-            return self.schedule(
-                t,
-                y,
-                yt,
-                serial,
-                kernels_rows::ROWS,
-                |rows, toks, out, st| self.rows_tile(x, rows, toks, out, st),
-            );
         }
         self.schedule(t, y, yt, serial, 1, |rows, toks, out, stride| {
             for r in rows.clone() {

@@ -57,6 +57,5 @@ pub mod activations;
 pub mod blocks;
 pub mod kernels;
 pub mod kernels_bf16;
-pub mod kernels_rows;
 pub mod packed;
 pub mod store;
