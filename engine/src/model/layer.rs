@@ -155,9 +155,9 @@ impl DecoderLayer {
         let mut xn = sc.copy_of(x);
         ops::rms_norm(&mut xn, h, Some(&self.altup.router_norm), m.eps);
         let scale = 1.0 / h as f32;
-        for v in xn.iter_mut() {
-            *v *= scale;
-        }
+        ops::for_rows(&mut xn, h, |_, row| {
+            row.iter_mut().for_each(|v| *v *= scale)
+        });
         let a = m.cfg.altup_num_inputs;
         let mut out = sc.take(t * a);
         self.altup.modality_router.matmul(&xn, t, &mut out);
@@ -205,18 +205,19 @@ impl DecoderLayer {
             pred_arr[i] = sc.copy_of(s);
         }
         let pred_s = &mut pred_arr[..a];
-        for ti in 0..t {
-            let cf = &coefs[ti * a * a..(ti + 1) * a * a];
-            for e in 0..h {
-                let idx = ti * h + e;
-                for (i, p) in pred_s.iter_mut().enumerate() {
+        for (i, p) in pred_s.iter_mut().enumerate() {
+            let streams = &*streams;
+            ops::for_rows(p, h, |ti, row| {
+                let cf = &coefs[ti * a * a + i * a..ti * a * a + (i + 1) * a];
+                for (e, pv) in row.iter_mut().enumerate() {
+                    let idx = ti * h + e;
                     let mut s = 0.0f32;
-                    for (j, sj) in streams.iter().enumerate() {
-                        s += sj[idx] * cf[i * a + j];
+                    for (sj, &c) in streams.iter().zip(cf) {
+                        s += sj[idx] * c;
                     }
-                    p[idx] += s;
+                    *pv += s;
                 }
-            }
+            });
         }
         sc.give(coefs);
         let active = &pred_s[act];
@@ -232,9 +233,11 @@ impl DecoderLayer {
         self.laurel.linear_right.matmul(&lr, t, &mut laurel);
         sc.give(lr);
         ops::rms_norm(&mut laurel, h, Some(&self.laurel.post_laurel_norm), eps);
-        for (o, &x) in laurel.iter_mut().zip(&xn) {
-            *o += x;
-        }
+        ops::for_rows(&mut laurel, h, |ti, row| {
+            for (o, &x) in row.iter_mut().zip(&xn[ti * h..]) {
+                *o += x;
+            }
+        });
 
         let mut attn = self.attention(m, li, &xn, t, pos0, inv_freq, cache, &mut sc);
         ops::rms_norm(&mut attn, h, Some(&self.post_attention_layernorm), eps);
@@ -242,38 +245,48 @@ impl DecoderLayer {
         // attn_laurel = (active + attn + laurel) / sqrt(2)
         let sqrt2 = std::f64::consts::SQRT_2 as f32;
         let mut x = sc.take(t * h);
-        for i in 0..t * h {
-            x[i] = ((active[i] + attn[i]) + laurel[i]) / sqrt2;
-        }
+        ops::for_rows(&mut x, h, |ti, row| {
+            for (e, v) in row.iter_mut().enumerate() {
+                let i = ti * h + e;
+                *v = ((active[i] + attn[i]) + laurel[i]) / sqrt2;
+            }
+        });
         sc.give(attn);
         sc.give(laurel);
         ops::rms_norm_into(&x, &mut xn, h, Some(&self.pre_feedforward_layernorm), eps);
         let mut ffw = self.mlp.forward(&xn, t, &mut sc);
         ops::rms_norm(&mut ffw, h, Some(&self.post_feedforward_layernorm), eps);
-        for (o, &f) in x.iter_mut().zip(&ffw) {
-            *o += f;
-        }
+        ops::for_rows(&mut x, h, |ti, row| {
+            for (o, &f) in row.iter_mut().zip(&ffw[ti * h..]) {
+                *o += f;
+            }
+        });
         sc.give(ffw);
         sc.give(xn);
         let activated = x;
 
         // AltUp correct: C[i] = pred[i] + (coef(router(activated))[i] + 1) · (activated - pred[act]).
         let modalities = self.router_modalities(m, &activated, t, &mut sc);
-        let mut k = [0.0f32; 8];
+        let mut k = sc.take(t * a);
         for ti in 0..t {
             let md = &modalities[ti * a..(ti + 1) * a];
-            for (i, kv) in k[..a].iter_mut().enumerate() {
+            for (i, kv) in k[ti * a..(ti + 1) * a].iter_mut().enumerate() {
                 let w = &self.altup.correction_coefs[i * a..(i + 1) * a];
                 *kv = w.iter().zip(md).map(|(x, y)| x * y).sum::<f32>() + 1.0;
             }
-            for e in 0..h {
-                let idx = ti * h + e;
-                let innov = activated[idx] - pred_s[act][idx];
-                for (i, s) in streams.iter_mut().enumerate() {
-                    s[idx] = pred_s[i][idx] + innov * k[i];
-                }
-            }
         }
+        for (i, s) in streams.iter_mut().enumerate() {
+            let (pred_s, k, activated) = (&*pred_s, &k, &activated);
+            ops::for_rows(s, h, |ti, row| {
+                let ki = k[ti * a + i];
+                for (e, v) in row.iter_mut().enumerate() {
+                    let idx = ti * h + e;
+                    let innov = activated[idx] - pred_s[act][idx];
+                    *v = pred_s[i][idx] + innov * ki;
+                }
+            });
+        }
+        sc.give(k);
         sc.give(modalities);
         sc.give(activated);
         for p in pred_arr.iter_mut().take(a) {
@@ -284,22 +297,22 @@ impl DecoderLayer {
         let pdim = c.hidden_size_per_layer_input;
         let mut first = sc.copy_of(&streams[act]);
         if c.altup_correct_scale {
-            for row in first.chunks_exact_mut(h) {
+            ops::for_rows(&mut first, h, |_, row| {
                 for (v, &s) in row.iter_mut().zip(&self.altup.correct_output_scale) {
                     *v *= s;
                 }
-            }
+            });
         }
         let mut gate = sc.take(t * pdim);
         self.per_layer_input_gate.matmul(&first, t, &mut gate);
         sc.give(first);
         let lp = c.num_hidden_layers * pdim;
-        for ti in 0..t {
+        ops::for_rows(&mut gate, pdim, |ti, row| {
             let pl = &pli[ti * lp + li * pdim..ti * lp + (li + 1) * pdim];
-            for (g, &p) in gate[ti * pdim..(ti + 1) * pdim].iter_mut().zip(pl) {
+            for (g, &p) in row.iter_mut().zip(pl) {
                 *g = ops::gelu_tanh(*g) * p;
             }
-        }
+        });
         let mut inj = sc.take(t * h);
         self.per_layer_projection.matmul(&gate, t, &mut inj);
         sc.give(gate);
@@ -308,9 +321,11 @@ impl DecoderLayer {
             if i == act {
                 continue;
             }
-            for (v, &p) in s.iter_mut().zip(&inj) {
-                *v += p;
-            }
+            ops::for_rows(s, h, |ti, row| {
+                for (v, &p) in row.iter_mut().zip(&inj[ti * h..]) {
+                    *v += p;
+                }
+            });
         }
         sc.give(inj);
         cache.scratch = sc;
@@ -343,11 +358,11 @@ impl DecoderLayer {
         let mut q = sc.take(t * qd);
         sa.q_proj.matmul(xn, t, &mut q);
         ops::rms_norm(&mut q, hd, Some(&sa.q_norm), eps);
-        for ti in 0..t {
-            for head in q[ti * qd..(ti + 1) * qd].chunks_exact_mut(hd) {
+        ops::for_rows(&mut q, qd, |ti, row| {
+            for head in row.chunks_exact_mut(hd) {
                 ops::apply_rope(head, pos0 + ti, inv_freq);
             }
-        }
+        });
 
         if let (Some(kp), Some(vp)) = (&sa.k_proj, &sa.v_proj) {
             let (k, v) = cache.pending_mut(li, t * kvd);
@@ -355,11 +370,11 @@ impl DecoderLayer {
             vp.matmul(xn, t, v);
             ops::rms_norm(k, hd, sa.k_norm.as_deref(), eps);
             ops::rms_norm(v, hd, None, eps);
-            for ti in 0..t {
-                for head in k[ti * kvd..(ti + 1) * kvd].chunks_exact_mut(hd) {
+            ops::for_rows(k, kvd, |ti, row| {
+                for head in row.chunks_exact_mut(hd) {
                     ops::apply_rope(head, pos0 + ti, inv_freq);
                 }
-            }
+            });
         }
         let src = c.kv_source_layer(li);
         let window = match c.layer_types[li] {

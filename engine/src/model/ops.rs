@@ -1,9 +1,11 @@
 //! Elementwise and per-row primitives of the Gemma 3n text decoder, in f32.
 
+use rayon::prelude::*;
+
 /// Gemma 3n RMSNorm: `x · (mean(x²) + eps)^-½ · w` (plain `w`, not `1 + w`). `w = None` is
 /// a norm "without scale". Applied to every `dim`-sized row of `x` in place.
 pub fn rms_norm(x: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
-    for row in x.chunks_exact_mut(dim) {
+    for_rows(x, dim, |_, row| {
         let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
         let r = ((ms as f32) + eps).powf(-0.5);
         match w {
@@ -18,6 +20,22 @@ pub fn rms_norm(x: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
                 }
             }
         }
+    });
+}
+
+/// Rows of a prefill from which row-wise work is split over the thread pool: below it
+/// (decode, short prompts) the fork/join would cost more than it saves.
+const PAR_ROWS: usize = 32;
+
+/// `f(i, row i)` for each `dim`-wide row of `x`: over the thread pool when there are many
+/// rows (a prefill, where these element-wise steps otherwise ran on one thread while the
+/// others waited), in order on this thread otherwise. Rows are independent, so the
+/// results do not depend on the split.
+pub fn for_rows(x: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if x.len() >= PAR_ROWS * dim && rayon::current_num_threads() > 1 {
+        x.par_chunks_mut(dim).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        x.chunks_mut(dim).enumerate().for_each(|(i, r)| f(i, r));
     }
 }
 
