@@ -140,26 +140,26 @@ fn main() {
                 "q8_0",
                 QuantType::Q8_0,
                 34.0 / 32.0,
-                packed::pack_q8_0(&w8, rows, nb),
+                packed::pack(&w8, rows, nb),
             ),
             (
                 "q4_0",
                 QuantType::Q4_0,
                 18.0 / 32.0,
-                packed::pack_q4_0(&w4, rows, nb),
+                packed::pack(&w4, rows, nb),
             ),
             (
                 "q4_k",
                 QuantType::Q4K,
                 144.0 / 256.0,
-                packed::pack_q4_k(&wk, rows, cols / 256),
+                packed::pack(&wk, rows, cols / 256),
             ),
         ] {
             let w = packed::PackedW {
                 kind: q,
                 bytes: &data,
-                nbs: if q == QuantType::Q4K { cols / 256 } else { nb },
-                nb: if q == QuantType::Q4K { cols / 256 } else { nb },
+                nbs: cols / packed::block_len(q),
+                nb: cols / packed::block_len(q),
             };
             for toks in [1usize, 8] {
                 let t0 = cpu_now();

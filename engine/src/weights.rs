@@ -133,8 +133,7 @@ impl Data {
             Data::F32(_) | Data::Bf16(_) | Data::F16(_) => 1,
             Data::Q8_0(_) | Data::Q4_0(_) => QK8_0,
             Data::Q4K(_) => QK_K,
-            Data::Packed(QuantType::Q4K, _) => QK_K,
-            Data::Packed(..) => QK8_0,
+            Data::Packed(q, _) => packed::block_len(*q),
         }
     }
 
@@ -150,6 +149,13 @@ impl Data {
         }
     }
 }
+
+/// Quantized-weights cache storage codes of packed matrices (codes 1-5: `quant::store`).
+const PACKED_CODES: [(u8, QuantType); 3] = [
+    (6, QuantType::Q8_0),
+    (7, QuantType::Q4_0),
+    (8, QuantType::Q4K),
+];
 
 /// A 2-D weight `[rows, cols]` (PyTorch `nn.Linear` layout: one output per row).
 #[derive(Clone, Debug)]
@@ -264,8 +270,8 @@ impl Matrix {
             4 => Data::F32(slab(map, offset, len, el)?),
             5 => Data::Bf16(slab(map, offset, len, el)?),
             6..=8 if packed::enabled() && rows.is_multiple_of(packed::ROWS) => {
-                let q = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4K][code as usize - 6];
-                let bs = if q == QuantType::Q4K { QK_K } else { QK8_0 };
+                let &(_, q) = PACKED_CODES.iter().find(|(c, _)| *c == code)?;
+                let bs = packed::block_len(q);
                 let gbb = packed::group_block_bytes(q)?;
                 if !cols.is_multiple_of(bs) {
                     return None;
@@ -302,11 +308,7 @@ impl Matrix {
             Data::F32(Slab::Owned(v)) => Some((4, bytes(v))),
             Data::Bf16(Slab::Owned(v)) => Some((5, bytes(v))),
             Data::Packed(q, Slab::Owned(v)) => {
-                let code = match q {
-                    QuantType::Q8_0 => 6,
-                    QuantType::Q4_0 => 7,
-                    _ => 8,
-                };
+                let &(code, _) = PACKED_CODES.iter().find(|(_, k)| k == q)?;
                 Some((code, bytes(v)))
             }
             _ => None,
@@ -413,9 +415,9 @@ impl Matrix {
         }
         let (rows, nb) = (self.rows, self.cols / self.data.block());
         let (q, bytes) = match &self.data {
-            Data::Q8_0(v) => (QuantType::Q8_0, packed::pack_q8_0(v.as_slice(), rows, nb)),
-            Data::Q4_0(v) => (QuantType::Q4_0, packed::pack_q4_0(v.as_slice(), rows, nb)),
-            Data::Q4K(v) => (QuantType::Q4K, packed::pack_q4_k(v.as_slice(), rows, nb)),
+            Data::Q8_0(v) => (QuantType::Q8_0, packed::pack(v.as_slice(), rows, nb)),
+            Data::Q4_0(v) => (QuantType::Q4_0, packed::pack(v.as_slice(), rows, nb)),
+            Data::Q4K(v) => (QuantType::Q4K, packed::pack(v.as_slice(), rows, nb)),
             _ => return self.clone(),
         };
         Matrix {

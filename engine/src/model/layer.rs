@@ -432,48 +432,39 @@ impl Mlp {
                 *g = ops::gelu_tanh(*g) * u;
             }
         };
-        if t > 1 {
-            // Prefill: tokens are independent; serial, this loop (tanh per activation)
-            // left the other compute threads idle.
-            gate.par_chunks_exact_mut(inter)
-                .zip(up.par_chunks_exact(inter))
-                .for_each(|(g, u)| act(g, u));
-        } else {
-            act(&mut gate, &up);
-        }
+        ops::for_rows(&mut gate, inter, |ti, g| {
+            act(g, &up[ti * inter..(ti + 1) * inter])
+        });
         sc.give(up);
         let mut y = sc.take(t * h);
         match &self.down_proj_t {
             // Sparse: y = Σ over surviving neurons i of a_i · down_proj[:, i].
             Some(dt) => {
-                let threads = rayon::current_num_threads().max(1);
-                if t > 1 && threads > 1 {
-                    // Prefill: one task per token (same arithmetic per output element
-                    // as the column split below, so prefill and decode agree).
-                    gate.par_chunks_exact(inter)
-                        .zip(y.par_chunks_exact_mut(h))
-                        .for_each(|(a_row, y_row)| dt.axpy_row_all(a_row, y_row));
+                if t > 1 {
+                    // Prefill: one row of tokens per task (same arithmetic per output
+                    // element as the column split below, so prefill and decode agree).
+                    ops::for_rows(&mut y, h, |ti, y_row| {
+                        dt.axpy_row_all(&gate[ti * inter..(ti + 1) * inter], y_row)
+                    });
                 } else {
-                    // Threads split the output columns; each reads only its part of the
-                    // surviving rows.
+                    // Decode: threads split the output columns; each reads only its part
+                    // of the surviving rows.
+                    let threads = rayon::current_num_threads().max(1);
                     let bs = dt.block_size().max(32);
                     let part = h.div_ceil(threads).div_ceil(bs) * bs;
-                    for (a_row, y_row) in gate.chunks_exact(inter).zip(y.chunks_exact_mut(h)) {
-                        let run = |pi: usize, yp: &mut [f32]| {
-                            for (i, &a) in a_row.iter().enumerate() {
-                                if a != 0.0 {
-                                    dt.axpy_row_part(i, pi * part, a, yp);
-                                }
+                    let run = |pi: usize, yp: &mut [f32]| {
+                        for (i, &a) in gate.iter().enumerate() {
+                            if a != 0.0 {
+                                dt.axpy_row_part(i, pi * part, a, yp);
                             }
-                        };
-                        if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
-                            y_row
-                                .par_chunks_mut(part)
-                                .enumerate()
-                                .for_each(|(pi, yp)| run(pi, yp));
-                        } else {
-                            dt.axpy_row_all(a_row, y_row);
                         }
+                    };
+                    if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
+                        y.par_chunks_mut(part)
+                            .enumerate()
+                            .for_each(|(pi, yp)| run(pi, yp));
+                    } else {
+                        dt.axpy_row_all(&gate, &mut y);
                     }
                 }
             }

@@ -23,16 +23,16 @@ pub fn rms_norm(x: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
     });
 }
 
-/// Rows of a prefill from which row-wise work is split over the thread pool: below it
-/// (decode, short prompts) the fork/join would cost more than it saves.
-const PAR_ROWS: usize = 32;
+/// Elements from which row-wise work is split over the thread pool (32 rows of E2B's
+/// hidden size): below it (decode, short prompts) the fork/join costs more than it saves.
+const PAR_ELEMS: usize = 1 << 16;
 
-/// `f(i, row i)` for each `dim`-wide row of `x`: over the thread pool when there are many
-/// rows (a prefill, where these element-wise steps otherwise ran on one thread while the
+/// `f(i, row i)` for each `dim`-wide row of `x`: over the thread pool when there is much
+/// of it (a prefill, where these row-wise steps otherwise ran on one thread while the
 /// others waited), in order on this thread otherwise. Rows are independent, so the
 /// results do not depend on the split.
 pub fn for_rows(x: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if x.len() >= PAR_ROWS * dim && rayon::current_num_threads() > 1 {
+    if x.len() >= PAR_ELEMS && x.len() > dim && rayon::current_num_threads() > 1 {
         x.par_chunks_mut(dim).enumerate().for_each(|(i, r)| f(i, r));
     } else {
         x.chunks_mut(dim).enumerate().for_each(|(i, r)| f(i, r));

@@ -4,12 +4,12 @@
 
 use super::blocks::*;
 #[cfg(target_arch = "x86_64")]
-use super::kernels::{isa, Isa};
+use super::kernels::avx512_vnni;
 
 /// `blocks::quantize_q8_0`, on AVX-512 where the CPU has it.
 pub fn quantize_q8_0_fast(x: &[f32], out: &mut [BlockQ8_0]) {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512Vnni {
+    if avx512_vnni() {
         // SAFETY: AVX-512 F/BW/VL checked at run time (part of the VNNI tier).
         return unsafe { avx512::quantize_q8_0(x, out) };
     }

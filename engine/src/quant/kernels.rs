@@ -53,6 +53,19 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Whether this CPU runs the 512-bit kernels outside this file (`packed`, `kernels_bf16`,
+/// `activations`): the AVX-512 VNNI tier, which implies F, BW and VL.
+pub fn avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa() == Isa::Avx512Vnni
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 // ---------------------------------------------------------------- scalar references
 
 pub fn dot_bf16_scalar(w: &[u16], x: &[f32]) -> f32 {

@@ -8,26 +8,12 @@
 //! and reduced the same way, with the same scalar tail: results are bit-identical to the
 //! one-row kernels, so prefill and decode still agree.
 
-use super::kernels::{self, isa, Isa};
-
-/// Whether [`dot_bf16_4x4`] has a blocked kernel on this CPU (else it loops the
-/// one-row kernel, which is no faster than calling that directly).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        isa() == Isa::Avx512Vnni
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = isa();
-        false
-    }
-}
+use super::kernels;
 
 /// `out[r][t] = w[r] · x[t]`.
 pub fn dot_bf16_4x4(w: [&[u16]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    if kernels::avx512_vnni() {
         // SAFETY: AVX-512F (with AVX2/FMA) checked at run time by the VNNI tier.
         return unsafe { avx512::dot_bf16_4x4(w, x) };
     }

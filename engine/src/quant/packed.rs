@@ -30,9 +30,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::blocks::*;
-use super::kernels::isa;
-#[cfg(target_arch = "x86_64")]
-use super::kernels::Isa;
+use super::kernels;
 use super::QuantType;
 
 /// Rows per interleaved group.
@@ -42,15 +40,7 @@ const MAX_TOKENS: usize = 8;
 
 /// Whether the CPU can run the packed products (AVX-512 VNNI).
 pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        isa() == Isa::Avx512Vnni
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = isa();
-        false
-    }
+    kernels::avx512_vnni()
 }
 
 /// Whether loaded matrices are packed: where supported, unless `GEMMAD_PACK=0` (for
@@ -80,6 +70,15 @@ pub fn group_block_bytes(kind: QuantType) -> Option<usize> {
     }
 }
 
+/// Quants per block of a packed type (Q4_K's super-block: 256; else 32).
+pub fn block_len(kind: QuantType) -> usize {
+    if kind == QuantType::Q4K {
+        QK_K
+    } else {
+        QK8_0
+    }
+}
+
 fn quant_bytes(kind: QuantType) -> usize {
     match kind {
         QuantType::Q8_0 => 512,
@@ -88,8 +87,8 @@ fn quant_bytes(kind: QuantType) -> usize {
     }
 }
 
-/// Quant bytes of row `r` of ggml block `b` and its scale(s), as the packers need them.
-trait Source: Sync {
+/// A ggml block type that can be packed: its quant bytes and scale(s).
+pub trait Source: Sync {
     fn kind() -> QuantType;
     /// The quant bytes (Q8_0: 32, Q4_0: 16, Q4_K: 128).
     fn qs(&self) -> &[u8];
@@ -141,7 +140,7 @@ impl Source for BlockQ4K {
 }
 
 /// Packs `rows` rows (a multiple of [`ROWS`]) of `nb` ggml blocks each.
-fn pack<B: Source>(src: &[B], rows: usize, nb: usize) -> Vec<u8> {
+pub fn pack<B: Source>(src: &[B], rows: usize, nb: usize) -> Vec<u8> {
     let kind = B::kind();
     let (gbb, qb) = (group_block_bytes(kind).unwrap_or(0), quant_bytes(kind));
     let mut out = crate::weights::huge_vec(rows / ROWS * nb * gbb, 0u8);
@@ -161,18 +160,6 @@ fn pack<B: Source>(src: &[B], rows: usize, nb: usize) -> Vec<u8> {
         }
     });
     out
-}
-
-pub fn pack_q8_0(src: &[BlockQ8_0], rows: usize, nb: usize) -> Vec<u8> {
-    pack(src, rows, nb)
-}
-
-pub fn pack_q4_0(src: &[BlockQ4_0], rows: usize, nb: usize) -> Vec<u8> {
-    pack(src, rows, nb)
-}
-
-pub fn pack_q4_k(src: &[BlockQ4K], rows: usize, nb: usize) -> Vec<u8> {
-    pack(src, rows, nb)
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -334,7 +321,7 @@ pub unsafe fn tile_into(
     let Some(gbb) = group_block_bytes(w.kind) else {
         return;
     };
-    let per_block = if w.kind == QuantType::Q4K { 8 } else { 1 };
+    let per_block = block_len(w.kind) / QK8_0;
     assert!(
         supported()
             && rows.start.is_multiple_of(ROWS)
@@ -410,23 +397,23 @@ mod avx512 {
         n: usize,
         res: &mut [[f32; ROWS]; MAX_TOKENS],
     ) {
+        let mut store = |acc: &[__m512]| {
+            for (r, a) in res.iter_mut().zip(acc) {
+                _mm512_storeu_ps(r.as_mut_ptr(), *a);
+            }
+        };
         macro_rules! run {
-            ($f:ident, $($n:literal)*) => {
-                match n {
-                    $($n => {
-                        let acc = $f::<$n>(g.as_ptr(), nbs, nb, x, t);
-                        for (r, a) in res.iter_mut().zip(acc.iter()) {
-                            _mm512_storeu_ps(r.as_mut_ptr(), *a);
-                        }
-                    })*
-                    _ => {}
-                }
+            ($f:ident; $($n:literal)*) => {
+                match n { $($n => store(&$f::<$n>(g.as_ptr(), nbs, nb, x, t)),)* _ => {} }
+            };
+            ($f:ident, $q4:tt; $($n:literal)*) => {
+                match n { $($n => store(&$f::<$n, $q4>(g.as_ptr(), nbs, nb, x, t)),)* _ => {} }
             };
         }
         match kind {
-            QuantType::Q8_0 => run!(q8_0, 1 2 3 4 5 6 7 8),
-            QuantType::Q4_0 => run!(q4_0, 1 2 3 4 5 6 7 8),
-            QuantType::Q4K => run!(q4_k, 1 2 3 4 5 6 7 8),
+            QuantType::Q8_0 => run!(q32, false; 1 2 3 4 5 6 7 8),
+            QuantType::Q4_0 => run!(q32, true; 1 2 3 4 5 6 7 8),
+            QuantType::Q4K => run!(q4_k; 1 2 3 4 5 6 7 8),
             _ => {}
         }
     }
@@ -440,64 +427,52 @@ mod avx512 {
         )
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn q8_0<const N: usize>(
-        g: *const u8,
-        nbs: usize,
-        nb: usize,
-        x: &PackedX,
-        t: usize,
-    ) -> [__m512; N] {
-        let mut acc = [_mm512_setzero_ps(); N];
-        let flip = _mm512_set1_epi8(-128);
-        let scales = g.add(nbs * 512);
-        for b in 0..nb {
-            let q = g.add(b * 512);
-            let w: [__m512i; 8] =
-                std::array::from_fn(|j| _mm512_xor_si512(load(q.add(64 * j)), flip));
-            let dw = scales16(scales.add(32 * b));
-            for (n, acc) in acc.iter_mut().enumerate() {
-                let (a, m) = xat(x, t + n, b);
-                let mut i0 = _mm512_set1_epi32(-128 * m.isum);
-                let mut i1 = _mm512_setzero_si512();
-                for j in (0..8).step_by(2) {
-                    i0 = _mm512_dpbusd_epi32(i0, w[j], bcast(a, j));
-                    i1 = _mm512_dpbusd_epi32(i1, w[j + 1], bcast(a, j + 1));
-                }
-                let s = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
-                *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(m.d)), *acc);
-            }
+    /// `init + Σ_j w[j]·a[4j..4j+4]` in each of the 16 row lanes: one 32-quant block of a
+    /// row group against one activation block, in two dependency chains (the sums are
+    /// exact integers, so how they are grouped does not change the result).
+    #[inline(always)]
+    unsafe fn dot_block(w: &[__m512i; 8], a: *const i8, init: __m512i) -> __m512i {
+        let mut i0 = init;
+        let mut i1 = _mm512_setzero_si512();
+        for j in (0..8).step_by(2) {
+            i0 = _mm512_dpbusd_epi32(i0, w[j], bcast(a, j));
+            i1 = _mm512_dpbusd_epi32(i1, w[j + 1], bcast(a, j + 1));
         }
-        acc
+        _mm512_add_epi32(i0, i1)
     }
 
+    /// Q4_0 (`Q4`) or Q8_0 row group: the block's quants as unsigned bytes (`w[j]` meets
+    /// activation bytes `4j..4j+4`), the integer sum started at `−offset · Σa`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn q4_0<const N: usize>(
+    unsafe fn q32<const N: usize, const Q4: bool>(
         g: *const u8,
         nbs: usize,
         nb: usize,
         x: &PackedX,
         t: usize,
     ) -> [__m512; N] {
+        let (qb, offset) = if Q4 { (256, 8) } else { (512, 128) };
         let mut acc = [_mm512_setzero_ps(); N];
         let m4 = _mm512_set1_epi8(0x0F);
-        let scales = g.add(nbs * 256);
+        let flip = _mm512_set1_epi8(-128);
+        let scales = g.add(nbs * qb);
         for b in 0..nb {
-            let q = g.add(b * 256);
-            let v: [__m512i; 4] = std::array::from_fn(|j| load(q.add(64 * j)));
-            let lo: [__m512i; 4] = std::array::from_fn(|j| _mm512_and_si512(v[j], m4));
-            let hi: [__m512i; 4] =
-                std::array::from_fn(|j| _mm512_and_si512(_mm512_srli_epi16(v[j], 4), m4));
+            let q = g.add(b * qb);
+            let w: [__m512i; 8] = if Q4 {
+                // Low nibbles are quants 4j.., high nibbles 16+4j..
+                let v: [__m512i; 4] = std::array::from_fn(|j| load(q.add(64 * j)));
+                std::array::from_fn(|j| match j {
+                    0..4 => _mm512_and_si512(v[j], m4),
+                    _ => _mm512_and_si512(_mm512_srli_epi16(v[j - 4], 4), m4),
+                })
+            } else {
+                std::array::from_fn(|j| _mm512_xor_si512(load(q.add(64 * j)), flip))
+            };
             let dw = scales16(scales.add(32 * b));
             for (n, acc) in acc.iter_mut().enumerate() {
                 let (a, m) = xat(x, t + n, b);
-                let mut i0 = _mm512_set1_epi32(-8 * m.isum);
-                let mut i1 = _mm512_setzero_si512();
-                for j in 0..4 {
-                    i0 = _mm512_dpbusd_epi32(i0, lo[j], bcast(a, j));
-                    i1 = _mm512_dpbusd_epi32(i1, hi[j], bcast(a, 4 + j));
-                }
-                let s = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
+                let i = dot_block(&w, a, _mm512_set1_epi32(-offset * m.isum));
+                let s = _mm512_cvtepi32_ps(i);
                 *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(m.d)), *acc);
             }
         }
@@ -539,13 +514,8 @@ mod avx512 {
                     let dm = _mm512_mul_ps(dmin, u8s(meta.add(128 + s * ROWS)));
                     for (n, acc) in acc.iter_mut().enumerate() {
                         let (a, m) = xat(x, t + n, 8 * b + s);
-                        let mut i0 = _mm512_setzero_si512();
-                        let mut i1 = _mm512_setzero_si512();
-                        for j in (0..8).step_by(2) {
-                            i0 = _mm512_dpbusd_epi32(i0, w[j], bcast(a, j));
-                            i1 = _mm512_dpbusd_epi32(i1, w[j + 1], bcast(a, j + 1));
-                        }
-                        let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
+                        let i = dot_block(&w, a, _mm512_setzero_si512());
+                        let sum = _mm512_cvtepi32_ps(i);
                         *acc = _mm512_fmadd_ps(sum, _mm512_mul_ps(dsc, _mm512_set1_ps(m.d)), *acc);
                         *acc = _mm512_fnmadd_ps(dm, _mm512_set1_ps(m.dsum), *acc);
                     }

@@ -228,7 +228,7 @@ impl Matrix {
             return;
         }
         if let (QuantizedX::None(x), Data::Bf16(v)) = (xq, &self.data) {
-            if t > 1 && kernels_bf16::available() {
+            if t > 1 && kernels::avx512_vnni() {
                 let (w, c, st) = (v.as_slice(), self.cols, self.stride);
                 let row = |r: usize| &w[r * st..r * st + c];
                 let tok = |ti: usize| &x[ti * c..(ti + 1) * c];

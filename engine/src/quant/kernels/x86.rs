@@ -26,7 +26,7 @@ macro_rules! x86_kernels {
 
             #[inline]
             #[target_feature(enable = $feat)]
-            pub(crate) fn h(b: u16) -> f32 {
+            fn h(b: u16) -> f32 {
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b as i32)))
             }
 
@@ -318,7 +318,7 @@ macro_rules! x86_kernels {
             /// The f16 scales of 8 consecutive blocks as 8 f32 lanes.
             #[inline]
             #[target_feature(enable = $feat)]
-            pub(crate) fn scales8(d: [u16; 8]) -> __m256 {
+            fn scales8(d: [u16; 8]) -> __m256 {
                 let v = _mm_set_epi16(
                     d[7] as i16, d[6] as i16, d[5] as i16, d[4] as i16,
                     d[3] as i16, d[2] as i16, d[1] as i16, d[0] as i16,
