@@ -53,6 +53,41 @@ impl FromStr for QuantType {
     }
 }
 
+/// Where a product tile's results go: row `r` (counted from the tile's first row), token
+/// `k` at `ptr[r·row_stride + k·tok_stride]`. Tasks of one product write disjoint
+/// elements of one exclusively borrowed output through copies of a view.
+#[derive(Clone, Copy, Debug)]
+pub struct OutView {
+    pub ptr: *mut f32,
+    pub row_stride: usize,
+    pub tok_stride: usize,
+}
+
+impl OutView {
+    /// The view whose first row is this one's row `r`.
+    pub fn from_row(self, r: usize) -> OutView {
+        OutView {
+            ptr: self.ptr.wrapping_add(r * self.row_stride),
+            ..self
+        }
+    }
+
+    /// Writes element (`r`, `k`).
+    ///
+    /// # Safety
+    /// The element must lie in the output and belong to the calling task alone.
+    #[inline(always)]
+    pub unsafe fn set(self, r: usize, k: usize, v: f32) {
+        // SAFETY: the caller's contract.
+        unsafe { *self.ptr.add(r * self.row_stride + k * self.tok_stride) = v };
+    }
+}
+
+// SAFETY: views are only written through `set` / `packed::tile_into`, whose callers give
+// each task a disjoint set of elements.
+unsafe impl Send for OutView {}
+unsafe impl Sync for OutView {}
+
 pub mod activations;
 pub mod blocks;
 pub mod kernels;

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use super::blocks::*;
 use super::kernels;
-use super::QuantType;
+use super::{OutView, QuantType};
 
 /// Rows per interleaved group.
 pub const ROWS: usize = 16;
@@ -254,30 +254,6 @@ pub struct PackedW<'a> {
     pub nbs: usize,
     pub nb: usize,
 }
-
-/// Where a tile's results go: row `r`, token `k` at
-/// `ptr[(r − rows.start)·row_stride + k·tok_stride]`.
-#[derive(Clone, Copy, Debug)]
-pub struct OutView {
-    pub ptr: *mut f32,
-    pub row_stride: usize,
-    pub tok_stride: usize,
-}
-
-impl OutView {
-    /// The view whose first row is this one's row `r`.
-    pub fn from_row(self, r: usize) -> OutView {
-        OutView {
-            ptr: self.ptr.wrapping_add(r * self.row_stride),
-            ..self
-        }
-    }
-}
-
-// SAFETY: a view is only written through `tile_into`, whose callers give each task a
-// disjoint set of elements.
-unsafe impl Send for OutView {}
-unsafe impl Sync for OutView {}
 
 /// `out[(r − rows.start)·out_stride + tok] = W[r] · x[tok]` for rows `rows` (the start a
 /// multiple of [`ROWS`]) and tokens `toks`.

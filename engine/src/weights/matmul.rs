@@ -11,6 +11,7 @@ use crate::quant::blocks::*;
 use crate::quant::kernels;
 use crate::quant::kernels_bf16;
 use crate::quant::packed::{self, PackedW, PackedX, XMeta};
+use crate::quant::OutView;
 
 /// Activations quantized once per product, shared read-only by the worker threads.
 enum QuantizedX<'a> {
@@ -29,7 +30,6 @@ struct MatScratch {
     q8_sums: Vec<f32>,
     q8k: Vec<BlockQ8K>,
     xmeta: Vec<XMeta>,
-    yt: Vec<f32>,
 }
 
 thread_local! {
@@ -64,7 +64,6 @@ impl Matrix {
                 q8_sums,
                 q8k,
                 xmeta,
-                yt,
             } = &mut *guard;
             let xq = match &self.data {
                 Data::Packed(..) => {
@@ -93,7 +92,7 @@ impl Matrix {
                 }
                 _ => QuantizedX::None(x),
             };
-            self.matmul_prepared(&xq, t, y, yt);
+            self.matmul_prepared(&xq, t, y);
         });
     }
 
@@ -128,65 +127,53 @@ impl Matrix {
         })
     }
 
-    /// Splits a product over the threads. `tile(rows, toks, out, out_stride)` writes row
-    /// `r` · token `tok` to `out[(r - rows.start)·out_stride + tok]`; row ranges are whole
-    /// multiples of `group` except at the end.
+    /// Splits a product over the threads. `tile(rows, toks, out)` writes row `r` · token
+    /// `tok` as `out.set(r - rows.start, tok, v)`; `out` views `y` (`[t, rows]`) from
+    /// `rows.start` on, and every task owns its `rows` for all tokens, so tasks write
+    /// disjoint elements. Row ranges are whole multiples of `group` except at the end.
     ///
-    /// Decode: contiguous row ranges written straight into `y`, a little finer than one
-    /// per thread so a descheduled thread does not hold everyone up. Prefill: computed
-    /// transposed (`yt`, `[rows, t]`) so threads own disjoint output, in chunks of rows
-    /// (their weights stay in L1/L2) against tiles of 32 tokens (their activations stay in
-    /// L2), then transposed into `y`.
-    fn schedule<F>(
-        &self,
-        t: usize,
-        y: &mut [f32],
-        yt: &mut Vec<f32>,
-        serial: bool,
-        group: usize,
-        tile: F,
-    ) where
-        F: Fn(Range<usize>, Range<usize>, &mut [f32], usize) + Sync,
+    /// Decode: contiguous row ranges, a little finer than one per thread so a
+    /// descheduled thread does not hold everyone up. Prefill: chunks of at most 16 rows
+    /// (their weights stay in L1/L2) against tiles of 32 tokens (their activations stay
+    /// in L2), written straight into `y`.
+    fn schedule<F>(&self, t: usize, y: &mut [f32], serial: bool, group: usize, tile: F)
+    where
+        F: Fn(Range<usize>, Range<usize>, OutView) + Sync,
     {
-        let threads = rayon::current_num_threads().max(1);
-        if t == 1 {
-            if serial {
-                tile(0..self.rows, 0..1, y, 1);
-            } else {
-                let chunk = self
-                    .rows
-                    .div_ceil(threads * 4)
-                    .max(16)
-                    .next_multiple_of(group);
-                y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
-                    let r0 = ci * chunk;
-                    tile(r0..r0 + ys.len(), 0..1, ys, 1);
-                });
-            }
-            return;
-        }
-        yt.resize(self.rows * t, 0.0);
         const TOKEN_TILE: usize = 32;
-        let body = |r0: usize, chunk: &mut [f32]| {
-            let nrows = chunk.len() / t;
+        assert!(y.len() >= t * self.rows, "matmul: output too short"); // ok: internal contract
+        let rows = self.rows;
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per = if t == 1 {
+            rows.div_ceil(threads * 4).max(16).next_multiple_of(group)
+        } else {
+            (rows / (threads * 8)).clamp(group, 16) / group * group
+        };
+        let view = OutView {
+            ptr: y.as_mut_ptr(),
+            row_stride: 1,
+            tok_stride: rows,
+        };
+        let task = |ci: usize| {
+            let r0 = ci * rows_per;
+            let r1 = (r0 + rows_per).min(rows);
             for t0 in (0..t).step_by(TOKEN_TILE) {
-                tile(r0..r0 + nrows, t0..(t0 + TOKEN_TILE).min(t), chunk, t);
+                tile(r0..r1, t0..(t0 + TOKEN_TILE).min(t), view.from_row(r0));
             }
         };
+        let tasks = rows.div_ceil(rows_per);
         if serial {
-            body(0, yt);
+            (0..tasks).for_each(task);
         } else {
-            let rows_per = (self.rows / (threads * 8)).clamp(group, 16) / group * group;
-            yt.par_chunks_mut(rows_per * t)
-                .enumerate()
-                .for_each(|(ci, chunk)| body(ci * rows_per, chunk));
+            (0..tasks).into_par_iter().for_each(task);
         }
-        transpose_into(yt, self.rows, t, y, serial);
     }
 
-    fn matmul_prepared(&self, xq: &QuantizedX, t: usize, y: &mut [f32], yt: &mut Vec<f32>) {
+    fn matmul_prepared(&self, xq: &QuantizedX, t: usize, y: &mut [f32]) {
         let work = self.rows * self.cols * t;
         let serial = work < PAR_THRESHOLD || rayon::current_num_threads() <= 1;
+        // SAFETY (every `out.set` / `tile_into` below): `schedule` hands each task rows
+        // of `y` that no other task writes, and the tiles write only their rows × tokens.
         if let (QuantizedX::Packed(x), Data::Packed(q, v)) = (xq, &self.data) {
             let bs = self.data.block();
             let w = PackedW {
@@ -195,48 +182,20 @@ impl Matrix {
                 nbs: self.stride / bs,
                 nb: self.cols / bs,
             };
-            if t == 1 {
-                return self.schedule(t, y, yt, serial, packed::ROWS, |rows, toks, out, st| {
-                    packed::tile(&w, rows, x, toks, out, st)
-                });
-            }
-            // Prefill: each task owns 16 rows of every token and writes them token-major
-            // straight into `y` (a transposition pass cost ~7% of a prefill).
-            const TOKEN_TILE: usize = 32;
-            let rows = self.rows;
-            let view = packed::OutView {
-                ptr: y.as_mut_ptr(),
-                row_stride: 1,
-                tok_stride: rows,
-            };
-            let task = |g: usize| {
-                let r0 = g * packed::ROWS;
-                let r1 = (r0 + packed::ROWS).min(rows);
-                let out = view.from_row(r0);
-                for t0 in (0..t).step_by(TOKEN_TILE) {
-                    // SAFETY: `y` is `[t, rows]` and borrowed exclusively; task `g` alone
-                    // writes rows r0..r1 of each token.
-                    unsafe { packed::tile_into(&w, r0..r1, x, t0..(t0 + TOKEN_TILE).min(t), out) };
-                }
-            };
-            let groups = rows.div_ceil(packed::ROWS);
-            if serial {
-                (0..groups).for_each(task);
-            } else {
-                (0..groups).into_par_iter().for_each(task);
-            }
-            return;
+            return self.schedule(t, y, serial, packed::ROWS, |rows, toks, out| unsafe {
+                packed::tile_into(&w, rows, x, toks, out)
+            });
         }
         if let (QuantizedX::None(x), Data::Bf16(v)) = (xq, &self.data) {
             if t > 1 && kernels::avx512_vnni() {
                 let (w, c, st) = (v.as_slice(), self.cols, self.stride);
                 let row = |r: usize| &w[r * st..r * st + c];
                 let tok = |ti: usize| &x[ti * c..(ti + 1) * c];
-                return self.schedule(t, y, yt, serial, 4, |rows, toks, out, os| {
+                return self.schedule(t, y, serial, 4, |rows, toks, out| {
                     let mut r = rows.start;
                     while r < rows.end {
                         let nr = (rows.end - r).min(4);
-                        let at = |i: usize, ti: usize| (r + i - rows.start) * os + ti;
+                        let ri = r - rows.start;
                         let mut ti = toks.start;
                         if nr == 4 {
                             let ws = [0, 1, 2, 3].map(|i| row(r + i));
@@ -246,7 +205,9 @@ impl Matrix {
                                     [0, 1, 2, 3].map(|j| tok(ti + j)),
                                 );
                                 for (i, res) in res.iter().enumerate() {
-                                    out[at(i, ti)..at(i, ti) + 4].copy_from_slice(res);
+                                    for (j, &v) in res.iter().enumerate() {
+                                        unsafe { out.set(ri + i, ti + j, v) };
+                                    }
                                 }
                                 ti += 4;
                             }
@@ -254,7 +215,8 @@ impl Matrix {
                         // Ragged rows and tokens: the one-row kernel (same bits).
                         for i in 0..nr {
                             for tj in ti..toks.end {
-                                out[at(i, tj)] = kernels::dot_bf16(row(r + i), tok(tj));
+                                let v = kernels::dot_bf16(row(r + i), tok(tj));
+                                unsafe { out.set(ri + i, tj, v) };
                             }
                         }
                         r += nr;
@@ -262,19 +224,21 @@ impl Matrix {
                 });
             }
         }
-        self.schedule(t, y, yt, serial, 1, |rows, toks, out, stride| {
+        self.schedule(t, y, serial, 1, |rows, toks, out| {
             for r in rows.clone() {
-                let row_out = &mut out[(r - rows.start) * stride..];
+                let ri = r - rows.start;
                 let mut ti = toks.start;
                 while ti + 4 <= toks.end {
-                    match self.row_dot_x4(r, xq, ti) {
-                        Some(v) => row_out[ti..ti + 4].copy_from_slice(&v),
-                        None => break,
+                    let Some(v) = self.row_dot_x4(r, xq, ti) else {
+                        break;
+                    };
+                    for (j, &v) in v.iter().enumerate() {
+                        unsafe { out.set(ri, ti + j, v) };
                     }
                     ti += 4;
                 }
-                for (tj, o) in row_out.iter_mut().enumerate().take(toks.end).skip(ti) {
-                    *o = self.row_dot_q(r, xq, tj);
+                for tj in ti..toks.end {
+                    unsafe { out.set(ri, tj, self.row_dot_q(r, xq, tj)) };
                 }
             }
         });
@@ -338,32 +302,6 @@ fn per_token<B: Send>(
     }
 }
 
-/// `y[ti·rows + r] = yt[r·t + ti]`. In parallel over token blocks: each task writes its
-/// own rows of `y` and reads one short contiguous run of `yt` per weight row (serial, this
-/// took several percent of a prefill with the other threads idle).
-fn transpose_into(yt: &[f32], rows: usize, t: usize, y: &mut [f32], serial: bool) {
-    const TB: usize = 16;
-    let block = |b: usize, ys: &mut [f32]| {
-        let t0 = b * TB;
-        let n = ys.len() / rows;
-        for r in 0..rows {
-            let src = &yt[r * t + t0..r * t + t0 + n];
-            for (i, &v) in src.iter().enumerate() {
-                ys[i * rows + r] = v;
-            }
-        }
-    };
-    if serial {
-        y.chunks_mut(TB * rows)
-            .enumerate()
-            .for_each(|(b, ys)| block(b, ys));
-    } else {
-        y.par_chunks_mut(TB * rows)
-            .enumerate()
-            .for_each(|(b, ys)| block(b, ys));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,15 +309,35 @@ mod tests {
     use crate::weights::{bf16_to_f32, Slab};
 
     #[test]
-    fn transpose_into_serial_and_parallel_agree_with_the_definition() {
+    fn schedule_writes_every_row_and_token_token_major_serial_and_parallel() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let value = |r: usize, ti: usize| (r * 1000 + ti) as f32 * 0.5 - 3.0;
         for (rows, t) in [(1, 1), (5, 3), (37, 16), (33, 41), (7, 100)] {
-            let yt: Vec<f32> = (0..rows * t).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let m = Matrix::from_f32(rows, 1, vec![0.0; rows]);
             for serial in [true, false] {
-                let mut y = vec![f32::NAN; rows * t];
-                transpose_into(&yt, rows, t, &mut y, serial);
-                for r in 0..rows {
-                    for ti in 0..t {
-                        assert_eq!(y[ti * rows + r], yt[r * t + ti], "{rows}x{t} {serial}");
+                for group in [1, 4, 16] {
+                    let mut y = vec![f32::NAN; rows * t];
+                    pool.install(|| {
+                        m.schedule(t, &mut y, serial, group, |rs, toks, out| {
+                            for r in rs.clone() {
+                                for ti in toks.clone() {
+                                    // SAFETY: the tile's own rows and tokens.
+                                    unsafe { out.set(r - rs.start, ti, value(r, ti)) };
+                                }
+                            }
+                        })
+                    });
+                    for r in 0..rows {
+                        for ti in 0..t {
+                            assert_eq!(
+                                y[ti * rows + r],
+                                value(r, ti),
+                                "{rows}x{t} {serial} group {group}"
+                            );
+                        }
                     }
                 }
             }
