@@ -153,6 +153,23 @@ pub fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
+/// Packs 8 sub-block scales and mins (6 bits each) as ggml does; [`scale_min_k4`]
+/// unpacks them.
+pub fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+    let mut q = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            q[j] = ls[j];
+            q[j + 4] = lm[j];
+        } else {
+            q[j + 4] = (ls[j] & 0x0F) | ((lm[j] & 0x0F) << 4);
+            q[j - 4] |= (ls[j] >> 4) << 6;
+            q[j] |= (lm[j] >> 4) << 6;
+        }
+    }
+    q
+}
+
 /// Q4_K quantization: per sub-block of 32 an affine fit (scale, min ≤ 0) refined by a few
 /// least-squares passes, then 6-bit scales/mins under f16 super-scales; ggml's layout.
 pub fn quantize_q4_k(x: &[f32], out: &mut [BlockQ4K]) {
@@ -178,17 +195,7 @@ pub fn quantize_q4_k(x: &[f32], out: &mut [BlockQ4K]) {
             ls[j] = ((inv_scale * scales[j]).round() as i32).clamp(0, 63) as u8;
             lm[j] = ((inv_min * mins[j]).round() as i32).clamp(0, 63) as u8;
         }
-        b.scales = [0; 12];
-        for j in 0..8 {
-            if j < 4 {
-                b.scales[j] = ls[j];
-                b.scales[j + 4] = lm[j];
-            } else {
-                b.scales[j + 4] = (ls[j] & 0x0F) | ((lm[j] & 0x0F) << 4);
-                b.scales[j - 4] |= (ls[j] >> 4) << 6;
-                b.scales[j] |= (lm[j] >> 4) << 6;
-            }
-        }
+        b.scales = pack_scale_min_k4(&ls, &lm);
         b.d = f32_to_f16(max_scale / 63.0);
         b.dmin = f32_to_f16(max_min / 63.0);
         let d = f16_to_f32(b.d);

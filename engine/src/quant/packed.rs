@@ -94,6 +94,22 @@ pub trait Source: Sync {
     fn qs(&self) -> &[u8];
     /// Writes this block's scales for row `r` into the group's scale area `meta`.
     fn put_meta(&self, r: usize, meta: &mut [u8]);
+    /// The block of row `r` back from its group's `quants` and `meta` for this block
+    /// (the inverse of `qs` and `put_meta`).
+    fn unpack(quants: &[u8], meta: &[u8], r: usize) -> Self;
+    /// ggml's dequantization of the type.
+    fn dequantize(b: &[Self], out: &mut [f32])
+    where
+        Self: Sized;
+}
+
+/// Byte `k` of row `r`'s quants in a block's packed quant area.
+fn quant_at(quants: &[u8], r: usize, k: usize) -> u8 {
+    quants[k / 4 * 64 + r * 4 + k % 4]
+}
+
+fn f16_bits_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
 }
 
 impl Source for BlockQ8_0 {
@@ -107,6 +123,15 @@ impl Source for BlockQ8_0 {
     fn put_meta(&self, r: usize, meta: &mut [u8]) {
         meta[2 * r..2 * r + 2].copy_from_slice(&self.d.to_le_bytes());
     }
+    fn unpack(quants: &[u8], meta: &[u8], r: usize) -> Self {
+        BlockQ8_0 {
+            d: f16_bits_at(meta, 2 * r),
+            qs: std::array::from_fn(|k| quant_at(quants, r, k) as i8),
+        }
+    }
+    fn dequantize(b: &[Self], out: &mut [f32]) {
+        dequantize_q8_0(b, out)
+    }
 }
 
 impl Source for BlockQ4_0 {
@@ -118,6 +143,15 @@ impl Source for BlockQ4_0 {
     }
     fn put_meta(&self, r: usize, meta: &mut [u8]) {
         meta[2 * r..2 * r + 2].copy_from_slice(&self.d.to_le_bytes());
+    }
+    fn unpack(quants: &[u8], meta: &[u8], r: usize) -> Self {
+        BlockQ4_0 {
+            d: f16_bits_at(meta, 2 * r),
+            qs: std::array::from_fn(|k| quant_at(quants, r, k)),
+        }
+    }
+    fn dequantize(b: &[Self], out: &mut [f32]) {
+        dequantize_q4_0(b, out)
     }
 }
 
@@ -136,6 +170,19 @@ impl Source for BlockQ4K {
         }
         meta[256 + 2 * r..258 + 2 * r].copy_from_slice(&self.d.to_le_bytes());
         meta[288 + 2 * r..290 + 2 * r].copy_from_slice(&self.dmin.to_le_bytes());
+    }
+    fn unpack(quants: &[u8], meta: &[u8], r: usize) -> Self {
+        let ls = std::array::from_fn(|s| meta[s * ROWS + r]);
+        let lm = std::array::from_fn(|s| meta[128 + s * ROWS + r]);
+        BlockQ4K {
+            d: f16_bits_at(meta, 256 + 2 * r),
+            dmin: f16_bits_at(meta, 288 + 2 * r),
+            scales: pack_scale_min_k4(&ls, &lm),
+            qs: std::array::from_fn(|k| quant_at(quants, r, k)),
+        }
+    }
+    fn dequantize(b: &[Self], out: &mut [f32]) {
+        dequantize_q4_k(b, out)
     }
 }
 
@@ -162,55 +209,28 @@ pub fn pack<B: Source>(src: &[B], rows: usize, nb: usize) -> Vec<u8> {
     out
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
-}
-
 /// Row `r` of a packed matrix (`nbs` blocks per row stored, the first `nb` wanted)
-/// dequantized into `out` (embedding lookups).
+/// dequantized into `out` (embedding lookups): each block is rebuilt in ggml's layout
+/// and goes through ggml's dequantization.
 pub fn row_to_f32(kind: QuantType, w: &[u8], nbs: usize, nb: usize, r: usize, out: &mut [f32]) {
-    let Some(gbb) = group_block_bytes(kind) else {
-        return;
-    };
-    let qb = quant_bytes(kind);
-    let g = &w[r / ROWS * nbs * gbb..(r / ROWS + 1) * nbs * gbb];
-    let (quants, metas) = g.split_at(nbs * qb);
-    let rr = r % ROWS;
-    let meta_bytes = gbb - qb;
-    for b in 0..nb {
-        let q = |j: usize, i: usize| quants[b * qb + j * 64 + rr * 4 + i];
-        let m = &metas[b * meta_bytes..(b + 1) * meta_bytes];
-        match kind {
-            QuantType::Q8_0 => {
-                let d = f16_at(m, 2 * rr);
-                for k in 0..32 {
-                    out[b * 32 + k] = d * (q(k / 4, k % 4) as i8) as f32;
-                }
-            }
-            QuantType::Q4_0 => {
-                let d = f16_at(m, 2 * rr);
-                for k in 0..16 {
-                    let v = q(k / 4, k % 4);
-                    out[b * 32 + k] = d * ((v & 0x0F) as i32 - 8) as f32;
-                    out[b * 32 + 16 + k] = d * ((v >> 4) as i32 - 8) as f32;
-                }
-            }
-            _ => {
-                let (d, dmin) = (f16_at(m, 256 + 2 * rr), f16_at(m, 288 + 2 * rr));
-                for c in 0..4 {
-                    for half in 0..2 {
-                        let s = 2 * c + half;
-                        let sc = d * m[s * ROWS + rr] as f32;
-                        let mn = dmin * m[128 + s * ROWS + rr] as f32;
-                        for k in 0..32 {
-                            let v = q(8 * c + k / 4, k % 4);
-                            let v = if half == 0 { v & 0x0F } else { v >> 4 };
-                            out[b * 256 + s * 32 + k] = sc * v as f32 - mn;
-                        }
-                    }
-                }
-            }
+    fn row<B: Source>(w: &[u8], nbs: usize, nb: usize, r: usize, out: &mut [f32]) {
+        let (gbb, qb) = (
+            group_block_bytes(B::kind()).unwrap_or(0),
+            quant_bytes(B::kind()),
+        );
+        let g = &w[r / ROWS * nbs * gbb..(r / ROWS + 1) * nbs * gbb];
+        let (quants, metas) = g.split_at(nbs * qb);
+        let (mb, bl) = (gbb - qb, block_len(B::kind()));
+        for (b, o) in out.chunks_exact_mut(bl).take(nb).enumerate() {
+            let blk = B::unpack(&quants[b * qb..], &metas[b * mb..(b + 1) * mb], r % ROWS);
+            B::dequantize(std::slice::from_ref(&blk), o);
         }
+    }
+    match kind {
+        QuantType::Q8_0 => row::<BlockQ8_0>(w, nbs, nb, r, out),
+        QuantType::Q4_0 => row::<BlockQ4_0>(w, nbs, nb, r, out),
+        QuantType::Q4K => row::<BlockQ4K>(w, nbs, nb, r, out),
+        _ => {}
     }
 }
 
