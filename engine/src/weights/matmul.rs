@@ -66,23 +66,21 @@ impl Matrix {
                 xmeta,
             } = &mut *guard;
             let xq = match &self.data {
-                Data::Packed(..) => {
-                    let nbx = self.cols / QK8_0;
-                    q8.resize(t * nbx, BlockQ8_0::default());
-                    per_token(&mut q8[..], nbx, x, self.cols, t, quantize_q8_0_fast);
-                    packed::prepare(q8, xmeta);
-                    QuantizedX::Packed(PackedX {
-                        blocks: &q8[..],
-                        meta: &xmeta[..],
-                        nbx,
-                    })
-                }
-                Data::Q8_0(_) | Data::Q4_0(_) => {
+                Data::Packed(..) | Data::Q8_0(_) | Data::Q4_0(_) => {
                     let nb = self.cols / QK8_0;
                     q8.resize(t * nb, BlockQ8_0::default());
                     per_token(&mut q8[..], nb, x, self.cols, t, quantize_q8_0_fast);
-                    kernels::q8_0_meta(q8, nb, q8_sums);
-                    QuantizedX::Q8_0(&q8[..], &q8_sums[..])
+                    if let Data::Packed(..) = self.data {
+                        packed::prepare(q8, xmeta);
+                        QuantizedX::Packed(PackedX {
+                            blocks: &q8[..],
+                            meta: &xmeta[..],
+                            nbx: nb,
+                        })
+                    } else {
+                        kernels::q8_0_meta(q8, nb, q8_sums);
+                        QuantizedX::Q8_0(&q8[..], &q8_sums[..])
+                    }
                 }
                 Data::Q4K(_) => {
                     let nb = self.cols / QK_K;
