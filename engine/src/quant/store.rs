@@ -2,6 +2,14 @@
 //! once into the cache directory and memory-mapped on later starts (no re-quantization,
 //! and the pages are file-backed: the kernel can drop and re-read them).
 //!
+//! Decode streams every stored byte once per token, and with 4 KiB pages the TLB misses
+//! cost a third of the read rate (measured: LM head 20.5 GB/s on 4 KiB pages, 30.6 GB/s
+//! on 2 MiB). So the mapping asks for huge pages (`MADV_HUGEPAGE` before the first
+//! fault, which makes the page cache read the file in 2 MiB folios where the filesystem
+//! allows, e.g. ext4 on Linux ≥ 6.16), and the writer drops the freshly written file
+//! from the page cache, whose small write-time folios would otherwise be mapped as they
+//! are on the next start.
+//!
 //! Keyed by the checkpoint key of the PLE cache (config, index, shard names, sizes,
 //! mtimes and safetensors headers) plus the quant type and this format's version. The
 //! header carries XXH64 checksums of the index and of the data; a file whose key,
@@ -87,6 +95,7 @@ impl QuantStore {
         };
         // SAFETY: read-only map of a file only gemmad writes (atomically, by rename).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+        advise_huge(&map);
         match Self::parse(path, &map, key, quant) {
             Ok(entries) => Ok(Some(QuantStore {
                 path: path.to_path_buf(),
@@ -192,6 +201,16 @@ impl QuantStore {
     }
 }
 
+/// `MADV_HUGEPAGE` on a fresh mapping (advisory: without THP it changes nothing).
+fn advise_huge(map: &Mmap) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+        tracing::debug!(err = %e, "MADV_HUGEPAGE on the quantized weights refused");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = map;
+}
+
 pub(crate) fn code_of(q: QuantType) -> u8 {
     match q {
         QuantType::F32 => 4,
@@ -279,6 +298,8 @@ pub fn write(
     f.write_all_at(&index, ioff as u64)
         .map_err(|e| EngineError::io(&tmp, e))?;
     f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
+    // Clean after the sync, so this drops them (see the module docs).
+    crate::residency::fadvise_file(&f, 0, 0);
     std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))?;
     Ok(())
 }
