@@ -9,15 +9,17 @@
 //! the unpacked weights of a block stay in registers for up to 8 tokens.
 //!
 //! The bytes are ggml's blocks, permuted (llama.cpp's repacked CPU buffers do the same);
-//! only Q4_K's 6-bit scales are stored unpacked, one byte each. Per row group (rows
-//! 16g..16g+16) of `nbs` blocks, all quants first, then all scales:
-//! - Q8_0: quants `[b][j<8][row][4]` (bytes `4j..4j+4` of the row's block `b`), then
-//!   scales `[b][row]` f16: 544 bytes per block.
-//! - Q4_0: quants `[b][j<4][row][4]`, each byte holding quant `4j+i` in its low nibble and
-//!   `16+4j+i` in its high nibble as in ggml, then scales: 288 bytes per block.
-//! - Q4_K: quants `[b][c<4][j<8][row][4]` (`c`: ggml's 64-quant chunk, low nibbles are
-//!   sub-block `2c`, high `2c+1`), then per super-block 320 bytes: scales `[s<8][row]` u8,
-//!   mins `[s<8][row]` u8, `d[row]` f16, `dmin[row]` f16: 2368 bytes per block.
+//! only Q4_K's 6-bit scales are stored unpacked, one byte each. A row group (rows
+//! 16g..16g+16) is `nbs` blocks in order, each its scales then its quants, so a product
+//! reads one sequential stream (with the scales in a separate area, matrices 2048 wide
+//! streamed ~20% slower than 8192-wide ones: two streams restarting every 18 KiB):
+//! - Q8_0: scales `[row]` f16, then quants `[j<8][row][4]` (bytes `4j..4j+4` of the
+//!   row's block): 544 bytes per block.
+//! - Q4_0: scales, then quants `[j<4][row][4]`, each byte holding quant `4j+i` in its low
+//!   nibble and `16+4j+i` in its high nibble as in ggml: 288 bytes per block.
+//! - Q4_K: 320 bytes of metadata: scales `[s<8][row]` u8, mins `[s<8][row]` u8, `d[row]`
+//!   f16, `dmin[row]` f16; then quants `[c<4][j<8][row][4]` (`c`: ggml's 64-quant chunk,
+//!   low nibbles are sub-block `2c`, high `2c+1`): 2368 bytes per block.
 //!
 //! Activations are Q8_0 (per 32 values) for all three, so a Q4_K sub-block meets exactly
 //! one activation block. Q8_0 weights are fed as unsigned bytes (`w ^ 0x80 = w + 128`) and
@@ -191,18 +193,18 @@ pub fn pack<B: Source>(src: &[B], rows: usize, nb: usize) -> Vec<u8> {
     let kind = B::kind();
     let (gbb, qb) = (group_block_bytes(kind).unwrap_or(0), quant_bytes(kind));
     let mut out = crate::weights::huge_vec(rows / ROWS * nb * gbb, 0u8);
-    let meta_bytes = gbb - qb;
+    let mb = gbb - qb;
     out.par_chunks_mut(nb * gbb).enumerate().for_each(|(g, o)| {
-        let (quants, metas) = o.split_at_mut(nb * qb);
         for r in 0..ROWS {
             let row = &src[(g * ROWS + r) * nb..(g * ROWS + r + 1) * nb];
             for (b, blk) in row.iter().enumerate() {
+                let (meta, quants) = o[b * gbb..(b + 1) * gbb].split_at_mut(mb);
                 // 4-byte groups of the block's quants, one per `j`, each row's in its slot.
                 for (j, four) in blk.qs().chunks_exact(4).enumerate() {
-                    let at = b * qb + j * 64 + r * 4;
+                    let at = j * 64 + r * 4;
                     quants[at..at + 4].copy_from_slice(four);
                 }
-                blk.put_meta(r, &mut metas[b * meta_bytes..(b + 1) * meta_bytes]);
+                blk.put_meta(r, meta);
             }
         }
     });
@@ -219,10 +221,10 @@ pub fn row_to_f32(kind: QuantType, w: &[u8], nbs: usize, nb: usize, r: usize, ou
             quant_bytes(B::kind()),
         );
         let g = &w[r / ROWS * nbs * gbb..(r / ROWS + 1) * nbs * gbb];
-        let (quants, metas) = g.split_at(nbs * qb);
         let (mb, bl) = (gbb - qb, block_len(B::kind()));
         for (b, o) in out.chunks_exact_mut(bl).take(nb).enumerate() {
-            let blk = B::unpack(&quants[b * qb..], &metas[b * mb..(b + 1) * mb], r % ROWS);
+            let (meta, quants) = g[b * gbb..(b + 1) * gbb].split_at(mb);
+            let blk = B::unpack(quants, meta, r % ROWS);
             B::dequantize(std::slice::from_ref(&blk), o);
         }
     }
@@ -338,7 +340,7 @@ pub unsafe fn tile_into(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512 VNNI checked by `supported()`; bounds checked above.
             unsafe {
-                avx512::group(w.kind, group, w.nbs, w.nb, x, t, n, &mut res)
+                avx512::group(w.kind, group, w.nb, x, t, n, &mut res)
             };
             for (i, r) in res.iter().enumerate().take(n) {
                 let base = (g0 - rows.start) * out.row_stride + (t + i) * out.tok_stride;
@@ -386,7 +388,6 @@ mod avx512 {
     pub(super) unsafe fn group(
         kind: QuantType,
         g: &[u8],
-        nbs: usize,
         nb: usize,
         x: &PackedX,
         t: usize,
@@ -400,10 +401,10 @@ mod avx512 {
         };
         macro_rules! run {
             ($f:ident; $($n:literal)*) => {
-                match n { $($n => store(&$f::<$n>(g.as_ptr(), nbs, nb, x, t)),)* _ => {} }
+                match n { $($n => store(&$f::<$n>(g.as_ptr(), nb, x, t)),)* _ => {} }
             };
             ($f:ident, $q4:tt; $($n:literal)*) => {
-                match n { $($n => store(&$f::<$n, $q4>(g.as_ptr(), nbs, nb, x, t)),)* _ => {} }
+                match n { $($n => store(&$f::<$n, $q4>(g.as_ptr(), nb, x, t)),)* _ => {} }
             };
         }
         match kind {
@@ -442,18 +443,17 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn q32<const N: usize, const Q4: bool>(
         g: *const u8,
-        nbs: usize,
         nb: usize,
         x: &PackedX,
         t: usize,
     ) -> [__m512; N] {
-        let (qb, offset) = if Q4 { (256, 8) } else { (512, 128) };
+        let (gbb, offset) = if Q4 { (288, 8) } else { (544, 128) };
         let mut acc = [_mm512_setzero_ps(); N];
         let m4 = _mm512_set1_epi8(0x0F);
         let flip = _mm512_set1_epi8(-128);
-        let scales = g.add(nbs * qb);
         for b in 0..nb {
-            let q = g.add(b * qb);
+            let dw = scales16(g.add(b * gbb));
+            let q = g.add(b * gbb + 32);
             let w: [__m512i; 8] = if Q4 {
                 // Low nibbles are quants 4j.., high nibbles 16+4j..
                 let v: [__m512i; 4] = std::array::from_fn(|j| load(q.add(64 * j)));
@@ -464,7 +464,6 @@ mod avx512 {
             } else {
                 std::array::from_fn(|j| _mm512_xor_si512(load(q.add(64 * j)), flip))
             };
-            let dw = scales16(scales.add(32 * b));
             for (n, acc) in acc.iter_mut().enumerate() {
                 let (a, m) = xat(x, t + n, b);
                 let i = dot_block(&w, a, _mm512_set1_epi32(-offset * m.isum));
@@ -476,21 +475,15 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn q4_k<const N: usize>(
-        g: *const u8,
-        nbs: usize,
-        nb: usize,
-        x: &PackedX,
-        t: usize,
-    ) -> [__m512; N] {
+    unsafe fn q4_k<const N: usize>(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m512; N] {
         let mut acc = [_mm512_setzero_ps(); N];
         let m4 = _mm512_set1_epi8(0x0F);
         for b in 0..nb {
-            let meta = g.add(nbs * 2048 + b * 320);
+            let meta = g.add(b * 2368);
             let d = scales16(meta.add(256));
             let dmin = scales16(meta.add(288));
             for c in 0..4 {
-                let q = g.add(b * 2048 + c * 512);
+                let q = meta.add(320 + c * 512);
                 for half in 0..2 {
                     let s = 2 * c + half;
                     let w: [__m512i; 8] = std::array::from_fn(|j| {
