@@ -186,7 +186,8 @@ pub struct Engine {
     model: TextModel,
     tokenizer: Option<Arc<TextTokenizer>>,
     cache: KvCache,
-    pool: rayon::ThreadPool,
+    /// Compute threads of the forward pass.
+    pool: crate::par::SpinPool,
     /// Mapped weight groups, towers and the checkpoint (memory control).
     mem: residency_api::MemState,
     /// Logits buffer reused across steps and requests.
@@ -228,13 +229,9 @@ impl Engine {
         let threads = opts
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("gemmad-compute-{i}"))
-            .build()
-            .map_err(|e| {
-                EngineError::InvalidRequest(format!("cannot start compute threads: {e}"))
-            })?;
+        let pool = crate::par::SpinPool::new(threads.max(1)).map_err(|e| {
+            EngineError::InvalidRequest(format!("cannot start compute threads: {e}"))
+        })?;
         let cache = model.new_cache(max_context);
         tracing::info!(
             dir = %dir.display(),
@@ -363,7 +360,7 @@ impl Engine {
         self.cache.clear();
         let chunk = self.prefill_chunk;
         let (model, cache) = (&self.model, &mut self.cache);
-        let r = self.pool.install(|| {
+        let r = crate::par::install(&self.pool, || {
             let mut all = Vec::with_capacity(ids.len() * model.cfg.vocab_size);
             let mut part = Vec::new();
             for c in ids.chunks(chunk) {
@@ -433,7 +430,7 @@ impl Engine {
         let tp = Instant::now();
         let mut logits = std::mem::take(&mut self.logits);
         let chunk = self.prefill_chunk;
-        pool.install(|| -> Result<()> {
+        crate::par::install(pool, || -> Result<()> {
             let n = prompt.len().div_ceil(chunk);
             for (i, c) in prompt.chunks(chunk).enumerate() {
                 let want = if i + 1 == n {
@@ -454,8 +451,7 @@ impl Engine {
             // rather than hold them for the life of the service. Decode re-warms small
             // ones.
             cache.release_scratch();
-            self.pool
-                .broadcast(|_| crate::weights::release_thread_scratch());
+            crate::weights::release_thread_scratch();
             crate::residency::trim_heap();
         }
 
@@ -497,7 +493,9 @@ impl Engine {
             if cache.len() + 1 > cache.max_len() {
                 break FinishReason::ContextFull;
             }
-            pool.install(|| model.forward_into(&[id], cache, LogitsFor::Last, &mut logits))?;
+            crate::par::install(pool, || {
+                model.forward_into(&[id], cache, LogitsFor::Last, &mut logits)
+            })?;
         };
         self.logits = logits;
         if finish != FinishReason::Stop && finish != FinishReason::Cancelled {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod kv_cache;
 pub mod memory;
 pub mod model;
+pub mod par;
 pub mod ple_cache;
 pub mod quant;
 pub mod residency;

@@ -11,8 +11,6 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::scratch::Scratch;
 use crate::kv_cache::LayerKv;
 use crate::quant::kernels;
@@ -110,9 +108,7 @@ pub(crate) fn attention_forward(
                 .enumerate()
                 .for_each(|(i, c)| task(i, c));
         } else {
-            buf.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, c)| task(i, c));
+            crate::par::chunks_mut(buf, chunk, task);
         }
     };
     if t == 1 {

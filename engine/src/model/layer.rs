@@ -2,8 +2,6 @@
 //! self-attention with q/k/v norms and KV sharing, the MLP with Gaussian top-k sparsity,
 //! and the per-layer-input injection. Names follow modeling_gemma3n.py.
 
-use rayon::prelude::*;
-
 use super::attention::{attention_forward, Heads, KvView, TILING};
 use super::scratch::Scratch;
 use super::{ops, Loader, TextModel};
@@ -449,7 +447,7 @@ impl Mlp {
                 } else {
                     // Decode: threads split the output columns; each reads only its part
                     // of the surviving rows.
-                    let threads = rayon::current_num_threads().max(1);
+                    let threads = crate::par::threads().max(1);
                     let bs = dt.block_size().max(32);
                     let part = h.div_ceil(threads).div_ceil(bs) * bs;
                     let run = |pi: usize, yp: &mut [f32]| {
@@ -460,9 +458,7 @@ impl Mlp {
                         }
                     };
                     if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
-                        y.par_chunks_mut(part)
-                            .enumerate()
-                            .for_each(|(pi, yp)| run(pi, yp));
+                        crate::par::chunks_mut(&mut y, part, run);
                     } else {
                         dt.axpy_row_all(&gate, &mut y);
                     }

@@ -16,7 +16,6 @@ use crate::kv_cache::KvCache;
 use crate::ple_cache::{PleCache, PleSource};
 use crate::quant::QuantType;
 use crate::weights::Matrix;
-use rayon::prelude::*;
 use scratch::Scratch;
 use std::sync::Arc;
 
@@ -514,9 +513,9 @@ impl TextModel {
                     // 262k logits per token: vectorized and split over the threads
                     // (scalar `tanhf` on one thread was ~1% of a decode step).
                     let cap = cap as f32;
-                    logits
-                        .par_chunks_mut(16384)
-                        .for_each(|ch| ch.iter_mut().for_each(|v| *v = ops::tanh(*v / cap) * cap));
+                    crate::par::chunks_mut(logits, 16384, |_, ch| {
+                        ch.iter_mut().for_each(|v| *v = ops::tanh(*v / cap) * cap)
+                    });
                 }
             }
         }

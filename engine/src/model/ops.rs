@@ -1,7 +1,5 @@
 //! Elementwise and per-row primitives of the Gemma 3n text decoder, in f32.
 
-use rayon::prelude::*;
-
 /// Gemma 3n RMSNorm: `x · (mean(x²) + eps)^-½ · w` (plain `w`, not `1 + w`). `w = None` is
 /// a norm "without scale". Applied to every `dim`-sized row of `x` in place.
 pub fn rms_norm(x: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
@@ -32,8 +30,8 @@ const PAR_ELEMS: usize = 1 << 16;
 /// others waited), in order on this thread otherwise. Rows are independent, so the
 /// results do not depend on the split.
 pub fn for_rows(x: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if x.len() >= PAR_ELEMS && x.len() > dim && rayon::current_num_threads() > 1 {
-        x.par_chunks_mut(dim).enumerate().for_each(|(i, r)| f(i, r));
+    if x.len() >= PAR_ELEMS && x.len() > dim && crate::par::threads() > 1 {
+        crate::par::chunks_mut(x, dim, f);
     } else {
         x.chunks_mut(dim).enumerate().for_each(|(i, r)| f(i, r));
     }

@@ -3,8 +3,6 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use super::{dot_f16, dot_f32, Data, Matrix};
 use crate::quant::activations::quantize_q8_0_fast;
 use crate::quant::blocks::*;
@@ -141,7 +139,7 @@ impl Matrix {
         const TOKEN_TILE: usize = 32;
         assert!(y.len() >= t * self.rows, "matmul: output too short"); // ok: internal contract
         let rows = self.rows;
-        let threads = rayon::current_num_threads().max(1);
+        let threads = crate::par::threads().max(1);
         let rows_per = if t == 1 {
             rows.div_ceil(threads * 4).max(16).next_multiple_of(group)
         } else {
@@ -163,13 +161,13 @@ impl Matrix {
         if serial {
             (0..tasks).for_each(task);
         } else {
-            (0..tasks).into_par_iter().for_each(task);
+            crate::par::for_each(tasks, task);
         }
     }
 
     fn matmul_prepared(&self, xq: &QuantizedX, t: usize, y: &mut [f32]) {
         let work = self.rows * self.cols * t;
-        let serial = work < PAR_THRESHOLD || rayon::current_num_threads() <= 1;
+        let serial = work < PAR_THRESHOLD || crate::par::threads() <= 1;
         // SAFETY (every `out.set` / `tile_into` below): `schedule` hands each task rows
         // of `y` that no other task writes, and the tiles write only their rows × tokens.
         if let (QuantizedX::Packed(x), Data::Packed(q, v)) = (xq, &self.data) {
@@ -289,10 +287,10 @@ fn per_token<B: Send>(
     t: usize,
     f: impl Fn(&[f32], &mut [B]) + Sync,
 ) {
-    if t >= 8 && rayon::current_num_threads() > 1 {
-        out.par_chunks_mut(nb)
-            .zip(x.par_chunks(cols))
-            .for_each(|(o, xr)| f(xr, o));
+    if t >= 8 && crate::par::threads() > 1 {
+        crate::par::chunks_mut(&mut out[..t * nb], nb, |i, o| {
+            f(&x[i * cols..(i + 1) * cols], o)
+        });
     } else {
         for (o, xr) in out.chunks_mut(nb).zip(x.chunks(cols)).take(t) {
             f(xr, o);
