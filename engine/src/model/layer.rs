@@ -450,11 +450,25 @@ impl Mlp {
                     let threads = crate::par::threads().max(1);
                     let bs = dt.block_size().max(32);
                     let part = h.div_ceil(threads).div_ceil(bs) * bs;
+                    // The surviving rows are scattered: each thread keeps loads of its
+                    // next few rows in flight while it works on the current one.
+                    const AHEAD: usize = 4;
                     let run = |pi: usize, yp: &mut [f32]| {
+                        let (c0, n) = (pi * part, yp.len());
+                        let (mut scan, mut issued, mut done) = (0usize, 0usize, 0usize);
                         for (i, &a) in gate.iter().enumerate() {
-                            if a != 0.0 {
-                                dt.axpy_row_part(i, pi * part, a, yp);
+                            if a == 0.0 {
+                                continue;
                             }
+                            while issued < done + AHEAD && scan < gate.len() {
+                                if gate[scan] != 0.0 {
+                                    dt.prefetch_row_part(scan, c0, n);
+                                    issued += 1;
+                                }
+                                scan += 1;
+                            }
+                            dt.axpy_row_part(i, c0, a, yp);
+                            done += 1;
                         }
                     };
                     if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
@@ -472,6 +486,26 @@ impl Mlp {
 }
 
 impl DecoderLayer {
+    /// The matrices one decode step reads whole (the sparse down projection, read a few
+    /// rows at a time, is left out).
+    pub fn dense_decode_matrices(&self) -> Vec<&Matrix> {
+        let a = &self.self_attn;
+        let mut v = vec![&a.q_proj, &a.o_proj];
+        v.extend(a.k_proj.iter().chain(a.v_proj.iter()));
+        v.extend([&self.mlp.gate_proj, &self.mlp.up_proj]);
+        if self.mlp.down_proj_t.is_none() {
+            v.push(&self.mlp.down_proj);
+        }
+        v.extend([
+            &self.laurel.linear_left,
+            &self.laurel.linear_right,
+            &self.per_layer_input_gate,
+            &self.per_layer_projection,
+            &self.altup.modality_router,
+        ]);
+        v
+    }
+
     /// Bytes of this layer's weights read for one token.
     pub fn weight_bytes_per_token(&self) -> usize {
         let a = &self.self_attn;

@@ -568,6 +568,28 @@ impl TextModel {
     /// Bytes of weights one decode step reads: every layer's matrices (KV-shared layers
     /// skip k/v), the AltUp/unembed projections, one embedding row, one PLE row and the
     /// tied LM head. The benchmark's roofline figure divides by this.
+    /// The weight bytes, as they lie in memory, of every matrix a decode step reads whole
+    /// (each storage once): what the bench streams to measure the bandwidth that decode
+    /// could reach on these very pages.
+    pub fn decode_weight_regions(&self) -> Vec<&[u8]> {
+        let mut mats: Vec<&Matrix> = self
+            .layers
+            .iter()
+            .flat_map(|l| l.dense_decode_matrices())
+            .collect();
+        mats.extend(self.altup_projections.iter());
+        mats.extend(self.altup_unembed_projections.iter());
+        if matches!(self.embed_tokens_per_layer, PleSource::Table(_)) {
+            mats.push(&self.per_layer_model_projection);
+        }
+        mats.push(&self.embed_tokens);
+        let mut seen = std::collections::HashSet::new();
+        mats.into_iter()
+            .map(|m| m.storage_view())
+            .filter(|s| seen.insert(s.as_ptr() as usize))
+            .collect()
+    }
+
     pub fn decode_weight_bytes(&self) -> usize {
         let mut b = 0usize;
         for l in &self.layers {
@@ -580,7 +602,10 @@ impl TextModel {
         {
             b += m.storage_bytes();
         }
-        b += self.per_layer_model_projection.storage_bytes();
+        if matches!(self.embed_tokens_per_layer, PleSource::Table(_)) {
+            // With the PLE cache the projection of a text token's embedding is cached.
+            b += self.per_layer_model_projection.storage_bytes();
+        }
         b += self.embed_tokens.row_bytes() + self.embed_tokens_per_layer.row_bytes();
         b += self.embed_tokens.storage_bytes(); // tied LM head
         b
