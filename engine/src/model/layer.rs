@@ -207,13 +207,22 @@ impl DecoderLayer {
             let streams = &*streams;
             ops::for_rows(p, h, |ti, row| {
                 let cf = &coefs[ti * a * a + i * a..ti * a * a + (i + 1) * a];
-                for (e, pv) in row.iter_mut().enumerate() {
-                    let idx = ti * h + e;
-                    let mut s = 0.0f32;
+                // Per element: s = 0 + S0·c0 + S1·c1 + …, then pred += s, in that order;
+                // streams outermost over 256-wide pieces so the loops vectorise.
+                let mut s = [0.0f32; 256];
+                for (e0, piece) in row.chunks_mut(256).enumerate() {
+                    let n = piece.len();
+                    let s = &mut s[..n];
+                    s.fill(0.0);
                     for (sj, &c) in streams.iter().zip(cf) {
-                        s += sj[idx] * c;
+                        let src = &sj[ti * h + e0 * 256..ti * h + e0 * 256 + n];
+                        for (sv, &x) in s.iter_mut().zip(src) {
+                            *sv += x * c;
+                        }
                     }
-                    *pv += s;
+                    for (pv, &sv) in piece.iter_mut().zip(s.iter()) {
+                        *pv += sv;
+                    }
                 }
             });
         }
@@ -223,10 +232,8 @@ impl DecoderLayer {
         let mut xn = sc.take(t * h);
         ops::rms_norm_into(active, &mut xn, h, Some(&self.input_layernorm), eps);
 
-        // LAuReL: xn + norm(right(left(xn))).
-        let r = c.laurel_rank;
-        let mut lr = sc.take(t * r);
-        self.laurel.linear_left.matmul(&xn, t, &mut lr);
+        // LAuReL: xn + norm(right(left(xn))); its left product goes with Q, K and V.
+        let (q, lr) = self.project_qkv(m, li, &xn, t, pos0, inv_freq, cache, &mut sc);
         let mut laurel = sc.take(t * h);
         self.laurel.linear_right.matmul(&lr, t, &mut laurel);
         sc.give(lr);
@@ -237,7 +244,7 @@ impl DecoderLayer {
             }
         });
 
-        let mut attn = self.attention(m, li, &xn, t, pos0, inv_freq, cache, &mut sc);
+        let mut attn = self.attention(m, li, q, t, pos0, cache, &mut sc);
         ops::rms_norm(&mut attn, h, Some(&self.post_attention_layernorm), eps);
 
         // attn_laurel = (active + attn + laurel) / sqrt(2)
@@ -330,12 +337,11 @@ impl DecoderLayer {
         Ok(())
     }
 
-    /// Self-attention of `t` new tokens at positions `pos0..pos0+t` over the cached
-    /// positions and the new ones. Owner layers leave their new K/V in the cache's
-    /// pending slot for this layer (committed after all layers ran); KV-shared layers
-    /// read their source's cache plus its pending K/V.
+    /// Q (normed, rotated), the new K/V of owner layers (normed, rotated, left in the
+    /// cache's pending slot for this layer, committed after all layers ran) and LAuReL's
+    /// left product, all from the normed input `xn`: one fused product in a decode step.
     #[allow(clippy::too_many_arguments)]
-    fn attention(
+    fn project_qkv(
         &self,
         m: &TextModel,
         li: usize,
@@ -345,27 +351,25 @@ impl DecoderLayer {
         inv_freq: &[f32],
         cache: &mut KvCache,
         sc: &mut Scratch,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<f32>) {
         let c = &m.cfg;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qd = nh * hd;
         let kvd = nkv * hd;
         let eps = m.eps;
         let sa = &self.self_attn;
+        let left = &self.laurel.linear_left;
 
         let mut q = sc.take(t * qd);
-        sa.q_proj.matmul(xn, t, &mut q);
-        ops::rms_norm(&mut q, hd, Some(&sa.q_norm), eps);
-        ops::for_rows(&mut q, qd, |ti, row| {
-            for head in row.chunks_exact_mut(hd) {
-                ops::apply_rope(head, pos0 + ti, inv_freq);
-            }
-        });
-
+        let mut lr = sc.take(t * c.laurel_rank);
         if let (Some(kp), Some(vp)) = (&sa.k_proj, &sa.v_proj) {
             let (k, v) = cache.pending_mut(li, t * kvd);
-            kp.matmul(xn, t, k);
-            vp.matmul(xn, t, v);
+            Matrix::matmul_many(
+                &[&sa.q_proj, kp, vp, left],
+                xn,
+                t,
+                &mut [&mut q, k, v, &mut lr],
+            );
             ops::rms_norm(k, hd, sa.k_norm.as_deref(), eps);
             ops::rms_norm(v, hd, None, eps);
             ops::for_rows(k, kvd, |ti, row| {
@@ -373,7 +377,36 @@ impl DecoderLayer {
                     ops::apply_rope(head, pos0 + ti, inv_freq);
                 }
             });
+        } else {
+            Matrix::matmul_many(&[&sa.q_proj, left], xn, t, &mut [&mut q, &mut lr]);
         }
+        ops::rms_norm(&mut q, hd, Some(&sa.q_norm), eps);
+        ops::for_rows(&mut q, qd, |ti, row| {
+            for head in row.chunks_exact_mut(hd) {
+                ops::apply_rope(head, pos0 + ti, inv_freq);
+            }
+        });
+        (q, lr)
+    }
+
+    /// Self-attention of `t` new tokens at positions `pos0..pos0+t` (queries `q` from
+    /// [`DecoderLayer::project_qkv`]) over the cached positions and the new ones;
+    /// KV-shared layers read their source's cache plus its pending K/V.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        m: &TextModel,
+        li: usize,
+        q: Vec<f32>,
+        t: usize,
+        pos0: usize,
+        cache: &mut KvCache,
+        sc: &mut Scratch,
+    ) -> Vec<f32> {
+        let c = &m.cfg;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let qd = nh * hd;
+        let sa = &self.self_attn;
         let src = c.kv_source_layer(li);
         let window = match c.layer_types[li] {
             LayerType::Sliding => Some(c.sliding_window),
@@ -408,8 +441,12 @@ impl Mlp {
         let h = self.gate_proj.cols;
         let mut gate = sc.take(t * inter);
         let mut up = sc.take(t * inter);
-        self.gate_proj.matmul(x, t, &mut gate);
-        self.up_proj.matmul(x, t, &mut up);
+        Matrix::matmul_many(
+            &[&self.gate_proj, &self.up_proj],
+            x,
+            t,
+            &mut [&mut gate, &mut up],
+        );
         let std_multiplier = self.std_multiplier;
         let act = |g_row: &mut [f32], u_row: &[f32]| {
             if let Some(z) = std_multiplier {

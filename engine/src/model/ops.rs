@@ -4,7 +4,7 @@
 /// a norm "without scale". Applied to every `dim`-sized row of `x` in place.
 pub fn rms_norm(x: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
     for_rows(x, dim, |_, row| {
-        let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+        let ms = sum_sq_f64(row) / dim as f64;
         let r = ((ms as f32) + eps).powf(-0.5);
         match w {
             Some(w) => {
@@ -89,7 +89,26 @@ pub fn exp_f32(x: f32) -> f32 {
 /// Root mean square of a row (AltUp magnitudes).
 #[inline]
 pub fn mean_sq(x: &[f32]) -> f32 {
-    (x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64) as f32
+    (sum_sq_f64(x) / x.len() as f64) as f32
+}
+
+/// `Σ x²` in f64, in 8 interleaved partial sums so that it vectorises (one running sum
+/// was a 4-cycle dependency per element: ~2 µs per 2048-wide norm, ~300 norms per
+/// decode step). f64 keeps it as close to the reference's f32 mean as before.
+pub fn sum_sq_f64(x: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            acc[k] += (c[k] as f64) * (c[k] as f64);
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// RoPE frequencies `1 / θ^(2i/d)` for i in 0..d/2, computed as transformers does (f32).

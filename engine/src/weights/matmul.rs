@@ -57,12 +57,90 @@ impl Matrix {
         debug_assert_eq!(y.len(), t * self.rows);
         SCRATCH.with(|cell| {
             let mut guard = cell.borrow_mut();
-            let MatScratch {
-                q8,
-                q8_sums,
-                q8k,
-                xmeta,
-            } = &mut *guard;
+            let xq = self.prepare_x(x, t, &mut guard);
+            self.matmul_prepared(&xq, t, y);
+        });
+    }
+
+    /// Products of several matrices with the same input (`ys[i] = mats[i] · x`), as one
+    /// job for a decode step: the activations are quantized once and the row ranges of
+    /// all the matrices go to the threads together, so the small ones (K, V, LAuReL)
+    /// cost no fork/join of their own and one product's tail overlaps the next one's
+    /// start. Put the largest first (the ranges are handed out in order). Matrices whose
+    /// storage wants different activations, or prefills, run one by one.
+    pub fn matmul_many(mats: &[&Matrix], x: &[f32], t: usize, ys: &mut [&mut [f32]]) {
+        const MAX: usize = 6;
+        assert_eq!(mats.len(), ys.len(), "matmul_many: one output per matrix"); // ok: internal contract
+        let fused = t == 1
+            && mats.len() <= MAX
+            && mats.iter().all(|m| {
+                m.cols == mats[0].cols && m.activation_kind() == mats[0].activation_kind()
+            });
+        if !fused {
+            for (m, y) in mats.iter().zip(ys.iter_mut()) {
+                m.matmul(x, t, y);
+            }
+            return;
+        }
+        SCRATCH.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let xq = mats[0].prepare_x(x, 1, &mut guard);
+            let threads = crate::par::threads().max(1);
+            let (mut rows_per, mut first) = ([0usize; MAX], [0usize; MAX + 1]);
+            let mut views = [None; MAX];
+            let mut work = 0usize;
+            for (i, (m, y)) in mats.iter().zip(ys.iter_mut()).enumerate() {
+                assert!(y.len() >= m.rows, "matmul_many: output too short"); // ok: internal contract
+                rows_per[i] = m.decode_rows_per(threads, m.tile_group(&xq, 1));
+                first[i + 1] = first[i] + m.rows.div_ceil(rows_per[i]);
+                views[i] = Some(OutView {
+                    ptr: y.as_mut_ptr(),
+                    row_stride: 1,
+                    tok_stride: m.rows,
+                });
+                work += m.rows * m.cols;
+            }
+            let n = mats.len();
+            let task = |k: usize| {
+                let i = (0..n).rev().find(|&i| first[i] <= k).unwrap_or(0);
+                let (m, rp) = (mats[i], rows_per[i]);
+                let r0 = (k - first[i]) * rp;
+                let r1 = (r0 + rp).min(m.rows);
+                if let Some(v) = views[i] {
+                    // SAFETY: task `k` alone writes rows `r0..r1` of output `i`, and the
+                    // outputs are distinct borrows.
+                    unsafe { m.tile(&xq, 1, r0..r1, 0..1, v.from_row(r0)) };
+                }
+            };
+            if work < PAR_THRESHOLD || threads <= 1 {
+                (0..first[n]).for_each(task);
+            } else {
+                crate::par::for_each(first[n], task);
+            }
+        });
+    }
+
+    /// Which activation preparation the storage needs (equal for matrices that can share
+    /// one in [`Matrix::matmul_many`]).
+    fn activation_kind(&self) -> u8 {
+        match &self.data {
+            Data::Packed(..) => 1,
+            Data::Q8_0(_) | Data::Q4_0(_) => 2,
+            Data::Q4K(_) => 3,
+            _ => 0,
+        }
+    }
+
+    /// The activations `x` (`t` tokens) in the form this storage's kernels take,
+    /// quantized into `s`.
+    fn prepare_x<'a>(&self, x: &'a [f32], t: usize, s: &'a mut MatScratch) -> QuantizedX<'a> {
+        let MatScratch {
+            q8,
+            q8_sums,
+            q8k,
+            xmeta,
+        } = s;
+        {
             let xq = match &self.data {
                 Data::Packed(..) | Data::Q8_0(_) | Data::Q4_0(_) => {
                     let nb = self.cols / QK8_0;
@@ -88,8 +166,8 @@ impl Matrix {
                 }
                 _ => QuantizedX::None(x),
             };
-            self.matmul_prepared(&xq, t, y);
-        });
+            xq
+        }
     }
 
     /// Row `r` against tokens `t0..t0+4` (one weight pass for four tokens), if the
@@ -141,7 +219,7 @@ impl Matrix {
         let rows = self.rows;
         let threads = crate::par::threads().max(1);
         let rows_per = if t == 1 {
-            rows.div_ceil(threads * 4).max(16).next_multiple_of(group)
+            self.decode_rows_per(threads, group)
         } else {
             (rows / (threads * 8)).clamp(group, 16) / group * group
         };
@@ -165,11 +243,49 @@ impl Matrix {
         }
     }
 
+    /// Rows per task of a decode product: a little finer than one range per thread, so
+    /// a descheduled thread does not hold everyone up.
+    fn decode_rows_per(&self, threads: usize, group: usize) -> usize {
+        self.rows
+            .div_ceil(threads * 4)
+            .max(16)
+            .next_multiple_of(group)
+    }
+
+    /// The row multiple that [`Matrix::tile`] wants for these activations.
+    fn tile_group(&self, xq: &QuantizedX, t: usize) -> usize {
+        match (xq, &self.data) {
+            (QuantizedX::Packed(_), Data::Packed(..)) => packed::ROWS,
+            (QuantizedX::None(_), Data::Bf16(_)) if t > 1 && kernels::avx512_vnni() => 4,
+            _ => 1,
+        }
+    }
+
     fn matmul_prepared(&self, xq: &QuantizedX, t: usize, y: &mut [f32]) {
         let work = self.rows * self.cols * t;
         let serial = work < PAR_THRESHOLD || crate::par::threads() <= 1;
-        // SAFETY (every `out.set` / `tile_into` below): `schedule` hands each task rows
-        // of `y` that no other task writes, and the tiles write only their rows × tokens.
+        let group = self.tile_group(xq, t);
+        // SAFETY: `schedule` hands each task rows of `y` that no other task writes, and
+        // `tile` writes only its rows × tokens.
+        self.schedule(t, y, serial, group, |rows, toks, out| unsafe {
+            self.tile(xq, t, rows, toks, out)
+        });
+    }
+
+    /// Rows `rows` (a multiple of `tile_group` from its start) of the product with
+    /// tokens `toks` of a `t`-token `xq`, into `out` (row `rows.start` first).
+    ///
+    /// # Safety
+    /// `out` must address, for every row and token of the tile, memory that the caller
+    /// owns exclusively for the duration of the call.
+    unsafe fn tile(
+        &self,
+        xq: &QuantizedX,
+        t: usize,
+        rows: Range<usize>,
+        toks: Range<usize>,
+        out: OutView,
+    ) {
         if let (QuantizedX::Packed(x), Data::Packed(q, v)) = (xq, &self.data) {
             let bs = self.data.block();
             let w = PackedW {
@@ -178,16 +294,15 @@ impl Matrix {
                 nbs: self.stride / bs,
                 nb: self.cols / bs,
             };
-            return self.schedule(t, y, serial, packed::ROWS, |rows, toks, out| unsafe {
-                packed::tile_into(&w, rows, x, toks, out)
-            });
+            // SAFETY: the caller's contract.
+            return unsafe { packed::tile_into(&w, rows, x, toks, out) };
         }
         if let (QuantizedX::None(x), Data::Bf16(v)) = (xq, &self.data) {
-            if t > 1 && kernels::avx512_vnni() {
+            if self.tile_group(xq, t) == 4 {
                 let (w, c, st) = (v.as_slice(), self.cols, self.stride);
                 let row = |r: usize| &w[r * st..r * st + c];
                 let tok = |ti: usize| &x[ti * c..(ti + 1) * c];
-                return self.schedule(t, y, serial, 4, |rows, toks, out| {
+                {
                     let mut r = rows.start;
                     while r < rows.end {
                         let nr = (rows.end - r).min(4);
@@ -217,27 +332,26 @@ impl Matrix {
                         }
                         r += nr;
                     }
-                });
+                }
+                return;
             }
         }
-        self.schedule(t, y, serial, 1, |rows, toks, out| {
-            for r in rows.clone() {
-                let ri = r - rows.start;
-                let mut ti = toks.start;
-                while ti + 4 <= toks.end {
-                    let Some(v) = self.row_dot_x4(r, xq, ti) else {
-                        break;
-                    };
-                    for (j, &v) in v.iter().enumerate() {
-                        unsafe { out.set(ri, ti + j, v) };
-                    }
-                    ti += 4;
+        for r in rows.clone() {
+            let ri = r - rows.start;
+            let mut ti = toks.start;
+            while ti + 4 <= toks.end {
+                let Some(v) = self.row_dot_x4(r, xq, ti) else {
+                    break;
+                };
+                for (j, &v) in v.iter().enumerate() {
+                    unsafe { out.set(ri, ti + j, v) };
                 }
-                for tj in ti..toks.end {
-                    unsafe { out.set(ri, tj, self.row_dot_q(r, xq, tj)) };
-                }
+                ti += 4;
             }
-        });
+            for tj in ti..toks.end {
+                unsafe { out.set(ri, tj, self.row_dot_q(r, xq, tj)) };
+            }
+        }
     }
 
     /// Row `r` times token `t` of the prepared activations.
@@ -303,6 +417,70 @@ mod tests {
     use super::*;
     use crate::quant::QuantType;
     use crate::weights::{bf16_to_f32, Slab};
+
+    /// A fused product gives each matrix exactly what its own product gives, on the
+    /// spinning pool and on rayon's, for every storage (mixed storages fall back).
+    #[test]
+    fn matmul_many_matches_one_product_per_matrix() {
+        let spin = crate::par::SpinPool::new(2).unwrap();
+        let cols = 512;
+        let shapes = [300usize, 64, 64, 16, 7];
+        let x = crate::test_util::data(3 * cols, 5);
+        for q in [
+            QuantType::F32,
+            QuantType::Bf16,
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4K,
+        ] {
+            for pack in [false, true] {
+                let mats: Vec<Matrix> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &r)| {
+                        let m =
+                            Matrix::from_f32(r, cols, crate::test_util::data(r * cols, i as u64))
+                                .to_quant(q);
+                        // The 7-row matrix cannot be packed: a mixed set falls back.
+                        if pack && r % packed::ROWS == 0 {
+                            m.packed()
+                        } else {
+                            m
+                        }
+                    })
+                    .collect();
+                let refs: Vec<&Matrix> = mats.iter().collect();
+                for t in [1usize, 3] {
+                    let xs = &x[..t * cols];
+                    let want: Vec<Vec<f32>> = mats
+                        .iter()
+                        .map(|m| {
+                            let mut y = vec![0.0; t * m.rows];
+                            m.matmul(xs, t, &mut y);
+                            y
+                        })
+                        .collect();
+                    for on_spin in [false, true] {
+                        for n in [1, 2, mats.len()] {
+                            let mut ys: Vec<Vec<f32>> = mats[..n]
+                                .iter()
+                                .map(|m| vec![f32::NAN; t * m.rows])
+                                .collect();
+                            let mut outs: Vec<&mut [f32]> =
+                                ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                            let mut run = || Matrix::matmul_many(&refs[..n], xs, t, &mut outs);
+                            if on_spin {
+                                crate::par::install(&spin, run);
+                            } else {
+                                run();
+                            }
+                            assert_eq!(ys, want[..n], "{q} packed={pack} t={t} n={n}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn schedule_writes_every_row_and_token_token_major_serial_and_parallel() {
