@@ -2,16 +2,102 @@
 //! Full-attention layers keep every position up to the context limit; sliding layers keep
 //! a ring of `window` positions. Buffers are reserved up front as virtual memory and are
 //! committed by the OS only as positions are written.
+//!
+//! K/V are kept as f32 or f16 ([`KvDType`]). f16 halves the cache and the bytes a long
+//! context's decode step reads (at 32K positions those rival the weights); the new K/V
+//! of a pass are rounded to f16 before it attends to them, so a prefill and a decode
+//! still see the same values.
 
 use crate::config::{LayerType, TextConfig};
 use crate::model::scratch::Scratch;
+
+/// Element type of the cached K/V.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDType {
+    F32,
+    F16,
+}
+
+impl KvDType {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
+}
+
+/// One owner layer's K or V positions (`[slot][kv_dim]`).
+#[derive(Debug)]
+pub(crate) enum KvBuf {
+    F32(Vec<f32>),
+    /// IEEE half bits.
+    F16(Vec<u16>),
+}
+
+impl KvBuf {
+    pub(crate) fn new(dtype: KvDType, n: usize) -> Self {
+        match dtype {
+            KvDType::F32 => KvBuf::F32(vec![0.0; n]),
+            KvDType::F16 => KvBuf::F16(vec![0; n]),
+        }
+    }
+
+    pub(crate) fn store(&mut self, at: usize, x: &[f32]) {
+        match self {
+            KvBuf::F32(b) => b[at..at + x.len()].copy_from_slice(x),
+            KvBuf::F16(b) => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                b[at..at + x.len()]
+                    .reinterpret_cast_mut::<half::f16>()
+                    .convert_from_f32_slice(x)
+            }
+        }
+    }
+
+    /// Elements `at..at + out.len()` as f32.
+    pub fn load(&self, at: usize, out: &mut [f32]) {
+        match self {
+            KvBuf::F32(b) => out.copy_from_slice(&b[at..at + out.len()]),
+            KvBuf::F16(b) => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                b[at..at + out.len()]
+                    .reinterpret_cast::<half::f16>()
+                    .convert_to_f32_slice(out)
+            }
+        }
+    }
+
+    /// Bytes reserved.
+    pub fn bytes(&self) -> usize {
+        match self {
+            KvBuf::F32(b) => b.len() * 4,
+            KvBuf::F16(b) => b.len() * 2,
+        }
+    }
+
+    /// Elements `at..at + n` in place, when stored as f32.
+    pub fn f32_at(&self, at: usize, n: usize) -> Option<&[f32]> {
+        match self {
+            KvBuf::F32(b) => Some(&b[at..at + n]),
+            KvBuf::F16(_) => None,
+        }
+    }
+}
+
+/// Rounds `x` to the nearest f16 values (kept as f32): what an f16 cache will return.
+pub(crate) fn round_to_f16(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct LayerKv {
     /// Ring size for sliding layers; `None` for full layers.
     pub window: Option<usize>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: KvBuf,
+    pub v: KvBuf,
 }
 
 impl LayerKv {
@@ -35,13 +121,14 @@ pub struct KvCache {
     /// New K and V of the current forward pass, per owner layer.
     pending: Vec<(Vec<f32>, Vec<f32>)>,
     pub(crate) kv_dim: usize,
+    dtype: KvDType,
     pub(crate) scratch: Scratch,
     len: usize,
     max_len: usize,
 }
 
 impl KvCache {
-    pub fn new(cfg: &TextConfig, max_len: usize) -> Self {
+    pub fn new(cfg: &TextConfig, max_len: usize, dtype: KvDType) -> Self {
         let kv_dim = cfg.kv_dim();
         let first_shared = cfg.first_kv_shared_layer();
         let layers = (0..cfg.num_hidden_layers)
@@ -54,8 +141,8 @@ impl KvCache {
                     let cap = window.unwrap_or(max_len) * kv_dim;
                     LayerKv {
                         window,
-                        k: vec![0.0; cap],
-                        v: vec![0.0; cap],
+                        k: KvBuf::new(dtype, cap),
+                        v: KvBuf::new(dtype, cap),
                     }
                 })
             })
@@ -66,6 +153,7 @@ impl KvCache {
                 .collect(),
             layers,
             kv_dim,
+            dtype,
             scratch: Scratch::default(),
             len: 0,
             max_len,
@@ -85,6 +173,10 @@ impl KvCache {
         self.max_len
     }
 
+    pub fn dtype(&self) -> KvDType {
+        self.dtype
+    }
+
     /// Forget the sequence (buffers are kept).
     pub fn clear(&mut self) {
         self.len = 0;
@@ -100,7 +192,7 @@ impl KvCache {
                     Some(w) => self.len.min(w),
                     None => self.len,
                 };
-                2 * n * self.kv_dim * std::mem::size_of::<f32>()
+                2 * n * self.kv_dim * self.dtype.bytes()
             })
             .sum()
     }
@@ -117,8 +209,8 @@ impl KvCache {
             };
             for i in skip..t {
                 let s = layer.slot(start + i) * d;
-                layer.k[s..s + d].copy_from_slice(&k[i * d..(i + 1) * d]);
-                layer.v[s..s + d].copy_from_slice(&v[i * d..(i + 1) * d]);
+                layer.k.store(s, &k[i * d..(i + 1) * d]);
+                layer.v.store(s, &v[i * d..(i + 1) * d]);
             }
         }
     }

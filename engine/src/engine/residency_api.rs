@@ -308,7 +308,7 @@ impl Engine {
             .layers
             .iter()
             .flatten()
-            .map(|l| (l.k.len() + l.v.len()) * 4)
+            .map(|l| l.k.bytes() + l.v.bytes())
             .sum();
         parts.push(PartMemory {
             name: "kv_cache".into(),

@@ -54,6 +54,8 @@ thread_local! {
     /// Scores, running max, running sum and rescale factors of one tile's rows; sized
     /// by the largest tile, so decode stops allocating once any pass has run here.
     static TILE_STATE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A block's cached K and V widened to f32 when the cache holds f16.
+    static KV_BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Causal (and windowed) attention of the `t` queries `q` (`[t, num_heads·head_dim]`, at
@@ -153,111 +155,141 @@ fn attend_tile(
         let s = (toks.start + r / group) * qd + (kvh * group + r % group) * hd;
         &q[s..s + hd]
     };
-    let kv_at = |kp: usize| -> (&[f32], &[f32]) {
+    // Key `kp` in place (f32 cache or this pass's new keys), or `None` for an f16
+    // cached key, which is widened into the block buffer first.
+    let kv_at = |kp: usize| -> Option<(&[f32], &[f32])> {
         if kp < pos0 {
             let s = kv.cached.slot(kp) * kvd + kvh * hd;
-            (&kv.cached.k[s..s + hd], &kv.cached.v[s..s + hd])
+            Some((kv.cached.k.f32_at(s, hd)?, kv.cached.v.f32_at(s, hd)?))
         } else {
             let s = (kp - pos0) * kvd + kvh * hd;
-            (&kv.new_k[s..s + hd], &kv.new_v[s..s + hd])
+            Some((&kv.new_k[s..s + hd], &kv.new_v[s..s + hd]))
         }
     };
 
-    TILE_STATE.with(|cell| {
-        let mut st = cell.borrow_mut();
-        if st.len() < rows * (kb + 3) {
-            st.resize(rows * (kb + 3), 0.0);
+    KV_BLOCK.with(|wide| {
+        let mut wide = wide.borrow_mut();
+        if wide.len() < 2 * kb * hd {
+            wide.resize(2 * kb * hd, 0.0);
         }
-        let (s, rest) = st.split_at_mut(rows * kb);
-        let (m, rest) = rest.split_at_mut(rows);
-        let (l, rest) = rest.split_at_mut(rows);
-        let scale = &mut rest[..rows];
-        m.fill(f32::NEG_INFINITY);
-        l.fill(0.0);
-
-        let mut ks: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
-        let mut vs: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
-        let (klo, khi) = (lo_of(pos(0)), pos(rows - 1));
-        for b in klo / kb..=khi / kb {
-            // Keys ba..=bz of block b that some row of the tile attends to.
-            let (ba, bz) = ((b * kb).max(klo), (b * kb + kb - 1).min(khi));
-            for kp in ba..=bz {
-                (ks[kp - ba], vs[kp - ba]) = kv_at(kp);
+        TILE_STATE.with(|cell| {
+            let mut st = cell.borrow_mut();
+            if st.len() < rows * (kb + 3) {
+                st.resize(rows * (kb + 3), 0.0);
             }
-            // Rows four at a time (the kernels' register block); a group of rows skips
-            // the keys none of its rows sees.
-            for r0 in (0..rows).step_by(4) {
-                let r1 = (r0 + 4).min(rows);
-                let (ka, kz) = (ba.max(lo_of(pos(r0))), bz.min(pos(r1 - 1)));
-                if ka > kz {
-                    continue;
+            let (s, rest) = st.split_at_mut(rows * kb);
+            let (m, rest) = rest.split_at_mut(rows);
+            let (l, rest) = rest.split_at_mut(rows);
+            let scale = &mut rest[..rows];
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+
+            let (klo, khi) = (lo_of(pos(0)), pos(rows - 1));
+            for b in klo / kb..=khi / kb {
+                // Keys ba..=bz of block b that some row of the tile attends to.
+                let (ba, bz) = ((b * kb).max(klo), (b * kb + kb - 1).min(khi));
+                for kp in ba..=bz.min(pos0.saturating_sub(1)) {
+                    if kv_at(kp).is_none() {
+                        let s = kv.cached.slot(kp) * kvd + kvh * hd;
+                        let j = kp - ba;
+                        let (wk, wv) = wide.split_at_mut(kb * hd);
+                        kv.cached.k.load(s, &mut wk[j * hd..(j + 1) * hd]);
+                        kv.cached.v.load(s, &mut wv[j * hd..(j + 1) * hd]);
+                    }
                 }
-                let (j0, j1) = (ka - ba, kz - ba + 1);
-                let qs = [0, 1, 2, 3].map(|i| q_row((r0 + i).min(r1 - 1)));
-                kernels::dot_f32_rows(&qs[..r1 - r0], &ks[j0..j1], &mut s[r0 * kb + j0..], kb);
-                for r in r0..r1 {
-                    let sr = &mut s[r * kb + j0..r * kb + j1];
-                    let (lo, hi) = (lo_of(pos(r)).max(ka), pos(r).min(kz));
-                    if lo > hi {
-                        // Nothing for this row here: weights 0, state untouched.
-                        sr.fill(0.0);
-                        scale[r] = 1.0;
+                let (wk, wv) = wide.split_at(kb * hd);
+                let mut ks: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
+                let mut vs: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
+                for kp in ba..=bz {
+                    let j = kp - ba;
+                    (ks[j], vs[j]) =
+                        kv_at(kp).unwrap_or((&wk[j * hd..(j + 1) * hd], &wv[j * hd..(j + 1) * hd]));
+                }
+                // Rows four at a time (the kernels' register block); a group of rows skips
+                // the keys none of its rows sees.
+                for r0 in (0..rows).step_by(4) {
+                    let r1 = (r0 + 4).min(rows);
+                    let (ka, kz) = (ba.max(lo_of(pos(r0))), bz.min(pos(r1 - 1)));
+                    if ka > kz {
                         continue;
                     }
-                    let own = lo - ka..hi - ka + 1;
-                    let bm = sr[own.clone()]
-                        .iter()
-                        .copied()
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    let mn = m[r].max(bm);
-                    // exp(-inf) = 0 on the row's first block, whose state is all zero.
-                    scale[r] = (m[r] - mn).exp();
-                    let mut sum = l[r] * scale[r];
-                    for (j, x) in sr.iter_mut().enumerate() {
-                        *x = if own.contains(&j) {
-                            (*x - mn).exp()
-                        } else {
-                            0.0
-                        };
-                        sum += *x;
+                    let (j0, j1) = (ka - ba, kz - ba + 1);
+                    let qs = [0, 1, 2, 3].map(|i| q_row((r0 + i).min(r1 - 1)));
+                    kernels::dot_f32_rows(&qs[..r1 - r0], &ks[j0..j1], &mut s[r0 * kb + j0..], kb);
+                    for r in r0..r1 {
+                        let sr = &mut s[r * kb + j0..r * kb + j1];
+                        let (lo, hi) = (lo_of(pos(r)).max(ka), pos(r).min(kz));
+                        if lo > hi {
+                            // Nothing for this row here: weights 0, state untouched.
+                            sr.fill(0.0);
+                            scale[r] = 1.0;
+                            continue;
+                        }
+                        let own = lo - ka..hi - ka + 1;
+                        let bm = sr[own.clone()]
+                            .iter()
+                            .copied()
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        let mn = m[r].max(bm);
+                        // exp(-inf) = 0 on the row's first block, whose state is all zero.
+                        scale[r] = (m[r] - mn).exp();
+                        let mut sum = l[r] * scale[r];
+                        for (j, x) in sr.iter_mut().enumerate() {
+                            *x = if own.contains(&j) {
+                                (*x - mn).exp()
+                            } else {
+                                0.0
+                            };
+                            sum += *x;
+                        }
+                        (m[r], l[r]) = (mn, sum);
                     }
-                    (m[r], l[r]) = (mn, sum);
+                    kernels::axpy_f32_rows(
+                        &s[r0 * kb + j0..],
+                        kb,
+                        &vs[j0..j1],
+                        &scale[r0..r1],
+                        &mut acc[r0 * hd..r1 * hd],
+                    );
                 }
-                kernels::axpy_f32_rows(
-                    &s[r0 * kb + j0..],
-                    kb,
-                    &vs[j0..j1],
-                    &scale[r0..r1],
-                    &mut acc[r0 * hd..r1 * hd],
-                );
             }
-        }
-        // Every row saw at least its own key, so l > 0.
-        for (row, &lr) in acc.chunks_exact_mut(hd).zip(l.iter()) {
-            let inv = 1.0 / lr;
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
+            // Every row saw at least its own key, so l > 0.
+            for (row, &lr) in acc.chunks_exact_mut(hd).zip(l.iter()) {
+                let inv = 1.0 / lr;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        });
     });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_cache::{round_to_f16, KvBuf, KvDType};
     use crate::test_util::data;
 
     /// Keys/values of every position `0..n` (`[n, kv_dim]`), and a cache holding those
     /// before `pos0` as the engine would (a ring of `ring` slots on sliding layers).
-    fn cache_of(k: &[f32], v: &[f32], kvd: usize, pos0: usize, ring: Option<usize>) -> LayerKv {
+    fn cache_of(
+        k: &[f32],
+        v: &[f32],
+        kvd: usize,
+        pos0: usize,
+        ring: Option<usize>,
+        dtype: KvDType,
+    ) -> LayerKv {
         let cap = ring.unwrap_or(pos0.max(1));
         let mut c = LayerKv {
             window: ring,
-            k: vec![f32::NAN; cap * kvd],
-            v: vec![f32::NAN; cap * kvd],
+            k: KvBuf::new(dtype, cap * kvd),
+            v: KvBuf::new(dtype, cap * kvd),
         };
+        c.k.store(0, &vec![f32::NAN; cap * kvd]);
+        c.v.store(0, &vec![f32::NAN; cap * kvd]);
         for p in pos0.saturating_sub(cap)..pos0 {
             let s = c.slot(p) * kvd;
-            c.k[s..s + kvd].copy_from_slice(&k[p * kvd..(p + 1) * kvd]);
-            c.v[s..s + kvd].copy_from_slice(&v[p * kvd..(p + 1) * kvd]);
+            c.k.store(s, &k[p * kvd..(p + 1) * kvd]);
+            c.v.store(s, &v[p * kvd..(p + 1) * kvd]);
         }
         c
     }
@@ -294,6 +326,7 @@ mod tests {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         q: &[f32],
         k: &[f32],
@@ -302,10 +335,11 @@ mod tests {
         pos0: usize,
         h: Heads,
         tiling: Tiling,
+        dtype: KvDType,
     ) -> Vec<f32> {
         let kvd = h.num_kv_heads * h.head_dim;
         let ring = h.window;
-        let cached = cache_of(k, v, kvd, pos0, ring);
+        let cached = cache_of(k, v, kvd, pos0, ring, dtype);
         let kv = KvView {
             cached: &cached,
             new_k: &k[pos0 * kvd..(pos0 + t) * kvd],
@@ -333,10 +367,23 @@ mod tests {
                 window,
             };
             let (qd, kvd) = (nh * hd, nkv * hd);
-            for (pos0, t) in [(0, 13), (21, 13), (130, 37), (3, 1), (150, 1)] {
+            for (pos0, t, dtype) in [
+                (0, 13, KvDType::F32),
+                (21, 13, KvDType::F32),
+                (130, 37, KvDType::F32),
+                (3, 1, KvDType::F32),
+                (150, 1, KvDType::F32),
+                (21, 13, KvDType::F16),
+                (130, 37, KvDType::F16),
+                (150, 1, KvDType::F16),
+            ] {
                 let n = pos0 + t;
-                let k = data(n * kvd, 1 + n as u64);
-                let v = data(n * kvd, 2 + n as u64);
+                let (mut k, mut v) = (data(n * kvd, 1 + n as u64), data(n * kvd, 2 + n as u64));
+                if dtype == KvDType::F16 {
+                    // As the engine rounds a pass's new K/V for an f16 cache.
+                    round_to_f16(&mut k);
+                    round_to_f16(&mut v);
+                }
                 // Scores of order one, as after q_norm/k_norm.
                 let q: Vec<f32> = data(t * qd, 3 + n as u64)
                     .iter()
@@ -355,7 +402,7 @@ mod tests {
                     },
                 ];
                 for tiling in tilings {
-                    let got = run(&q, &k, &v, t, pos0, heads, tiling);
+                    let got = run(&q, &k, &v, t, pos0, heads, tiling, dtype);
                     let d = got
                         .iter()
                         .zip(&want)
@@ -372,6 +419,7 @@ mod tests {
                             pos0 + ti,
                             heads,
                             tiling,
+                            dtype,
                         );
                         let same = one
                             .iter()

@@ -363,6 +363,7 @@ impl DecoderLayer {
         let mut q = sc.take(t * qd);
         let mut lr = sc.take(t * c.laurel_rank);
         if let (Some(kp), Some(vp)) = (&sa.k_proj, &sa.v_proj) {
+            let f16 = cache.dtype() == crate::kv_cache::KvDType::F16;
             let (k, v) = cache.pending_mut(li, t * kvd);
             Matrix::matmul_many(
                 &[&sa.q_proj, kp, vp, left],
@@ -377,6 +378,11 @@ impl DecoderLayer {
                     ops::apply_rope(head, pos0 + ti, inv_freq);
                 }
             });
+            if f16 {
+                // What the cache will hand back, so prefill and decode agree.
+                crate::kv_cache::round_to_f16(k);
+                crate::kv_cache::round_to_f16(v);
+            }
         } else {
             Matrix::matmul_many(&[&sa.q_proj, left], xn, t, &mut [&mut q, &mut lr]);
         }

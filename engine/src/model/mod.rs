@@ -276,8 +276,18 @@ impl TextModel {
         Ok((cfg, m))
     }
 
+    /// A KV cache for up to `max_len` positions: f16 when the weights are quantized (its
+    /// rounding is far below theirs), f32 otherwise (so f32/bf16 runs keep the
+    /// reference's precision).
     pub fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(&self.cfg, max_len)
+        use crate::quant::QuantType;
+        let dtype = match self.layers.first().map(|l| l.self_attn.q_proj.quant_type()) {
+            Some(QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4K) => {
+                crate::kv_cache::KvDType::F16
+            }
+            _ => crate::kv_cache::KvDType::F32,
+        };
+        KvCache::new(&self.cfg, max_len, dtype)
     }
 
     /// Scaled input embeddings `[t, H]` (`embed_tokens[id] · √H`).

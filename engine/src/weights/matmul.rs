@@ -247,10 +247,7 @@ impl Matrix {
     /// per thread were 3.4% slower than 1 (median of 12 interleaved pairs in one
     /// process). The pool's workers spin, so the ranges start together.
     fn decode_rows_per(&self, threads: usize, group: usize) -> usize {
-        self.rows
-            .div_ceil(threads)
-            .max(16)
-            .next_multiple_of(group)
+        self.rows.div_ceil(threads).max(16).next_multiple_of(group)
     }
 
     /// The row multiple that [`Matrix::tile`] wants for these activations.
