@@ -235,11 +235,57 @@ struct GenFigures {
     cpu_prefill: CpuUse,
     cpu_decode: CpuUse,
     kv_bytes: usize,
+    /// Bandwidth read by the probes taken during the decode (see [`Probe`]).
+    bw_during: Vec<f64>,
+}
+
+/// A streaming read over the decode weights in place, taken every `every` decode
+/// tokens from inside the generation (its time is taken out of the decode time). This
+/// VM's memory speed changes on a scale of seconds (35 vs 63 GB/s), so only a probe
+/// interleaved with the decode measures the bandwidth that decode had.
+struct Probe {
+    /// (address, length) of each region: the engine is mutably borrowed while it
+    /// generates, so the regions cannot be held as slices.
+    regions: Vec<(usize, usize)>,
+    threads: usize,
+    every: usize,
+}
+
+impl Probe {
+    fn new(engine: &Engine, threads: usize, every: usize) -> Probe {
+        let regions = engine
+            .model()
+            .decode_weight_regions()
+            .iter()
+            .map(|r| (r.as_ptr() as usize, r.len()))
+            .collect();
+        Probe {
+            regions,
+            threads,
+            every,
+        }
+    }
+
+    fn measure(&self) -> f64 {
+        let slices: Vec<&[u8]> = self
+            .regions
+            .iter()
+            // SAFETY: the engine owns these weights for the whole generation and nothing
+            // writes them; they are read here between two decode steps.
+            .map(|&(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
+            .collect();
+        membw::measure_regions(&slices, self.threads, 2).best_bytes_per_s
+    }
 }
 
 /// One greedy generation from `ids` with EOS ignored; the first streamed token marks the
 /// boundary between the prefill and decode CPU windows.
-fn run_generation(engine: &mut Engine, ids: Vec<u32>, max_tokens: usize) -> Result<GenFigures> {
+fn run_generation(
+    engine: &mut Engine,
+    ids: Vec<u32>,
+    max_tokens: usize,
+    probe: Option<&Probe>,
+) -> Result<GenFigures> {
     let n = ids.len();
     let mut req = GenerateRequest::new(Prompt::Ids(ids));
     req.sampling = SamplingParams::greedy();
@@ -247,9 +293,20 @@ fn run_generation(engine: &mut Engine, ids: Vec<u32>, max_tokens: usize) -> Resu
     req.ignore_eos = true;
     let s0 = CpuSnapshot::now()?;
     let mut mid: Option<CpuSnapshot> = None;
+    let (mut count, mut paused, mut bw_during) = (0usize, 0.0f64, Vec::new());
     let out = engine.generate(&req, &mut |_ev| {
         if mid.is_none() {
             mid = CpuSnapshot::now().ok();
+        }
+        count += 1;
+        if let Some(p) = probe {
+            if count > 1 && (count - 1) % p.every == 0 && count < max_tokens {
+                let t0 = Instant::now();
+                // The compute pool's idle worker spins for 3 ms before it parks.
+                std::thread::sleep(std::time::Duration::from_millis(4));
+                bw_during.push(p.measure());
+                paused += t0.elapsed().as_secs_f64();
+            }
         }
         ControlFlow::Continue(())
     })?;
@@ -261,11 +318,13 @@ fn run_generation(engine: &mut Engine, ids: Vec<u32>, max_tokens: usize) -> Resu
         prefill_s: t.prefill.as_secs_f64(),
         prefill_tps: t.prefill_tokens_per_s,
         decode_tokens: out.usage.completion_tokens.saturating_sub(1),
-        decode_s: t.decode.as_secs_f64(),
-        decode_tps: t.decode_tokens_per_s,
+        decode_s: t.decode.as_secs_f64() - paused,
+        decode_tps: out.usage.completion_tokens.saturating_sub(1) as f64
+            / (t.decode.as_secs_f64() - paused).max(1e-9),
         cpu_prefill: s0.until(&s1),
         cpu_decode: s1.until(&s2),
         kv_bytes: engine.kv_cache_bytes(),
+        bw_during,
     })
 }
 
@@ -359,7 +418,9 @@ fn main() -> Result<()> {
     eprintln!("[bench] memory bandwidth ({} threads)", a.threads);
     let bw1 = bandwidth(&a)?;
     eprintln!("[bench] prefill {} + decode {} tokens", a.prompt, a.gen - 1);
-    let main = run_generation(&mut engine, prompt_ids, a.gen)?;
+    let probe = Probe::new(&engine, a.threads, 32);
+    let main = run_generation(&mut engine, prompt_ids, a.gen, Some(&probe))?;
+    drop(probe);
     let bw2 = bandwidth(&a)?;
     // The same read over the decode weights themselves, where they lie: on a VM the
     // speed of memory can differ between physical regions (host page size), so a fresh
@@ -369,7 +430,15 @@ fn main() -> Result<()> {
     drop(regions);
     let bw_of = |v: &Value| v["best_bytes_per_s"].as_f64().unwrap_or(0.0);
     let bw_best = bw_of(&bw1).max(bw_of(&bw2)).max(bw_w.best_bytes_per_s);
-    let efficiency = decode_weight_bytes as f64 * main.decode_tps / bw_best.max(1.0);
+    let during = &main.bw_during;
+    let bw_during = if during.is_empty() {
+        bw_best
+    } else {
+        during.iter().sum::<f64>() / during.len() as f64
+    };
+    let decode_rate = decode_weight_bytes as f64 * main.decode_tps;
+    let efficiency = decode_rate / bw_during.max(1.0);
+    let efficiency_vs_best = decode_rate / bw_best.max(1.0);
 
     let mut ctx_rows = Vec::new();
     for (i, &c) in a.contexts.iter().enumerate() {
@@ -379,7 +448,7 @@ fn main() -> Result<()> {
             a.ctx_gen
         );
         let ids = random_prompt(len, a.seed, 1 + i as u64);
-        let g = run_generation(&mut engine, ids, a.ctx_gen + 1)?;
+        let g = run_generation(&mut engine, ids, a.ctx_gen + 1, None)?;
         ctx_rows.push((c, g));
     }
     let mem_end = procfs::mem_status()?;
@@ -454,8 +523,23 @@ fn main() -> Result<()> {
         ),
     );
     line(
+        "bandwidth during decode",
+        format!(
+            "{:.2} GB/s mean of {} reads of the weights between decode steps (min {:.2}, max {:.2})",
+            gb(bw_during),
+            during.len(),
+            gb(during.iter().copied().fold(f64::INFINITY, f64::min)),
+            gb(during.iter().copied().fold(0.0, f64::max))
+        ),
+    );
+    line(
         "decode roofline efficiency",
-        format!("{:.1}%", 100.0 * efficiency),
+        format!(
+            "{:.1}% of the bandwidth during decode ({:.1}% of the run's best read, {:.2} GB/s)",
+            100.0 * efficiency,
+            100.0 * efficiency_vs_best,
+            gb(bw_best)
+        ),
     );
     line(
         "RSS after load",
@@ -563,6 +647,7 @@ fn main() -> Result<()> {
             "best_bytes_per_s": bw_best,
             "before_decode": bw1,
             "after_decode": bw2,
+            "during_decode_bytes_per_s": main.bw_during,
             "decode_weights_in_place": {
                 "best_bytes_per_s": bw_w.best_bytes_per_s,
                 "passes_bytes_per_s": bw_w.passes,
@@ -570,6 +655,7 @@ fn main() -> Result<()> {
             },
         },
         "decode_roofline_efficiency": efficiency,
+        "decode_roofline_efficiency_vs_best_read": efficiency_vs_best,
         "rss": {
             "after_load_bytes": mem_after_load.vm_rss,
             "after_load_anon_bytes": mem_after_load.rss_anon,
