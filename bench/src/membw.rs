@@ -81,19 +81,37 @@ pub fn measure(bytes: usize, threads: usize, passes: usize) -> Result<Bandwidth>
     // SAFETY: as above, read-only view.
     let w: &[u64] = unsafe { std::slice::from_raw_parts(map.as_ptr().cast::<u64>(), words) };
     let part = words / threads;
+    let parts: Vec<Vec<&[u64]>> = (0..threads)
+        .map(|t| vec![&w[t * part..(t + 1) * part]])
+        .collect();
+    let results = run_passes(&parts, passes);
+    let best = results.iter().copied().fold(0.0, f64::max);
+    Ok(Bandwidth {
+        best_bytes_per_s: best,
+        passes: results,
+        buffer_bytes: len,
+        threads,
+        huge_pages_advised: huge,
+    })
+}
+
+/// Bytes/s of each of `passes` passes in which thread `t` sums `parts[t]`, the threads
+/// starting together; a pass lasts as long as its slowest thread.
+fn run_passes(parts: &[Vec<&[u64]>], passes: usize) -> Vec<f64> {
+    let bytes: usize = parts.iter().flatten().map(|w| w.len() * 8).sum();
     let mut results = Vec::with_capacity(passes);
     let mut check = 0u64;
     for _ in 0..passes.max(1) {
-        let barrier = Barrier::new(threads + 1);
+        let barrier = Barrier::new(parts.len() + 1);
         let (elapsed, s) = std::thread::scope(|sc| {
-            let hs: Vec<_> = (0..threads)
-                .map(|t| {
-                    let slice = &w[t * part..(t + 1) * part];
+            let hs: Vec<_> = parts
+                .iter()
+                .map(|p| {
                     let b = &barrier;
                     sc.spawn(move || {
                         b.wait();
                         let t0 = Instant::now();
-                        let s = sum(slice);
+                        let s = p.iter().fold(0u64, |a, w| a.wrapping_add(sum(w)));
                         (t0.elapsed(), s)
                     })
                 })
@@ -109,17 +127,10 @@ pub fn measure(bytes: usize, threads: usize, passes: usize) -> Result<Bandwidth>
             (worst, s)
         });
         check = check.wrapping_add(s);
-        results.push(len as f64 / elapsed.as_secs_f64().max(1e-9));
+        results.push(bytes as f64 / elapsed.as_secs_f64().max(1e-9));
     }
     std::hint::black_box(check);
-    let best = results.iter().copied().fold(0.0, f64::max);
-    Ok(Bandwidth {
-        best_bytes_per_s: best,
-        passes: results,
-        buffer_bytes: len,
-        threads,
-        huge_pages_advised: huge,
-    })
+    results
 }
 
 /// Read bandwidth over existing memory: `regions` (e.g. the model's decode weights, as
@@ -149,37 +160,7 @@ pub fn measure_regions(regions: &[&[u8]], threads: usize, passes: usize) -> Band
         out
     };
     let parts: Vec<Vec<&[u64]>> = (0..threads).map(part_of).collect();
-    let mut results = Vec::with_capacity(passes);
-    let mut check = 0u64;
-    for _ in 0..passes.max(1) {
-        let barrier = Barrier::new(threads + 1);
-        let (elapsed, s) = std::thread::scope(|sc| {
-            let hs: Vec<_> = parts
-                .iter()
-                .map(|p| {
-                    let b = &barrier;
-                    sc.spawn(move || {
-                        b.wait();
-                        let t0 = Instant::now();
-                        let s = p.iter().fold(0u64, |a, w| a.wrapping_add(sum(w)));
-                        (t0.elapsed(), s)
-                    })
-                })
-                .collect();
-            barrier.wait();
-            let mut worst = std::time::Duration::ZERO;
-            let mut s = 0u64;
-            for h in hs {
-                let (d, x) = h.join().expect("bandwidth thread");
-                worst = worst.max(d);
-                s = s.wrapping_add(x);
-            }
-            (worst, s)
-        });
-        check = check.wrapping_add(s);
-        results.push((total * 8) as f64 / elapsed.as_secs_f64().max(1e-9));
-    }
-    std::hint::black_box(check);
+    let results = run_passes(&parts, passes);
     Bandwidth {
         best_bytes_per_s: results.iter().copied().fold(0.0, f64::max),
         passes: results,

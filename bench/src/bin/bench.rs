@@ -524,13 +524,17 @@ fn main() -> Result<()> {
     );
     line(
         "bandwidth during decode",
-        format!(
-            "{:.2} GB/s mean of {} reads of the weights between decode steps (min {:.2}, max {:.2})",
-            gb(bw_during),
-            during.len(),
-            gb(during.iter().copied().fold(f64::INFINITY, f64::min)),
-            gb(during.iter().copied().fold(0.0, f64::max))
-        ),
+        if during.is_empty() {
+            "not read (fewer than 33 decode tokens); the run's best read is used".into()
+        } else {
+            format!(
+                "{:.2} GB/s mean of {} reads of the weights between decode steps (min {:.2}, max {:.2})",
+                gb(bw_during),
+                during.len(),
+                gb(during.iter().copied().fold(f64::INFINITY, f64::min)),
+                gb(during.iter().copied().fold(0.0, f64::max))
+            )
+        },
     );
     line(
         "decode roofline efficiency",
