@@ -496,41 +496,6 @@ impl Matrix {
         }
     }
 
-    /// Asks the CPU to start loading the bytes that `axpy_row_part(r, c0, _, y)` with a
-    /// `len`-long `y` reads (the sparse down projection knows its next rows in advance;
-    /// they are scattered, so no hardware prefetcher would guess them).
-    pub fn prefetch_row_part(&self, r: usize, c0: usize, len: usize) {
-        let bs = self.data.block();
-        let s = r * self.stride + c0;
-        let (b0, nb) = (s / bs, len / bs);
-        fn bytes<T>(v: &[T], at: usize, n: usize) -> (*const u8, usize) {
-            let n = n.min(v.len().saturating_sub(at));
-            (
-                v[at.min(v.len())..].as_ptr() as *const u8,
-                std::mem::size_of_val(&v[..n]),
-            )
-        }
-        let (p, n) = match &self.data {
-            Data::Q4_0(v) => bytes(v.as_slice(), b0, nb),
-            Data::Q8_0(v) => bytes(v.as_slice(), b0, nb),
-            Data::Q4K(v) => bytes(v.as_slice(), b0, nb),
-            Data::Bf16(v) | Data::F16(v) => bytes(v.as_slice(), s, len),
-            Data::F32(v) => bytes(v.as_slice(), s, len),
-            Data::Packed(..) => return,
-        };
-        #[cfg(target_arch = "x86_64")]
-        for off in (0..n).step_by(64) {
-            // SAFETY: a prefetch hint within the slice; it never faults or writes.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    p.add(off) as *const i8
-                )
-            };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (p, n);
-    }
-
     /// `y += Σ_i a_i · row i` over the non-zero `a_i`.
     pub fn axpy_row_all(&self, a: &[f32], y: &mut [f32]) {
         for (i, &v) in a.iter().enumerate() {

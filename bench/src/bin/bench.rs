@@ -266,15 +266,16 @@ impl Probe {
         }
     }
 
-    fn measure(&self) -> f64 {
+    /// The read over the regions, best of `passes`.
+    fn read(&self, passes: usize) -> membw::Bandwidth {
         let slices: Vec<&[u8]> = self
             .regions
             .iter()
-            // SAFETY: the engine owns these weights for the whole generation and nothing
-            // writes them; they are read here between two decode steps.
+            // SAFETY: the engine owns these weights while the probe lives (it is dropped
+            // before the engine) and nothing writes them.
             .map(|&(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
             .collect();
-        membw::measure_regions(&slices, self.threads, 2).best_bytes_per_s
+        membw::measure_regions(&slices, self.threads, passes)
     }
 }
 
@@ -304,7 +305,7 @@ fn run_generation(
                 let t0 = Instant::now();
                 // The compute pool's idle worker spins for 3 ms before it parks.
                 std::thread::sleep(std::time::Duration::from_millis(4));
-                bw_during.push(p.measure());
+                bw_during.push(p.read(2).best_bytes_per_s);
                 paused += t0.elapsed().as_secs_f64();
             }
         }
@@ -420,14 +421,12 @@ fn main() -> Result<()> {
     eprintln!("[bench] prefill {} + decode {} tokens", a.prompt, a.gen - 1);
     let probe = Probe::new(&engine, a.threads, 32);
     let main = run_generation(&mut engine, prompt_ids, a.gen, Some(&probe))?;
-    drop(probe);
     let bw2 = bandwidth(&a)?;
     // The same read over the decode weights themselves, where they lie: on a VM the
     // speed of memory can differ between physical regions (host page size), so a fresh
     // probe buffer alone may understate what decode's own pages allow.
-    let regions = engine.model().decode_weight_regions();
-    let bw_w = membw::measure_regions(&regions, a.threads, a.bw_passes);
-    drop(regions);
+    let bw_w = probe.read(a.bw_passes);
+    drop(probe);
     let bw_of = |v: &Value| v["best_bytes_per_s"].as_f64().unwrap_or(0.0);
     let bw_best = bw_of(&bw1).max(bw_of(&bw2)).max(bw_w.best_bytes_per_s);
     let during = &main.bw_during;

@@ -493,25 +493,11 @@ impl Mlp {
                     let threads = crate::par::threads().max(1);
                     let bs = dt.block_size().max(32);
                     let part = h.div_ceil(threads).div_ceil(bs) * bs;
-                    // The surviving rows are scattered: each thread keeps loads of its
-                    // next few rows in flight while it works on the current one.
-                    const AHEAD: usize = 4;
                     let run = |pi: usize, yp: &mut [f32]| {
-                        let (c0, n) = (pi * part, yp.len());
-                        let (mut scan, mut issued, mut done) = (0usize, 0usize, 0usize);
                         for (i, &a) in gate.iter().enumerate() {
-                            if a == 0.0 {
-                                continue;
+                            if a != 0.0 {
+                                dt.axpy_row_part(i, pi * part, a, yp);
                             }
-                            while issued < done + AHEAD && scan < gate.len() {
-                                if gate[scan] != 0.0 {
-                                    dt.prefetch_row_part(scan, c0, n);
-                                    issued += 1;
-                                }
-                                scan += 1;
-                            }
-                            dt.axpy_row_part(i, c0, a, yp);
-                            done += 1;
                         }
                     };
                     if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
@@ -549,20 +535,17 @@ impl DecoderLayer {
         v
     }
 
-    /// Bytes of this layer's weights read for one token.
+    /// Bytes of this layer's weights read for one token: the matrices read whole and the
+    /// surviving share of a sparse down projection.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let a = &self.self_attn;
-        let mut b = a.q_proj.storage_bytes() + a.o_proj.storage_bytes();
-        b += a.k_proj.as_ref().map_or(0, |m| m.storage_bytes());
-        b += a.v_proj.as_ref().map_or(0, |m| m.storage_bytes());
-        b += self.mlp.gate_proj.storage_bytes() + self.mlp.up_proj.storage_bytes();
-        b += match &self.mlp.down_proj_t {
-            Some(dt) => (dt.storage_bytes() as f64 * self.mlp.density) as usize,
-            None => self.mlp.down_proj.storage_bytes(),
-        };
-        b += self.laurel.linear_left.storage_bytes() + self.laurel.linear_right.storage_bytes();
-        b += self.per_layer_input_gate.storage_bytes() + self.per_layer_projection.storage_bytes();
-        b += self.altup.modality_router.storage_bytes();
-        b
+        let dense: usize = self
+            .dense_decode_matrices()
+            .iter()
+            .map(|m| m.storage_bytes())
+            .sum();
+        let sparse = self.mlp.down_proj_t.as_ref().map_or(0, |dt| {
+            (dt.storage_bytes() as f64 * self.mlp.density) as usize
+        });
+        dense + sparse
     }
 }

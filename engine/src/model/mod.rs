@@ -575,49 +575,43 @@ impl Loader<'_> {
 }
 
 impl TextModel {
-    /// Bytes of weights one decode step reads: every layer's matrices (KV-shared layers
-    /// skip k/v), the AltUp/unembed projections, one embedding row, one PLE row and the
-    /// tied LM head. The benchmark's roofline figure divides by this.
-    /// The weight bytes, as they lie in memory, of every matrix a decode step reads whole
-    /// (each storage once): what the bench streams to measure the bandwidth that decode
-    /// could reach on these very pages.
-    pub fn decode_weight_regions(&self) -> Vec<&[u8]> {
-        let mut mats: Vec<&Matrix> = self
-            .layers
-            .iter()
-            .flat_map(|l| l.dense_decode_matrices())
-            .collect();
-        mats.extend(self.altup_projections.iter());
+    /// The matrices outside the layers that a decode step reads whole: the AltUp and
+    /// unembed projections, the PLE projection unless the PLE cache holds its results
+    /// for text tokens, and the tied LM head.
+    fn decode_matrices_outside_layers(&self) -> Vec<&Matrix> {
+        let mut mats: Vec<&Matrix> = self.altup_projections.iter().collect();
         mats.extend(self.altup_unembed_projections.iter());
         if matches!(self.embed_tokens_per_layer, PleSource::Table(_)) {
             mats.push(&self.per_layer_model_projection);
         }
         mats.push(&self.embed_tokens);
+        mats
+    }
+
+    /// The weight bytes, as they lie in memory, of every matrix a decode step reads whole
+    /// (each storage once): what the bench streams to measure the bandwidth that decode
+    /// could reach on these very pages.
+    pub fn decode_weight_regions(&self) -> Vec<&[u8]> {
         let mut seen = std::collections::HashSet::new();
-        mats.into_iter()
+        self.layers
+            .iter()
+            .flat_map(|l| l.dense_decode_matrices())
+            .chain(self.decode_matrices_outside_layers())
             .map(|m| m.storage_view())
             .filter(|s| seen.insert(s.as_ptr() as usize))
             .collect()
     }
 
+    /// Bytes of weights one decode step reads: every layer's matrices (KV-shared layers
+    /// skip k/v), the matrices outside the layers, one embedding row and one PLE row.
+    /// The benchmark's roofline figure divides by this.
     pub fn decode_weight_bytes(&self) -> usize {
-        let mut b = 0usize;
-        for l in &self.layers {
-            b += l.weight_bytes_per_token();
-        }
-        for m in self
-            .altup_projections
+        let layers: usize = self.layers.iter().map(|l| l.weight_bytes_per_token()).sum();
+        let outside: usize = self
+            .decode_matrices_outside_layers()
             .iter()
-            .chain(&self.altup_unembed_projections)
-        {
-            b += m.storage_bytes();
-        }
-        if matches!(self.embed_tokens_per_layer, PleSource::Table(_)) {
-            // With the PLE cache the projection of a text token's embedding is cached.
-            b += self.per_layer_model_projection.storage_bytes();
-        }
-        b += self.embed_tokens.row_bytes() + self.embed_tokens_per_layer.row_bytes();
-        b += self.embed_tokens.storage_bytes(); // tied LM head
-        b
+            .map(|m| m.storage_bytes())
+            .sum();
+        layers + outside + self.embed_tokens.row_bytes() + self.embed_tokens_per_layer.row_bytes()
     }
 }

@@ -55,6 +55,10 @@ impl Matrix {
     pub fn matmul(&self, x: &[f32], t: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), t * self.cols);
         debug_assert_eq!(y.len(), t * self.rows);
+        if t == 1 {
+            // A decode product is a fused job of one matrix: one place splits decode rows.
+            return Self::matmul_many(&[self], x, 1, &mut [y]);
+        }
         SCRATCH.with(|cell| {
             let mut guard = cell.borrow_mut();
             let xq = self.prepare_x(x, t, &mut guard);
@@ -206,7 +210,7 @@ impl Matrix {
     /// `rows.start` on, and every task owns its `rows` for all tokens, so tasks write
     /// disjoint elements. Row ranges are whole multiples of `group` except at the end.
     ///
-    /// Decode: one contiguous row range per thread (`decode_rows_per`). Prefill: chunks of at most 16 rows
+    /// Prefills (decode products go through `matmul_many`): chunks of at most 16 rows
     /// (their weights stay in L1/L2) against tiles of 32 tokens (their activations stay
     /// in L2), written straight into `y`.
     fn schedule<F>(&self, t: usize, y: &mut [f32], serial: bool, group: usize, tile: F)
@@ -217,11 +221,7 @@ impl Matrix {
         assert!(y.len() >= t * self.rows, "matmul: output too short"); // ok: internal contract
         let rows = self.rows;
         let threads = crate::par::threads().max(1);
-        let rows_per = if t == 1 {
-            self.decode_rows_per(threads, group)
-        } else {
-            (rows / (threads * 8)).clamp(group, 16) / group * group
-        };
+        let rows_per = (rows / (threads * 8)).clamp(group, 16) / group * group;
         let view = OutView {
             ptr: y.as_mut_ptr(),
             row_stride: 1,
