@@ -10,7 +10,7 @@ use super::kernels::avx512_vnni;
 pub fn quantize_q8_0_fast(x: &[f32], out: &mut [BlockQ8_0]) {
     #[cfg(target_arch = "x86_64")]
     if avx512_vnni() {
-        // SAFETY: AVX-512 F/BW/VL checked at run time (part of the VNNI tier).
+        // SAFETY: AVX-512 F/BW/DQ/VL checked at run time (part of the VNNI tier).
         return unsafe { avx512::quantize_q8_0(x, out) };
     }
     quantize_q8_0(x, out)
@@ -22,7 +22,7 @@ mod avx512 {
 
     use super::*;
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,f16c")]
     pub(super) unsafe fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
         let abs = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fff_ffff));
         let half = _mm512_set1_ps(0.5);

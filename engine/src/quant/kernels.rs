@@ -34,6 +34,7 @@ pub fn isa() -> Isa {
             let vnni = avx2
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni");
             if vnni && std::env::var("GEMMAD_ISA").as_deref() != Ok("avx2") {

@@ -24,7 +24,7 @@ pub fn dot_bf16_4x4(w: [&[u16]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     pub(super) unsafe fn dot_bf16_4x4(w: [&[u16]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
         let n = w
             .iter()

@@ -534,11 +534,11 @@ x86_kernels!(avx2, "avx2,fma,f16c", {
 });
 x86_kernels!(
     vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni",
     {
         /// Σ of u8·i8 products in groups of four, as 8 i32 lanes (one `vpdpbusd`).
         #[inline]
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
         fn dp(a: __m256i, b: __m256i) -> __m256i {
             _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
         }
