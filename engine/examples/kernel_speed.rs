@@ -127,6 +127,7 @@ fn main() {
         // (decode) and eight tokens per weight pass (prefill), all tokens counted.
         let x8: Vec<BlockQ8_0> = (0..8).flat_map(|_| xq.iter().copied()).collect();
         let mut meta = Vec::new();
+        meta.resize(x8.len(), packed::XMeta::default());
         packed::prepare(&x8, &mut meta);
         let px = packed::PackedX {
             blocks: &x8,

@@ -229,12 +229,12 @@ impl DecoderLayer {
         sc.give(coefs);
         let active = &pred_s[act];
 
-        let mut xn = sc.take(t * h);
+        let mut xn = sc.take_for_write(t * h);
         ops::rms_norm_into(active, &mut xn, h, Some(&self.input_layernorm), eps);
 
         // LAuReL: xn + norm(right(left(xn))); its left product goes with Q, K and V.
         let (q, lr) = self.project_qkv(m, li, &xn, t, pos0, inv_freq, cache, &mut sc);
-        let mut laurel = sc.take(t * h);
+        let mut laurel = sc.take_for_write(t * h);
         self.laurel.linear_right.matmul(&lr, t, &mut laurel);
         sc.give(lr);
         ops::rms_norm(&mut laurel, h, Some(&self.laurel.post_laurel_norm), eps);
@@ -249,7 +249,7 @@ impl DecoderLayer {
 
         // attn_laurel = (active + attn + laurel) / sqrt(2)
         let sqrt2 = std::f64::consts::SQRT_2 as f32;
-        let mut x = sc.take(t * h);
+        let mut x = sc.take_for_write(t * h);
         ops::for_rows(&mut x, h, |ti, row| {
             for (e, v) in row.iter_mut().enumerate() {
                 let i = ti * h + e;
@@ -308,7 +308,7 @@ impl DecoderLayer {
                 }
             });
         }
-        let mut gate = sc.take(t * pdim);
+        let mut gate = sc.take_for_write(t * pdim);
         self.per_layer_input_gate.matmul(&first, t, &mut gate);
         sc.give(first);
         let lp = c.num_hidden_layers * pdim;
@@ -318,7 +318,7 @@ impl DecoderLayer {
                 *g = ops::gelu_tanh(*g) * p;
             }
         });
-        let mut inj = sc.take(t * h);
+        let mut inj = sc.take_for_write(t * h);
         self.per_layer_projection.matmul(&gate, t, &mut inj);
         sc.give(gate);
         ops::rms_norm(&mut inj, h, Some(&self.post_per_layer_input_norm), eps);
@@ -360,8 +360,8 @@ impl DecoderLayer {
         let sa = &self.self_attn;
         let left = &self.laurel.linear_left;
 
-        let mut q = sc.take(t * qd);
-        let mut lr = sc.take(t * c.laurel_rank);
+        let mut q = sc.take_for_write(t * qd);
+        let mut lr = sc.take_for_write(t * c.laurel_rank);
         if let (Some(kp), Some(vp)) = (&sa.k_proj, &sa.v_proj) {
             let f16 = cache.dtype() == crate::kv_cache::KvDType::F16;
             let (k, v) = cache.pending_mut(li, t * kvd);
@@ -434,7 +434,7 @@ impl DecoderLayer {
             attention_forward(&q, t, pos0, &kv, heads, TILING, &mut out, sc);
         }
         sc.give(q);
-        let mut y = sc.take(t * c.hidden_size);
+        let mut y = sc.take_for_write(t * c.hidden_size);
         sa.o_proj.matmul(&out, t, &mut y);
         sc.give(out);
         y
@@ -445,8 +445,8 @@ impl Mlp {
     fn forward(&self, x: &[f32], t: usize, sc: &mut Scratch) -> Vec<f32> {
         let inter = self.gate_proj.rows;
         let h = self.gate_proj.cols;
-        let mut gate = sc.take(t * inter);
-        let mut up = sc.take(t * inter);
+        let mut gate = sc.take_for_write(t * inter);
+        let mut up = sc.take_for_write(t * inter);
         Matrix::matmul_many(
             &[&self.gate_proj, &self.up_proj],
             x,

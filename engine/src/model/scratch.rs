@@ -10,6 +10,31 @@ pub struct Scratch {
 impl Scratch {
     /// A zeroed buffer of `n` elements, reusing a pooled one with enough capacity.
     pub fn take(&mut self, n: usize) -> Vec<f32> {
+        let mut v = self.take_len(n);
+        v.clear();
+        v.resize(n, 0.0);
+        v
+    }
+
+    /// A buffer of `n` elements holding whatever an earlier user left (zeros only past
+    /// that), for an output the caller overwrites whole: a prefill's buffers are megabytes,
+    /// and zeroing them ran on one thread while the other waited.
+    pub fn take_for_write(&mut self, n: usize) -> Vec<f32> {
+        let mut v = self.take_len(n);
+        if cfg!(debug_assertions) {
+            // Tests run with debug assertions: an element the caller fails to write
+            // stays NaN and shows in every result it reaches.
+            v.clear();
+            v.resize(n, f32::NAN);
+        } else {
+            v.truncate(n);
+            v.resize(n, 0.0);
+        }
+        v
+    }
+
+    /// A pooled (or new) buffer with capacity for `n`, contents as left.
+    fn take_len(&mut self, n: usize) -> Vec<f32> {
         // Best fit: the smallest pooled buffer that holds n without growing.
         let mut best: Option<usize> = None;
         for (i, b) in self.free.iter().enumerate() {
@@ -17,7 +42,7 @@ impl Scratch {
                 best = Some(i);
             }
         }
-        let mut v = match best {
+        match best {
             Some(i) => self.free.swap_remove(i),
             None => match self.free.pop() {
                 Some(mut v) => {
@@ -26,15 +51,12 @@ impl Scratch {
                 }
                 None => Vec::with_capacity(n),
             },
-        };
-        v.clear();
-        v.resize(n, 0.0);
-        v
+        }
     }
 
     /// A buffer holding a copy of `src`.
     pub fn copy_of(&mut self, src: &[f32]) -> Vec<f32> {
-        let mut v = self.take(src.len());
+        let mut v = self.take_for_write(src.len());
         v.copy_from_slice(src);
         v
     }

@@ -245,18 +245,18 @@ pub struct XMeta {
     pub isum: i32,
 }
 
-/// The [`XMeta`] of every block of `x`, in order.
-pub fn prepare(x: &[BlockQ8_0], out: &mut Vec<XMeta>) {
-    out.clear();
-    out.extend(x.iter().map(|b| {
+/// The [`XMeta`] of each block of `x` into `out` (as many as both hold).
+pub fn prepare(x: &[BlockQ8_0], out: &mut [XMeta]) {
+    for (b, m) in x.iter().zip(out.iter_mut()) {
         let d = f16_to_f32(b.d);
-        let isum: i32 = b.qs.iter().map(|&q| q as i32).sum();
-        XMeta {
+        // |Σ| ≤ 32 · 128 fits an i16, whose narrower lanes vectorize better.
+        let isum = b.qs.iter().fold(0i16, |s, &q| s + q as i16) as i32;
+        *m = XMeta {
             d,
             dsum: d * isum as f32,
             isum,
-        }
-    }));
+        };
+    }
 }
 
 /// Q8_0-quantized activations of a product: `nbx` blocks per token, token-major.
@@ -337,11 +337,24 @@ pub unsafe fn tile_into(
         while t < toks.end {
             let n = (toks.end - t).min(MAX_TOKENS);
             let mut res = [[0.0f32; ROWS]; MAX_TOKENS];
+            // Token-major output (16 consecutive rows per token): stored straight from the
+            // registers, the rows past `nr` masked off.
+            let direct = (out.row_stride == 1).then(|| Direct {
+                // SAFETY: the caller owns these elements (function contract).
+                ptr: unsafe { out.ptr.add((g0 - rows.start) + t * out.tok_stride) },
+                tok_stride: out.tok_stride,
+                mask: ((1u32 << nr) - 1) as u16,
+            });
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512 VNNI checked by `supported()`; bounds checked above.
+            // SAFETY: AVX-512 VNNI checked by `supported()`; bounds checked above; a
+            // direct store writes rows g0..g0+nr of tokens t..t+n only.
             unsafe {
-                avx512::group(w.kind, group, w.nb, x, t, n, &mut res)
+                avx512::group(w.kind, group, w.nb, x, t, n, direct, &mut res)
             };
+            if direct.is_some() {
+                t += n;
+                continue;
+            }
             for (i, r) in res.iter().enumerate().take(n) {
                 let base = (g0 - rows.start) * out.row_stride + (t + i) * out.tok_stride;
                 // SAFETY: the caller owns these elements (function contract).
@@ -358,6 +371,15 @@ pub unsafe fn tile_into(
             t += n;
         }
     }
+}
+
+/// Where a row group's results go when the output is token-major: token `i`'s 16 rows
+/// at `ptr + i·tok_stride`, lanes outside `mask` not written.
+#[derive(Clone, Copy)]
+struct Direct {
+    ptr: *mut f32,
+    tok_stride: usize,
+    mask: u16,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -382,7 +404,7 @@ mod avx512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 
-    /// One row group × tokens `t..t+n` into `res[i][row]`.
+    /// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn group(
@@ -392,11 +414,19 @@ mod avx512 {
         x: &PackedX,
         t: usize,
         n: usize,
+        direct: Option<Direct>,
         res: &mut [[f32; ROWS]; MAX_TOKENS],
     ) {
-        let mut store = |acc: &[__m512]| {
-            for (r, a) in res.iter_mut().zip(acc) {
-                _mm512_storeu_ps(r.as_mut_ptr(), *a);
+        let mut store = |acc: &[__m512]| match direct {
+            Some(d) => {
+                for (i, a) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(d.ptr.add(i * d.tok_stride), d.mask, *a);
+                }
+            }
+            None => {
+                for (r, a) in res.iter_mut().zip(acc) {
+                    _mm512_storeu_ps(r.as_mut_ptr(), *a);
+                }
             }
         };
         macro_rules! run {
@@ -565,6 +595,7 @@ mod tests {
                 let mut xd = vec![0.0f32; t * cols];
                 dequantize_q8_0(&xq, &mut xd);
                 let mut meta = Vec::new();
+                meta.resize(xq.len(), XMeta::default());
                 prepare(&xq, &mut meta);
                 let x = PackedX {
                     blocks: &xq,

@@ -75,12 +75,22 @@ impl Matrix {
     pub fn matmul_many(mats: &[&Matrix], x: &[f32], t: usize, ys: &mut [&mut [f32]]) {
         const MAX: usize = 6;
         assert_eq!(mats.len(), ys.len(), "matmul_many: one output per matrix"); // ok: internal contract
-        let fused = t == 1
-            && mats.len() <= MAX
-            && mats.iter().all(|m| {
-                m.cols == mats[0].cols && m.activation_kind() == mats[0].activation_kind()
+        let shared = mats
+            .iter()
+            .all(|m| m.cols == mats[0].cols && m.activation_kind() == mats[0].activation_kind());
+        if t > 1 && shared {
+            // A prefill: the activations are quantized once for all the matrices.
+            SCRATCH.with(|cell| {
+                let mut guard = cell.borrow_mut();
+                let xq = mats[0].prepare_x(x, t, &mut guard);
+                for (m, y) in mats.iter().zip(ys.iter_mut()) {
+                    debug_assert_eq!(y.len(), t * m.rows);
+                    m.matmul_prepared(&xq, t, y);
+                }
             });
-        if !fused {
+            return;
+        }
+        if t != 1 || mats.len() > MAX || !shared {
             for (m, y) in mats.iter().zip(ys.iter_mut()) {
                 m.matmul(x, t, y);
             }
@@ -151,7 +161,8 @@ impl Matrix {
                     q8.resize(t * nb, BlockQ8_0::default());
                     per_token(&mut q8[..], nb, x, self.cols, t, quantize_q8_0_fast);
                     if let Data::Packed(..) = self.data {
-                        packed::prepare(q8, xmeta);
+                        xmeta.resize(t * nb, XMeta::default());
+                        per_token(&mut xmeta[..], nb, q8, nb, t, packed::prepare);
                         QuantizedX::Packed(PackedX {
                             blocks: &q8[..],
                             meta: &xmeta[..],
@@ -391,13 +402,13 @@ impl Matrix {
 
 /// Quantizes each of the `t` activation rows of `x` (`cols` wide) into `nb` blocks of
 /// `out`; in parallel over tokens for prefill.
-fn per_token<B: Send>(
+fn per_token<A: Sync, B: Send>(
     out: &mut [B],
     nb: usize,
-    x: &[f32],
+    x: &[A],
     cols: usize,
     t: usize,
-    f: impl Fn(&[f32], &mut [B]) + Sync,
+    f: impl Fn(&[A], &mut [B]) + Sync,
 ) {
     if t >= 8 && crate::par::threads() > 1 {
         crate::par::chunks_mut(&mut out[..t * nb], nb, |i, o| {
