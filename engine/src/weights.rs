@@ -498,11 +498,45 @@ impl Matrix {
 
     /// `y += Σ_i a_i · row i` over the non-zero `a_i`.
     pub fn axpy_row_all(&self, a: &[f32], y: &mut [f32]) {
-        for (i, &v) in a.iter().enumerate() {
-            if v != 0.0 {
-                self.axpy_row(i, v, y);
-            }
+        self.sparse_axpy(a, 0, y);
+    }
+
+    /// `y += Σ_i a_i · self[i][c0..c0 + y.len()]` over the non-zero `a_i` (the sparse down
+    /// projection, on its transposed matrix): Q8_0/Q4_0 rows four per pass over `y`; per
+    /// element the same operations, in the same order, as [`Matrix::axpy_row_part`] row
+    /// after row. E2B Q4_0: prefill +3.7%, decode +2.2% over one row per pass (medians of
+    /// 8 and 12 interleaved pairs in one process).
+    pub fn sparse_axpy(&self, a: &[f32], c0: usize, y: &mut [f32]) {
+        thread_local! {
+            static PICKS: std::cell::RefCell<Vec<(u32, f32)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
         }
+        let bs = self.data.block();
+        let aligned = c0.is_multiple_of(32) && y.len().is_multiple_of(32) && bs == 32;
+        PICKS.with(|cell| {
+            let mut picks = cell.borrow_mut();
+            picks.clear();
+            picks.extend(
+                a.iter()
+                    .enumerate()
+                    .filter(|(_, &v)| v != 0.0)
+                    .map(|(i, &v)| (i as u32, v)),
+            );
+            let (stride, b0) = (self.stride / bs, c0 / bs);
+            match &self.data {
+                Data::Q4_0(v) if aligned => {
+                    kernels::axpy_gather_q4_0(v.as_slice(), stride, b0, &picks, y)
+                }
+                Data::Q8_0(v) if aligned => {
+                    kernels::axpy_gather_q8_0(v.as_slice(), stride, b0, &picks, y)
+                }
+                _ => {
+                    for &(i, v) in picks.iter() {
+                        self.axpy_row_part(i as usize, c0, v, y);
+                    }
+                }
+            }
+        });
     }
 
     /// Elements per storage block (1 for plain floats).
@@ -612,5 +646,53 @@ mod tests {
         let mut y = vec![0.0; 2];
         n.matmul(&[1.0, 1.0, 1.0], 1, &mut y);
         assert_eq!(y, vec![0.0 + 1.0 + 2.0, 4.0 + 5.0 + 6.0]);
+    }
+
+    /// The sparse down projection's one-pass gather gives, bit for bit, what adding the
+    /// surviving rows one at a time gives, on whole rows and on column parts of 1 to 5
+    /// blocks (the kernels' 4-block register tiles and their tails), for every storage.
+    #[test]
+    fn sparse_axpy_matches_row_by_row() {
+        let (rows, cols) = (40, 32 * 9);
+        let w = crate::test_util::data(rows * cols, 3);
+        let mut a = crate::test_util::data(rows, 4);
+        for (i, v) in a.iter_mut().enumerate() {
+            if i % 3 != 0 {
+                *v = 0.0; // a sparse activation, as after Gaussian top-k
+            }
+        }
+        for q in [
+            QuantType::F32,
+            QuantType::Bf16,
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4K,
+        ] {
+            let m = Matrix::from_f32(rows, cols, w.clone()).to_quant(q);
+            let parts: &[(usize, usize)] = if q == QuantType::Q4K {
+                &[(0, 256)]
+            } else {
+                &[
+                    (0, 288),
+                    (32, 32),
+                    (64, 64),
+                    (96, 96),
+                    (128, 128),
+                    (128, 160),
+                ]
+            };
+            for &(c0, n) in parts {
+                let y0 = crate::test_util::data(n, 5);
+                let mut want = y0.clone();
+                for (i, &v) in a.iter().enumerate() {
+                    if v != 0.0 {
+                        m.axpy_row_part(i, c0, v, &mut want);
+                    }
+                }
+                let mut got = y0.clone();
+                m.sparse_axpy(&a, c0, &mut got);
+                assert_eq!(got, want, "{q} part {c0}+{n}");
+            }
+        }
     }
 }

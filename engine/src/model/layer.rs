@@ -493,13 +493,7 @@ impl Mlp {
                     let threads = crate::par::threads().max(1);
                     let bs = dt.block_size().max(32);
                     let part = h.div_ceil(threads).div_ceil(bs) * bs;
-                    let run = |pi: usize, yp: &mut [f32]| {
-                        for (i, &a) in gate.iter().enumerate() {
-                            if a != 0.0 {
-                                dt.axpy_row_part(i, pi * part, a, yp);
-                            }
-                        }
-                    };
+                    let run = |pi: usize, yp: &mut [f32]| dt.sparse_axpy(&gate, pi * part, yp);
                     if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
                         crate::par::chunks_mut(&mut y, part, run);
                     } else {

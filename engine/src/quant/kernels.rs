@@ -335,6 +335,80 @@ pub fn axpy_q8_0(w: &[BlockQ8_0], alpha: f32, y: &mut [f32]) {
     }
 }
 
+/// `y += Σ_p alpha_p · W[r_p][32·b0..32·b0 + y.len()]` for the picks `(r_p, alpha_p)` in
+/// order, `W` Q8_0 with `stride` blocks per row: the sparse down projection's surviving
+/// rows, a few per pass over `y` (per element the same operations as [`axpy_q8_0`] row by
+/// row).
+pub fn axpy_gather_q8_0(
+    w: &[BlockQ8_0],
+    stride: usize,
+    b0: usize,
+    picks: &[(u32, f32)],
+    y: &mut [f32],
+) {
+    let nb = y.len() / QK8_0;
+    check_gather(w.len(), stride, b0, nb, y.len(), picks);
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: features verified by isa(); check_gather bounds every block read.
+        Isa::Avx2 => unsafe { avx2::axpy_gather_q8_0(w, stride, b0, picks, y) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::axpy_gather_q8_0(w, stride, b0, picks, y) },
+        _ => {
+            for &(r, a) in picks {
+                let s = r as usize * stride + b0;
+                axpy_q8_0(&w[s..s + nb], a, y);
+            }
+        }
+    }
+}
+
+/// [`axpy_gather_q8_0`] for Q4_0 rows (the operations of [`axpy_q4_0`]).
+pub fn axpy_gather_q4_0(
+    w: &[BlockQ4_0],
+    stride: usize,
+    b0: usize,
+    picks: &[(u32, f32)],
+    y: &mut [f32],
+) {
+    let nb = y.len() / QK4_0;
+    check_gather(w.len(), stride, b0, nb, y.len(), picks);
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: features verified by isa(); check_gather bounds every block read.
+        Isa::Avx2 => unsafe { avx2::axpy_gather_q4_0(w, stride, b0, picks, y) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::axpy_gather_q4_0(w, stride, b0, picks, y) },
+        _ => {
+            for &(r, a) in picks {
+                let s = r as usize * stride + b0;
+                axpy_q4_0(&w[s..s + nb], a, y);
+            }
+        }
+    }
+}
+
+fn check_gather(
+    blocks: usize,
+    stride: usize,
+    b0: usize,
+    nb: usize,
+    n: usize,
+    picks: &[(u32, f32)],
+) {
+    let rows = picks
+        .iter()
+        .map(|&(r, _)| r as usize + 1)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        n.is_multiple_of(32) && b0 + nb <= stride && rows * stride <= blocks,
+        "axpy_gather: picks or part outside the matrix"
+    ); // ok: internal contract of Matrix::sparse_axpy
+}
+
 #[inline]
 pub fn axpy_q4_0(w: &[BlockQ4_0], alpha: f32, y: &mut [f32]) {
     match isa() {

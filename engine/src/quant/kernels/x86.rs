@@ -249,6 +249,120 @@ macro_rules! x86_kernels {
                 }
             }
 
+            /// `y += Σ_p alpha_p · W[row_p][b0·32..]` for the picked rows in order, four
+            /// rows per pass over `y` (each row's blocks read in sequence): per element the
+            /// same fused multiply-adds in the same order as `axpy_q8_0` row after row,
+            /// with a quarter of the loads and stores of `y`.
+            ///
+            /// # Safety
+            /// Blocks `r·stride + b0 .. + y.len()/32` of every picked row `r` lie in `w`.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn axpy_gather_q8_0(
+                w: &[BlockQ8_0],
+                stride: usize,
+                b0: usize,
+                picks: &[(u32, f32)],
+                y: &mut [f32],
+            ) {
+                for pc in picks.chunks(4) {
+                    match pc.len() {
+                        4 => gather_q8_0::<4>(w, stride, b0, pc, y),
+                        3 => gather_q8_0::<3>(w, stride, b0, pc, y),
+                        2 => gather_q8_0::<2>(w, stride, b0, pc, y),
+                        _ => gather_q8_0::<1>(w, stride, b0, pc, y),
+                    }
+                }
+            }
+
+            /// [`axpy_gather_q8_0`] for Q4_0 rows (the order of `axpy_q4_0`).
+            ///
+            /// # Safety
+            /// As [`axpy_gather_q8_0`].
+            #[target_feature(enable = $feat)]
+            pub unsafe fn axpy_gather_q4_0(
+                w: &[BlockQ4_0],
+                stride: usize,
+                b0: usize,
+                picks: &[(u32, f32)],
+                y: &mut [f32],
+            ) {
+                for pc in picks.chunks(4) {
+                    match pc.len() {
+                        4 => gather_q4_0::<4>(w, stride, b0, pc, y),
+                        3 => gather_q4_0::<3>(w, stride, b0, pc, y),
+                        2 => gather_q4_0::<2>(w, stride, b0, pc, y),
+                        _ => gather_q4_0::<1>(w, stride, b0, pc, y),
+                    }
+                }
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn gather_q8_0<const P: usize>(
+                w: &[BlockQ8_0],
+                stride: usize,
+                b0: usize,
+                picks: &[(u32, f32)],
+                y: &mut [f32],
+            ) {
+                // SAFETY (all below): the caller's contract bounds the weight blocks; y
+                // holds whole blocks of 32.
+                let rows: [*const BlockQ8_0; P] =
+                    std::array::from_fn(|p| unsafe { w.as_ptr().add(picks[p].0 as usize * stride + b0) });
+                for (k, o) in y.chunks_exact_mut(QK8_0).enumerate() {
+                    let mut acc: [__m256; 4] =
+                        std::array::from_fn(|j| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * j)) });
+                    for (p, row) in rows.iter().enumerate() {
+                        let blk = unsafe { &*row.add(k) };
+                        let d = _mm256_set1_ps(picks[p].1 * h(blk.d));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let q = unsafe {
+                                _mm_loadl_epi64(blk.qs.as_ptr().add(8 * j) as *const __m128i)
+                            };
+                            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                            *a = _mm256_fmadd_ps(d, f, *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
+                    }
+                }
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn gather_q4_0<const P: usize>(
+                w: &[BlockQ4_0],
+                stride: usize,
+                b0: usize,
+                picks: &[(u32, f32)],
+                y: &mut [f32],
+            ) {
+                // SAFETY (all below): as in gather_q8_0.
+                let rows: [*const BlockQ4_0; P] =
+                    std::array::from_fn(|p| unsafe { w.as_ptr().add(picks[p].0 as usize * stride + b0) });
+                let off = _mm256_set1_epi8(8);
+                for (k, o) in y.chunks_exact_mut(QK4_0).enumerate() {
+                    let mut acc: [__m256; 4] =
+                        std::array::from_fn(|j| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * j)) });
+                    for (p, row) in rows.iter().enumerate() {
+                        let blk = unsafe { &*row.add(k) };
+                        let d = _mm256_set1_ps(picks[p].1 * h(blk.d));
+                        let q = _mm256_sub_epi8(nibbles(&blk.qs), off);
+                        let lo = _mm256_castsi256_si128(q);
+                        let hi = _mm256_extracti128_si256(q, 1);
+                        let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                        for (a, part) in acc.iter_mut().zip(parts) {
+                            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part));
+                            *a = _mm256_fmadd_ps(d, f, *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
+                    }
+                }
+            }
+
             #[target_feature(enable = $feat)]
             pub unsafe fn axpy_bf16(w: &[u16], alpha: f32, y: &mut [f32]) {
                 let n = w.len().min(y.len());
