@@ -60,6 +60,26 @@ pub fn huge_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
     v
 }
 
+/// Asks for transparent huge pages under `v`'s untouched pages (a fresh `vec![0; n]`,
+/// whose zero pages the allocator maps lazily): the pages still come on first touch, 2 MiB
+/// at a time. Advisory; ignored where THP is off.
+pub fn advise_huge<T>(v: &[T]) {
+    let bytes = std::mem::size_of_val(v);
+    if bytes < 4 << 20 {
+        return;
+    }
+    let p = v.as_ptr() as usize;
+    let start = p & !4095;
+    // SAFETY: advisory only, on pages of our own allocation.
+    unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            p + bytes - start,
+            libc::MADV_HUGEPAGE,
+        );
+    }
+}
+
 impl<T: Copy + 'static> Slab<T> {
     pub fn as_slice(&self) -> &[T] {
         match self {

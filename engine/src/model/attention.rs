@@ -159,7 +159,7 @@ fn attend_tile(
     // cached key, which is widened into the block buffer first.
     let kv_at = |kp: usize| -> Option<(&[f32], &[f32])> {
         if kp < pos0 {
-            let s = kv.cached.slot(kp) * kvd + kvh * hd;
+            let s = kv.cached.at(kp, kvh);
             Some((kv.cached.k.f32_at(s, hd)?, kv.cached.v.f32_at(s, hd)?))
         } else {
             let s = (kp - pos0) * kvd + kvh * hd;
@@ -190,7 +190,7 @@ fn attend_tile(
                 let (ba, bz) = ((b * kb).max(klo), (b * kb + kb - 1).min(khi));
                 for kp in ba..=bz.min(pos0.saturating_sub(1)) {
                     if kv_at(kp).is_none() {
-                        let s = kv.cached.slot(kp) * kvd + kvh * hd;
+                        let s = kv.cached.at(kp, kvh);
                         let j = kp - ba;
                         let (wk, wv) = wide.split_at_mut(kb * hd);
                         kv.cached.k.load(s, &mut wk[j * hd..(j + 1) * hd]);
@@ -265,7 +265,7 @@ fn attend_tile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv_cache::{round_to_f16, KvBuf, KvDType};
+    use crate::kv_cache::{round_to_f16, KvDType};
     use crate::test_util::data;
 
     /// Keys/values of every position `0..n` (`[n, kv_dim]`), and a cache holding those
@@ -274,22 +274,17 @@ mod tests {
         k: &[f32],
         v: &[f32],
         kvd: usize,
+        hd: usize,
         pos0: usize,
         ring: Option<usize>,
         dtype: KvDType,
     ) -> LayerKv {
         let cap = ring.unwrap_or(pos0.max(1));
-        let mut c = LayerKv {
-            window: ring,
-            k: KvBuf::new(dtype, cap * kvd),
-            v: KvBuf::new(dtype, cap * kvd),
-        };
+        let mut c = LayerKv::new(ring, cap, kvd / hd, hd, dtype);
         c.k.store(0, &vec![f32::NAN; cap * kvd]);
         c.v.store(0, &vec![f32::NAN; cap * kvd]);
         for p in pos0.saturating_sub(cap)..pos0 {
-            let s = c.slot(p) * kvd;
-            c.k.store(s, &k[p * kvd..(p + 1) * kvd]);
-            c.v.store(s, &v[p * kvd..(p + 1) * kvd]);
+            c.store(p, &k[p * kvd..(p + 1) * kvd], &v[p * kvd..(p + 1) * kvd]);
         }
         c
     }
@@ -339,7 +334,7 @@ mod tests {
     ) -> Vec<f32> {
         let kvd = h.num_kv_heads * h.head_dim;
         let ring = h.window;
-        let cached = cache_of(k, v, kvd, pos0, ring, dtype);
+        let cached = cache_of(k, v, kvd, h.head_dim, pos0, ring, dtype);
         let kv = KvView {
             cached: &cached,
             new_k: &k[pos0 * kvd..(pos0 + t) * kvd],

@@ -363,6 +363,43 @@ macro_rules! x86_kernels {
                 }
             }
 
+            /// f16 bits to f32, eight at a time (F16C); the tail through `half`.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+                let n = src.len().min(dst.len());
+                let mut i = 0;
+                while i + 8 <= n {
+                    // SAFETY: i + 8 <= n bounds the load and the store.
+                    unsafe {
+                        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                    }
+                    i += 8;
+                }
+                for (d, &h) in dst[i..n].iter_mut().zip(&src[i..n]) {
+                    *d = half::f16::from_bits(h).to_f32();
+                }
+            }
+
+            /// f32 to f16 bits rounded to nearest even (as `half`), eight at a time.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn narrow_f16(src: &[f32], dst: &mut [u16]) {
+                let n = src.len().min(dst.len());
+                let mut i = 0;
+                while i + 8 <= n {
+                    // SAFETY: i + 8 <= n bounds the load and the store.
+                    unsafe {
+                        let v = _mm256_loadu_ps(src.as_ptr().add(i));
+                        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                        _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+                    }
+                    i += 8;
+                }
+                for (d, &v) in dst[i..n].iter_mut().zip(&src[i..n]) {
+                    *d = half::f16::from_f32(v).to_bits();
+                }
+            }
+
             #[target_feature(enable = $feat)]
             pub unsafe fn axpy_bf16(w: &[u16], alpha: f32, y: &mut [f32]) {
                 let n = w.len().min(y.len());
