@@ -188,14 +188,21 @@ fn attend_tile(
             for b in klo / kb..=khi / kb {
                 // Keys ba..=bz of block b that some row of the tile attends to.
                 let (ba, bz) = ((b * kb).max(klo), (b * kb + kb - 1).min(khi));
-                for kp in ba..=bz.min(pos0.saturating_sub(1)) {
-                    if kv_at(kp).is_none() {
-                        let s = kv.cached.at(kp, kvh);
-                        let j = kp - ba;
-                        let (wk, wv) = wide.split_at_mut(kb * hd);
-                        kv.cached.k.load(s, &mut wk[j * hd..(j + 1) * hd]);
-                        kv.cached.v.load(s, &mut wv[j * hd..(j + 1) * hd]);
+                // Cached keys stored as f16, widened a run of consecutive slots at a time
+                // (one stream per call; a ring wraps at most once per block). E2B Q4_0
+                // decode after 3K tokens: +3.6% over one key per call (4 interleaved pairs).
+                let mut kp = ba;
+                while kp < pos0 && kp <= bz && kv_at(kp).is_none() {
+                    let s = kv.cached.at(kp, kvh);
+                    let mut n = 1;
+                    while kp + n <= bz && kp + n < pos0 && kv.cached.at(kp + n, kvh) == s + n * hd {
+                        n += 1;
                     }
+                    let j = kp - ba;
+                    let (wk, wv) = wide.split_at_mut(kb * hd);
+                    kv.cached.k.load(s, &mut wk[j * hd..(j + n) * hd]);
+                    kv.cached.v.load(s, &mut wv[j * hd..(j + n) * hd]);
+                    kp += n;
                 }
                 let (wk, wv) = wide.split_at(kb * hd);
                 let mut ks: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
