@@ -42,35 +42,19 @@ pub enum Slab<T: 'static> {
 /// after the advice, which is why it is done here.
 pub fn huge_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
     let mut v: Vec<T> = Vec::with_capacity(n);
-    let bytes = n * std::mem::size_of::<T>();
-    if bytes >= 4 << 20 {
-        let p = v.as_mut_ptr() as usize;
-        let start = p & !4095;
-        // SAFETY: advisory only, on pages of our own (untouched) allocation; a failure
-        // (THP disabled) leaves ordinary pages.
-        unsafe {
-            libc::madvise(
-                start as *mut libc::c_void,
-                p + bytes - start,
-                libc::MADV_HUGEPAGE,
-            );
-        }
-    }
+    madvise_huge(v.as_ptr() as usize, n * std::mem::size_of::<T>());
     v.resize(n, fill);
     v
 }
 
-/// Asks for transparent huge pages under `v`'s untouched pages (a fresh `vec![0; n]`,
-/// whose zero pages the allocator maps lazily): the pages still come on first touch, 2 MiB
-/// at a time. Advisory; ignored where THP is off.
-pub fn advise_huge<T>(v: &[T]) {
-    let bytes = std::mem::size_of_val(v);
+/// `MADV_HUGEPAGE` on the pages under `bytes` at `p` (4 MiB and up).
+fn madvise_huge(p: usize, bytes: usize) {
     if bytes < 4 << 20 {
         return;
     }
-    let p = v.as_ptr() as usize;
     let start = p & !4095;
-    // SAFETY: advisory only, on pages of our own allocation.
+    // SAFETY: advisory only, on pages of the caller's own allocation; a failure (THP
+    // disabled) leaves ordinary pages.
     unsafe {
         libc::madvise(
             start as *mut libc::c_void,
@@ -78,6 +62,13 @@ pub fn advise_huge<T>(v: &[T]) {
             libc::MADV_HUGEPAGE,
         );
     }
+}
+
+/// Asks for transparent huge pages under `v`'s untouched pages (a fresh `vec![0; n]`,
+/// whose zero pages the allocator maps lazily): the pages still come on first touch, 2 MiB
+/// at a time. Advisory; ignored where THP is off.
+pub fn advise_huge<T>(v: &[T]) {
+    madvise_huge(v.as_ptr() as usize, std::mem::size_of_val(v));
 }
 
 impl<T: Copy + 'static> Slab<T> {

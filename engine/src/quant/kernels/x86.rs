@@ -2,6 +2,20 @@
 
 use super::*;
 
+/// `$f::<P>(w, stride, b0, picks, y)` for the picks four at a time (P = 4, and the rest).
+macro_rules! by_fours {
+    ($f:ident($w:expr, $stride:expr, $b0:expr, $picks:expr, $y:expr)) => {
+        for pc in $picks.chunks(4) {
+            match pc.len() {
+                4 => $f::<4>($w, $stride, $b0, pc, $y),
+                3 => $f::<3>($w, $stride, $b0, pc, $y),
+                2 => $f::<2>($w, $stride, $b0, pc, $y),
+                _ => $f::<1>($w, $stride, $b0, pc, $y),
+            }
+        }
+    };
+}
+
 /// The x86 kernels, written once and compiled twice: with AVX2 byte products
 /// (`maddubs` + `madd`) and with AVX-512 VNNI's `vpdpbusd` on 256-bit registers.
 macro_rules! x86_kernels {
@@ -264,14 +278,7 @@ macro_rules! x86_kernels {
                 picks: &[(u32, f32)],
                 y: &mut [f32],
             ) {
-                for pc in picks.chunks(4) {
-                    match pc.len() {
-                        4 => gather_q8_0::<4>(w, stride, b0, pc, y),
-                        3 => gather_q8_0::<3>(w, stride, b0, pc, y),
-                        2 => gather_q8_0::<2>(w, stride, b0, pc, y),
-                        _ => gather_q8_0::<1>(w, stride, b0, pc, y),
-                    }
-                }
+                by_fours!(gather_q8_0(w, stride, b0, picks, y))
             }
 
             /// [`axpy_gather_q8_0`] for Q4_0 rows (the order of `axpy_q4_0`).
@@ -286,14 +293,7 @@ macro_rules! x86_kernels {
                 picks: &[(u32, f32)],
                 y: &mut [f32],
             ) {
-                for pc in picks.chunks(4) {
-                    match pc.len() {
-                        4 => gather_q4_0::<4>(w, stride, b0, pc, y),
-                        3 => gather_q4_0::<3>(w, stride, b0, pc, y),
-                        2 => gather_q4_0::<2>(w, stride, b0, pc, y),
-                        _ => gather_q4_0::<1>(w, stride, b0, pc, y),
-                    }
-                }
+                by_fours!(gather_q4_0(w, stride, b0, picks, y))
             }
 
             #[inline]
