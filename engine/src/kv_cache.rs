@@ -27,7 +27,7 @@ impl KvDType {
     }
 }
 
-/// One owner layer's K or V positions (`[slot][kv_dim]`).
+/// One owner layer's K or V positions (laid out by [`LayerKv`]).
 #[derive(Debug)]
 pub(crate) enum KvBuf {
     F32(Vec<f32>),

@@ -507,11 +507,6 @@ impl Matrix {
         }
     }
 
-    /// `y += Σ_i a_i · row i` over the non-zero `a_i`.
-    pub fn axpy_row_all(&self, a: &[f32], y: &mut [f32]) {
-        self.sparse_axpy(a, 0, y);
-    }
-
     /// `y += Σ_i a_i · self[i][c0..c0 + y.len()]` over the non-zero `a_i` (the sparse down
     /// projection, on its transposed matrix): Q8_0/Q4_0 rows four per pass over `y`; per
     /// element the same operations, in the same order, as [`Matrix::axpy_row_part`] row
@@ -523,7 +518,8 @@ impl Matrix {
                 const { std::cell::RefCell::new(Vec::new()) };
         }
         let bs = self.data.block();
-        let aligned = c0.is_multiple_of(32) && y.len().is_multiple_of(32) && bs == 32;
+        // The gathers take whole blocks; Q8_0/Q4_0 parts always are (else: row by row).
+        let aligned = c0.is_multiple_of(bs) && y.len().is_multiple_of(bs);
         PICKS.with(|cell| {
             let mut picks = cell.borrow_mut();
             picks.clear();
@@ -553,11 +549,6 @@ impl Matrix {
     /// Elements per storage block (1 for plain floats).
     pub fn block_size(&self) -> usize {
         self.data.block()
-    }
-
-    /// `y += alpha · row r` (sparse down projection).
-    pub fn axpy_row(&self, r: usize, alpha: f32, y: &mut [f32]) {
-        self.axpy_row_part(r, 0, alpha, &mut y[..self.cols]);
     }
 
     /// Row `r` widened to f32 into `out` (embedding lookups).

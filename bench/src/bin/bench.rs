@@ -312,16 +312,18 @@ fn run_generation(
         ControlFlow::Continue(())
     })?;
     let s2 = CpuSnapshot::now()?;
+    let decode_tokens = out.usage.completion_tokens.saturating_sub(1);
+    // The probes' pauses are not decode time.
+    let decode_s = out.timings.decode.as_secs_f64() - paused;
     let s1 = mid.unwrap_or(s2);
     let t = out.timings;
     Ok(GenFigures {
         prefill_tokens: n,
         prefill_s: t.prefill.as_secs_f64(),
         prefill_tps: t.prefill_tokens_per_s,
-        decode_tokens: out.usage.completion_tokens.saturating_sub(1),
-        decode_s: t.decode.as_secs_f64() - paused,
-        decode_tps: out.usage.completion_tokens.saturating_sub(1) as f64
-            / (t.decode.as_secs_f64() - paused).max(1e-9),
+        decode_tokens,
+        decode_s,
+        decode_tps: decode_tokens as f64 / decode_s.max(1e-9),
         cpu_prefill: s0.until(&s1),
         cpu_decode: s1.until(&s2),
         kv_bytes: engine.kv_cache_bytes(),

@@ -485,7 +485,7 @@ impl Mlp {
                     // Prefill: one row of tokens per task (same arithmetic per output
                     // element as the column split below, so prefill and decode agree).
                     ops::for_rows(&mut y, h, |ti, y_row| {
-                        dt.axpy_row_all(&gate[ti * inter..(ti + 1) * inter], y_row)
+                        dt.sparse_axpy(&gate[ti * inter..(ti + 1) * inter], 0, y_row)
                     });
                 } else {
                     // Decode: threads split the output columns; each reads only its part
@@ -497,7 +497,7 @@ impl Mlp {
                     if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
                         crate::par::chunks_mut(&mut y, part, run);
                     } else {
-                        dt.axpy_row_all(&gate, &mut y);
+                        dt.sparse_axpy(&gate, 0, &mut y);
                     }
                 }
             }

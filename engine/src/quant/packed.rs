@@ -628,8 +628,7 @@ mod tests {
                 }
                 let mut xd = vec![0.0f32; t * cols];
                 dequantize_q8_0(&xq, &mut xd);
-                let mut meta = Vec::new();
-                meta.resize(xq.len(), XMeta::default());
+                let mut meta = vec![XMeta::default(); xq.len()];
                 prepare(&xq, &mut meta);
                 let x = PackedX {
                     blocks: &xq,

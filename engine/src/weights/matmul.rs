@@ -55,31 +55,31 @@ impl Matrix {
     pub fn matmul(&self, x: &[f32], t: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), t * self.cols);
         debug_assert_eq!(y.len(), t * self.rows);
-        if t == 1 {
-            // A decode product is a fused job of one matrix: one place splits decode rows.
-            return Self::matmul_many(&[self], x, 1, &mut [y]);
-        }
-        SCRATCH.with(|cell| {
-            let mut guard = cell.borrow_mut();
-            let xq = self.prepare_x(x, t, &mut guard);
-            self.matmul_prepared(&xq, t, y);
-        });
+        // A product is a fused job of one matrix: one place prepares and splits it.
+        Self::matmul_many(&[self], x, t, &mut [y])
     }
 
     /// Products of several matrices with the same input (`ys[i] = mats[i] · x`), as one
     /// job for a decode step: the activations are quantized once and the row ranges of
     /// all the matrices go to the threads together, so the small ones (K, V, LAuReL)
     /// cost no fork/join of their own and one product's tail overlaps the next one's
-    /// start. Put the largest first (the ranges are handed out in order). Matrices whose
-    /// storage wants different activations, or prefills, run one by one.
+    /// start. Put the largest first (the ranges are handed out in order). A prefill
+    /// quantizes once and runs the products in turn; matrices whose storage wants
+    /// different activations run one by one.
     pub fn matmul_many(mats: &[&Matrix], x: &[f32], t: usize, ys: &mut [&mut [f32]]) {
         const MAX: usize = 6;
         assert_eq!(mats.len(), ys.len(), "matmul_many: one output per matrix"); // ok: internal contract
         let shared = mats
             .iter()
             .all(|m| m.cols == mats[0].cols && m.activation_kind() == mats[0].activation_kind());
-        if t > 1 && shared {
-            // A prefill: the activations are quantized once for all the matrices.
+        if !shared || (t == 1 && mats.len() > MAX) {
+            for (m, y) in mats.iter().zip(ys.iter_mut()) {
+                Self::matmul_many(&[m], x, t, &mut [y]);
+            }
+            return;
+        }
+        if t != 1 {
+            // A prefill: the activations are quantized once, the products run in turn.
             SCRATCH.with(|cell| {
                 let mut guard = cell.borrow_mut();
                 let xq = mats[0].prepare_x(x, t, &mut guard);
@@ -88,12 +88,6 @@ impl Matrix {
                     m.matmul_prepared(&xq, t, y);
                 }
             });
-            return;
-        }
-        if t != 1 || mats.len() > MAX || !shared {
-            for (m, y) in mats.iter().zip(ys.iter_mut()) {
-                m.matmul(x, t, y);
-            }
             return;
         }
         SCRATCH.with(|cell| {
@@ -405,8 +399,9 @@ impl Matrix {
     }
 }
 
-/// Quantizes each of the `t` activation rows of `x` (`cols` wide) into `nb` blocks of
-/// `out`; in parallel over tokens for prefill.
+/// `f(row, out row)` for each of the `t` rows of `x` (`cols` wide) and of `out` (`nb`
+/// wide): activation quantization and its per-block sums; in parallel over tokens for
+/// prefill.
 fn per_token<A: Sync, B: Send>(
     out: &mut [B],
     nb: usize,

@@ -2,15 +2,65 @@
 
 use super::*;
 
-/// `$f::<P>(w, stride, b0, picks, y)` for the picks four at a time (P = 4, and the rest).
-macro_rules! by_fours {
-    ($f:ident($w:expr, $stride:expr, $b0:expr, $picks:expr, $y:expr)) => {
-        for pc in $picks.chunks(4) {
-            match pc.len() {
-                4 => $f::<4>($w, $stride, $b0, pc, $y),
-                3 => $f::<3>($w, $stride, $b0, pc, $y),
-                2 => $f::<2>($w, $stride, $b0, pc, $y),
-                _ => $f::<1>($w, $stride, $b0, pc, $y),
+/// `pub unsafe fn $name(w, stride, b0, picks, y)`: `y += Σ_p alpha_p · W[row_p][b0·32..]`
+/// for the picked rows of `$block`s in order, four rows per pass over `y` (each row's
+/// blocks read in sequence), each block dequantized as `$parts` (four groups of 8 quants
+/// as bytes, from `$blk`): per element the same fused multiply-adds in the same order as
+/// the row-by-row `axpy_*`, with a quarter of the loads and stores of `y`.
+///
+/// The generated function's safety contract: blocks `r·stride + b0 .. + y.len()/32` of
+/// every picked row `r` lie in `w`.
+macro_rules! gather_kernel {
+    ($feat:literal, $name:ident, $block:ty, $blk:ident => $parts:block) => {
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(
+            w: &[$block],
+            stride: usize,
+            b0: usize,
+            picks: &[(u32, f32)],
+            y: &mut [f32],
+        ) {
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn pass<const P: usize>(
+                w: &[$block],
+                stride: usize,
+                b0: usize,
+                picks: &[(u32, f32)],
+                y: &mut [f32],
+            ) {
+                // SAFETY (all below): the caller's contract bounds the weight blocks; y
+                // holds whole blocks of 32.
+                let rows: [*const $block; P] = std::array::from_fn(|p| unsafe {
+                    w.as_ptr().add(picks[p].0 as usize * stride + b0)
+                });
+                for (k, o) in y.chunks_exact_mut(32).enumerate() {
+                    let mut acc: [__m256; 4] =
+                        std::array::from_fn(|j| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * j)) });
+                    for (p, row) in rows.iter().enumerate() {
+                        let $blk = unsafe { &*row.add(k) };
+                        let d = _mm256_set1_ps(picks[p].1 * h($blk.d));
+                        let parts: [__m128i; 4] = $parts;
+                        for (a, part) in acc.iter_mut().zip(parts) {
+                            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part));
+                            *a = _mm256_fmadd_ps(d, f, *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
+                    }
+                }
+            }
+            for pc in picks.chunks(4) {
+                // SAFETY: the function's contract, for these picks.
+                unsafe {
+                    match pc.len() {
+                        4 => pass::<4>(w, stride, b0, pc, y),
+                        3 => pass::<3>(w, stride, b0, pc, y),
+                        2 => pass::<2>(w, stride, b0, pc, y),
+                        _ => pass::<1>(w, stride, b0, pc, y),
+                    }
+                }
             }
         }
     };
@@ -263,105 +313,20 @@ macro_rules! x86_kernels {
                 }
             }
 
-            /// `y += Σ_p alpha_p · W[row_p][b0·32..]` for the picked rows in order, four
-            /// rows per pass over `y` (each row's blocks read in sequence): per element the
-            /// same fused multiply-adds in the same order as `axpy_q8_0` row after row,
-            /// with a quarter of the loads and stores of `y`.
-            ///
-            /// # Safety
-            /// Blocks `r·stride + b0 .. + y.len()/32` of every picked row `r` lie in `w`.
-            #[target_feature(enable = $feat)]
-            pub unsafe fn axpy_gather_q8_0(
-                w: &[BlockQ8_0],
-                stride: usize,
-                b0: usize,
-                picks: &[(u32, f32)],
-                y: &mut [f32],
-            ) {
-                by_fours!(gather_q8_0(w, stride, b0, picks, y))
-            }
-
-            /// [`axpy_gather_q8_0`] for Q4_0 rows (the order of `axpy_q4_0`).
-            ///
-            /// # Safety
-            /// As [`axpy_gather_q8_0`].
-            #[target_feature(enable = $feat)]
-            pub unsafe fn axpy_gather_q4_0(
-                w: &[BlockQ4_0],
-                stride: usize,
-                b0: usize,
-                picks: &[(u32, f32)],
-                y: &mut [f32],
-            ) {
-                by_fours!(gather_q4_0(w, stride, b0, picks, y))
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn gather_q8_0<const P: usize>(
-                w: &[BlockQ8_0],
-                stride: usize,
-                b0: usize,
-                picks: &[(u32, f32)],
-                y: &mut [f32],
-            ) {
-                // SAFETY (all below): the caller's contract bounds the weight blocks; y
-                // holds whole blocks of 32.
-                let rows: [*const BlockQ8_0; P] =
-                    std::array::from_fn(|p| unsafe { w.as_ptr().add(picks[p].0 as usize * stride + b0) });
-                for (k, o) in y.chunks_exact_mut(QK8_0).enumerate() {
-                    let mut acc: [__m256; 4] =
-                        std::array::from_fn(|j| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * j)) });
-                    for (p, row) in rows.iter().enumerate() {
-                        let blk = unsafe { &*row.add(k) };
-                        let d = _mm256_set1_ps(picks[p].1 * h(blk.d));
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            let q = unsafe {
-                                _mm_loadl_epi64(blk.qs.as_ptr().add(8 * j) as *const __m128i)
-                            };
-                            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-                            *a = _mm256_fmadd_ps(d, f, *a);
-                        }
-                    }
-                    for (j, a) in acc.iter().enumerate() {
-                        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
-                    }
+            gather_kernel!($feat, axpy_gather_q8_0, BlockQ8_0, blk => {
+                // SAFETY: 8-byte loads at 8j inside qs (32 bytes).
+                let p = blk.qs.as_ptr();
+                unsafe {
+                    [0, 8, 16, 24].map(|o| _mm_loadl_epi64(p.add(o) as *const __m128i))
                 }
-            }
+            });
 
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn gather_q4_0<const P: usize>(
-                w: &[BlockQ4_0],
-                stride: usize,
-                b0: usize,
-                picks: &[(u32, f32)],
-                y: &mut [f32],
-            ) {
-                // SAFETY (all below): as in gather_q8_0.
-                let rows: [*const BlockQ4_0; P] =
-                    std::array::from_fn(|p| unsafe { w.as_ptr().add(picks[p].0 as usize * stride + b0) });
-                let off = _mm256_set1_epi8(8);
-                for (k, o) in y.chunks_exact_mut(QK4_0).enumerate() {
-                    let mut acc: [__m256; 4] =
-                        std::array::from_fn(|j| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * j)) });
-                    for (p, row) in rows.iter().enumerate() {
-                        let blk = unsafe { &*row.add(k) };
-                        let d = _mm256_set1_ps(picks[p].1 * h(blk.d));
-                        let q = _mm256_sub_epi8(nibbles(&blk.qs), off);
-                        let lo = _mm256_castsi256_si128(q);
-                        let hi = _mm256_extracti128_si256(q, 1);
-                        let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
-                        for (a, part) in acc.iter_mut().zip(parts) {
-                            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part));
-                            *a = _mm256_fmadd_ps(d, f, *a);
-                        }
-                    }
-                    for (j, a) in acc.iter().enumerate() {
-                        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
-                    }
-                }
-            }
+            gather_kernel!($feat, axpy_gather_q4_0, BlockQ4_0, blk => {
+                let q = _mm256_sub_epi8(nibbles(&blk.qs), _mm256_set1_epi8(8));
+                let lo = _mm256_castsi256_si128(q);
+                let hi = _mm256_extracti128_si256(q, 1);
+                [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+            });
 
             /// f16 bits to f32, eight at a time (F16C); the tail through `half`.
             #[target_feature(enable = $feat)]
