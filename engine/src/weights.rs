@@ -508,7 +508,7 @@ impl Matrix {
     }
 
     /// `y += Σ_i a_i · self[i][c0..c0 + y.len()]` over the non-zero `a_i` (the sparse down
-    /// projection, on its transposed matrix): Q8_0/Q4_0 rows four per pass over `y`; per
+    /// projection, on its transposed matrix): Q8_0/Q4_0/Q4_K rows four per pass over `y`; per
     /// element the same operations, in the same order, as [`Matrix::axpy_row_part`] row
     /// after row. E2B Q4_0: prefill +3.7%, decode +2.2% over one row per pass (medians of
     /// 8 and 12 interleaved pairs in one process).
@@ -518,7 +518,7 @@ impl Matrix {
                 const { std::cell::RefCell::new(Vec::new()) };
         }
         let bs = self.data.block();
-        // The gathers take whole blocks; Q8_0/Q4_0 parts always are (else: row by row).
+        // The gathers take whole blocks; the model's parts always are (else: row by row).
         let aligned = c0.is_multiple_of(bs) && y.len().is_multiple_of(bs);
         PICKS.with(|cell| {
             let mut picks = cell.borrow_mut();
@@ -536,6 +536,9 @@ impl Matrix {
                 }
                 Data::Q8_0(v) if aligned => {
                     kernels::axpy_gather_q8_0(v.as_slice(), stride, b0, &picks, y)
+                }
+                Data::Q4K(v) if aligned => {
+                    kernels::axpy_gather_q4_k(v.as_slice(), stride, b0, &picks, y)
                 }
                 _ => {
                     for &(i, v) in picks.iter() {
@@ -655,8 +658,7 @@ mod tests {
     /// blocks (the kernels' 4-block register tiles and their tails), for every storage.
     #[test]
     fn sparse_axpy_matches_row_by_row() {
-        let (rows, cols) = (40, 32 * 9);
-        let w = crate::test_util::data(rows * cols, 3);
+        let rows = 40;
         let mut a = crate::test_util::data(rows, 4);
         for (i, v) in a.iter_mut().enumerate() {
             if i % 3 != 0 {
@@ -670,9 +672,18 @@ mod tests {
             QuantType::Q4_0,
             QuantType::Q4K,
         ] {
-            let m = Matrix::from_f32(rows, cols, w.clone()).to_quant(q);
+            // Q4_K: whole rows of 3 blocks, one block, and two blocks after the first.
+            let cols = if q == QuantType::Q4K { 256 * 3 } else { 32 * 9 };
+            let w = crate::test_util::data(rows * cols, 3);
+            let m = Matrix::from_f32(rows, cols, w).to_quant(q);
+            let block = match q {
+                QuantType::Q4K => 256,
+                QuantType::Q8_0 | QuantType::Q4_0 => 32,
+                _ => 1,
+            };
+            assert_eq!(m.block_size(), block, "{q} stored as asked");
             let parts: &[(usize, usize)] = if q == QuantType::Q4K {
-                &[(0, 256)]
+                &[(0, 768), (256, 256), (256, 512)]
             } else {
                 &[
                     (0, 288),

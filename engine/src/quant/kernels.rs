@@ -420,6 +420,37 @@ pub fn axpy_gather_q4_0(
     }
 }
 
+/// [`axpy_gather_q8_0`] for Q4_K rows (`b0` and `y.len()` in 256-value blocks): per
+/// element the operations of `dequantize_q4_k` then [`axpy_f32`], row by row.
+pub fn axpy_gather_q4_k(
+    w: &[BlockQ4K],
+    stride: usize,
+    b0: usize,
+    picks: &[(u32, f32)],
+    y: &mut [f32],
+) {
+    let nb = y.len() / QK_K;
+    check_gather(w.len(), stride, b0, nb, y.len(), picks);
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: features verified by isa(); check_gather bounds every block read.
+        Isa::Avx2 => unsafe { avx2::axpy_gather_q4_k(w, stride, b0, picks, y) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::axpy_gather_q4_k(w, stride, b0, picks, y) },
+        _ => {
+            let mut tmp = [0.0f32; QK_K];
+            for &(r, a) in picks {
+                let s = r as usize * stride + b0;
+                for (blk, o) in w[s..s + nb].iter().zip(y.chunks_exact_mut(QK_K)) {
+                    dequantize_q4_k(std::slice::from_ref(blk), &mut tmp);
+                    axpy_f32(a, &tmp, o);
+                }
+            }
+        }
+    }
+}
+
 fn check_gather(
     blocks: usize,
     stride: usize,

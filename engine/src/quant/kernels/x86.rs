@@ -328,6 +328,96 @@ macro_rules! x86_kernels {
                 [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
             });
 
+            /// [`axpy_gather_q8_0`]'s pass structure for Q4_K rows (256-value blocks):
+            /// per element `y = fma(alpha, d·sc·q − dmin·m, y)`, the operations of
+            /// `dequantize_q4_k` followed by `axpy_f32`, up to four rows per pass.
+            ///
+            /// # Safety
+            /// Blocks `r·stride + b0 .. + y.len()/256` of every picked row `r` lie in `w`.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn axpy_gather_q4_k(
+                w: &[BlockQ4K],
+                stride: usize,
+                b0: usize,
+                picks: &[(u32, f32)],
+                y: &mut [f32],
+            ) {
+                #[inline]
+                #[target_feature(enable = $feat)]
+                unsafe fn pass<const P: usize>(
+                    w: &[BlockQ4K],
+                    stride: usize,
+                    b0: usize,
+                    picks: &[(u32, f32)],
+                    y: &mut [f32],
+                ) {
+                    let m4 = _mm256_set1_epi8(0x0F);
+                    for (k, ob) in y.chunks_exact_mut(QK_K).enumerate() {
+                        // SAFETY: the caller's contract bounds block k of every pick.
+                        let blks: [&BlockQ4K; P] = std::array::from_fn(|p| unsafe {
+                            &*w.as_ptr().add(picks[p].0 as usize * stride + b0 + k)
+                        });
+                        // Per pick and sub-block: d·sc and dmin·m, as dequantize_q4_k.
+                        let sm: [[(f32, f32); 8]; P] = std::array::from_fn(|p| {
+                            let b = blks[p];
+                            let (d, dmin) = (h(b.d), h(b.dmin));
+                            std::array::from_fn(|s| {
+                                let (sc, m) = scale_min_k4(s, &b.scales);
+                                (d * sc as f32, dmin * m as f32)
+                            })
+                        });
+                        // 64 values at a time: the low nibbles of 32 quant bytes are
+                        // sub-block 2j, the high nibbles 2j + 1.
+                        for (j, o) in ob.chunks_exact_mut(64).enumerate() {
+                            let mut acc: [__m256; 8] = std::array::from_fn(|i| unsafe {
+                                // SAFETY: 8 floats at 8i inside o (64).
+                                _mm256_loadu_ps(o.as_ptr().add(8 * i))
+                            });
+                            for p in 0..P {
+                                // SAFETY: 32 bytes at 32j inside qs (128).
+                                let q = unsafe {
+                                    _mm256_loadu_si256(
+                                        blks[p].qs.as_ptr().add(32 * j) as *const __m256i
+                                    )
+                                };
+                                let alpha = _mm256_set1_ps(picks[p].1);
+                                let halves =
+                                    [_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16(q, 4), m4)];
+                                for (half, v) in halves.into_iter().enumerate() {
+                                    let (dsc, mm) = sm[p][2 * j + half];
+                                    let (dsc, mm) = (_mm256_set1_ps(dsc), _mm256_set1_ps(mm));
+                                    let lo = _mm256_castsi256_si128(v);
+                                    let hi = _mm256_extracti128_si256(v, 1);
+                                    let parts =
+                                        [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                                    for (i, part) in parts.into_iter().enumerate() {
+                                        let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+                                        let t = _mm256_sub_ps(_mm256_mul_ps(dsc, f), mm);
+                                        let a = &mut acc[4 * half + i];
+                                        *a = _mm256_fmadd_ps(alpha, t, *a);
+                                    }
+                                }
+                            }
+                            for (i, a) in acc.iter().enumerate() {
+                                // SAFETY: 8 floats at 8i inside o (64).
+                                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), *a) };
+                            }
+                        }
+                    }
+                }
+                for pc in picks.chunks(4) {
+                    // SAFETY: the function's contract, for these picks.
+                    unsafe {
+                        match pc.len() {
+                            4 => pass::<4>(w, stride, b0, pc, y),
+                            3 => pass::<3>(w, stride, b0, pc, y),
+                            2 => pass::<2>(w, stride, b0, pc, y),
+                            _ => pass::<1>(w, stride, b0, pc, y),
+                        }
+                    }
+                }
+            }
+
             /// f16 bits to f32, eight at a time (F16C); the tail through `half`.
             #[target_feature(enable = $feat)]
             pub unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
