@@ -129,9 +129,14 @@ fn main() {
         let mut meta = Vec::new();
         meta.resize(x8.len(), packed::XMeta::default());
         packed::prepare(&x8, &mut meta);
-        let px = packed::PackedX {
+        let k8: Vec<BlockQ8K> = (0..8).flat_map(|_| xk.iter().copied()).collect();
+        let mut ksums = vec![packed::XSumsK::default(); k8.len()];
+        packed::prepare_k(&k8, &mut ksums);
+        let mut px = packed::PackedX {
             blocks: &x8,
             meta: &meta,
+            kblocks: &k8,
+            ksums: &ksums,
             nbx: nb,
         };
         let mut out = vec![0.0f32; rows * 8];
@@ -156,6 +161,8 @@ fn main() {
                 packed::pack(&wk, rows, cols / 256),
             ),
         ] {
+            // Q4_K meets Q8_K activations, one block per 256.
+            px.nbx = cols / packed::block_len(q);
             let w = packed::PackedW {
                 kind: q,
                 bytes: &data,

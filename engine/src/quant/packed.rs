@@ -17,15 +17,20 @@
 //!   row's block): 544 bytes per block.
 //! - Q4_0: scales, then quants `[j<4][row][4]`, each byte holding quant `4j+i` in its low
 //!   nibble and `16+4j+i` in its high nibble as in ggml: 288 bytes per block.
-//! - Q4_K: 320 bytes of metadata: scales `[s<8][row]` u8, mins `[s<8][row]` u8, `d[row]`
-//!   f16, `dmin[row]` f16; then quants `[c<4][j<8][row][4]` (`c`: ggml's 64-quant chunk,
-//!   low nibbles are sub-block `2c`, high `2c+1`): 2368 bytes per block.
+//! - Q4_K: 320 bytes of metadata: scales `[s<8][row]` u8, mins `[k<4][row][2]` u8 (the
+//!   mins of sub-blocks `2k`, `2k+1` side by side), `d[row]` f16, `dmin[row]` f16; then
+//!   quants `[c<4][j<8][row][4]` (`c`: ggml's 64-quant chunk, low nibbles are sub-block
+//!   `2c`, high `2c+1`): 2368 bytes per block.
 //!
-//! Activations are Q8_0 (per 32 values) for all three, so a Q4_K sub-block meets exactly
-//! one activation block. Q8_0 weights are fed as unsigned bytes (`w ^ 0x80 = w + 128`) and
-//! Q4_0 as raw nibbles (`q + 8`); the integer sum starts at `−offset · Σ activations`, so
-//! it stays exact. Each (row, token) result takes the same operations in the same order
-//! whatever the tile, so a prefill and a decode agree bit for bit.
+//! Activations are Q8_0 (per 32 values) for Q8_0 and Q4_0 weights. Q8_0 weights are fed
+//! as unsigned bytes (`w ^ 0x80 = w + 128`) and Q4_0 as raw nibbles (`q + 8`); the integer
+//! sum starts at `−offset · Σ activations`, so it stays exact. Q4_K weights meet Q8_K
+//! activations (one scale per 256, as ggml's `vec_dot_q4_K_q8_K`): a super-block's
+//! sub-block sums are scaled by `d·sc` in floats without the activation scale, and its
+//! mins term `Σ m·Σa` is one integer product (`vpdpwssd` over the mins in pairs), so the
+//! activation scale is applied once per super-block. Each (row, token) result takes the
+//! same operations in the same order whatever the tile, so a prefill and a decode agree
+//! bit for bit.
 
 use std::ops::Range;
 
@@ -105,6 +110,11 @@ pub trait Source: Sync {
         Self: Sized;
 }
 
+/// Where sub-block `s`'s min of row `r` lies in a packed Q4_K block's metadata.
+fn q4k_min_at(s: usize, r: usize) -> usize {
+    128 + (s / 2) * 2 * ROWS + 2 * r + s % 2
+}
+
 /// Byte `k` of row `r`'s quants in a block's packed quant area.
 fn quant_at(quants: &[u8], r: usize, k: usize) -> u8 {
     quants[k / 4 * 64 + r * 4 + k % 4]
@@ -168,14 +178,14 @@ impl Source for BlockQ4K {
         for s in 0..8 {
             let (sc, m) = scale_min_k4(s, &self.scales);
             meta[s * ROWS + r] = sc;
-            meta[128 + s * ROWS + r] = m;
+            meta[q4k_min_at(s, r)] = m;
         }
         meta[256 + 2 * r..258 + 2 * r].copy_from_slice(&self.d.to_le_bytes());
         meta[288 + 2 * r..290 + 2 * r].copy_from_slice(&self.dmin.to_le_bytes());
     }
     fn unpack(quants: &[u8], meta: &[u8], r: usize) -> Self {
         let ls = std::array::from_fn(|s| meta[s * ROWS + r]);
-        let lm = std::array::from_fn(|s| meta[128 + s * ROWS + r]);
+        let lm = std::array::from_fn(|s| meta[q4k_min_at(s, r)]);
         BlockQ4K {
             d: f16_bits_at(meta, 256 + 2 * r),
             dmin: f16_bits_at(meta, 288 + 2 * r),
@@ -262,11 +272,28 @@ pub fn prepare(x: &[BlockQ8_0], out: &mut [XMeta]) {
     }
 }
 
-/// Q8_0-quantized activations of a product: `nbx` blocks per token, token-major.
+/// The sums of a Q8_K block's eight 32-value sub-blocks as i16 pairs (`[2k] | [2k+1] << 16`),
+/// the operand that meets a Q4_K row group's mins pairs.
+pub type XSumsK = [i32; 4];
+
+/// The [`XSumsK`] of each block of `x` into `out` (as many as both hold).
+pub fn prepare_k(x: &[BlockQ8K], out: &mut [XSumsK]) {
+    for (b, o) in x.iter().zip(out.iter_mut()) {
+        // |Σ| ≤ 32 · 128 fits an i16.
+        let sub = |s: usize| (b.bsums[2 * s] as i32 + b.bsums[2 * s + 1] as i32) as i16 as u16;
+        *o = std::array::from_fn(|k| (sub(2 * k) as u32 | (sub(2 * k + 1) as u32) << 16) as i32);
+    }
+}
+
+/// Quantized activations of a product, token-major, `nbx` blocks per token: Q8_0 blocks
+/// and their [`XMeta`] for Q8_0/Q4_0 weights, Q8_K blocks and their [`XSumsK`] for Q4_K
+/// (the other pair empty).
 #[derive(Clone, Copy)]
 pub struct PackedX<'a> {
     pub blocks: &'a [BlockQ8_0],
     pub meta: &'a [XMeta],
+    pub kblocks: &'a [BlockQ8K],
+    pub ksums: &'a [XSumsK],
     pub nbx: usize,
 }
 
@@ -322,15 +349,18 @@ pub unsafe fn tile_into(
     let Some(gbb) = group_block_bytes(w.kind) else {
         return;
     };
-    let per_block = block_len(w.kind) / QK8_0;
+    let acts = if w.kind == QuantType::Q4K {
+        x.kblocks.len().min(x.ksums.len())
+    } else {
+        x.blocks.len().min(x.meta.len())
+    };
     assert!(
         supported()
             && rows.start.is_multiple_of(ROWS)
             && w.nb <= w.nbs
-            && x.nbx == w.nb * per_block
+            && x.nbx == w.nb
             && w.bytes.len() >= rows.end.div_ceil(ROWS) * w.nbs * gbb
-            && x.blocks.len() >= toks.end * x.nbx
-            && x.meta.len() >= toks.end * x.nbx,
+            && acts >= toks.end * x.nbx,
         "packed::tile: inconsistent operands"
     ); // ok: internal contract of Matrix::matmul
     for g0 in rows.clone().step_by(ROWS) {
@@ -535,45 +565,60 @@ mod avx512 {
         acc
     }
 
+    /// Q4_K row group against Q8_K activations: per sub-block the integer sum scaled by
+    /// `d·sc` (high nibbles are masked in place, 16× their value, and the 1/16 folded into
+    /// the scale, exactly), per super-block `acc += d_a · (Σ − dmin · Σ_s m_s·Σa_s)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn q4_k<const N: usize>(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m512; N] {
         let mut acc = [_mm512_setzero_ps(); N];
-        let m4 = _mm512_set1_epi8(0x0F);
+        let (m4, mhi) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-16));
+        let sixteenth = _mm512_set1_ps(1.0 / 16.0);
         for b in 0..nb {
             let meta = g.add(b * 2368);
             let d = scales16(meta.add(256));
-            let dmin = scales16(meta.add(288));
+            let mut sub = [_mm512_setzero_ps(); N];
             for c in 0..4 {
                 let q = meta.add(320 + c * 512);
                 for half in 0..2 {
                     let s = 2 * c + half;
-                    let w: [__m512i; 8] = std::array::from_fn(|j| {
-                        let v = load(q.add(64 * j));
-                        if half == 0 {
-                            _mm512_and_si512(v, m4)
-                        } else {
-                            _mm512_and_si512(_mm512_srli_epi16(v, 4), m4)
-                        }
-                    });
-                    let u8s = |p: *const u8| {
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            p as *const __m128i,
-                        )))
-                    };
-                    let dsc = _mm512_mul_ps(d, u8s(meta.add(s * ROWS)));
-                    let dm = _mm512_mul_ps(dmin, u8s(meta.add(128 + s * ROWS)));
-                    // Left a loop (written out for eight tokens it spills registers) and two
-                    // chains per token (one chain measured 1.4% slower in a prefill).
-                    for (n, acc) in acc.iter_mut().enumerate() {
-                        let (a, m) = xat(x, t + n, 8 * b + s);
-                        let i = dot_block::<2>(&w, a, _mm512_setzero_si512());
-                        let sum = _mm512_cvtepi32_ps(i);
-                        *acc =
-                            _mm512_fmadd_ps(sum, _mm512_mul_ps(dsc, _mm512_set1_ps((*m).d)), *acc);
-                        *acc = _mm512_fnmadd_ps(dm, _mm512_set1_ps((*m).dsum), *acc);
+                    let mask = if half == 0 { m4 } else { mhi };
+                    let w: [__m512i; 8] =
+                        std::array::from_fn(|j| _mm512_and_si512(load(q.add(64 * j)), mask));
+                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        meta.add(s * ROWS) as *const __m128i,
+                    )));
+                    let mut dsc = _mm512_mul_ps(d, sc);
+                    if half == 1 {
+                        dsc = _mm512_mul_ps(dsc, sixteenth);
                     }
+                    for_tokens!(n => {
+                        let a = x.kblocks.get_unchecked((t + n) * x.nbx + b).qs.as_ptr().add(32 * s);
+                        let i = if N == 1 {
+                            dot_block::<2>(&w, a, _mm512_setzero_si512())
+                        } else {
+                            dot_block::<1>(&w, a, _mm512_setzero_si512())
+                        };
+                        sub[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), dsc, sub[n]);
+                    });
                 }
             }
+            // Mins: row lanes hold (m[2k], m[2k+1]) as i16 pairs against the token's
+            // broadcast (Σa[2k], Σa[2k+1]).
+            let mins: [__m512i; 4] = std::array::from_fn(|k| {
+                _mm512_cvtepu8_epi16(_mm256_loadu_si256(meta.add(128 + 32 * k) as *const __m256i))
+            });
+            let dmin = scales16(meta.add(288));
+            for_tokens!(n => {
+                let i = (t + n) * x.nbx + b;
+                let sums = x.ksums.get_unchecked(i);
+                let mut im = _mm512_setzero_si512();
+                for (k, mk) in mins.iter().enumerate() {
+                    im = _mm512_dpwssd_epi32(im, *mk, _mm512_set1_epi32(sums[k]));
+                }
+                let total = _mm512_fnmadd_ps(dmin, _mm512_cvtepi32_ps(im), sub[n]);
+                let da = _mm512_set1_ps(x.kblocks.get_unchecked(i).d);
+                acc[n] = _mm512_fmadd_ps(total, da, acc[n]);
+            });
         }
         acc
     }
@@ -620,20 +665,34 @@ mod tests {
                 );
             }
             for &t in &[1usize, 3, 8, 13] {
+                // Q8_0 activations, or Q8_K for Q4_K weights, and their dequantization.
                 let xf = data(t * cols, 99 + t as u64);
-                let nbx = cols / QK8_0;
-                let mut xq = vec![BlockQ8_0::default(); t * nbx];
-                for (i, o) in xq.chunks_mut(nbx).enumerate() {
-                    quantize_q8_0(&xf[i * cols..(i + 1) * cols], o);
-                }
                 let mut xd = vec![0.0f32; t * cols];
-                dequantize_q8_0(&xq, &mut xd);
-                let mut meta = vec![XMeta::default(); xq.len()];
-                prepare(&xq, &mut meta);
+                let (mut xq, mut meta) = (Vec::new(), Vec::new());
+                let (mut xk, mut sums) = (Vec::new(), Vec::new());
+                if B::kind() == QuantType::Q4K {
+                    xk = vec![BlockQ8K::default(); t * cols / QK_K];
+                    quantize_q8_k(&xf, &mut xk);
+                    for (b, o) in xk.iter().zip(xd.chunks_mut(QK_K)) {
+                        for (q, v) in b.qs.iter().zip(o) {
+                            *v = b.d * *q as f32;
+                        }
+                    }
+                    sums = vec![XSumsK::default(); xk.len()];
+                    prepare_k(&xk, &mut sums);
+                } else {
+                    xq = vec![BlockQ8_0::default(); t * cols / QK8_0];
+                    quantize_q8_0(&xf, &mut xq);
+                    dequantize_q8_0(&xq, &mut xd);
+                    meta = vec![XMeta::default(); xq.len()];
+                    prepare(&xq, &mut meta);
+                }
                 let x = PackedX {
                     blocks: &xq,
                     meta: &meta,
-                    nbx,
+                    kblocks: &xk,
+                    ksums: &sums,
+                    nbx: nb,
                 };
                 let w = PackedW {
                     kind: B::kind(),

@@ -35,7 +35,7 @@ use crate::ple_cache::{checkpoint_key, xxh64, RowDType};
 use crate::weights::Matrix;
 
 const MAGIC: &[u8; 8] = b"GEMMAQW\0";
-const VERSION: u32 = 2; // 2: packed blocks carry their scales inline
+const VERSION: u32 = 3; // 2: packed blocks carry their scales inline; 3: Q4_K mins in pairs
 const HEADER: usize = 4096;
 const ALIGN: usize = 64;
 

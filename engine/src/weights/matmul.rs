@@ -4,12 +4,12 @@
 use std::ops::Range;
 
 use super::{dot_f16, dot_f32, Data, Matrix};
-use crate::quant::activations::quantize_q8_0_fast;
+use crate::quant::activations::{quantize_q8_0_fast, quantize_q8_k_fast};
 use crate::quant::blocks::*;
 use crate::quant::kernels;
 use crate::quant::kernels_bf16;
-use crate::quant::packed::{self, PackedW, PackedX, XMeta};
-use crate::quant::OutView;
+use crate::quant::packed::{self, PackedW, PackedX, XMeta, XSumsK};
+use crate::quant::{OutView, QuantType};
 
 /// Activations quantized once per product, shared read-only by the worker threads.
 enum QuantizedX<'a> {
@@ -17,7 +17,7 @@ enum QuantizedX<'a> {
     /// Blocks and their per-token metadata (`quant::kernels::q8_0_meta`).
     Q8_0(&'a [BlockQ8_0], &'a [f32]),
     Q8K(&'a [BlockQ8K]),
-    /// Q8_0 activations for packed weights.
+    /// Q8_0 (Q8_K for Q4_K) activations for packed weights.
     Packed(PackedX<'a>),
 }
 
@@ -28,6 +28,7 @@ struct MatScratch {
     q8_sums: Vec<f32>,
     q8k: Vec<BlockQ8K>,
     xmeta: Vec<XMeta>,
+    ksums: Vec<XSumsK>,
 }
 
 thread_local! {
@@ -132,6 +133,7 @@ impl Matrix {
     /// one in [`Matrix::matmul_many`]).
     fn activation_kind(&self) -> u8 {
         match &self.data {
+            Data::Packed(QuantType::Q4K, _) => 4,
             Data::Packed(..) => 1,
             Data::Q8_0(_) | Data::Q4_0(_) => 2,
             Data::Q4K(_) => 3,
@@ -147,9 +149,24 @@ impl Matrix {
             q8_sums,
             q8k,
             xmeta,
+            ksums,
         } = s;
         {
             let xq = match &self.data {
+                Data::Packed(QuantType::Q4K, _) => {
+                    let nb = self.cols / QK_K;
+                    q8k.resize(t * nb, BlockQ8K::default());
+                    per_token(&mut q8k[..], nb, x, self.cols, t, quantize_q8_k_fast);
+                    ksums.resize(t * nb, XSumsK::default());
+                    per_token(&mut ksums[..], nb, q8k, nb, t, packed::prepare_k);
+                    QuantizedX::Packed(PackedX {
+                        blocks: &[],
+                        meta: &[],
+                        kblocks: &q8k[..],
+                        ksums: &ksums[..],
+                        nbx: nb,
+                    })
+                }
                 Data::Packed(..) | Data::Q8_0(_) | Data::Q4_0(_) => {
                     let nb = self.cols / QK8_0;
                     q8.resize(t * nb, BlockQ8_0::default());
@@ -160,6 +177,8 @@ impl Matrix {
                         QuantizedX::Packed(PackedX {
                             blocks: &q8[..],
                             meta: &xmeta[..],
+                            kblocks: &[],
+                            ksums: &[],
                             nbx: nb,
                         })
                     } else {
@@ -170,7 +189,7 @@ impl Matrix {
                 Data::Q4K(_) => {
                     let nb = self.cols / QK_K;
                     q8k.resize(t * nb, BlockQ8K::default());
-                    per_token(&mut q8k[..], nb, x, self.cols, t, quantize_q8_k);
+                    per_token(&mut q8k[..], nb, x, self.cols, t, quantize_q8_k_fast);
                     QuantizedX::Q8K(&q8k[..])
                 }
                 _ => QuantizedX::None(x),
@@ -608,10 +627,9 @@ mod tests {
                 packed.matmul(&x, t, &mut yp);
                 plain.matmul(&x, t, &mut yq);
             });
-            // Q4_K's ggml kernel quantizes activations per 256 (Q8_K), packed per 32;
-            // the others see the same activations and differ by summation order only.
+            // Both see the same activations and differ by summation order only.
             let top = yq.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let tol = if q == QuantType::Q4K { 1e-2 } else { 1e-5 } * top;
+            let tol = 1e-5 * top;
             for (i, (a, b)) in yp.iter().zip(&yq).enumerate() {
                 assert!((a - b).abs() <= tol, "{q} [{i}]: {a} vs {b} (max {top})");
             }
