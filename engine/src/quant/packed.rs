@@ -363,6 +363,7 @@ pub unsafe fn tile_into(
             && acts >= toks.end * x.nbx,
         "packed::tile: inconsistent operands"
     ); // ok: internal contract of Matrix::matmul
+
     // Zeroed once per call, not per group: a decode step's groups (all stored directly)
     // spent 1% of the step in memset.
     let mut res = [[0.0f32; ROWS]; MAX_TOKENS];
