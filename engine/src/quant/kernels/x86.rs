@@ -2,6 +2,24 @@
 
 use super::*;
 
+/// `$pass::<P>(w, stride, b0, picks, y)` for the picks four at a time (P = 4, the rest
+/// 1 to 3): the gathers' row passes.
+macro_rules! by_fours {
+    ($pass:ident, $w:expr, $stride:expr, $b0:expr, $picks:expr, $y:expr) => {
+        for pc in $picks.chunks(4) {
+            // SAFETY: the calling kernel's contract, for these picks.
+            unsafe {
+                match pc.len() {
+                    4 => $pass::<4>($w, $stride, $b0, pc, $y),
+                    3 => $pass::<3>($w, $stride, $b0, pc, $y),
+                    2 => $pass::<2>($w, $stride, $b0, pc, $y),
+                    _ => $pass::<1>($w, $stride, $b0, pc, $y),
+                }
+            }
+        }
+    };
+}
+
 /// `pub unsafe fn $name(w, stride, b0, picks, y)`: `y += Σ_p alpha_p · W[row_p][b0·32..]`
 /// for the picked rows of `$block`s in order, four rows per pass over `y` (each row's
 /// blocks read in sequence), each block dequantized as `$parts` (four groups of 8 quants
@@ -51,17 +69,7 @@ macro_rules! gather_kernel {
                     }
                 }
             }
-            for pc in picks.chunks(4) {
-                // SAFETY: the function's contract, for these picks.
-                unsafe {
-                    match pc.len() {
-                        4 => pass::<4>(w, stride, b0, pc, y),
-                        3 => pass::<3>(w, stride, b0, pc, y),
-                        2 => pass::<2>(w, stride, b0, pc, y),
-                        _ => pass::<1>(w, stride, b0, pc, y),
-                    }
-                }
-            }
+            by_fours!(pass, w, stride, b0, picks, y);
         }
     };
 }
@@ -405,17 +413,7 @@ macro_rules! x86_kernels {
                         }
                     }
                 }
-                for pc in picks.chunks(4) {
-                    // SAFETY: the function's contract, for these picks.
-                    unsafe {
-                        match pc.len() {
-                            4 => pass::<4>(w, stride, b0, pc, y),
-                            3 => pass::<3>(w, stride, b0, pc, y),
-                            2 => pass::<2>(w, stride, b0, pc, y),
-                            _ => pass::<1>(w, stride, b0, pc, y),
-                        }
-                    }
-                }
+                by_fours!(pass, w, stride, b0, picks, y);
             }
 
             /// f16 bits to f32, eight at a time (F16C); the tail through `half`.
