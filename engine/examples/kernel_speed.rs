@@ -126,8 +126,7 @@ fn main() {
         // The 16-row interleaved layout (the matmul path on AVX-512 VNNI): one token
         // (decode) and eight tokens per weight pass (prefill), all tokens counted.
         let x8: Vec<BlockQ8_0> = (0..8).flat_map(|_| xq.iter().copied()).collect();
-        let mut meta = Vec::new();
-        meta.resize(x8.len(), packed::XMeta::default());
+        let mut meta = vec![packed::XMeta::default(); x8.len()];
         packed::prepare(&x8, &mut meta);
         let k8: Vec<BlockQ8K> = (0..8).flat_map(|_| xk.iter().copied()).collect();
         let mut ksums = vec![packed::XSumsK::default(); k8.len()];

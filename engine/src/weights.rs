@@ -493,17 +493,7 @@ impl Matrix {
                 self.row_to_f32(r, &mut row);
                 kernels::axpy_f32(alpha, &row[c0..c0 + y.len()], y);
             }
-            Data::Q4K(v) => {
-                // Only the blocks of this part, through a stack buffer.
-                let mut tmp = [0.0f32; QK_K];
-                for (blk, o) in v.as_slice()[b0..b0 + nb]
-                    .iter()
-                    .zip(y.chunks_exact_mut(QK_K))
-                {
-                    dequantize_q4_k(std::slice::from_ref(blk), &mut tmp);
-                    kernels::axpy_f32(alpha, &tmp, o);
-                }
-            }
+            Data::Q4K(v) => kernels::axpy_q4_k(&v.as_slice()[b0..b0 + nb], alpha, y),
         }
     }
 

@@ -365,91 +365,46 @@ pub fn narrow_f16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// `y += Σ_p alpha_p · W[r_p][32·b0..32·b0 + y.len()]` for the picks `(r_p, alpha_p)` in
-/// order, `W` Q8_0 with `stride` blocks per row: the sparse down projection's surviving
-/// rows, a few per pass over `y` (per element the same operations as [`axpy_q8_0`] row by
-/// row).
-pub fn axpy_gather_q8_0(
-    w: &[BlockQ8_0],
-    stride: usize,
-    b0: usize,
-    picks: &[(u32, f32)],
-    y: &mut [f32],
-) {
-    let nb = y.len() / QK8_0;
-    check_gather(w.len(), stride, b0, nb, y.len(), picks);
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: features verified by isa(); check_gather bounds every block read.
-        Isa::Avx2 => unsafe { avx2::axpy_gather_q8_0(w, stride, b0, picks, y) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx512Vnni => unsafe { vnni::axpy_gather_q8_0(w, stride, b0, picks, y) },
-        _ => {
-            for &(r, a) in picks {
-                let s = r as usize * stride + b0;
-                axpy_q8_0(&w[s..s + nb], a, y);
-            }
-        }
+/// `y += alpha · dequant(w)` for a row of Q4_K blocks: per element `dequantize_q4_k`'s
+/// value, then [`axpy_f32`]'s fused multiply-add.
+pub fn axpy_q4_k(w: &[BlockQ4K], alpha: f32, y: &mut [f32]) {
+    let mut tmp = [0.0f32; QK_K];
+    for (blk, o) in w.iter().zip(y.chunks_exact_mut(QK_K)) {
+        dequantize_q4_k(std::slice::from_ref(blk), &mut tmp);
+        axpy_f32(alpha, &tmp, o);
     }
 }
 
-/// [`axpy_gather_q8_0`] for Q4_0 rows (the operations of [`axpy_q4_0`]).
-pub fn axpy_gather_q4_0(
-    w: &[BlockQ4_0],
-    stride: usize,
-    b0: usize,
-    picks: &[(u32, f32)],
-    y: &mut [f32],
-) {
-    let nb = y.len() / QK4_0;
-    check_gather(w.len(), stride, b0, nb, y.len(), picks);
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: features verified by isa(); check_gather bounds every block read.
-        Isa::Avx2 => unsafe { avx2::axpy_gather_q4_0(w, stride, b0, picks, y) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx512Vnni => unsafe { vnni::axpy_gather_q4_0(w, stride, b0, picks, y) },
-        _ => {
-            for &(r, a) in picks {
-                let s = r as usize * stride + b0;
-                axpy_q4_0(&w[s..s + nb], a, y);
-            }
-        }
-    }
-}
-
-/// [`axpy_gather_q8_0`] for Q4_K rows (`b0` and `y.len()` in 256-value blocks): per
-/// element the operations of `dequantize_q4_k` then [`axpy_f32`], row by row.
-pub fn axpy_gather_q4_k(
-    w: &[BlockQ4K],
-    stride: usize,
-    b0: usize,
-    picks: &[(u32, f32)],
-    y: &mut [f32],
-) {
-    let nb = y.len() / QK_K;
-    check_gather(w.len(), stride, b0, nb, y.len(), picks);
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: features verified by isa(); check_gather bounds every block read.
-        Isa::Avx2 => unsafe { avx2::axpy_gather_q4_k(w, stride, b0, picks, y) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx512Vnni => unsafe { vnni::axpy_gather_q4_k(w, stride, b0, picks, y) },
-        _ => {
-            let mut tmp = [0.0f32; QK_K];
-            for &(r, a) in picks {
-                let s = r as usize * stride + b0;
-                for (blk, o) in w[s..s + nb].iter().zip(y.chunks_exact_mut(QK_K)) {
-                    dequantize_q4_k(std::slice::from_ref(blk), &mut tmp);
-                    axpy_f32(a, &tmp, o);
+/// `pub fn $name(w, stride, b0, picks, y)`: `y += Σ_p alpha_p · W[r_p][b0.. + y.len()]`
+/// (`b0` in blocks of `$qk`) for the picks `(r_p, alpha_p)` in order, `W` with `stride`
+/// blocks per row: the sparse down projection's surviving rows, a few per pass over `y`,
+/// per element the same operations as `$row` row by row (the portable path).
+macro_rules! gather_dispatch {
+    ($name:ident, $block:ty, $qk:expr, $row:ident) => {
+        pub fn $name(w: &[$block], stride: usize, b0: usize, picks: &[(u32, f32)], y: &mut [f32]) {
+            let nb = y.len() / $qk;
+            check_gather(w.len(), stride, b0, nb, y.len(), picks);
+            match isa() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: features verified by isa(); check_gather bounds every block read.
+                Isa::Avx2 => unsafe { avx2::$name(w, stride, b0, picks, y) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx512Vnni => unsafe { vnni::$name(w, stride, b0, picks, y) },
+                _ => {
+                    for &(r, a) in picks {
+                        let s = r as usize * stride + b0;
+                        $row(&w[s..s + nb], a, y);
+                    }
                 }
             }
         }
-    }
+    };
 }
+
+gather_dispatch!(axpy_gather_q8_0, BlockQ8_0, QK8_0, axpy_q8_0);
+gather_dispatch!(axpy_gather_q4_0, BlockQ4_0, QK4_0, axpy_q4_0);
+gather_dispatch!(axpy_gather_q4_k, BlockQ4K, QK_K, axpy_q4_k);
 
 fn check_gather(
     blocks: usize,

@@ -246,13 +246,12 @@ pub fn row_to_f32(kind: QuantType, w: &[u8], nbs: usize, nb: usize, r: usize, ou
     }
 }
 
-/// Per activation block: its scale, its scaled quant sum, and the integer sums' start
-/// for Q4_0 and Q8_0 weights (`−8·Σa`, `−128·Σa`; read as one broadcast load).
+/// Per activation block: its scale and the integer sums' start for Q4_0 and Q8_0
+/// weights (`−8·Σa`, `−128·Σa`).
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
 pub struct XMeta {
     pub d: f32,
-    pub dsum: f32,
     pub init_q4: i32,
     pub init_q8: i32,
 }
@@ -265,7 +264,6 @@ pub fn prepare(x: &[BlockQ8_0], out: &mut [XMeta]) {
         let isum = b.qs.iter().fold(0i16, |s, &q| s + q as i16) as i32;
         *m = XMeta {
             d,
-            dsum: d * isum as f32,
             init_q4: -8 * isum,
             init_q8: -128 * isum,
         };
@@ -575,10 +573,11 @@ mod avx512 {
     unsafe fn q4_k<const N: usize>(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m512; N] {
         let mut acc = [_mm512_setzero_ps(); N];
         let (m4, mhi) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-16));
-        let sixteenth = _mm512_set1_ps(1.0 / 16.0);
         for b in 0..nb {
             let meta = g.add(b * 2368);
             let d = scales16(meta.add(256));
+            // High-nibble sub-blocks: d/16 (exact), so (d/16)·sc = d·sc/16 bit for bit.
+            let d16 = _mm512_mul_ps(d, _mm512_set1_ps(1.0 / 16.0));
             let mut sub = [_mm512_setzero_ps(); N];
             for c in 0..4 {
                 let q = meta.add(320 + c * 512);
@@ -590,10 +589,7 @@ mod avx512 {
                     let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
                         meta.add(s * ROWS) as *const __m128i,
                     )));
-                    let mut dsc = _mm512_mul_ps(d, sc);
-                    if half == 1 {
-                        dsc = _mm512_mul_ps(dsc, sixteenth);
-                    }
+                    let dsc = _mm512_mul_ps(if half == 0 { d } else { d16 }, sc);
                     for_tokens!(n => {
                         let a = x.kblocks.get_unchecked((t + n) * x.nbx + b).qs.as_ptr().add(32 * s);
                         let i = if N == 1 {

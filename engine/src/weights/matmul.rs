@@ -153,19 +153,23 @@ impl Matrix {
         } = s;
         {
             let xq = match &self.data {
-                Data::Packed(QuantType::Q4K, _) => {
+                Data::Q4K(_) | Data::Packed(QuantType::Q4K, _) => {
                     let nb = self.cols / QK_K;
                     q8k.resize(t * nb, BlockQ8K::default());
                     per_token(&mut q8k[..], nb, x, self.cols, t, quantize_q8_k_fast);
-                    ksums.resize(t * nb, XSumsK::default());
-                    per_token(&mut ksums[..], nb, q8k, nb, t, packed::prepare_k);
-                    QuantizedX::Packed(PackedX {
-                        blocks: &[],
-                        meta: &[],
-                        kblocks: &q8k[..],
-                        ksums: &ksums[..],
-                        nbx: nb,
-                    })
+                    if let Data::Packed(..) = self.data {
+                        ksums.resize(t * nb, XSumsK::default());
+                        per_token(&mut ksums[..], nb, q8k, nb, t, packed::prepare_k);
+                        QuantizedX::Packed(PackedX {
+                            blocks: &[],
+                            meta: &[],
+                            kblocks: &q8k[..],
+                            ksums: &ksums[..],
+                            nbx: nb,
+                        })
+                    } else {
+                        QuantizedX::Q8K(&q8k[..])
+                    }
                 }
                 Data::Packed(..) | Data::Q8_0(_) | Data::Q4_0(_) => {
                     let nb = self.cols / QK8_0;
@@ -185,12 +189,6 @@ impl Matrix {
                         kernels::q8_0_meta(q8, nb, q8_sums);
                         QuantizedX::Q8_0(&q8[..], &q8_sums[..])
                     }
-                }
-                Data::Q4K(_) => {
-                    let nb = self.cols / QK_K;
-                    q8k.resize(t * nb, BlockQ8K::default());
-                    per_token(&mut q8k[..], nb, x, self.cols, t, quantize_q8_k_fast);
-                    QuantizedX::Q8K(&q8k[..])
                 }
                 _ => QuantizedX::None(x),
             };
