@@ -655,13 +655,7 @@ mod tests {
                 *v = 0.0; // a sparse activation, as after Gaussian top-k
             }
         }
-        for q in [
-            QuantType::F32,
-            QuantType::Bf16,
-            QuantType::Q8_0,
-            QuantType::Q4_0,
-            QuantType::Q4K,
-        ] {
+        for q in QuantType::ALL {
             // Q4_K: whole rows of 3 blocks, one block, and two blocks after the first.
             let cols = if q == QuantType::Q4K { 256 * 3 } else { 32 * 9 };
             let w = crate::test_util::data(rows * cols, 3);

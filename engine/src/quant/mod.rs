@@ -18,6 +18,15 @@ pub enum QuantType {
 }
 
 impl QuantType {
+    /// Every storage type, in declaration order.
+    pub const ALL: [QuantType; 5] = [
+        QuantType::F32,
+        QuantType::Bf16,
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4K,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             QuantType::F32 => "f32",

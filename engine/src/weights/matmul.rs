@@ -452,13 +452,7 @@ mod tests {
         let cols = 512;
         let shapes = [300usize, 64, 64, 16, 7];
         let x = crate::test_util::data(3 * cols, 5);
-        for q in [
-            QuantType::F32,
-            QuantType::Bf16,
-            QuantType::Q8_0,
-            QuantType::Q4_0,
-            QuantType::Q4K,
-        ] {
+        for q in QuantType::ALL {
             for pack in [false, true] {
                 let mats: Vec<Matrix> = shapes
                     .iter()
