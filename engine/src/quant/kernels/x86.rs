@@ -20,16 +20,16 @@ macro_rules! by_fours {
     };
 }
 
-/// `pub unsafe fn $name(w, stride, b0, picks, y)`: `y += Σ_p alpha_p · W[row_p][b0·32..]`
-/// for the picked rows of `$block`s in order, four rows per pass over `y` (each row's
-/// blocks read in sequence), each block dequantized as `$parts` (four groups of 8 quants
-/// as bytes, from `$blk`): per element the same fused multiply-adds in the same order as
-/// the row-by-row `axpy_*`, with a quarter of the loads and stores of `y`.
+/// `pub unsafe fn $name(w, stride, b0, picks, y)`: `y += Σ_p alpha_p · W[row_p][b0·$qk..]`
+/// for the picked rows of `$block`s in order, up to four rows per pass over `y` (each
+/// row's blocks read in sequence). `$body` adds one block of every pick of the pass
+/// (`$blks: [&$block; P]`, `$picks`) into `$o`, that block's `$qk` values of `y`, so `y`
+/// is loaded and stored once per pass instead of once per row.
 ///
-/// The generated function's safety contract: blocks `r·stride + b0 .. + y.len()/32` of
+/// The generated function's safety contract: blocks `r·stride + b0 .. + y.len()/$qk` of
 /// every picked row `r` lie in `w`.
 macro_rules! gather_kernel {
-    ($feat:literal, $name:ident, $block:ty, $blk:ident => $parts:block) => {
+    ($feat:literal, $name:ident, $block:ty, $qk:expr, |$blks:ident, $picks:ident, $o:ident| $body:block) => {
         #[target_feature(enable = $feat)]
         pub unsafe fn $name(
             w: &[$block],
@@ -44,33 +44,44 @@ macro_rules! gather_kernel {
                 w: &[$block],
                 stride: usize,
                 b0: usize,
-                picks: &[(u32, f32)],
+                $picks: &[(u32, f32)],
                 y: &mut [f32],
             ) {
-                // SAFETY (all below): the caller's contract bounds the weight blocks; y
-                // holds whole blocks of 32.
-                let rows: [*const $block; P] = std::array::from_fn(|p| unsafe {
-                    w.as_ptr().add(picks[p].0 as usize * stride + b0)
-                });
-                for (k, o) in y.chunks_exact_mut(32).enumerate() {
-                    let mut acc: [__m256; 4] =
-                        std::array::from_fn(|j| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * j)) });
-                    for (p, row) in rows.iter().enumerate() {
-                        let $blk = unsafe { &*row.add(k) };
-                        let d = _mm256_set1_ps(picks[p].1 * h($blk.d));
-                        let parts: [__m128i; 4] = $parts;
-                        for (a, part) in acc.iter_mut().zip(parts) {
-                            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part));
-                            *a = _mm256_fmadd_ps(d, f, *a);
-                        }
-                    }
-                    for (j, a) in acc.iter().enumerate() {
-                        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
-                    }
+                for (k, $o) in y.chunks_exact_mut($qk).enumerate() {
+                    // SAFETY: the caller's contract bounds block k of every pick.
+                    let $blks: [&$block; P] = std::array::from_fn(|p| unsafe {
+                        &*w.as_ptr().add($picks[p].0 as usize * stride + b0 + k)
+                    });
+                    $body
                 }
             }
             by_fours!(pass, w, stride, b0, picks, y);
         }
+    };
+}
+
+/// [`gather_kernel`] for 32-quant blocks with an f16 scale `d`, each dequantized as
+/// `$parts` (four groups of 8 quants as bytes, from `$blk`): per element the same fused
+/// multiply-adds in the same order as the row-by-row `axpy_*`.
+macro_rules! gather_kernel_32 {
+    ($feat:literal, $name:ident, $block:ty, $blk:ident => $parts:block) => {
+        gather_kernel!($feat, $name, $block, 32, |blks, picks, o| {
+            // SAFETY: o holds 32 floats (a whole block).
+            let mut acc: [__m256; 4] =
+                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * j)) });
+            for (p, $blk) in blks.into_iter().enumerate() {
+                let d = _mm256_set1_ps(picks[p].1 * h($blk.d));
+                let parts: [__m128i; 4] = $parts;
+                for (a, part) in acc.iter_mut().zip(parts) {
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part));
+                    *a = _mm256_fmadd_ps(d, f, *a);
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
+            }
+        });
     };
 }
 
@@ -321,7 +332,7 @@ macro_rules! x86_kernels {
                 }
             }
 
-            gather_kernel!($feat, axpy_gather_q8_0, BlockQ8_0, blk => {
+            gather_kernel_32!($feat, axpy_gather_q8_0, BlockQ8_0, blk => {
                 // SAFETY: 8-byte loads at 8j inside qs (32 bytes).
                 let p = blk.qs.as_ptr();
                 unsafe {
@@ -329,92 +340,61 @@ macro_rules! x86_kernels {
                 }
             });
 
-            gather_kernel!($feat, axpy_gather_q4_0, BlockQ4_0, blk => {
+            gather_kernel_32!($feat, axpy_gather_q4_0, BlockQ4_0, blk => {
                 let q = _mm256_sub_epi8(nibbles(&blk.qs), _mm256_set1_epi8(8));
                 let lo = _mm256_castsi256_si128(q);
                 let hi = _mm256_extracti128_si256(q, 1);
                 [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
             });
 
-            /// [`axpy_gather_q8_0`]'s pass structure for Q4_K rows (256-value blocks):
-            /// per element `y = fma(alpha, d·sc·q − dmin·m, y)`, the operations of
-            /// `dequantize_q4_k` followed by `axpy_f32`, up to four rows per pass.
-            ///
-            /// # Safety
-            /// Blocks `r·stride + b0 .. + y.len()/256` of every picked row `r` lie in `w`.
-            #[target_feature(enable = $feat)]
-            pub unsafe fn axpy_gather_q4_k(
-                w: &[BlockQ4K],
-                stride: usize,
-                b0: usize,
-                picks: &[(u32, f32)],
-                y: &mut [f32],
-            ) {
-                #[inline]
-                #[target_feature(enable = $feat)]
-                unsafe fn pass<const P: usize>(
-                    w: &[BlockQ4K],
-                    stride: usize,
-                    b0: usize,
-                    picks: &[(u32, f32)],
-                    y: &mut [f32],
-                ) {
-                    let m4 = _mm256_set1_epi8(0x0F);
-                    for (k, ob) in y.chunks_exact_mut(QK_K).enumerate() {
-                        // SAFETY: the caller's contract bounds block k of every pick.
-                        let blks: [&BlockQ4K; P] = std::array::from_fn(|p| unsafe {
-                            &*w.as_ptr().add(picks[p].0 as usize * stride + b0 + k)
-                        });
-                        // Per pick and sub-block: d·sc and dmin·m, as dequantize_q4_k.
-                        let sm: [[(f32, f32); 8]; P] = std::array::from_fn(|p| {
-                            let b = blks[p];
-                            let (d, dmin) = (h(b.d), h(b.dmin));
-                            std::array::from_fn(|s| {
-                                let (sc, m) = scale_min_k4(s, &b.scales);
-                                (d * sc as f32, dmin * m as f32)
-                            })
-                        });
-                        // 64 values at a time: the low nibbles of 32 quant bytes are
-                        // sub-block 2j, the high nibbles 2j + 1.
-                        for (j, o) in ob.chunks_exact_mut(64).enumerate() {
-                            let mut acc: [__m256; 8] = std::array::from_fn(|i| unsafe {
-                                // SAFETY: 8 floats at 8i inside o (64).
-                                _mm256_loadu_ps(o.as_ptr().add(8 * i))
-                            });
-                            for p in 0..P {
-                                // SAFETY: 32 bytes at 32j inside qs (128).
-                                let q = unsafe {
-                                    _mm256_loadu_si256(
-                                        blks[p].qs.as_ptr().add(32 * j) as *const __m256i
-                                    )
-                                };
-                                let alpha = _mm256_set1_ps(picks[p].1);
-                                let halves =
-                                    [_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16(q, 4), m4)];
-                                for (half, v) in halves.into_iter().enumerate() {
-                                    let (dsc, mm) = sm[p][2 * j + half];
-                                    let (dsc, mm) = (_mm256_set1_ps(dsc), _mm256_set1_ps(mm));
-                                    let lo = _mm256_castsi256_si128(v);
-                                    let hi = _mm256_extracti128_si256(v, 1);
-                                    let parts =
-                                        [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
-                                    for (i, part) in parts.into_iter().enumerate() {
-                                        let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
-                                        let t = _mm256_sub_ps(_mm256_mul_ps(dsc, f), mm);
-                                        let a = &mut acc[4 * half + i];
-                                        *a = _mm256_fmadd_ps(alpha, t, *a);
-                                    }
-                                }
-                            }
-                            for (i, a) in acc.iter().enumerate() {
-                                // SAFETY: 8 floats at 8i inside o (64).
-                                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), *a) };
+            // Q4_K rows (256-value blocks): per element `y = fma(alpha, d·sc·q − dmin·m, y)`,
+            // the operations of `dequantize_q4_k` followed by `axpy_f32`.
+            gather_kernel!($feat, axpy_gather_q4_k, BlockQ4K, QK_K, |blks, picks, ob| {
+                let m4 = _mm256_set1_epi8(0x0F);
+                // Per pick and sub-block: d·sc and dmin·m, as dequantize_q4_k.
+                let sm: [[(f32, f32); 8]; P] = std::array::from_fn(|p| {
+                    let b = blks[p];
+                    let (d, dmin) = (h(b.d), h(b.dmin));
+                    std::array::from_fn(|s| {
+                        let (sc, m) = scale_min_k4(s, &b.scales);
+                        (d * sc as f32, dmin * m as f32)
+                    })
+                });
+                // 64 values at a time: the low nibbles of 32 quant bytes are sub-block
+                // 2j, the high nibbles 2j + 1.
+                for (j, o) in ob.chunks_exact_mut(64).enumerate() {
+                    let mut acc: [__m256; 8] = std::array::from_fn(|i| unsafe {
+                        // SAFETY: 8 floats at 8i inside o (64).
+                        _mm256_loadu_ps(o.as_ptr().add(8 * i))
+                    });
+                    for p in 0..P {
+                        // SAFETY: 32 bytes at 32j inside qs (128).
+                        let q = unsafe {
+                            _mm256_loadu_si256(blks[p].qs.as_ptr().add(32 * j) as *const __m256i)
+                        };
+                        let alpha = _mm256_set1_ps(picks[p].1);
+                        let halves =
+                            [_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16(q, 4), m4)];
+                        for (half, v) in halves.into_iter().enumerate() {
+                            let (dsc, mm) = sm[p][2 * j + half];
+                            let (dsc, mm) = (_mm256_set1_ps(dsc), _mm256_set1_ps(mm));
+                            let lo = _mm256_castsi256_si128(v);
+                            let hi = _mm256_extracti128_si256(v, 1);
+                            let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                            for (i, part) in parts.into_iter().enumerate() {
+                                let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+                                let t = _mm256_sub_ps(_mm256_mul_ps(dsc, f), mm);
+                                let a = &mut acc[4 * half + i];
+                                *a = _mm256_fmadd_ps(alpha, t, *a);
                             }
                         }
                     }
+                    for (i, a) in acc.iter().enumerate() {
+                        // SAFETY: 8 floats at 8i inside o (64).
+                        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), *a) };
+                    }
                 }
-                by_fours!(pass, w, stride, b0, picks, y);
-            }
+            });
 
             /// f16 bits to f32, eight at a time (F16C); the tail through `half`.
             #[target_feature(enable = $feat)]
