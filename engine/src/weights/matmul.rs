@@ -2,6 +2,7 @@
 //! thread pool and picks the kernel for the storage (packed x16, ggml blocks, bf16).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::{dot_f16, dot_f32, Data, Matrix};
 use crate::quant::activations::{quantize_q8_0_fast, quantize_q8_k_fast};
@@ -47,6 +48,66 @@ pub fn release_thread_scratch() {
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_THRESHOLD: usize = 1 << 16;
+
+/// Most row ranges of one fused decode product that take part in work stealing.
+const MAX_RANGES: usize = 64;
+
+/// Weight bytes a thread claims at a time from the front of its own range: small enough
+/// that a range's unclaimed rest can be shared at the end, large enough that the claims
+/// cost nothing next to the reads (128 KiB: ~4 µs of one core's stream).
+const CLAIM_BYTES: usize = 128 << 10;
+
+/// A range's claim word (`start << 32 | end`), alone on its cache line so that the
+/// threads eating neighbouring ranges do not bounce one line between them.
+#[repr(align(64))]
+struct Claim(AtomicU64);
+
+fn pack_range(a: usize, b: usize) -> u64 {
+    ((a as u64) << 32) | b as u64
+}
+
+fn unpack_range(w: u64) -> (usize, usize) {
+    ((w >> 32) as usize, (w & 0xffff_ffff) as usize)
+}
+
+/// The next `chunk` rows (fewer at the end) from the front of a claim word's range.
+fn claim_front(c: &AtomicU64, chunk: usize) -> Option<Range<usize>> {
+    let mut w = c.load(Ordering::Relaxed);
+    loop {
+        let (a, b) = unpack_range(w);
+        if a >= b {
+            return None;
+        }
+        let e = (a + chunk).min(b);
+        match c.compare_exchange_weak(w, pack_range(e, b), Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(a..e),
+            Err(x) => w = x,
+        }
+    }
+}
+
+/// The back half (at least one `group` of rows, starting on a `group` multiple) of a
+/// claim word's range; the whole rest when that is all there is.
+fn claim_back(c: &AtomicU64, group: usize) -> Option<Range<usize>> {
+    let mut w = c.load(Ordering::Relaxed);
+    loop {
+        let (a, b) = unpack_range(w);
+        if a >= b {
+            return None;
+        }
+        let mid = (a + (b - a) / 2) / group * group;
+        let s = if mid > a { mid } else { a };
+        let nw = if s == a {
+            pack_range(b, b)
+        } else {
+            pack_range(a, s)
+        };
+        match c.compare_exchange_weak(w, nw, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(s..b),
+            Err(x) => w = x,
+        }
+    }
+}
 
 impl Matrix {
     /// `y[t, r] = Σ_c W[r, c] · x[t, c]` for `t` tokens: `x` is `[t, cols]`, `y` is
@@ -110,22 +171,70 @@ impl Matrix {
                 work += m.rows * m.cols;
             }
             let n = mats.len();
-            let task = |k: usize| {
-                let i = (0..n).rev().find(|&i| first[i] <= k).unwrap_or(0);
-                let (m, rp) = (mats[i], rows_per[i]);
-                let r0 = (k - first[i]) * rp;
-                let r1 = (r0 + rp).min(m.rows);
+            let tasks = first[n];
+            let mat_of = |k: usize| (0..n).rev().find(|&i| first[i] <= k).unwrap_or(0);
+            let run = |i: usize, rows: Range<usize>| {
                 if let Some(v) = views[i] {
-                    // SAFETY: task `k` alone writes rows `r0..r1` of output `i`, and the
-                    // outputs are distinct borrows.
-                    unsafe { m.tile(&xq, 1, r0..r1, 0..1, v.from_row(r0)) };
+                    // SAFETY: each row range of output `i` is handed out once (by the
+                    // task counter or a range's claim word), and the outputs are distinct
+                    // borrows.
+                    unsafe { mats[i].tile(&xq, 1, rows.clone(), 0..1, v.from_row(rows.start)) };
                 }
             };
-            if work < PAR_THRESHOLD || threads <= 1 {
-                (0..first[n]).for_each(task);
-            } else {
-                crate::par::for_each(first[n], task);
+            if work < PAR_THRESHOLD || threads <= 1 || tasks > MAX_RANGES {
+                (0..tasks).for_each(|k| {
+                    let i = mat_of(k);
+                    let r0 = (k - first[i]) * rows_per[i];
+                    run(i, r0..(r0 + rows_per[i]).min(mats[i].rows));
+                });
+                return;
             }
+            // Each task is one thread's contiguous range, eaten from the front in chunks;
+            // a thread that finds no task left takes the back half of the largest
+            // remainder, so the threads end a product together instead of one waiting for
+            // the other's range (a decode step has ~250 of them).
+            let claims: [Claim; MAX_RANGES] = std::array::from_fn(|_| Claim(AtomicU64::new(0)));
+            let mut chunk = [0usize; MAX];
+            let mut group = [0usize; MAX];
+            for (k, c) in claims.iter().enumerate().take(tasks) {
+                let i = mat_of(k);
+                let r0 = (k - first[i]) * rows_per[i];
+                let r1 = (r0 + rows_per[i]).min(mats[i].rows);
+                c.0.store(pack_range(r0, r1), Ordering::Relaxed);
+            }
+            for (i, m) in mats.iter().enumerate() {
+                group[i] = m.tile_group(&xq, 1);
+                let rows = (CLAIM_BYTES / m.row_bytes().max(1)).max(1);
+                chunk[i] = rows.next_multiple_of(group[i]);
+            }
+            let next = AtomicUsize::new(0);
+            crate::par::for_each(threads, |_| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= tasks {
+                        break;
+                    }
+                    let i = mat_of(k);
+                    while let Some(rows) = claim_front(&claims[k].0, chunk[i]) {
+                        run(i, rows);
+                    }
+                }
+                // Steal until every range is done.
+                loop {
+                    let left = |k: usize| {
+                        let (a, b) = unpack_range(claims[k].0.load(Ordering::Relaxed));
+                        b.saturating_sub(a)
+                    };
+                    let Some(k) = (0..tasks).max_by_key(|&k| left(k)).filter(|&k| left(k) > 0)
+                    else {
+                        break;
+                    };
+                    let i = mat_of(k);
+                    if let Some(rows) = claim_back(&claims[k].0, group[i]) {
+                        run(i, rows);
+                    }
+                }
+            });
         });
     }
 
@@ -443,6 +552,52 @@ mod tests {
     use super::*;
     use crate::quant::QuantType;
     use crate::weights::{bf16_to_f32, Slab};
+
+    /// Front claims, back-half steals and two racing threads hand out each row once.
+    #[test]
+    fn claims_hand_out_every_row_once_and_steals_start_on_a_group() {
+        // One thread alternating front and back claims, then two threads racing.
+        let (r0, r1, group) = (32usize, 32 + 16 * 37 + 5, 16usize);
+        let c = Claim(AtomicU64::new(pack_range(r0, r1)));
+        let mut seen = vec![0u8; r1];
+        let mut turn = 0;
+        loop {
+            let got = if turn % 3 == 2 {
+                claim_back(&c.0, group)
+            } else {
+                claim_front(&c.0, 3 * group)
+            };
+            let Some(rows) = got else { break };
+            assert!(
+                rows.start.is_multiple_of(group) && !rows.is_empty(),
+                "{rows:?}"
+            );
+            rows.for_each(|r| seen[r] += 1);
+            turn += 1;
+        }
+        assert!(claim_front(&c.0, group).is_none() && claim_back(&c.0, group).is_none());
+        assert!(seen[..r0].iter().all(|&n| n == 0) && seen[r0..].iter().all(|&n| n == 1));
+
+        let c = Claim(AtomicU64::new(pack_range(0, 16 * 4000)));
+        let counts: Vec<AtomicUsize> = (0..16 * 4000).map(|_| AtomicUsize::new(0)).collect();
+        std::thread::scope(|s| {
+            for back in [false, true] {
+                let (c, counts) = (&c, &counts);
+                s.spawn(move || loop {
+                    let got = if back {
+                        claim_back(&c.0, 16)
+                    } else {
+                        claim_front(&c.0, 16)
+                    };
+                    let Some(rows) = got else { break };
+                    rows.for_each(|r| {
+                        counts[r].fetch_add(1, Ordering::Relaxed);
+                    });
+                });
+            }
+        });
+        assert!(counts.iter().all(|n| n.load(Ordering::Relaxed) == 1));
+    }
 
     /// A fused product gives each matrix exactly what its own product gives, on the
     /// spinning pool and on rayon's, for every storage (mixed storages fall back).
