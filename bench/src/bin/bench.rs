@@ -395,6 +395,7 @@ fn main() -> Result<()> {
         (engine, None)
     };
     let mem_after_load = procfs::mem_status()?;
+    let huge_after_load = procfs::huge_pages().unwrap_or_default();
     let decode_weight_bytes = engine.model().decode_weight_bytes();
 
     // Warm-up: a short forward pass (thread pool, allocations) and a sanity check that the
@@ -556,6 +557,14 @@ fn main() -> Result<()> {
         ),
     );
     line(
+        "on 2 MiB pages after load",
+        format!(
+            "{:.2} GiB file-backed (the mapped weights), {:.2} GiB anonymous",
+            gib(huge_after_load.file_pmd),
+            gib(huge_after_load.anon_huge)
+        ),
+    );
+    line(
         "RSS at end",
         format!(
             "{:.2} GiB (anon {:.2}, file {:.2})",
@@ -663,6 +672,8 @@ fn main() -> Result<()> {
         "decode_roofline_efficiency_vs_best_read": efficiency_vs_best,
         "rss": {
             "after_load_bytes": mem_after_load.vm_rss,
+            "after_load_file_pmd_mapped_bytes": huge_after_load.file_pmd,
+            "after_load_anon_huge_bytes": huge_after_load.anon_huge,
             "after_load_anon_bytes": mem_after_load.rss_anon,
             "after_load_file_bytes": mem_after_load.rss_file,
             "end_bytes": mem_end.vm_rss,

@@ -8,7 +8,9 @@
 //! fault, which makes the page cache read the file in 2 MiB folios where the filesystem
 //! allows, e.g. ext4 on Linux ≥ 6.16), and the writer drops the freshly written file
 //! from the page cache, whose small write-time folios would otherwise be mapped as they
-//! are on the next start.
+//! are on the next start. A store that is nevertheless found on 4 KiB pages when opened
+//! (the file was written or read in small folios outside gemmad, or reclaim split its
+//! folios) is re-read in 2 MiB folios once (`ensure_huge`).
 //!
 //! Keyed by the checkpoint key of the PLE cache (config, index, shard names, sizes,
 //! mtimes and safetensors headers) plus the quant type and this format's version. The
@@ -97,11 +99,14 @@ impl QuantStore {
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
         advise_huge(&map);
         match Self::parse(path, &map, key, quant) {
-            Ok(entries) => Ok(Some(QuantStore {
-                path: path.to_path_buf(),
-                map: Arc::new(map),
-                entries,
-            })),
+            Ok(entries) => {
+                ensure_huge(path, &map, &file);
+                Ok(Some(QuantStore {
+                    path: path.to_path_buf(),
+                    map: Arc::new(map),
+                    entries,
+                }))
+            }
             Err(reason) => {
                 tracing::warn!(path = %path.display(), %reason, "quantized weights cache is stale or corrupt; rebuilding");
                 Ok(None)
@@ -199,6 +204,33 @@ impl QuantStore {
     pub fn data_bytes(&self) -> usize {
         self.map.len()
     }
+}
+
+/// After the checksum pass has faulted the whole store in: if most of it sits on 4 KiB
+/// pages, re-read it in 2 MiB folios (see the module docs and
+/// [`crate::residency::refault_huge`]); costs one read of the file from disk.
+fn ensure_huge(path: &Path, map: &Mmap, file: &File) {
+    use crate::residency::{huge_mapped_bytes, refault_huge, HUGE_PAGE};
+    // What can be huge: the 2 MiB-aligned span of the mapping.
+    let (p, n) = (map.as_ptr() as usize, map.len());
+    let span = ((p + n) / HUGE_PAGE * HUGE_PAGE).saturating_sub(p.next_multiple_of(HUGE_PAGE));
+    let Some(before) = huge_mapped_bytes(map) else {
+        return;
+    };
+    if span < 16 * HUGE_PAGE || before >= span / 10 * 9 {
+        tracing::debug!(path = %path.display(), huge_bytes = before, span, "quantized weights mapped");
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let after = refault_huge(map, file).unwrap_or(0);
+    tracing::info!(
+        path = %path.display(),
+        huge_before = before,
+        huge_after = after,
+        span,
+        secs = t0.elapsed().as_secs_f64(),
+        "quantized weights were on small pages; re-read them in 2 MiB pages"
+    );
 }
 
 /// `MADV_HUGEPAGE` on a fresh mapping (advisory: without THP it changes nothing).
