@@ -153,9 +153,12 @@ impl DecoderLayer {
         let mut xn = sc.copy_of(x);
         ops::rms_norm(&mut xn, h, Some(&self.altup.router_norm), m.eps);
         let scale = 1.0 / h as f32;
-        ops::for_rows(&mut xn, h, |_, row| {
-            row.iter_mut().for_each(|v| *v *= scale)
-        });
+        ops::for_rows(
+            &mut xn,
+            h,
+            #[inline(always)]
+            |_, row| row.iter_mut().for_each(|v| *v *= scale),
+        );
         let a = m.cfg.altup_num_inputs;
         let mut out = sc.take(t * a);
         self.altup.modality_router.matmul(&xn, t, &mut out);
@@ -205,26 +208,31 @@ impl DecoderLayer {
         let pred_s = &mut pred_arr[..a];
         for (i, p) in pred_s.iter_mut().enumerate() {
             let streams = &*streams;
-            ops::for_rows(p, h, |ti, row| {
-                let cf = &coefs[ti * a * a + i * a..ti * a * a + (i + 1) * a];
-                // Per element: s = 0 + S0·c0 + S1·c1 + …, then pred += s, in that order;
-                // streams outermost over 256-wide pieces so the loops vectorise.
-                let mut s = [0.0f32; 256];
-                for (e0, piece) in row.chunks_mut(256).enumerate() {
-                    let n = piece.len();
-                    let s = &mut s[..n];
-                    s.fill(0.0);
-                    for (sj, &c) in streams.iter().zip(cf) {
-                        let src = &sj[ti * h + e0 * 256..ti * h + e0 * 256 + n];
-                        for (sv, &x) in s.iter_mut().zip(src) {
-                            *sv += x * c;
+            ops::for_rows(
+                p,
+                h,
+                #[inline(always)]
+                |ti, row| {
+                    let cf = &coefs[ti * a * a + i * a..ti * a * a + (i + 1) * a];
+                    // Per element: s = 0 + S0·c0 + S1·c1 + …, then pred += s, in that order;
+                    // streams outermost over 256-wide pieces so the loops vectorise.
+                    let mut s = [0.0f32; 256];
+                    for (e0, piece) in row.chunks_mut(256).enumerate() {
+                        let n = piece.len();
+                        let s = &mut s[..n];
+                        s.fill(0.0);
+                        for (sj, &c) in streams.iter().zip(cf) {
+                            let src = &sj[ti * h + e0 * 256..ti * h + e0 * 256 + n];
+                            for (sv, &x) in s.iter_mut().zip(src) {
+                                *sv += x * c;
+                            }
+                        }
+                        for (pv, &sv) in piece.iter_mut().zip(s.iter()) {
+                            *pv += sv;
                         }
                     }
-                    for (pv, &sv) in piece.iter_mut().zip(s.iter()) {
-                        *pv += sv;
-                    }
-                }
-            });
+                },
+            );
         }
         sc.give(coefs);
         let active = &pred_s[act];
@@ -238,11 +246,16 @@ impl DecoderLayer {
         self.laurel.linear_right.matmul(&lr, t, &mut laurel);
         sc.give(lr);
         ops::rms_norm(&mut laurel, h, Some(&self.laurel.post_laurel_norm), eps);
-        ops::for_rows(&mut laurel, h, |ti, row| {
-            for (o, &x) in row.iter_mut().zip(&xn[ti * h..]) {
-                *o += x;
-            }
-        });
+        ops::for_rows(
+            &mut laurel,
+            h,
+            #[inline(always)]
+            |ti, row| {
+                for (o, &x) in row.iter_mut().zip(&xn[ti * h..]) {
+                    *o += x;
+                }
+            },
+        );
 
         let mut attn = self.attention(m, li, q, t, pos0, cache, &mut sc);
         ops::rms_norm(&mut attn, h, Some(&self.post_attention_layernorm), eps);
@@ -250,22 +263,32 @@ impl DecoderLayer {
         // attn_laurel = (active + attn + laurel) / sqrt(2)
         let sqrt2 = std::f64::consts::SQRT_2 as f32;
         let mut x = sc.take_for_write(t * h);
-        ops::for_rows(&mut x, h, |ti, row| {
-            for (e, v) in row.iter_mut().enumerate() {
-                let i = ti * h + e;
-                *v = ((active[i] + attn[i]) + laurel[i]) / sqrt2;
-            }
-        });
+        ops::for_rows(
+            &mut x,
+            h,
+            #[inline(always)]
+            |ti, row| {
+                for (e, v) in row.iter_mut().enumerate() {
+                    let i = ti * h + e;
+                    *v = ((active[i] + attn[i]) + laurel[i]) / sqrt2;
+                }
+            },
+        );
         sc.give(attn);
         sc.give(laurel);
         ops::rms_norm_into(&x, &mut xn, h, Some(&self.pre_feedforward_layernorm), eps);
         let mut ffw = self.mlp.forward(&xn, t, &mut sc);
         ops::rms_norm(&mut ffw, h, Some(&self.post_feedforward_layernorm), eps);
-        ops::for_rows(&mut x, h, |ti, row| {
-            for (o, &f) in row.iter_mut().zip(&ffw[ti * h..]) {
-                *o += f;
-            }
-        });
+        ops::for_rows(
+            &mut x,
+            h,
+            #[inline(always)]
+            |ti, row| {
+                for (o, &f) in row.iter_mut().zip(&ffw[ti * h..]) {
+                    *o += f;
+                }
+            },
+        );
         sc.give(ffw);
         sc.give(xn);
         let activated = x;
@@ -282,14 +305,19 @@ impl DecoderLayer {
         }
         for (i, s) in streams.iter_mut().enumerate() {
             let (pred_s, k, activated) = (&*pred_s, &k, &activated);
-            ops::for_rows(s, h, |ti, row| {
-                let ki = k[ti * a + i];
-                for (e, v) in row.iter_mut().enumerate() {
-                    let idx = ti * h + e;
-                    let innov = activated[idx] - pred_s[act][idx];
-                    *v = pred_s[i][idx] + innov * ki;
-                }
-            });
+            ops::for_rows(
+                s,
+                h,
+                #[inline(always)]
+                |ti, row| {
+                    let ki = k[ti * a + i];
+                    for (e, v) in row.iter_mut().enumerate() {
+                        let idx = ti * h + e;
+                        let innov = activated[idx] - pred_s[act][idx];
+                        *v = pred_s[i][idx] + innov * ki;
+                    }
+                },
+            );
         }
         sc.give(k);
         sc.give(modalities);
@@ -302,22 +330,32 @@ impl DecoderLayer {
         let pdim = c.hidden_size_per_layer_input;
         let mut first = sc.copy_of(&streams[act]);
         if c.altup_correct_scale {
-            ops::for_rows(&mut first, h, |_, row| {
-                for (v, &s) in row.iter_mut().zip(&self.altup.correct_output_scale) {
-                    *v *= s;
-                }
-            });
+            ops::for_rows(
+                &mut first,
+                h,
+                #[inline(always)]
+                |_, row| {
+                    for (v, &s) in row.iter_mut().zip(&self.altup.correct_output_scale) {
+                        *v *= s;
+                    }
+                },
+            );
         }
         let mut gate = sc.take_for_write(t * pdim);
         self.per_layer_input_gate.matmul(&first, t, &mut gate);
         sc.give(first);
         let lp = c.num_hidden_layers * pdim;
-        ops::for_rows(&mut gate, pdim, |ti, row| {
-            let pl = &pli[ti * lp + li * pdim..ti * lp + (li + 1) * pdim];
-            for (g, &p) in row.iter_mut().zip(pl) {
-                *g = ops::gelu_tanh(*g) * p;
-            }
-        });
+        ops::for_rows(
+            &mut gate,
+            pdim,
+            #[inline(always)]
+            |ti, row| {
+                let pl = &pli[ti * lp + li * pdim..ti * lp + (li + 1) * pdim];
+                for (g, &p) in row.iter_mut().zip(pl) {
+                    *g = ops::gelu_tanh(*g) * p;
+                }
+            },
+        );
         let mut inj = sc.take_for_write(t * h);
         self.per_layer_projection.matmul(&gate, t, &mut inj);
         sc.give(gate);
@@ -326,11 +364,16 @@ impl DecoderLayer {
             if i == act {
                 continue;
             }
-            ops::for_rows(s, h, |ti, row| {
-                for (v, &p) in row.iter_mut().zip(&inj[ti * h..]) {
-                    *v += p;
-                }
-            });
+            ops::for_rows(
+                s,
+                h,
+                #[inline(always)]
+                |ti, row| {
+                    for (v, &p) in row.iter_mut().zip(&inj[ti * h..]) {
+                        *v += p;
+                    }
+                },
+            );
         }
         sc.give(inj);
         cache.scratch = sc;
@@ -373,11 +416,16 @@ impl DecoderLayer {
             );
             ops::rms_norm(k, hd, sa.k_norm.as_deref(), eps);
             ops::rms_norm(v, hd, None, eps);
-            ops::for_rows(k, kvd, |ti, row| {
-                for head in row.chunks_exact_mut(hd) {
-                    ops::apply_rope(head, pos0 + ti, inv_freq);
-                }
-            });
+            ops::for_rows(
+                k,
+                kvd,
+                #[inline(always)]
+                |ti, row| {
+                    for head in row.chunks_exact_mut(hd) {
+                        ops::apply_rope(head, pos0 + ti, inv_freq);
+                    }
+                },
+            );
             if f16 {
                 // What the cache will hand back, so prefill and decode agree.
                 crate::kv_cache::round_to_f16(k);
@@ -387,11 +435,16 @@ impl DecoderLayer {
             Matrix::matmul_many(&[&sa.q_proj, left], xn, t, &mut [&mut q, &mut lr]);
         }
         ops::rms_norm(&mut q, hd, Some(&sa.q_norm), eps);
-        ops::for_rows(&mut q, qd, |ti, row| {
-            for head in row.chunks_exact_mut(hd) {
-                ops::apply_rope(head, pos0 + ti, inv_freq);
-            }
-        });
+        ops::for_rows(
+            &mut q,
+            qd,
+            #[inline(always)]
+            |ti, row| {
+                for head in row.chunks_exact_mut(hd) {
+                    ops::apply_rope(head, pos0 + ti, inv_freq);
+                }
+            },
+        );
         (q, lr)
     }
 
@@ -441,6 +494,29 @@ impl DecoderLayer {
     }
 }
 
+/// `gelu(gate) · up` in place over one token's FFN row, after the Gaussian top-k (keep
+/// what lies above mean + z·std, population std) where the layer is sparse. Inlined into
+/// [`ops::for_rows`]'s wide-vector context.
+#[inline(always)]
+fn gelu_gate(g_row: &mut [f32], u_row: &[f32], std_multiplier: Option<f32>) {
+    if let Some(z) = std_multiplier {
+        let n = g_row.len() as f64;
+        let mean = g_row.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = g_row
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        let cutoff = mean as f32 + (var.sqrt() as f32) * z;
+        for g in g_row.iter_mut() {
+            *g = (*g - cutoff).max(0.0);
+        }
+    }
+    for (g, &u) in g_row.iter_mut().zip(u_row) {
+        *g = ops::gelu_tanh(*g) * u;
+    }
+}
+
 impl Mlp {
     fn forward(&self, x: &[f32], t: usize, sc: &mut Scratch) -> Vec<f32> {
         let inter = self.gate_proj.rows;
@@ -453,29 +529,13 @@ impl Mlp {
             t,
             &mut [&mut gate, &mut up],
         );
-        let std_multiplier = self.std_multiplier;
-        let act = |g_row: &mut [f32], u_row: &[f32]| {
-            if let Some(z) = std_multiplier {
-                // Gaussian top-k: keep what lies above mean + z·std (population std).
-                let n = inter as f64;
-                let mean = g_row.iter().map(|&v| v as f64).sum::<f64>() / n;
-                let var = g_row
-                    .iter()
-                    .map(|&v| (v as f64 - mean).powi(2))
-                    .sum::<f64>()
-                    / n;
-                let cutoff = mean as f32 + (var.sqrt() as f32) * z;
-                for g in g_row.iter_mut() {
-                    *g = (*g - cutoff).max(0.0);
-                }
-            }
-            for (g, &u) in g_row.iter_mut().zip(u_row) {
-                *g = ops::gelu_tanh(*g) * u;
-            }
-        };
-        ops::for_rows(&mut gate, inter, |ti, g| {
-            act(g, &up[ti * inter..(ti + 1) * inter])
-        });
+        let z = self.std_multiplier;
+        ops::for_rows(
+            &mut gate,
+            inter,
+            #[inline(always)]
+            |ti, g| gelu_gate(g, &up[ti * inter..(ti + 1) * inter], z),
+        );
         sc.give(up);
         let mut y = sc.take(t * h);
         match &self.down_proj_t {
@@ -484,9 +544,12 @@ impl Mlp {
                 if t > 1 {
                     // Prefill: one row of tokens per task (same arithmetic per output
                     // element as the column split below, so prefill and decode agree).
-                    ops::for_rows(&mut y, h, |ti, y_row| {
-                        dt.sparse_axpy(&gate[ti * inter..(ti + 1) * inter], 0, y_row)
-                    });
+                    ops::for_rows(
+                        &mut y,
+                        h,
+                        #[inline(always)]
+                        |ti, y_row| dt.sparse_axpy(&gate[ti * inter..(ti + 1) * inter], 0, y_row),
+                    );
                 } else {
                     // Decode: threads split the output columns; each reads only its part
                     // of the surviving rows.
@@ -541,5 +604,34 @@ impl DecoderLayer {
             (dt.storage_bytes() as f64 * self.mlp.density) as usize
         });
         dense + sparse
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The FFN activation gives the same bits compiled for the wide-vector context (as
+    /// `ops::for_rows` runs it) and for the x86-64 baseline, dense and sparse.
+    #[test]
+    fn gelu_gate_is_the_same_bits_wide_and_baseline() {
+        let n = 8192 + 7;
+        let g = crate::test_util::data(n, 11);
+        let u = crate::test_util::data(n, 12);
+        for z in [None, Some(ops::normal_icdf(0.95) as f32)] {
+            let mut base = g.clone();
+            gelu_gate(&mut base, &u, z);
+            let mut wide = g.clone();
+            ops::wide(|| gelu_gate(&mut wide, &u, z));
+            let mut rows = g.clone();
+            ops::for_rows(&mut rows, n, |_, r| gelu_gate(r, &u, z));
+            assert!(base.iter().any(|&v| v != 0.0));
+            for other in [&wide, &rows] {
+                assert!(base
+                    .iter()
+                    .zip(other.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
     }
 }

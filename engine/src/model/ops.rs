@@ -3,22 +3,27 @@
 /// Gemma 3n RMSNorm: `x · (mean(x²) + eps)^-½ · w` (plain `w`, not `1 + w`). `w = None` is
 /// a norm "without scale". Applied to every `dim`-sized row of `x` in place.
 pub fn rms_norm(x: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
-    for_rows(x, dim, |_, row| {
-        let ms = sum_sq_f64(row) / dim as f64;
-        let r = ((ms as f32) + eps).powf(-0.5);
-        match w {
-            Some(w) => {
-                for (v, &g) in row.iter_mut().zip(w) {
-                    *v = (*v * r) * g;
+    for_rows(
+        x,
+        dim,
+        #[inline(always)]
+        |_, row| {
+            let ms = sum_sq_f64(row) / dim as f64;
+            let r = ((ms as f32) + eps).powf(-0.5);
+            match w {
+                Some(w) => {
+                    for (v, &g) in row.iter_mut().zip(w) {
+                        *v = (*v * r) * g;
+                    }
+                }
+                None => {
+                    for v in row.iter_mut() {
+                        *v *= r;
+                    }
                 }
             }
-            None => {
-                for v in row.iter_mut() {
-                    *v *= r;
-                }
-            }
-        }
-    });
+        },
+    );
 }
 
 /// Elements from which row-wise work is split over the thread pool (32 rows of E2B's
@@ -28,13 +33,54 @@ const PAR_ELEMS: usize = 1 << 16;
 /// `f(i, row i)` for each `dim`-wide row of `x`: over the thread pool when there is much
 /// of it (a prefill, where these row-wise steps otherwise ran on one thread while the
 /// others waited), in order on this thread otherwise. Rows are independent, so the
-/// results do not depend on the split.
+/// results do not depend on the split. `f` runs in [`wide`]'s context; mark it
+/// `#[inline(always)]` so that its loops are compiled there.
 pub fn for_rows(x: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if x.len() >= PAR_ELEMS && x.len() > dim && crate::par::threads() > 1 {
-        crate::par::chunks_mut(x, dim, f);
+        crate::par::chunks_mut(
+            x,
+            dim,
+            #[inline(always)]
+            |i, row| {
+                wide(
+                    #[inline(always)]
+                    || f(i, row),
+                )
+            },
+        );
     } else {
-        x.chunks_mut(dim).enumerate().for_each(|(i, r)| f(i, r));
+        x.chunks_mut(dim).enumerate().for_each(
+            #[inline(always)]
+            |(i, r)| {
+                wide(
+                    #[inline(always)]
+                    || f(i, r),
+                )
+            },
+        );
     }
+}
+
+/// Runs `f` compiled for AVX2 (with FMA and F16C) where the CPU has it, detected once at
+/// run time: the elementwise loops inlined into `f` (closures marked `#[inline(always)]`)
+/// then work on 8 floats at a time instead of the x86-64 baseline's 4 (SSE2). The results
+/// are the same bits: the compiler neither reorders float reductions nor fuses a multiply
+/// and an add. E2B Q4_0 prefill: +3% (median of 4 runs of interleaved pairs).
+#[inline(always)]
+pub fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        use crate::quant::kernels::{isa, Isa};
+        if matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni) {
+            // SAFETY: isa() found AVX2, FMA and F16C on this CPU.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
 }
 
 /// Out-of-place RMSNorm of `x` into `out`.
@@ -95,6 +141,7 @@ pub fn mean_sq(x: &[f32]) -> f32 {
 /// `Σ x²` in f64, in 8 interleaved partial sums so that it vectorises (one running sum
 /// was a 4-cycle dependency per element: ~2 µs per 2048-wide norm, ~300 norms per
 /// decode step). f64 keeps it as close to the reference's f32 mean as before.
+#[inline]
 pub fn sum_sq_f64(x: &[f32]) -> f64 {
     let mut acc = [0.0f64; 8];
     let mut chunks = x.chunks_exact(8);
