@@ -201,34 +201,38 @@ impl DecoderLayer {
             }
         }
         sc.give(modalities);
-        let mut pred_arr: [Vec<f32>; 8] = Default::default();
-        for (i, s) in streams.iter().enumerate() {
-            pred_arr[i] = sc.copy_of(s);
+        // All of a token's streams in one pass, each read once per 256-wide piece:
+        // per element s = 0 + S0·c0 + S1·c1 + …, then pred = S[i] + s, in that order.
+        let mut pred_arr: [Vec<f32>; ops::MAX_ROW_SETS] = Default::default();
+        for p in pred_arr.iter_mut().take(a) {
+            *p = sc.take_for_write(t * h);
         }
         let pred_s = &mut pred_arr[..a];
-        for (i, p) in pred_s.iter_mut().enumerate() {
+        {
             let streams = &*streams;
-            ops::for_rows(
-                p,
+            ops::for_rows_of(
+                pred_s,
                 h,
                 #[inline(always)]
-                |ti, row| {
-                    let cf = &coefs[ti * a * a + i * a..ti * a * a + (i + 1) * a];
-                    // Per element: s = 0 + S0·c0 + S1·c1 + …, then pred += s, in that order;
-                    // streams outermost over 256-wide pieces so the loops vectorise.
+                |ti, rows| {
                     let mut s = [0.0f32; 256];
-                    for (e0, piece) in row.chunks_mut(256).enumerate() {
-                        let n = piece.len();
-                        let s = &mut s[..n];
-                        s.fill(0.0);
-                        for (sj, &c) in streams.iter().zip(cf) {
-                            let src = &sj[ti * h + e0 * 256..ti * h + e0 * 256 + n];
-                            for (sv, &x) in s.iter_mut().zip(src) {
-                                *sv += x * c;
+                    for lo in (0..h).step_by(256) {
+                        let n = (h - lo).min(256);
+                        let at = ti * h + lo..ti * h + lo + n;
+                        for (i, row) in rows.iter_mut().enumerate() {
+                            let cf = &coefs[ti * a * a + i * a..ti * a * a + (i + 1) * a];
+                            let s = &mut s[..n];
+                            s.fill(0.0);
+                            for (sj, &c) in streams.iter().zip(cf) {
+                                for (sv, &x) in s.iter_mut().zip(&sj[at.clone()]) {
+                                    *sv += x * c;
+                                }
                             }
-                        }
-                        for (pv, &sv) in piece.iter_mut().zip(s.iter()) {
-                            *pv += sv;
+                            let own = &streams[i][at.clone()];
+                            for ((pv, &sv), &x) in row[lo..lo + n].iter_mut().zip(s.iter()).zip(own)
+                            {
+                                *pv = x + sv;
+                            }
                         }
                     }
                 },
@@ -303,18 +307,35 @@ impl DecoderLayer {
                 *kv = w.iter().zip(md).map(|(x, y)| x * y).sum::<f32>() + 1.0;
             }
         }
-        for (i, s) in streams.iter_mut().enumerate() {
+        {
             let (pred_s, k, activated) = (&*pred_s, &k, &activated);
-            ops::for_rows(
-                s,
+            ops::for_rows_of(
+                streams,
                 h,
                 #[inline(always)]
-                |ti, row| {
-                    let ki = k[ti * a + i];
-                    for (e, v) in row.iter_mut().enumerate() {
-                        let idx = ti * h + e;
-                        let innov = activated[idx] - pred_s[act][idx];
-                        *v = pred_s[i][idx] + innov * ki;
+                |ti, rows| {
+                    let mut innov = [0.0f32; 256];
+                    for lo in (0..h).step_by(256) {
+                        let n = (h - lo).min(256);
+                        let at = ti * h + lo..ti * h + lo + n;
+                        let innov = &mut innov[..n];
+                        for ((d, &x), &p) in innov
+                            .iter_mut()
+                            .zip(&activated[at.clone()])
+                            .zip(&pred_s[act][at.clone()])
+                        {
+                            *d = x - p;
+                        }
+                        for (i, row) in rows.iter_mut().enumerate() {
+                            let ki = k[ti * a + i];
+                            for ((v, &p), &d) in row[lo..lo + n]
+                                .iter_mut()
+                                .zip(&pred_s[i][at.clone()])
+                                .zip(innov.iter())
+                            {
+                                *v = p + d * ki;
+                            }
+                        }
                     }
                 },
             );

@@ -61,6 +61,52 @@ pub fn for_rows(x: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync)
     }
 }
 
+/// Most arrays [`for_rows_of`] takes at once (AltUp's streams: 4 in Gemma 3n).
+pub const MAX_ROW_SETS: usize = 8;
+
+struct RowPtr(*mut f32);
+// SAFETY: only used to hand each thread rows that no other thread touches.
+unsafe impl Sync for RowPtr {}
+
+/// `f(i, rows)` where `rows[k]` is row `i` of `xs[k]` (every array `[n, dim]`): one pass
+/// over several arrays that are computed together (AltUp's four streams), split over the
+/// pool like [`for_rows`], in [`wide`]'s context.
+pub fn for_rows_of(xs: &mut [Vec<f32>], dim: usize, f: impl Fn(usize, &mut [&mut [f32]]) + Sync) {
+    let k = xs.len();
+    assert!(k <= MAX_ROW_SETS, "for_rows_of: {k} arrays"); // ok: internal contract
+    let n = xs.first().map_or(0, |x| x.len() / dim.max(1));
+    assert!(
+        xs.iter().all(|x| x.len() == n * dim),
+        "for_rows_of: shapes differ"
+    ); // ok: internal contract
+    let ptrs: [RowPtr; MAX_ROW_SETS] = std::array::from_fn(|j| {
+        RowPtr(
+            xs.get_mut(j)
+                .map_or(std::ptr::null_mut(), |x| x.as_mut_ptr()),
+        )
+    });
+    let row = |i: usize| {
+        // SAFETY: row `i` of each array is handed to one call only, inside the arrays,
+        // which stay mutably borrowed until every call has returned.
+        let mut rows: [&mut [f32]; MAX_ROW_SETS] = std::array::from_fn(|j| {
+            if j < k {
+                unsafe { std::slice::from_raw_parts_mut(ptrs[j].0.add(i * dim), dim) }
+            } else {
+                &mut []
+            }
+        });
+        wide(
+            #[inline(always)]
+            || f(i, &mut rows[..k]),
+        )
+    };
+    if n * dim * k >= PAR_ELEMS && n > 1 && crate::par::threads() > 1 {
+        crate::par::for_each(n, row);
+    } else {
+        (0..n).for_each(row);
+    }
+}
+
 /// Runs `f` compiled for AVX2 (with FMA and F16C) where the CPU has it, detected once at
 /// run time: the elementwise loops inlined into `f` (closures marked `#[inline(always)]`)
 /// then work on 8 floats at a time instead of the x86-64 baseline's 4 (SSE2). The results
