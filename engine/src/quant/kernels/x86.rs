@@ -352,21 +352,23 @@ macro_rules! x86_kernels {
             gather_kernel!($feat, axpy_gather_q4_k, BlockQ4K, QK_K, |blks, picks, ob| {
                 let m4 = _mm256_set1_epi8(0x0F);
                 // Per pick and sub-block: d·sc and dmin·m, as dequantize_q4_k.
-                let sm: [[(f32, f32); 8]; P] = std::array::from_fn(|p| {
-                    let b = blks[p];
+                // Plain loops: closures here were left out of line (no target features).
+                let mut sm = [[(0.0f32, 0.0f32); 8]; P];
+                for (b, smp) in blks.iter().zip(sm.iter_mut()) {
                     let (d, dmin) = (h(b.d), h(b.dmin));
-                    std::array::from_fn(|s| {
+                    for (s, v) in smp.iter_mut().enumerate() {
                         let (sc, m) = scale_min_k4(s, &b.scales);
-                        (d * sc as f32, dmin * m as f32)
-                    })
-                });
+                        *v = (d * sc as f32, dmin * m as f32);
+                    }
+                }
                 // 64 values at a time: the low nibbles of 32 quant bytes are sub-block
                 // 2j, the high nibbles 2j + 1.
                 for (j, o) in ob.chunks_exact_mut(64).enumerate() {
-                    let mut acc: [__m256; 8] = std::array::from_fn(|i| unsafe {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (i, a) in acc.iter_mut().enumerate() {
                         // SAFETY: 8 floats at 8i inside o (64).
-                        _mm256_loadu_ps(o.as_ptr().add(8 * i))
-                    });
+                        *a = unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * i)) };
+                    }
                     for p in 0..P {
                         // SAFETY: 32 bytes at 32j inside qs (128).
                         let q = unsafe {
