@@ -524,7 +524,10 @@ impl TextModel {
                     // (scalar `tanhf` on one thread was ~1% of a decode step).
                     let cap = cap as f32;
                     crate::par::chunks_mut(logits, 16384, |_, ch| {
-                        ch.iter_mut().for_each(|v| *v = ops::tanh(*v / cap) * cap)
+                        ops::wide(
+                            #[inline(always)]
+                            || ch.iter_mut().for_each(|v| *v = ops::tanh(*v / cap) * cap),
+                        )
                     });
                 }
             }
