@@ -225,8 +225,10 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     })
 }
 
-struct SendPtr<T>(*mut T);
-// SAFETY: only used to hand disjoint chunks of one slice to the pool's threads.
+/// A raw pointer the pool's threads may share: for handing them disjoint parts of one
+/// mutably borrowed buffer (the user's SAFETY comment says why they are disjoint).
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only used to hand disjoint parts of buffers to the pool's threads.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// `f(i, chunk i)` for the `chunk`-long pieces of `v` (the last may be shorter), over

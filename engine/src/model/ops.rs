@@ -64,10 +64,6 @@ pub fn for_rows(x: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync)
 /// Most arrays [`for_rows_of`] takes at once (AltUp's streams: 4 in Gemma 3n).
 pub const MAX_ROW_SETS: usize = 8;
 
-struct RowPtr(*mut f32);
-// SAFETY: only used to hand each thread rows that no other thread touches.
-unsafe impl Sync for RowPtr {}
-
 /// `f(i, rows)` where `rows[k]` is row `i` of `xs[k]` (every array `[n, dim]`): one pass
 /// over several arrays that are computed together (AltUp's four streams), split over the
 /// pool like [`for_rows`], in [`wide`]'s context.
@@ -79,8 +75,8 @@ pub fn for_rows_of(xs: &mut [Vec<f32>], dim: usize, f: impl Fn(usize, &mut [&mut
         xs.iter().all(|x| x.len() == n * dim),
         "for_rows_of: shapes differ"
     ); // ok: internal contract
-    let ptrs: [RowPtr; MAX_ROW_SETS] = std::array::from_fn(|j| {
-        RowPtr(
+    let ptrs: [crate::par::SendPtr<f32>; MAX_ROW_SETS] = std::array::from_fn(|j| {
+        crate::par::SendPtr(
             xs.get_mut(j)
                 .map_or(std::ptr::null_mut(), |x| x.as_mut_ptr()),
         )

@@ -157,11 +157,16 @@ impl Matrix {
             let xq = mats[0].prepare_x(x, 1, &mut guard);
             let threads = crate::par::threads().max(1);
             let (mut rows_per, mut first) = ([0usize; MAX], [0usize; MAX + 1]);
+            let (mut group, mut chunk) = ([0usize; MAX], [0usize; MAX]);
             let mut views = [None; MAX];
             let mut work = 0usize;
             for (i, (m, y)) in mats.iter().zip(ys.iter_mut()).enumerate() {
                 assert!(y.len() >= m.rows, "matmul_many: output too short"); // ok: internal contract
-                rows_per[i] = m.decode_rows_per(threads, m.tile_group(&xq, 1));
+                group[i] = m.tile_group(&xq, 1);
+                rows_per[i] = m.decode_rows_per(threads, group[i]);
+                chunk[i] = (CLAIM_BYTES / m.row_bytes().max(1))
+                    .max(1)
+                    .next_multiple_of(group[i]);
                 first[i + 1] = first[i] + m.rows.div_ceil(rows_per[i]);
                 views[i] = Some(OutView {
                     ptr: y.as_mut_ptr(),
@@ -173,6 +178,12 @@ impl Matrix {
             let n = mats.len();
             let tasks = first[n];
             let mat_of = |k: usize| (0..n).rev().find(|&i| first[i] <= k).unwrap_or(0);
+            // Task `k`: matrix `i` and the contiguous rows of its share.
+            let task = |k: usize| {
+                let i = mat_of(k);
+                let r0 = (k - first[i]) * rows_per[i];
+                (i, r0..(r0 + rows_per[i]).min(mats[i].rows))
+            };
             let run = |i: usize, rows: Range<usize>| {
                 if let Some(v) = views[i] {
                     // SAFETY: each row range of output `i` is handed out once (by the
@@ -183,9 +194,8 @@ impl Matrix {
             };
             if work < PAR_THRESHOLD || threads <= 1 || tasks > MAX_RANGES {
                 (0..tasks).for_each(|k| {
-                    let i = mat_of(k);
-                    let r0 = (k - first[i]) * rows_per[i];
-                    run(i, r0..(r0 + rows_per[i]).min(mats[i].rows));
+                    let (i, rows) = task(k);
+                    run(i, rows);
                 });
                 return;
             }
@@ -193,20 +203,15 @@ impl Matrix {
             // a thread that finds no task left takes the back half of the largest
             // remainder, so the threads end a product together instead of one waiting for
             // the other's range (a decode step has ~250 of them).
-            let claims: [Claim; MAX_RANGES] = std::array::from_fn(|_| Claim(AtomicU64::new(0)));
-            let mut chunk = [0usize; MAX];
-            let mut group = [0usize; MAX];
-            for (k, c) in claims.iter().enumerate().take(tasks) {
-                let i = mat_of(k);
-                let r0 = (k - first[i]) * rows_per[i];
-                let r1 = (r0 + rows_per[i]).min(mats[i].rows);
-                c.0.store(pack_range(r0, r1), Ordering::Relaxed);
-            }
-            for (i, m) in mats.iter().enumerate() {
-                group[i] = m.tile_group(&xq, 1);
-                let rows = (CLAIM_BYTES / m.row_bytes().max(1)).max(1);
-                chunk[i] = rows.next_multiple_of(group[i]);
-            }
+            let claims: [Claim; MAX_RANGES] = std::array::from_fn(|k| {
+                let w = if k < tasks {
+                    let rows = task(k).1;
+                    pack_range(rows.start, rows.end)
+                } else {
+                    0
+                };
+                Claim(AtomicU64::new(w))
+            });
             let next = AtomicUsize::new(0);
             crate::par::for_each(threads, |_| {
                 loop {

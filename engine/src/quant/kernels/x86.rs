@@ -352,7 +352,8 @@ macro_rules! x86_kernels {
             gather_kernel!($feat, axpy_gather_q4_k, BlockQ4K, QK_K, |blks, picks, ob| {
                 let m4 = _mm256_set1_epi8(0x0F);
                 // Per pick and sub-block: d·sc and dmin·m, as dequantize_q4_k.
-                // Plain loops: closures here were left out of line (no target features).
+                // Plain loops: as nested array::from_fn closures they were compiled out of
+                // line, without the kernel's target features.
                 let mut sm = [[(0.0f32, 0.0f32); 8]; P];
                 for (b, smp) in blks.iter().zip(sm.iter_mut()) {
                     let (d, dmin) = (h(b.d), h(b.dmin));
