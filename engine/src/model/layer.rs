@@ -180,7 +180,7 @@ impl DecoderLayer {
         pli: &[f32],
         t: usize,
         pos0: usize,
-        inv_freq: &[f32],
+        rope: &[f32],
         cache: &mut KvCache,
     ) -> Result<()> {
         let c = &m.cfg;
@@ -245,7 +245,7 @@ impl DecoderLayer {
         ops::rms_norm_into(active, &mut xn, h, Some(&self.input_layernorm), eps);
 
         // LAuReL: xn + norm(right(left(xn))); its left product goes with Q, K and V.
-        let (q, lr) = self.project_qkv(m, li, &xn, t, pos0, inv_freq, cache, &mut sc);
+        let (q, lr) = self.project_qkv(m, li, &xn, t, rope, cache, &mut sc);
         let mut laurel = sc.take_for_write(t * h);
         self.laurel.linear_right.matmul(&lr, t, &mut laurel);
         sc.give(lr);
@@ -411,8 +411,7 @@ impl DecoderLayer {
         li: usize,
         xn: &[f32],
         t: usize,
-        pos0: usize,
-        inv_freq: &[f32],
+        rope: &[f32],
         cache: &mut KvCache,
         sc: &mut Scratch,
     ) -> (Vec<f32>, Vec<f32>) {
@@ -443,7 +442,7 @@ impl DecoderLayer {
                 #[inline(always)]
                 |ti, row| {
                     for head in row.chunks_exact_mut(hd) {
-                        ops::apply_rope(head, pos0 + ti, inv_freq);
+                        ops::apply_rope(head, &rope[ti * hd..(ti + 1) * hd]);
                     }
                 },
             );
@@ -462,7 +461,7 @@ impl DecoderLayer {
             #[inline(always)]
             |ti, row| {
                 for head in row.chunks_exact_mut(hd) {
-                    ops::apply_rope(head, pos0 + ti, inv_freq);
+                    ops::apply_rope(head, &rope[ti * hd..(ti + 1) * hd]);
                 }
             },
         );
@@ -522,12 +521,8 @@ impl DecoderLayer {
 fn gelu_gate(g_row: &mut [f32], u_row: &[f32], std_multiplier: Option<f32>) {
     if let Some(z) = std_multiplier {
         let n = g_row.len() as f64;
-        let mean = g_row.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = g_row
-            .iter()
-            .map(|&v| (v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / n;
+        let mean = ops::sum_f64(g_row) / n;
+        let var = ops::sum_sq_dev_f64(g_row, mean) / n;
         let cutoff = mean as f32 + (var.sqrt() as f32) * z;
         for g in g_row.iter_mut() {
             *g = (*g - cutoff).max(0.0);

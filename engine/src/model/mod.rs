@@ -495,16 +495,24 @@ impl TextModel {
         }
         cache.scratch = sc;
 
+        let ropes = [&self.rope_full, &self.rope_sliding].map(|inv_freq| {
+            let mut table = cache.scratch.take_for_write(t * c.head_dim);
+            ops::rope_table(pos0, t, inv_freq, &mut table);
+            table
+        });
         let mut result = Ok(());
         for (li, layer) in self.layers.iter().enumerate() {
-            let inv_freq = match c.layer_types[li] {
-                LayerType::Full => &self.rope_full,
-                LayerType::Sliding => &self.rope_sliding,
+            let rope = match c.layer_types[li] {
+                LayerType::Full => &ropes[0],
+                LayerType::Sliding => &ropes[1],
             };
-            result = layer.forward(self, li, &mut streams[..a], pli, t, pos0, inv_freq, cache);
+            result = layer.forward(self, li, &mut streams[..a], pli, t, pos0, rope, cache);
             if result.is_err() {
                 break;
             }
+        }
+        for table in ropes {
+            cache.scratch.give(table);
         }
         if result.is_ok() {
             cache.commit(t);
