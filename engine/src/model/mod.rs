@@ -521,7 +521,9 @@ impl TextModel {
                 LogitsFor::Last => (t - 1, 1),
                 LogitsFor::All => (0, t),
             };
-            logits.clear();
+            // The LM head writes every element: a buffer already this long (each decode
+            // step's) is not zeroed first (1 MiB per token).
+            logits.truncate(n * c.vocab_size);
             if n > 0 {
                 let hidden = self.final_hidden(&streams[..a], r0, n, &mut cache.scratch);
                 logits.resize(n * c.vocab_size, 0.0);
