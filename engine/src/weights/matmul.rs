@@ -57,53 +57,66 @@ const MAX_RANGES: usize = 64;
 /// cost nothing next to the reads (128 KiB: ~4 µs of one core's stream).
 const CLAIM_BYTES: usize = 128 << 10;
 
-/// A range's claim word (`start << 32 | end`), alone on its cache line so that the
-/// threads eating neighbouring ranges do not bounce one line between them.
+/// A range's claim word (`matrix << 58 | start << 29 | end`), alone on its cache line so
+/// that the threads eating neighbouring ranges do not bounce one line between them. The
+/// matrix travels in the word because a thread that steals a range publishes it again in
+/// its own (emptied) word, possibly for another matrix than the one it started with.
 #[repr(align(64))]
 struct Claim(AtomicU64);
 
-fn pack_range(a: usize, b: usize) -> u64 {
-    ((a as u64) << 32) | b as u64
+const ROW_BITS: u32 = 29;
+const ROW_MASK: u64 = (1 << ROW_BITS) - 1;
+
+fn pack_range(matrix: usize, a: usize, b: usize) -> u64 {
+    ((matrix as u64) << (2 * ROW_BITS)) | ((a as u64) << ROW_BITS) | b as u64
 }
 
-fn unpack_range(w: u64) -> (usize, usize) {
-    ((w >> 32) as usize, (w & 0xffff_ffff) as usize)
+/// `(matrix, start, end)` of a claim word.
+fn unpack_range(w: u64) -> (usize, usize, usize) {
+    (
+        (w >> (2 * ROW_BITS)) as usize,
+        ((w >> ROW_BITS) & ROW_MASK) as usize,
+        (w & ROW_MASK) as usize,
+    )
 }
 
 /// The next `chunk` rows (fewer at the end) from the front of a claim word's range.
 fn claim_front(c: &AtomicU64, chunk: usize) -> Option<Range<usize>> {
     let mut w = c.load(Ordering::Relaxed);
     loop {
-        let (a, b) = unpack_range(w);
+        let (m, a, b) = unpack_range(w);
         if a >= b {
             return None;
         }
         let e = (a + chunk).min(b);
-        match c.compare_exchange_weak(w, pack_range(e, b), Ordering::Relaxed, Ordering::Relaxed) {
+        match c.compare_exchange_weak(w, pack_range(m, e, b), Ordering::Relaxed, Ordering::Relaxed)
+        {
             Ok(_) => return Some(a..e),
             Err(x) => w = x,
         }
     }
 }
 
-/// The back half (at least one `group` of rows, starting on a `group` multiple) of a
-/// claim word's range; the whole rest when that is all there is.
-fn claim_back(c: &AtomicU64, group: usize) -> Option<Range<usize>> {
+/// The back half (at least one group of rows, starting on a group multiple; `group` of
+/// the word's matrix) of a claim word's range, the whole rest when that is all there is,
+/// with the matrix it belongs to.
+fn claim_back(c: &AtomicU64, group: impl Fn(usize) -> usize) -> Option<(usize, Range<usize>)> {
     let mut w = c.load(Ordering::Relaxed);
     loop {
-        let (a, b) = unpack_range(w);
+        let (m, a, b) = unpack_range(w);
         if a >= b {
             return None;
         }
-        let mid = (a + (b - a) / 2) / group * group;
+        let g = group(m).max(1);
+        let mid = (a + (b - a) / 2) / g * g;
         let s = if mid > a { mid } else { a };
         let nw = if s == a {
-            pack_range(b, b)
+            pack_range(m, b, b)
         } else {
-            pack_range(a, s)
+            pack_range(m, a, s)
         };
         match c.compare_exchange_weak(w, nw, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return Some(s..b),
+            Ok(_) => return Some((m, s..b)),
             Err(x) => w = x,
         }
     }
@@ -205,8 +218,8 @@ impl Matrix {
             // the other's range (a decode step has ~250 of them).
             let claims: [Claim; MAX_RANGES] = std::array::from_fn(|k| {
                 let w = if k < tasks {
-                    let rows = task(k).1;
-                    pack_range(rows.start, rows.end)
+                    let (i, rows) = task(k);
+                    pack_range(i, rows.start, rows.end)
                 } else {
                     0
                 };
@@ -214,11 +227,15 @@ impl Matrix {
             });
             let next = AtomicUsize::new(0);
             crate::par::for_each(threads, |_| {
+                // This thread's last range: empty once eaten, then where it publishes
+                // what it steals, so that the other threads can steal from that in turn.
+                let mut mine = None;
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     if k >= tasks {
                         break;
                     }
+                    mine = Some(k);
                     let i = mat_of(k);
                     while let Some(rows) = claim_front(&claims[k].0, chunk[i]) {
                         run(i, rows);
@@ -227,16 +244,27 @@ impl Matrix {
                 // Steal until every range is done.
                 loop {
                     let left = |k: usize| {
-                        let (a, b) = unpack_range(claims[k].0.load(Ordering::Relaxed));
+                        let (_, a, b) = unpack_range(claims[k].0.load(Ordering::Relaxed));
                         b.saturating_sub(a)
                     };
                     let Some(k) = (0..tasks).max_by_key(|&k| left(k)).filter(|&k| left(k) > 0)
                     else {
                         break;
                     };
-                    let i = mat_of(k);
-                    if let Some(rows) = claim_back(&claims[k].0, group[i]) {
-                        run(i, rows);
+                    let Some((i, rows)) = claim_back(&claims[k].0, |i| group[i]) else {
+                        continue;
+                    };
+                    match mine {
+                        Some(m) => {
+                            // Only this thread writes its emptied word.
+                            claims[m]
+                                .0
+                                .store(pack_range(i, rows.start, rows.end), Ordering::Relaxed);
+                            while let Some(rows) = claim_front(&claims[m].0, chunk[i]) {
+                                run(i, rows);
+                            }
+                        }
+                        None => run(i, rows),
                     }
                 }
             });
@@ -563,12 +591,15 @@ mod tests {
     fn claims_hand_out_every_row_once_and_steals_start_on_a_group() {
         // One thread alternating front and back claims, then two threads racing.
         let (r0, r1, group) = (32usize, 32 + 16 * 37 + 5, 16usize);
-        let c = Claim(AtomicU64::new(pack_range(r0, r1)));
+        let c = Claim(AtomicU64::new(pack_range(0, r0, r1)));
         let mut seen = vec![0u8; r1];
         let mut turn = 0;
         loop {
             let got = if turn % 3 == 2 {
-                claim_back(&c.0, group)
+                claim_back(&c.0, |_| group).map(|(m, r)| {
+                    assert_eq!(m, 0);
+                    r
+                })
             } else {
                 claim_front(&c.0, 3 * group)
             };
@@ -580,17 +611,17 @@ mod tests {
             rows.for_each(|r| seen[r] += 1);
             turn += 1;
         }
-        assert!(claim_front(&c.0, group).is_none() && claim_back(&c.0, group).is_none());
+        assert!(claim_front(&c.0, group).is_none() && claim_back(&c.0, |_| group).is_none());
         assert!(seen[..r0].iter().all(|&n| n == 0) && seen[r0..].iter().all(|&n| n == 1));
 
-        let c = Claim(AtomicU64::new(pack_range(0, 16 * 4000)));
+        let c = Claim(AtomicU64::new(pack_range(5, 0, 16 * 4000)));
         let counts: Vec<AtomicUsize> = (0..16 * 4000).map(|_| AtomicUsize::new(0)).collect();
         std::thread::scope(|s| {
             for back in [false, true] {
                 let (c, counts) = (&c, &counts);
                 s.spawn(move || loop {
                     let got = if back {
-                        claim_back(&c.0, 16)
+                        claim_back(&c.0, |m| if m == 5 { 16 } else { 1 }).map(|(_, r)| r)
                     } else {
                         claim_front(&c.0, 16)
                     };
