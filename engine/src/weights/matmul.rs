@@ -205,7 +205,9 @@ impl Matrix {
                     unsafe { mats[i].tile(&xq, 1, rows.clone(), 0..1, v.from_row(rows.start)) };
                 }
             };
-            if work < PAR_THRESHOLD || threads <= 1 || tasks > MAX_RANGES {
+            // (Row bounds must fit a claim word's 29 bits: no real matrix comes close.)
+            let too_tall = mats.iter().any(|m| m.rows as u64 > ROW_MASK);
+            if work < PAR_THRESHOLD || threads <= 1 || tasks > MAX_RANGES || too_tall {
                 (0..tasks).for_each(|k| {
                     let (i, rows) = task(k);
                     run(i, rows);
