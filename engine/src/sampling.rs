@@ -465,13 +465,10 @@ mod tests {
         }
         cand.sort_unstable_by(by_value_desc);
         let m = cand[0].1;
-        let mut sum = 0.0f64;
-        for c in cand.iter_mut() {
-            c.1 = (c.1 - m).exp();
-            sum += c.1 as f64;
-        }
-        for c in cand.iter_mut() {
-            c.1 = (c.1 as f64 / sum) as f32;
+        let e: Vec<f64> = cand.iter().map(|c| (c.1 - m).exp() as f64).collect();
+        let sum: f64 = e.iter().sum();
+        for (c, e) in cand.iter_mut().zip(e) {
+            c.1 = (e / sum) as f32;
         }
         if p.top_p < 1.0 {
             let mut cum = 0.0f32;
