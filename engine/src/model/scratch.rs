@@ -35,13 +35,16 @@ impl Scratch {
 
     /// A pooled (or new) buffer with capacity for `n`, contents as left.
     fn take_len(&mut self, n: usize) -> Vec<f32> {
-        // Best fit: the shortest pooled buffer already `n` long (its elements initialised,
-        // so `take_for_write` need not zero any: that memset was ~1% of a decode step),
-        // else the smallest that holds n without growing.
-        let mut best: Option<usize> = None;
-        for (i, b) in self.free.iter().enumerate() {
-            if b.len() >= n && best.is_none_or(|j| self.free[j].len() > b.len()) {
-                best = Some(i);
+        // Best fit: a pooled buffer exactly `n` long (a decode step asks for the same
+        // sizes every token, so buffers keep their lengths), else the shortest already
+        // longer (its elements initialised, so `take_for_write` need not zero any: that
+        // memset was ~1% of a decode step), else the smallest that holds n.
+        let mut best = self.free.iter().position(|b| b.len() == n);
+        if best.is_none() {
+            for (i, b) in self.free.iter().enumerate() {
+                if b.len() >= n && best.is_none_or(|j| self.free[j].len() > b.len()) {
+                    best = Some(i);
+                }
             }
         }
         if best.is_none() {

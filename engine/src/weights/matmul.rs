@@ -122,6 +122,16 @@ fn claim_back(c: &AtomicU64, group: impl Fn(usize) -> usize) -> Option<(usize, R
     }
 }
 
+/// The first `n` elements of `v`, grown (never shrunk) to hold them: the products of one
+/// decode step alternate between widths, and shrinking then regrowing zeroed the
+/// activation buffers on every product.
+fn grown<T: Clone>(v: &mut Vec<T>, n: usize, fill: T) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, fill);
+    }
+    &mut v[..n]
+}
+
 impl Matrix {
     /// `y[t, r] = Σ_c W[r, c] · x[t, c]` for `t` tokens: `x` is `[t, cols]`, `y` is
     /// `[t, rows]`, both row-major. Activations are quantized once (for quantized
@@ -299,39 +309,39 @@ impl Matrix {
             let xq = match &self.data {
                 Data::Q4K(_) | Data::Packed(QuantType::Q4K, _) => {
                     let nb = self.cols / QK_K;
-                    q8k.resize(t * nb, BlockQ8K::default());
-                    per_token(&mut q8k[..], nb, x, self.cols, t, quantize_q8_k_fast);
+                    let q8k = grown(q8k, t * nb, BlockQ8K::default());
+                    per_token(q8k, nb, x, self.cols, t, quantize_q8_k_fast);
                     if let Data::Packed(..) = self.data {
-                        ksums.resize(t * nb, XSumsK::default());
-                        per_token(&mut ksums[..], nb, q8k, nb, t, packed::prepare_k);
+                        let ksums = grown(ksums, t * nb, XSumsK::default());
+                        per_token(ksums, nb, q8k, nb, t, packed::prepare_k);
                         QuantizedX::Packed(PackedX {
                             blocks: &[],
                             meta: &[],
-                            kblocks: &q8k[..],
-                            ksums: &ksums[..],
+                            kblocks: q8k,
+                            ksums,
                             nbx: nb,
                         })
                     } else {
-                        QuantizedX::Q8K(&q8k[..])
+                        QuantizedX::Q8K(q8k)
                     }
                 }
                 Data::Packed(..) | Data::Q8_0(_) | Data::Q4_0(_) => {
                     let nb = self.cols / QK8_0;
-                    q8.resize(t * nb, BlockQ8_0::default());
-                    per_token(&mut q8[..], nb, x, self.cols, t, quantize_q8_0_fast);
+                    let q8 = grown(q8, t * nb, BlockQ8_0::default());
+                    per_token(q8, nb, x, self.cols, t, quantize_q8_0_fast);
                     if let Data::Packed(..) = self.data {
-                        xmeta.resize(t * nb, XMeta::default());
-                        per_token(&mut xmeta[..], nb, q8, nb, t, packed::prepare);
+                        let xmeta = grown(xmeta, t * nb, XMeta::default());
+                        per_token(xmeta, nb, q8, nb, t, packed::prepare);
                         QuantizedX::Packed(PackedX {
-                            blocks: &q8[..],
-                            meta: &xmeta[..],
+                            blocks: q8,
+                            meta: xmeta,
                             kblocks: &[],
                             ksums: &[],
                             nbx: nb,
                         })
                     } else {
                         kernels::q8_0_meta(q8, nb, q8_sums);
-                        QuantizedX::Q8_0(&q8[..], &q8_sums[..])
+                        QuantizedX::Q8_0(q8, &q8_sums[..])
                     }
                 }
                 _ => QuantizedX::None(x),
