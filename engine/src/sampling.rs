@@ -141,18 +141,14 @@ impl Sampler {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let n = logits.len();
-        let by_value_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
         if p.top_k > 0 && p.top_k < n {
             top_k_into(logits, p.top_k, inv_t, &mut self.cand);
             self.cand.sort_unstable_by(by_value_desc);
-            softmax_candidates(&mut self.cand);
+            let m = self.cand[0].1;
+            softmax_with_max(&mut self.cand, m);
             if p.top_p < 1.0 {
-                let mut cum = 0.0f32;
-                let keep = self.cand.iter().position(|c| {
-                    cum += c.1;
-                    cum >= p.top_p
-                });
-                self.cand.truncate(keep.map_or(self.cand.len(), |i| i + 1));
+                let keep = top_p_len(&self.cand, p.top_p).unwrap_or(self.cand.len());
+                self.cand.truncate(keep);
             }
         } else if p.top_p < 1.0 {
             // Every token is a candidate, but top-p keeps only the most probable: the
@@ -162,17 +158,8 @@ impl Sampler {
             let prob = |v: f32| (ops::exp_f32(v - m) as f64 / sum) as f32;
             top_k_into(logits, 64.min(n), inv_t, &mut self.cand);
             self.cand.sort_unstable_by(by_value_desc);
-            let mut cum = 0.0f32;
-            let mut keep = None;
-            for (i, c) in self.cand.iter_mut().enumerate() {
-                c.1 = prob(c.1);
-                cum += c.1;
-                if cum >= p.top_p {
-                    keep = Some(i + 1);
-                    break;
-                }
-            }
-            match keep {
+            self.cand.iter_mut().for_each(|c| c.1 = prob(c.1));
+            match top_p_len(&self.cand, p.top_p) {
                 Some(keep) => self.cand.truncate(keep),
                 None => {
                     self.cand.clear();
@@ -195,12 +182,7 @@ impl Sampler {
                     .map(|(i, &l)| (i as u32, l * inv_t)),
             );
             // Unsorted: without top-p the order of the draw does not change its odds.
-            let m = self
-                .cand
-                .iter()
-                .map(|c| c.1)
-                .fold(f32::NEG_INFINITY, f32::max);
-            softmax_with_max(&mut self.cand, m);
+            softmax_with_max(&mut self.cand, max(logits) * inv_t);
         }
         if p.min_p > 0.0 {
             let top = self.cand.iter().map(|c| c.1).fold(0.0f32, f32::max);
@@ -210,13 +192,24 @@ impl Sampler {
     }
 }
 
-/// In place: values → probabilities over these candidates (sorted descending: the first
-/// is the largest).
-fn softmax_candidates(cand: &mut [(u32, f32)]) {
-    let m = cand.first().map_or(0.0, |c| c.1);
-    softmax_with_max(cand, m);
+/// Candidates by value, largest first.
+fn by_value_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1)
 }
 
+/// The length of the shortest prefix of `cand` (probabilities, largest first) whose mass
+/// reaches `top_p`, if any does.
+fn top_p_len(cand: &[(u32, f32)], top_p: f32) -> Option<usize> {
+    let mut cum = 0.0f32;
+    cand.iter()
+        .position(|c| {
+            cum += c.1;
+            cum >= top_p
+        })
+        .map(|i| i + 1)
+}
+
+/// In place: values → probabilities over these candidates, `m` their largest value.
 fn softmax_with_max(cand: &mut [(u32, f32)], m: f32) {
     let mut sum = 0.0f64;
     for c in cand.iter_mut() {
@@ -233,7 +226,6 @@ fn softmax_with_max(cand: &mut [(u32, f32)], m: f32) {
 /// does), by halving selections instead of a sort: top-p without top-k over a flat
 /// 262k-token distribution took 7 ms sorted.
 fn top_mass(c: &mut [(u32, f32)], target: f32) -> usize {
-    let by_value_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
     let (mut lo, mut hi, mut need) = (0, c.len(), target);
     while hi - lo > 64 {
         let mid = (hi - lo) / 2;
@@ -247,14 +239,7 @@ fn top_mass(c: &mut [(u32, f32)], target: f32) -> usize {
         }
     }
     c[lo..hi].sort_unstable_by(by_value_desc);
-    let mut cum = 0.0f32;
-    for (i, e) in c[lo..hi].iter().enumerate() {
-        cum += e.1;
-        if cum >= need {
-            return lo + i + 1;
-        }
-    }
-    hi
+    top_p_len(&c[lo..hi], need).map_or(hi, |k| lo + k)
 }
 
 /// `Σ exp(l·inv_t − m)` over all logits, in f64 (per 4096 in f32, in 8 lanes).
@@ -317,7 +302,6 @@ fn top_k_into(logits: &[f32], k: usize, inv_t: f32, out: &mut Vec<(u32, f32)>) {
     if k == 0 {
         return;
     }
-    let by_value_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
     const CHUNK: usize = 64;
     ops::wide(
         #[inline(always)]

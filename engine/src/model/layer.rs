@@ -9,6 +9,7 @@ use crate::config::{LayerType, TextConfig};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::weights::Matrix;
+use std::ops::Range;
 
 #[derive(Debug)]
 pub struct AltUp {
@@ -215,13 +216,11 @@ impl DecoderLayer {
                 h,
                 #[inline(always)]
                 |ti, rows| {
-                    let mut s = [0.0f32; 256];
-                    for lo in (0..h).step_by(256) {
-                        let n = (h - lo).min(256);
-                        let at = ti * h + lo..ti * h + lo + n;
+                    let mut s = [0.0f32; PIECE];
+                    for (piece, at) in pieces(ti, h) {
                         for (i, row) in rows.iter_mut().enumerate() {
                             let cf = &coefs[ti * a * a + i * a..ti * a * a + (i + 1) * a];
-                            let s = &mut s[..n];
+                            let s = &mut s[..piece.len()];
                             s.fill(0.0);
                             for (sj, &c) in streams.iter().zip(cf) {
                                 for (sv, &x) in s.iter_mut().zip(&sj[at.clone()]) {
@@ -229,7 +228,8 @@ impl DecoderLayer {
                                 }
                             }
                             let own = &streams[i][at.clone()];
-                            for ((pv, &sv), &x) in row[lo..lo + n].iter_mut().zip(s.iter()).zip(own)
+                            for ((pv, &sv), &x) in
+                                row[piece.clone()].iter_mut().zip(s.iter()).zip(own)
                             {
                                 *pv = x + sv;
                             }
@@ -314,11 +314,9 @@ impl DecoderLayer {
                 h,
                 #[inline(always)]
                 |ti, rows| {
-                    let mut innov = [0.0f32; 256];
-                    for lo in (0..h).step_by(256) {
-                        let n = (h - lo).min(256);
-                        let at = ti * h + lo..ti * h + lo + n;
-                        let innov = &mut innov[..n];
+                    let mut innov = [0.0f32; PIECE];
+                    for (piece, at) in pieces(ti, h) {
+                        let innov = &mut innov[..piece.len()];
                         for ((d, &x), &p) in innov
                             .iter_mut()
                             .zip(&activated[at.clone()])
@@ -328,7 +326,7 @@ impl DecoderLayer {
                         }
                         for (i, row) in rows.iter_mut().enumerate() {
                             let ki = k[ti * a + i];
-                            for ((v, &p), &d) in row[lo..lo + n]
+                            for ((v, &p), &d) in row[piece.clone()]
                                 .iter_mut()
                                 .zip(&pred_s[i][at.clone()])
                                 .zip(innov.iter())
@@ -512,6 +510,20 @@ impl DecoderLayer {
         sc.give(out);
         y
     }
+}
+
+/// Width of the pieces AltUp walks a token's streams in (their partial sums stay in
+/// registers and L1).
+const PIECE: usize = 256;
+
+/// Token `ti`'s row of width `h` in [`PIECE`]-wide pieces: each piece's range in the row
+/// and in the `[t, h]` arrays.
+#[inline(always)]
+fn pieces(ti: usize, h: usize) -> impl Iterator<Item = (Range<usize>, Range<usize>)> {
+    (0..h).step_by(PIECE).map(move |lo| {
+        let n = (h - lo).min(PIECE);
+        (lo..lo + n, ti * h + lo..ti * h + lo + n)
+    })
 }
 
 /// `gelu(gate) · up` in place over one token's FFN row, after the Gaussian top-k (keep

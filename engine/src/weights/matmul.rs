@@ -183,7 +183,10 @@ impl Matrix {
             let (mut group, mut chunk) = ([0usize; MAX], [0usize; MAX]);
             let mut views = [None; MAX];
             let mut work = 0usize;
+            // Row bounds must fit a claim word's 29 bits (no real matrix comes close).
+            let mut too_tall = false;
             for (i, (m, y)) in mats.iter().zip(ys.iter_mut()).enumerate() {
+                too_tall |= m.rows as u64 > ROW_MASK;
                 assert!(y.len() >= m.rows, "matmul_many: output too short"); // ok: internal contract
                 group[i] = m.tile_group(&xq, 1);
                 rows_per[i] = m.decode_rows_per(threads, group[i]);
@@ -215,8 +218,6 @@ impl Matrix {
                     unsafe { mats[i].tile(&xq, 1, rows.clone(), 0..1, v.from_row(rows.start)) };
                 }
             };
-            // (Row bounds must fit a claim word's 29 bits: no real matrix comes close.)
-            let too_tall = mats.iter().any(|m| m.rows as u64 > ROW_MASK);
             if work < PAR_THRESHOLD || threads <= 1 || tasks > MAX_RANGES || too_tall {
                 (0..tasks).for_each(|k| {
                     let (i, rows) = task(k);
