@@ -139,7 +139,10 @@ fn main() {
             nbx: nb,
         };
         let mut out = vec![0.0f32; rows * 8];
-        println!("packed x16 kernels (AVX-512 VNNI; x8: eight tokens per weight pass)");
+        println!(
+            "packed x16 kernels ({:?}; t=8: eight tokens per weight pass)",
+            packed::path()
+        );
         for (name, q, bytes, data) in [
             (
                 "q8_0",

@@ -1,5 +1,5 @@
-//! Weights interleaved 16 rows at a time (the "x16" layout) and the AVX-512 VNNI products
-//! that read them.
+//! Weights interleaved 16 rows at a time (the "x16" layout) and the products that read
+//! them: AVX-512 VNNI (`avx512`) and AVX2 (`avx2`, the same bits; most laptops).
 //!
 //! In ggml's layout a row's quants are contiguous, so a SIMD dot product runs along one
 //! row, ends in a horizontal sum, and applies each block's scale to a scalar. Here the 16
@@ -30,7 +30,8 @@
 //! mins term `Σ m·Σa` is one integer product (`vpdpwssd` over the mins in pairs), so the
 //! activation scale is applied once per super-block. Each (row, token) result takes the
 //! same operations in the same order whatever the tile, so a prefill and a decode agree
-//! bit for bit.
+//! bit for bit. The AVX2 path (`avx2`) computes the same integers with `vpmaddubsw`
+//! (Q8_0 as `|w|·sign(a, w)`, having no room for the offset) and the same float steps.
 
 use std::ops::Range;
 
@@ -45,9 +46,58 @@ pub const ROWS: usize = 16;
 /// Tokens whose accumulators a call keeps in registers.
 const MAX_TOKENS: usize = 8;
 
-/// Whether the CPU can run the packed products (AVX-512 VNNI).
+/// The kernels that run the packed products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// One 512-bit register per row group, `vpdpbusd` byte products.
+    Avx512Vnni,
+    /// Two 256-bit halves per row group, `vpmaddubsw` byte products.
+    Avx2,
+}
+
+/// The packed kernels for this CPU (following [`kernels::isa`], so `GEMMAD_ISA=avx2`
+/// selects the AVX2 ones), or `None` where there are none.
+pub fn path() -> Option<Path> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match kernels::isa() {
+            kernels::Isa::Avx512Vnni => Some(Path::Avx512Vnni),
+            kernels::Isa::Avx2 => Some(Path::Avx2),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// Whether this CPU has the instructions of `p` (whatever [`path`] chose).
+pub fn runs_here(p: Path) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        match p {
+            Path::Avx2 => avx2,
+            Path::Avx512Vnni => {
+                avx2 && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = p;
+        false
+    }
+}
+
+/// Whether the CPU can run the packed products (AVX-512 VNNI or AVX2).
 pub fn supported() -> bool {
-    kernels::avx512_vnni()
+    path().is_some()
 }
 
 /// Whether loaded matrices are packed: where supported, unless `GEMMAD_PACK=0` (for
@@ -344,6 +394,25 @@ pub unsafe fn tile_into(
     toks: Range<usize>,
     out: OutView,
 ) {
+    let Some(p) = path() else {
+        return;
+    };
+    // SAFETY: the caller's contract; `path()` runs here.
+    unsafe { tile_into_on(p, w, rows, x, toks, out) }
+}
+
+/// [`tile_into`] with the kernels of `p` (tests compare the paths).
+///
+/// # Safety
+/// As [`tile_into`].
+pub(crate) unsafe fn tile_into_on(
+    p: Path,
+    w: &PackedW,
+    rows: Range<usize>,
+    x: &PackedX,
+    toks: Range<usize>,
+    out: OutView,
+) {
     let Some(gbb) = group_block_bytes(w.kind) else {
         return;
     };
@@ -353,7 +422,7 @@ pub unsafe fn tile_into(
         x.blocks.len().min(x.meta.len())
     };
     assert!(
-        supported()
+        runs_here(p)
             && rows.start.is_multiple_of(ROWS)
             && w.nb <= w.nbs
             && x.nbx == w.nb
@@ -373,17 +442,22 @@ pub unsafe fn tile_into(
             let n = (toks.end - t).min(MAX_TOKENS);
             // Token-major output (16 consecutive rows per token): stored straight from the
             // registers, the rows past `nr` masked off.
-            let direct = (out.row_stride == 1).then(|| Direct {
+            let direct = (out.row_stride == 1 && p == Path::Avx512Vnni).then(|| Direct {
                 // SAFETY: the caller owns these elements (function contract).
                 ptr: unsafe { out.ptr.add((g0 - rows.start) + t * out.tok_stride) },
                 tok_stride: out.tok_stride,
                 mask: ((1u32 << nr) - 1) as u16,
             });
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512 VNNI checked by `supported()`; bounds checked above; a
+            // SAFETY: the instructions checked by `runs_here`; bounds checked above; a
             // direct store writes rows g0..g0+nr of tokens t..t+n only.
             unsafe {
-                avx512::group(w.kind, group, w.nb, x, t, n, direct, &mut res)
+                match p {
+                    Path::Avx512Vnni => {
+                        avx512::group(w.kind, group, w.nb, x, t, n, direct, &mut res)
+                    }
+                    Path::Avx2 => avx2::group(w.kind, group, w.nb, x, t, n, &mut res),
+                }
             };
             if direct.is_some() {
                 t += n;
@@ -416,212 +490,37 @@ struct Direct {
     mask: u16,
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+/// `$body` for each token index below `N`, written out (a loop over eight tokens
+/// was left rolled with the accumulators in memory).
+macro_rules! for_tokens {
+    ($n:ident => $body:block) => {
+        for_tokens!(@ $n $body; 0 1 2 3 4 5 6 7)
+    };
+    (@ $n:ident $body:block; $($k:literal)*) => {
+        $( if $k < N { let $n: usize = $k; $body } )*
+    };
+}
 
-    use super::*;
-
-    /// Activation bytes `4k..4k+4` of a block broadcast to every lane.
-    #[inline(always)]
-    unsafe fn bcast(a: *const i8, k: usize) -> __m512i {
-        _mm512_set1_epi32((a.add(4 * k) as *const i32).read_unaligned())
-    }
-
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m512i {
-        _mm512_loadu_si512(p as *const __m512i)
-    }
-
-    #[inline(always)]
-    unsafe fn scales16(p: *const u8) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-
-    /// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn group(
-        kind: QuantType,
-        g: &[u8],
-        nb: usize,
-        x: &PackedX,
-        t: usize,
-        n: usize,
-        direct: Option<Direct>,
-        res: &mut [[f32; ROWS]; MAX_TOKENS],
-    ) {
-        let mut store = |acc: &[__m512]| match direct {
-            Some(d) => {
-                for (i, a) in acc.iter().enumerate() {
-                    _mm512_mask_storeu_ps(d.ptr.add(i * d.tok_stride), d.mask, *a);
-                }
-            }
-            None => {
-                for (r, a) in res.iter_mut().zip(acc) {
-                    _mm512_storeu_ps(r.as_mut_ptr(), *a);
-                }
-            }
-        };
-        macro_rules! run {
-            ($f:ident; $($n:literal)*) => {
-                match n { $($n => store(&$f::<$n>(g.as_ptr(), nb, x, t)),)* _ => {} }
-            };
-            ($f:ident, $q4:tt; $($n:literal)*) => {
-                match n { $($n => store(&$f::<$n, $q4>(g.as_ptr(), nb, x, t)),)* _ => {} }
-            };
-        }
-        match kind {
-            QuantType::Q8_0 => run!(q32, false; 1 2 3 4 5 6 7 8),
-            QuantType::Q4_0 => run!(q32, true; 1 2 3 4 5 6 7 8),
-            QuantType::Q4K => run!(q4_k; 1 2 3 4 5 6 7 8),
-            _ => {}
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn xat(x: &PackedX, t: usize, blk: usize) -> (*const i8, *const XMeta) {
-        let i = t * x.nbx + blk;
+/// Token `t`'s activation block `blk`: its quants and its [`XMeta`].
+///
+/// # Safety
+/// Block `t·nbx + blk` must exist in both `x.blocks` and `x.meta`.
+#[inline(always)]
+unsafe fn xat(x: &PackedX, t: usize, blk: usize) -> (*const i8, *const XMeta) {
+    let i = t * x.nbx + blk;
+    // SAFETY: the caller's contract.
+    unsafe {
         (
             x.blocks.get_unchecked(i).qs.as_ptr(),
             x.meta.as_ptr().add(i),
         )
     }
-
-    /// `init + Σ_j w[j]·a[4j..4j+4]` in each of the 16 row lanes: one 32-quant block of a
-    /// row group against one activation block, in `CHAINS` (1 or 2) dependency chains.
-    /// Q4_0/Q8_0 prefills use one (the tokens' chains overlap; +2.6% on E2B Q4_0 over
-    /// two). The sums are exact integers, so the grouping does not change the result.
-    #[inline(always)]
-    unsafe fn dot_block<const CHAINS: usize>(
-        w: &[__m512i; 8],
-        a: *const i8,
-        init: __m512i,
-    ) -> __m512i {
-        if CHAINS == 1 {
-            let mut i = init;
-            for (j, wj) in w.iter().enumerate() {
-                i = _mm512_dpbusd_epi32(i, *wj, bcast(a, j));
-            }
-            return i;
-        }
-        let mut i0 = init;
-        let mut i1 = _mm512_setzero_si512();
-        for j in (0..8).step_by(2) {
-            i0 = _mm512_dpbusd_epi32(i0, w[j], bcast(a, j));
-            i1 = _mm512_dpbusd_epi32(i1, w[j + 1], bcast(a, j + 1));
-        }
-        _mm512_add_epi32(i0, i1)
-    }
-
-    /// `$body` for each token index below `N`, written out (a loop over eight tokens
-    /// was left rolled with the accumulators in memory).
-    macro_rules! for_tokens {
-        ($n:ident => $body:block) => {
-            for_tokens!(@ $n $body; 0 1 2 3 4 5 6 7)
-        };
-        (@ $n:ident $body:block; $($k:literal)*) => {
-            $( if $k < N { let $n: usize = $k; $body } )*
-        };
-    }
-
-    /// Q4_0 (`Q4`) or Q8_0 row group: the block's quants as unsigned bytes (`w[j]` meets
-    /// activation bytes `4j..4j+4`), the integer sum started at `−offset · Σa`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn q32<const N: usize, const Q4: bool>(
-        g: *const u8,
-        nb: usize,
-        x: &PackedX,
-        t: usize,
-    ) -> [__m512; N] {
-        let gbb = if Q4 { 288 } else { 544 };
-        let mut acc = [_mm512_setzero_ps(); N];
-        let m4 = _mm512_set1_epi8(0x0F);
-        let flip = _mm512_set1_epi8(-128);
-        for b in 0..nb {
-            let dw = scales16(g.add(b * gbb));
-            let q = g.add(b * gbb + 32);
-            let w: [__m512i; 8] = if Q4 {
-                // Low nibbles are quants 4j.., high nibbles 16+4j..
-                let v: [__m512i; 4] = std::array::from_fn(|j| load(q.add(64 * j)));
-                std::array::from_fn(|j| match j {
-                    0..4 => _mm512_and_si512(v[j], m4),
-                    _ => _mm512_and_si512(_mm512_srli_epi16(v[j - 4], 4), m4),
-                })
-            } else {
-                std::array::from_fn(|j| _mm512_xor_si512(load(q.add(64 * j)), flip))
-            };
-            for_tokens!(n => {
-                let (a, m) = xat(x, t + n, b);
-                let init = _mm512_set1_epi32(if Q4 { (*m).init_q4 } else { (*m).init_q8 });
-                let i = if N == 1 {
-                    dot_block::<2>(&w, a, init)
-                } else {
-                    dot_block::<1>(&w, a, init)
-                };
-                let s = _mm512_cvtepi32_ps(i);
-                acc[n] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps((*m).d)), acc[n]);
-            });
-        }
-        acc
-    }
-
-    /// Q4_K row group against Q8_K activations: per sub-block the integer sum scaled by
-    /// `d·sc` (high nibbles are masked in place, 16× their value, and the 1/16 folded into
-    /// the scale, exactly), per super-block `acc += d_a · (Σ − dmin · Σ_s m_s·Σa_s)`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn q4_k<const N: usize>(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m512; N] {
-        let mut acc = [_mm512_setzero_ps(); N];
-        let (m4, mhi) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-16));
-        for b in 0..nb {
-            let meta = g.add(b * 2368);
-            let d = scales16(meta.add(256));
-            // High-nibble sub-blocks: d/16 (exact), so (d/16)·sc = d·sc/16 bit for bit.
-            let d16 = _mm512_mul_ps(d, _mm512_set1_ps(1.0 / 16.0));
-            let mut sub = [_mm512_setzero_ps(); N];
-            for c in 0..4 {
-                let q = meta.add(320 + c * 512);
-                for half in 0..2 {
-                    let s = 2 * c + half;
-                    let mask = if half == 0 { m4 } else { mhi };
-                    let w: [__m512i; 8] =
-                        std::array::from_fn(|j| _mm512_and_si512(load(q.add(64 * j)), mask));
-                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                        meta.add(s * ROWS) as *const __m128i,
-                    )));
-                    let dsc = _mm512_mul_ps(if half == 0 { d } else { d16 }, sc);
-                    for_tokens!(n => {
-                        let a = x.kblocks.get_unchecked((t + n) * x.nbx + b).qs.as_ptr().add(32 * s);
-                        let i = if N == 1 {
-                            dot_block::<2>(&w, a, _mm512_setzero_si512())
-                        } else {
-                            dot_block::<1>(&w, a, _mm512_setzero_si512())
-                        };
-                        sub[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), dsc, sub[n]);
-                    });
-                }
-            }
-            // Mins: row lanes hold (m[2k], m[2k+1]) as i16 pairs against the token's
-            // broadcast (Σa[2k], Σa[2k+1]).
-            let mins: [__m512i; 4] = std::array::from_fn(|k| {
-                _mm512_cvtepu8_epi16(_mm256_loadu_si256(meta.add(128 + 32 * k) as *const __m256i))
-            });
-            let dmin = scales16(meta.add(288));
-            for_tokens!(n => {
-                let i = (t + n) * x.nbx + b;
-                let sums = x.ksums.get_unchecked(i);
-                let mut im = _mm512_setzero_si512();
-                for (k, mk) in mins.iter().enumerate() {
-                    im = _mm512_dpwssd_epi32(im, *mk, _mm512_set1_epi32(sums[k]));
-                }
-                let total = _mm512_fnmadd_ps(dmin, _mm512_cvtepi32_ps(im), sub[n]);
-                let da = _mm512_set1_ps(x.kblocks.get_unchecked(i).d);
-                acc[n] = _mm512_fmadd_ps(total, da, acc[n]);
-            });
-        }
-        acc
-    }
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests {
@@ -638,8 +537,12 @@ mod tests {
         zero: B,
         bs: usize,
     ) {
-        if !supported() {
-            eprintln!("packed kernels need AVX-512 VNNI; skipped");
+        let paths: Vec<Path> = [Path::Avx512Vnni, Path::Avx2]
+            .into_iter()
+            .filter(|&p| runs_here(p))
+            .collect();
+        if paths.is_empty() {
+            eprintln!("packed kernels need AVX2 or AVX-512 VNNI; skipped");
             return;
         }
         for &(rows, cols) in &[(16usize, 256usize), (48, 512), (32, 768)] {
@@ -701,35 +604,80 @@ mod tests {
                 };
                 // Rows 16.. only, and a ragged end, through a strided output.
                 let (r0, r1) = (ROWS.min(rows - ROWS), rows - 3);
-                let mut out = vec![f32::NAN; (r1 - r0) * (t + 2)];
-                tile(&w, r0..r1, &x, 0..t, &mut out, t + 2);
-                for r in r0..r1 {
-                    for i in 0..t {
-                        let want: f64 = (0..cols)
-                            .map(|c| wd[r * cols + c] as f64 * xd[i * cols + c] as f64)
-                            .sum();
-                        let got = out[(r - r0) * (t + 2) + i] as f64;
-                        let scale: f64 = (0..cols)
-                            .map(|c| (wd[r * cols + c] as f64 * xd[i * cols + c] as f64).abs())
-                            .sum();
-                        assert!(
-                            (got - want).abs() <= 1e-5 * scale + 1e-6,
-                            "{:?} {rows}x{cols} t={t} row {r} tok {i}: {got} vs {want}",
-                            B::kind()
-                        );
+                let mut first: Option<Vec<f32>> = None;
+                for &p in &paths {
+                    let mut out = vec![f32::NAN; (r1 - r0) * (t + 2)];
+                    tile_on(p, &w, r0..r1, &x, 0..t, &mut out, t + 2);
+                    // Every path gives the same bits.
+                    if let Some(f) = &first {
+                        for (i, (a, b)) in f.iter().zip(&out).enumerate() {
+                            assert_eq!(a.to_bits(), b.to_bits(), "{p:?} element {i}: {b} vs {a}");
+                        }
                     }
-                }
-                // One token at a time gives the same bits as the tile.
-                for i in 0..t {
-                    let mut one = vec![0.0f32; (r1 - r0) * (t + 2)];
-                    tile(&w, r0..r1, &x, i..i + 1, &mut one, t + 2);
                     for r in r0..r1 {
-                        let at = (r - r0) * (t + 2) + i;
-                        assert_eq!(one[at].to_bits(), out[at].to_bits(), "row {r} tok {i}");
+                        for i in 0..t {
+                            let want: f64 = (0..cols)
+                                .map(|c| wd[r * cols + c] as f64 * xd[i * cols + c] as f64)
+                                .sum();
+                            let got = out[(r - r0) * (t + 2) + i] as f64;
+                            let scale: f64 = (0..cols)
+                                .map(|c| (wd[r * cols + c] as f64 * xd[i * cols + c] as f64).abs())
+                                .sum();
+                            assert!(
+                                (got - want).abs() <= 1e-5 * scale + 1e-6,
+                                "{:?} {rows}x{cols} t={t} row {r} tok {i}: {got} vs {want}",
+                                B::kind()
+                            );
+                        }
                     }
+                    // One token at a time gives the same bits as the tile, and so does a
+                    // token-major output (the direct stores).
+                    for i in 0..t {
+                        let mut one = vec![0.0f32; (r1 - r0) * (t + 2)];
+                        tile_on(p, &w, r0..r1, &x, i..i + 1, &mut one, t + 2);
+                        for r in r0..r1 {
+                            let at = (r - r0) * (t + 2) + i;
+                            assert_eq!(one[at].to_bits(), out[at].to_bits(), "row {r} tok {i}");
+                        }
+                    }
+                    let mut tm = vec![f32::NAN; t * (r1 - r0)];
+                    let view = OutView {
+                        ptr: tm.as_mut_ptr(),
+                        row_stride: 1,
+                        tok_stride: r1 - r0,
+                    };
+                    // SAFETY: rows r0..r1 × tokens 0..t address `tm` exactly.
+                    unsafe { tile_into_on(p, &w, r0..r1, &x, 0..t, view) };
+                    for r in r0..r1 {
+                        for i in 0..t {
+                            let (a, b) = (tm[i * (r1 - r0) + r - r0], out[(r - r0) * (t + 2) + i]);
+                            assert_eq!(a.to_bits(), b.to_bits(), "token-major row {r} tok {i}");
+                        }
+                    }
+                    first = Some(out);
                 }
             }
         }
+    }
+
+    /// [`tile`] with the kernels of `p`.
+    fn tile_on(
+        p: Path,
+        w: &PackedW,
+        rows: Range<usize>,
+        x: &PackedX,
+        toks: Range<usize>,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        assert!(out.len() > (rows.len() - 1) * out_stride + toks.end - 1);
+        let view = OutView {
+            ptr: out.as_mut_ptr(),
+            row_stride: out_stride,
+            tok_stride: 1,
+        };
+        // SAFETY: every element written lies in `out` (checked above).
+        unsafe { tile_into_on(p, w, rows, x, toks, view) }
     }
 
     #[test]

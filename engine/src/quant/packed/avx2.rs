@@ -1,0 +1,199 @@
+//! The AVX2 products over packed row groups, for x86-64 CPUs without AVX-512 VNNI (most
+//! laptops): a row group is two 256-bit halves of 8 row lanes, the byte products are
+//! `vpmaddubsw` pairs widened by `vpmaddwd`. The integer sums are the same integers as
+//! the VNNI path's and the float steps the same operations in the same order, so both
+//! paths give the same bits.
+//!
+//! `vpmaddubsw` saturates its 16-bit pair sums, which bounds what each type may add in
+//! 16 bits: a 4-bit quant (0..15) against an activation byte (|a| ≤ 127, ggml's Q8_0 and
+//! Q8_K never give −128) is at most 2·15·127 = 3810 per pair, so a 32-quant block's eight
+//! pair sums (≤ 30480) add up in 16 bits and widen once; Q8_0 weights meet the
+//! activations as `|w| · sign(a, w)` (≤ 2·128·127 = 32512 per pair) and widen per step.
+
+use std::arch::x86_64::*;
+
+use super::*;
+
+/// Tokens one pass keeps in registers (16 ymm registers: eight weight vectors, the
+/// accumulators and temporaries).
+const TOKENS: usize = 4;
+
+/// Activation bytes `4k..4k+4` of a block broadcast to every lane.
+#[inline(always)]
+unsafe fn bcast(a: *const i8, k: usize) -> __m256i {
+    _mm256_set1_epi32((a.add(4 * k) as *const i32).read_unaligned())
+}
+
+#[inline(always)]
+unsafe fn load(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+/// Eight f16 scales (one per row lane) as floats.
+#[inline(always)]
+unsafe fn scales8(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// One row group × tokens `t..t+n` into `res[i][row]` (rows 0..8 from the first half,
+/// 8..16 from the second).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn group(
+    kind: QuantType,
+    g: &[u8],
+    nb: usize,
+    x: &PackedX,
+    t: usize,
+    n: usize,
+    res: &mut [[f32; ROWS]; MAX_TOKENS],
+) {
+    let mut t0 = 0;
+    while t0 < n {
+        let m = (n - t0).min(TOKENS);
+        for half in 0..2 {
+            let mut store = |acc: &[__m256]| {
+                for (r, a) in res[t0..].iter_mut().zip(acc) {
+                    _mm256_storeu_ps(r.as_mut_ptr().add(8 * half), *a);
+                }
+            };
+            macro_rules! run {
+                ($f:ident; $($n:literal)*) => {
+                    match m { $($n => store(&$f::<$n>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
+                };
+                ($f:ident, $q4:tt; $($n:literal)*) => {
+                    match m { $($n => store(&$f::<$n, $q4>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
+                };
+            }
+            match kind {
+                QuantType::Q8_0 => run!(q32, false; 1 2 3 4),
+                QuantType::Q4_0 => run!(q32, true; 1 2 3 4),
+                QuantType::Q4K => run!(q4_k; 1 2 3 4),
+                _ => {}
+            }
+        }
+        t0 += m;
+    }
+}
+
+/// `Σ_j w[j]·a[4j..4j+4]` of 4-bit quants (`w[j]` unsigned bytes 0..15) in the 8 lanes,
+/// summed in 16 bits (see the module docs) and widened once.
+#[inline(always)]
+unsafe fn dot4(w: &[__m256i; 8], a: *const i8) -> __m256i {
+    let mut s = _mm256_maddubs_epi16(w[0], bcast(a, 0));
+    for (j, wj) in w.iter().enumerate().skip(1) {
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(*wj, bcast(a, j)));
+    }
+    _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+}
+
+/// Q4_0 (`Q4`) or Q8_0 half row group: the VNNI path's sums (`init + Σ w·a` for Q4_0's
+/// raw nibbles, `Σ w·a` for Q8_0) and its float steps.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q32<const N: usize, const Q4: bool>(
+    g: *const u8,
+    half: usize,
+    nb: usize,
+    x: &PackedX,
+    t: usize,
+) -> [__m256; N] {
+    let gbb = if Q4 { 288 } else { 544 };
+    let mut acc = [_mm256_setzero_ps(); N];
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let dw = scales8(g.add(b * gbb + 16 * half));
+        let q = g.add(b * gbb + 32 + 32 * half);
+        let w: [__m256i; 8] = if Q4 {
+            let v: [__m256i; 4] = std::array::from_fn(|j| load(q.add(64 * j)));
+            std::array::from_fn(|j| match j {
+                0..4 => _mm256_and_si256(v[j], m4),
+                _ => _mm256_and_si256(_mm256_srli_epi16(v[j - 4], 4), m4),
+            })
+        } else {
+            std::array::from_fn(|j| load(q.add(64 * j)))
+        };
+        for_tokens!(n => {
+            let (a, m) = xat(x, t + n, b);
+            let i = if Q4 {
+                _mm256_add_epi32(dot4(&w, a), _mm256_set1_epi32((*m).init_q4))
+            } else {
+                let mut s = _mm256_setzero_si256();
+                for (j, wj) in w.iter().enumerate() {
+                    let p = _mm256_maddubs_epi16(
+                        _mm256_sign_epi8(*wj, *wj),
+                        _mm256_sign_epi8(bcast(a, j), *wj),
+                    );
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                }
+                s
+            };
+            let s = _mm256_cvtepi32_ps(i);
+            acc[n] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw, _mm256_set1_ps((*m).d)), acc[n]);
+        });
+    }
+    acc
+}
+
+/// Q4_K half row group against Q8_K activations, as the VNNI path: per sub-block the
+/// integer sum scaled by `d·sc` (the high nibbles shifted down rather than masked in
+/// place: `Σ(16q)·a · (d/16)·sc` and `Σq·a · d·sc` are the same float, as 16 and 1/16
+/// scale exactly), per super-block `acc += d_a · (Σ − dmin · Σ_s m_s·Σa_s)`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k<const N: usize>(
+    g: *const u8,
+    half: usize,
+    nb: usize,
+    x: &PackedX,
+    t: usize,
+) -> [__m256; N] {
+    let mut acc = [_mm256_setzero_ps(); N];
+    let m4 = _mm256_set1_epi8(0x0F);
+    for b in 0..nb {
+        let meta = g.add(b * 2368);
+        let d = scales8(meta.add(256 + 16 * half));
+        let mut sub = [_mm256_setzero_ps(); N];
+        for c in 0..4 {
+            let q = meta.add(320 + c * 512 + 32 * half);
+            let v: [__m256i; 8] = std::array::from_fn(|j| load(q.add(64 * j)));
+            for hi in 0..2 {
+                let s = 2 * c + hi;
+                let w: [__m256i; 8] = std::array::from_fn(|j| {
+                    let vj = if hi == 0 {
+                        v[j]
+                    } else {
+                        _mm256_srli_epi16(v[j], 4)
+                    };
+                    _mm256_and_si256(vj, m4)
+                });
+                let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    meta.add(s * ROWS + 8 * half) as *const __m128i,
+                )));
+                let dsc = _mm256_mul_ps(d, sc);
+                for_tokens!(n => {
+                    let a = x.kblocks.get_unchecked((t + n) * x.nbx + b).qs.as_ptr().add(32 * s);
+                    sub[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(&w, a)), dsc, sub[n]);
+                });
+            }
+        }
+        // Mins: row lanes hold (m[2k], m[2k+1]) as i16 pairs against the token's
+        // broadcast (Σa[2k], Σa[2k+1]).
+        let mins: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                meta.add(128 + 32 * k + 16 * half) as *const __m128i
+            ))
+        });
+        let dmin = scales8(meta.add(288 + 16 * half));
+        for_tokens!(n => {
+            let i = (t + n) * x.nbx + b;
+            let sums = x.ksums.get_unchecked(i);
+            let mut im = _mm256_setzero_si256();
+            for (k, mk) in mins.iter().enumerate() {
+                im = _mm256_add_epi32(im, _mm256_madd_epi16(*mk, _mm256_set1_epi32(sums[k])));
+            }
+            let total = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(im), sub[n]);
+            let da = _mm256_set1_ps(x.kblocks.get_unchecked(i).d);
+            acc[n] = _mm256_fmadd_ps(total, da, acc[n]);
+        });
+    }
+    acc
+}
