@@ -365,6 +365,21 @@ pub fn tile(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    if let Some(p) = path() {
+        tile_on(p, w, rows, x, toks, out, out_stride)
+    }
+}
+
+/// [`tile`] with the kernels of `p` (tests compare the paths).
+pub(crate) fn tile_on(
+    p: Path,
+    w: &PackedW,
+    rows: Range<usize>,
+    x: &PackedX,
+    toks: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     if rows.is_empty() || toks.is_empty() {
         return;
     }
@@ -378,7 +393,7 @@ pub fn tile(
         tok_stride: 1,
     };
     // SAFETY: every element written lies in `out` (checked above), borrowed exclusively.
-    unsafe { tile_into(w, rows, x, toks, view) }
+    unsafe { tile_into_on(p, w, rows, x, toks, view) }
 }
 
 /// [`tile`] into any layout; prefill writes token-major straight into the product's
@@ -658,26 +673,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// [`tile`] with the kernels of `p`.
-    fn tile_on(
-        p: Path,
-        w: &PackedW,
-        rows: Range<usize>,
-        x: &PackedX,
-        toks: Range<usize>,
-        out: &mut [f32],
-        out_stride: usize,
-    ) {
-        assert!(out.len() > (rows.len() - 1) * out_stride + toks.end - 1);
-        let view = OutView {
-            ptr: out.as_mut_ptr(),
-            row_stride: out_stride,
-            tok_stride: 1,
-        };
-        // SAFETY: every element written lies in `out` (checked above).
-        unsafe { tile_into_on(p, w, rows, x, toks, view) }
     }
 
     #[test]
