@@ -457,7 +457,7 @@ pub(crate) unsafe fn tile_into_on(
             let n = (toks.end - t).min(MAX_TOKENS);
             // Token-major output (16 consecutive rows per token): stored straight from the
             // registers, the rows past `nr` masked off.
-            let direct = (out.row_stride == 1 && p == Path::Avx512Vnni).then(|| Direct {
+            let direct = (out.row_stride == 1).then(|| Direct {
                 // SAFETY: the caller owns these elements (function contract).
                 ptr: unsafe { out.ptr.add((g0 - rows.start) + t * out.tok_stride) },
                 tok_stride: out.tok_stride,
@@ -471,7 +471,7 @@ pub(crate) unsafe fn tile_into_on(
                     Path::Avx512Vnni => {
                         avx512::group(w.kind, group, w.nb, x, t, n, direct, &mut res)
                     }
-                    Path::Avx2 => avx2::group(w.kind, group, w.nb, x, t, n, &mut res),
+                    Path::Avx2 => avx2::group(w.kind, group, w.nb, x, t, n, direct, &mut res),
                 }
             };
             if direct.is_some() {

@@ -35,9 +35,10 @@ unsafe fn scales8(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
-/// One row group × tokens `t..t+n` into `res[i][row]` (rows 0..8 from the first half,
-/// 8..16 from the second). A decode step's groups take both halves in one pass
-/// (+10-17% from cache here, in alternated runs of `kernel_speed`).
+/// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]` (rows 0..8
+/// from the first half, 8..16 from the second). A decode step's groups take both halves
+/// in one pass (+10-17% from cache here, in alternated runs of `kernel_speed`).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn group(
     kind: QuantType,
@@ -46,8 +47,28 @@ pub(super) unsafe fn group(
     x: &PackedX,
     t: usize,
     n: usize,
+    direct: Option<Direct>,
     res: &mut [[f32; ROWS]; MAX_TOKENS],
 ) {
+    // Lanes of each half that a direct store writes (all but a ragged last group's).
+    let lanes = direct.map(|d| {
+        let sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        [0, 1].map(|h| {
+            let bits = _mm256_set1_epi32((d.mask as i32 >> (8 * h)) & 0xFF);
+            _mm256_cmpeq_epi32(_mm256_and_si256(bits, sel), sel)
+        })
+    });
+    let mut store = |i: usize, half: usize, acc: __m256| match (direct, lanes) {
+        (Some(d), Some(l)) => {
+            let p = d.ptr.add(i * d.tok_stride + 8 * half);
+            if d.mask == u16::MAX {
+                _mm256_storeu_ps(p, acc);
+            } else {
+                _mm256_maskstore_ps(p, l[half], acc);
+            }
+        }
+        _ => _mm256_storeu_ps(res[i].as_mut_ptr().add(8 * half), acc),
+    };
     let one = match kind {
         _ if n != 1 => None,
         QuantType::Q4_0 => Some(q4_0_one(g.as_ptr(), nb, x, t)),
@@ -56,8 +77,8 @@ pub(super) unsafe fn group(
         _ => None,
     };
     if let Some(acc) = one {
-        for (half, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(res[0].as_mut_ptr().add(8 * half), *a);
+        for (half, a) in acc.into_iter().enumerate() {
+            store(0, half, a);
         }
         return;
     }
@@ -65,17 +86,17 @@ pub(super) unsafe fn group(
     while t0 < n {
         let m = (n - t0).min(TOKENS);
         for half in 0..2 {
-            let mut store = |acc: &[__m256]| {
-                for (r, a) in res[t0..].iter_mut().zip(acc) {
-                    _mm256_storeu_ps(r.as_mut_ptr().add(8 * half), *a);
+            let mut put = |acc: &[__m256]| {
+                for (i, a) in acc.iter().enumerate() {
+                    store(t0 + i, half, *a);
                 }
             };
             macro_rules! run {
                 ($f:ident; $($n:literal)*) => {
-                    match m { $($n => store(&$f::<$n>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
+                    match m { $($n => put(&$f::<$n>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
                 };
                 ($f:ident, $q4:tt; $($n:literal)*) => {
-                    match m { $($n => store(&$f::<$n, $q4>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
+                    match m { $($n => put(&$f::<$n, $q4>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
                 };
             }
             match kind {
