@@ -76,6 +76,33 @@ impl KvBuf {
         }
     }
 
+    /// Reads one element of each cache line of elements `at..at + n`, so that they are
+    /// in the caches when attention widens and reads them. Attention fetches the next
+    /// block of keys and values this way before it computes on the current one: a plain
+    /// loop of loads keeps more lines in flight than the widening loop (which converts
+    /// and stores as it goes) or prefetch instructions (E2B-shaped full attention over
+    /// 32K keys, calls alternated: −18% per call against none, −10% with prefetches).
+    pub fn touch(&self, at: usize, n: usize) {
+        fn lines<T: Copy + Default>(v: &[T], at: usize, n: usize) -> T {
+            let step = (64 / std::mem::size_of::<T>()).max(1);
+            let v = &v[at.min(v.len())..(at + n).min(v.len())];
+            let mut last = T::default();
+            for i in (0..v.len()).step_by(step) {
+                // SAFETY: `i` indexes `v`; volatile so that the otherwise unused load stays.
+                last = unsafe { std::ptr::read_volatile(v.as_ptr().add(i)) };
+            }
+            last
+        }
+        match self {
+            KvBuf::F32(b) => {
+                std::hint::black_box(lines(b, at, n));
+            }
+            KvBuf::F16(b) => {
+                std::hint::black_box(lines(b, at, n));
+            }
+        }
+    }
+
     /// Elements `at..at + n` in place, when stored as f32.
     pub fn f32_at(&self, at: usize, n: usize) -> Option<&[f32]> {
         match self {

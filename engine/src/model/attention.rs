@@ -202,6 +202,15 @@ fn attend_tile(
                     kv.cached.v.load(s, &mut wv[j * hd..(j + n) * hd]);
                     kp += n;
                 }
+                // The next block's cached keys and values come in before this block is
+                // computed (see `KvBuf::touch`).
+                let (na, nz) = ((b + 1) * kb, ((b + 2) * kb).min(khi + 1).min(pos0));
+                if na < nz {
+                    let s = kv.cached.at(na, kvh);
+                    let n = (nz - na).min(kv.cached.cap - kv.cached.slot(na)) * hd;
+                    kv.cached.k.touch(s, n);
+                    kv.cached.v.touch(s, n);
+                }
                 let (wk, wv) = wide.split_at(kb * hd);
                 let mut ks: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
                 let mut vs: [&[f32]; MAX_BLOCK_KEYS] = [&[]; MAX_BLOCK_KEYS];
