@@ -77,7 +77,7 @@ impl KvBuf {
     }
 
     /// Reads one element of each cache line of elements `at..at + n`, so that they are
-    /// in the caches when attention widens and reads them. Attention fetches the next
+    /// in the caches when attention reads them. Attention fetches the next
     /// block of keys and values this way before it computes on the current one: a plain
     /// loop of loads keeps more lines in flight than the widening loop (which converts
     /// and stores as it goes) or prefetch instructions (E2B-shaped full attention over
@@ -100,6 +100,14 @@ impl KvBuf {
             KvBuf::F16(b) => {
                 std::hint::black_box(lines(b, at, n));
             }
+        }
+    }
+
+    /// All elements as f16 bits, when stored as f16.
+    pub fn f16_all(&self) -> Option<&[u16]> {
+        match self {
+            KvBuf::F32(_) => None,
+            KvBuf::F16(b) => Some(b),
         }
     }
 

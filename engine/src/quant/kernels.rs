@@ -138,19 +138,43 @@ pub fn dot_q4_k_scalar(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
 // ---------------------------------------------------------------- dispatch
 
 /// Reference for `dot_f32_rows`.
-pub fn dot_f32_rows_scalar(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) {
+pub fn dot_f32_rows_scalar<E: KvElem>(q: &[&[f32]], k: &[&[E]], out: &mut [f32], stride: usize) {
     for (r, qr) in q.iter().enumerate() {
         for (j, kj) in k.iter().enumerate() {
-            out[r * stride + j] = qr.iter().zip(kj.iter()).map(|(a, b)| a * b).sum();
+            out[r * stride + j] = qr.iter().zip(kj.iter()).map(|(a, b)| a * b.to_f32()).sum();
         }
     }
 }
 
+/// Keys and values as attention's kernels read them: f32, or f16 bits (`u16`) widened
+/// in the registers, exactly, so both give the same bits for the same values.
+pub trait KvElem: Copy + Sync {
+    /// Whether the bits are IEEE half.
+    const F16: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const F16: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for u16 {
+    const F16: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::from_bits(self).to_f32()
+    }
+}
+
 /// Reference for `axpy_f32_rows`.
-pub fn axpy_f32_rows_scalar(
+pub fn axpy_f32_rows_scalar<E: KvElem>(
     p: &[f32],
     stride: usize,
-    v: &[&[f32]],
+    v: &[&[E]],
     scale: &[f32],
     acc: &mut [f32],
 ) {
@@ -159,7 +183,7 @@ pub fn axpy_f32_rows_scalar(
         for (i, a) in row.iter_mut().enumerate() {
             let mut x = *a * s;
             for (j, vj) in v.iter().enumerate() {
-                x += p[r * stride + j] * vj[i];
+                x += p[r * stride + j] * vj[i].to_f32();
             }
             *a = x;
         }
@@ -259,18 +283,19 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// `out[r·stride + j] = q[r] · k[j]` for 1 to 4 query rows and any number of keys (the
-/// score block of tiled attention). Each pair is summed in an order that depends on
-/// neither the number of rows nor the number of keys in the call, so a query's scores
-/// do not depend on how queries and keys were tiled (prefill and decode agree bit for bit).
-pub fn dot_f32_rows(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) {
+/// score block of tiled attention; keys f32 or f16, see [`KvElem`]). Each pair is summed
+/// in an order that depends on neither the number of rows nor the number of keys in the
+/// call, so a query's scores do not depend on how queries and keys were tiled (prefill
+/// and decode agree bit for bit).
+pub fn dot_f32_rows<E: KvElem>(q: &[&[f32]], k: &[&[E]], out: &mut [f32], stride: usize) {
     #[cfg(target_arch = "x86_64")]
     macro_rules! rows {
         ($m:ident, $k:literal) => {
             match q.len() {
-                1 => $m::dot_f32_rows::<1, $k>([q[0]], k, out, stride),
-                2 => $m::dot_f32_rows::<2, $k>([q[0], q[1]], k, out, stride),
-                3 => $m::dot_f32_rows::<3, $k>([q[0], q[1], q[2]], k, out, stride),
-                4 => $m::dot_f32_rows::<4, $k>([q[0], q[1], q[2], q[3]], k, out, stride),
+                1 => $m::dot_f32_rows::<1, $k, E>([q[0]], k, out, stride),
+                2 => $m::dot_f32_rows::<2, $k, E>([q[0], q[1]], k, out, stride),
+                3 => $m::dot_f32_rows::<3, $k, E>([q[0], q[1], q[2]], k, out, stride),
+                4 => $m::dot_f32_rows::<4, $k, E>([q[0], q[1], q[2], q[3]], k, out, stride),
                 n => panic!("dot_f32_rows: {n} rows (1 to 4)"),
             }
         };
@@ -291,15 +316,21 @@ pub fn dot_f32_rows(q: &[&[f32]], k: &[&[f32]], out: &mut [f32], stride: usize) 
 /// `acc.len() / rows` long): tiled attention's rescaled weighted sum of values. Per
 /// element the operations are the same (a multiply, then one fused multiply-add per key
 /// in key order) whatever the number of rows, for the same reason as `dot_f32_rows`.
-pub fn axpy_f32_rows(p: &[f32], stride: usize, v: &[&[f32]], scale: &[f32], acc: &mut [f32]) {
+pub fn axpy_f32_rows<E: KvElem>(
+    p: &[f32],
+    stride: usize,
+    v: &[&[E]],
+    scale: &[f32],
+    acc: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     macro_rules! rows {
         ($m:ident, $w:literal) => {
             match *scale {
-                [a] => $m::axpy_f32_rows::<1, $w>(p, stride, v, [a], acc),
-                [a, b] => $m::axpy_f32_rows::<2, $w>(p, stride, v, [a, b], acc),
-                [a, b, c] => $m::axpy_f32_rows::<3, $w>(p, stride, v, [a, b, c], acc),
-                [a, b, c, d] => $m::axpy_f32_rows::<4, $w>(p, stride, v, [a, b, c, d], acc),
+                [a] => $m::axpy_f32_rows::<1, $w, E>(p, stride, v, [a], acc),
+                [a, b] => $m::axpy_f32_rows::<2, $w, E>(p, stride, v, [a, b], acc),
+                [a, b, c] => $m::axpy_f32_rows::<3, $w, E>(p, stride, v, [a, b, c], acc),
+                [a, b, c, d] => $m::axpy_f32_rows::<4, $w, E>(p, stride, v, [a, b, c, d], acc),
                 _ => panic!("axpy_f32_rows: {} rows (1 to 4)", scale.len()),
             }
         };
@@ -713,6 +744,53 @@ mod tests {
         }
     }
 
+    /// f16 keys and values read in place give the bits of the same values widened first.
+    #[test]
+    fn attention_row_kernels_read_f16_as_widened() {
+        for &n in &[256usize, 37, 3] {
+            let q: Vec<Vec<f32>> = (0..4).map(|i| data(n, 50 + i)).collect();
+            let qs: Vec<&[f32]> = q.iter().map(|x| &x[..]).collect();
+            let h: Vec<Vec<u16>> = (0..7)
+                .map(|i| {
+                    data(n, 60 + i)
+                        .iter()
+                        .map(|&v| half::f16::from_f32(v).to_bits())
+                        .collect()
+                })
+                .collect();
+            let w: Vec<Vec<f32>> = h
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|&b| half::f16::from_bits(b).to_f32())
+                        .collect()
+                })
+                .collect();
+            let (hs, ws): (Vec<&[u16]>, Vec<&[f32]>) = (
+                h.iter().map(|x| &x[..]).collect(),
+                w.iter().map(|x| &x[..]).collect(),
+            );
+            let stride = 9;
+            for rows in 1..=4 {
+                for nk in [1usize, 3, 7] {
+                    let (mut a, mut b) = (vec![0.0; 4 * stride], vec![0.0; 4 * stride]);
+                    dot_f32_rows(&qs[..rows], &hs[..nk], &mut a, stride);
+                    dot_f32_rows(&qs[..rows], &ws[..nk], &mut b, stride);
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+                    let p = data(4 * stride, 70 + nk as u64);
+                    let scale = [0.5f32, 1.0, 0.25, 2.0];
+                    let (mut a, mut b) = (data(rows * n, 80), data(rows * n, 80));
+                    axpy_f32_rows(&p, stride, &hs[..nk], &scale[..rows], &mut a);
+                    axpy_f32_rows(&p, stride, &ws[..nk], &scale[..rows], &mut b);
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "n {n} rows {rows} nk {nk}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn attention_row_kernels_match_scalar_and_ignore_grouping() {
         for &n in &[256usize, 40, 37, 8, 3] {
@@ -758,8 +836,8 @@ mod tests {
                         let mut d = vec![0.0; 4 * stride];
                         // SAFETY: features checked above.
                         unsafe {
-                            avx2::axpy_f32_rows::<4, 2>(&p, stride, &ks[..nk], scale, &mut a);
-                            avx2::dot_f32_rows::<4, 2>(
+                            avx2::axpy_f32_rows::<4, 2, f32>(&p, stride, &ks[..nk], scale, &mut a);
+                            avx2::dot_f32_rows::<4, 2, f32>(
                                 [qs[0], qs[1], qs[2], qs[3]],
                                 &ks[..nk],
                                 &mut d,

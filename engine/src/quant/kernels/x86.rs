@@ -87,6 +87,19 @@ macro_rules! gather_kernel_32 {
 
 /// The x86 kernels, written once and compiled twice: with AVX2 byte products
 /// (`maddubs` + `madd`) and with AVX-512 VNNI's `vpdpbusd` on 256-bit registers.
+/// Eight consecutive `E` (f32, or f16 bits widened in the register) from `$p` as floats;
+/// for kernels generic over [`KvElem`], expanded inside their target-feature context.
+macro_rules! ld8 {
+    ($p:expr) => {{
+        let p = $p;
+        if E::F16 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>()))
+        } else {
+            _mm256_loadu_ps(p.cast::<f32>())
+        }
+    }};
+}
+
 macro_rules! x86_kernels {
     ($name:ident, $feat:literal, { $($dp:tt)* }) => {
         #[allow(dead_code)] // not every tier dispatches every kernel
@@ -181,9 +194,9 @@ macro_rules! x86_kernels {
 
             /// See `super::dot_f32_rows`: `K` keys at a time, one accumulator per pair.
             #[target_feature(enable = $feat)]
-            pub unsafe fn dot_f32_rows<const R: usize, const K: usize>(
+            pub unsafe fn dot_f32_rows<const R: usize, const K: usize, E: KvElem>(
                 q: [&[f32]; R],
-                k: &[&[f32]],
+                k: &[&[E]],
                 out: &mut [f32],
                 stride: usize,
             ) {
@@ -193,13 +206,13 @@ macro_rules! x86_kernels {
                 while j < k.len() {
                     let nk = (k.len() - j).min(K);
                     // Past the last key the last one is repeated; those sums are dropped.
-                    let kk: [&[f32]; K] = std::array::from_fn(|c| &k[j + c.min(nk - 1)][..n]);
+                    let kk: [&[E]; K] = std::array::from_fn(|c| &k[j + c.min(nk - 1)][..n]);
                     let mut acc = [[_mm256_setzero_ps(); K]; R];
                     let mut i = 0;
                     while i + 8 <= n {
                         // SAFETY: i + 8 <= n and every row above is n long.
                         unsafe {
-                            let a: [__m256; K] = std::array::from_fn(|c| _mm256_loadu_ps(kk[c].as_ptr().add(i)));
+                            let a: [__m256; K] = std::array::from_fn(|c| ld8!(kk[c].as_ptr().add(i)));
                             for r in 0..R {
                                 let x = _mm256_loadu_ps(q[r].as_ptr().add(i));
                                 for c in 0..K {
@@ -213,7 +226,7 @@ macro_rules! x86_kernels {
                         for c in 0..nk {
                             let mut s = hsum_ps(acc[r][c]);
                             for e in i..n {
-                                s += q[r][e] * kk[c][e];
+                                s += q[r][e] * kk[c][e].to_f32();
                             }
                             out[r * stride + j + c] = s;
                         }
@@ -225,10 +238,10 @@ macro_rules! x86_kernels {
             /// See `super::axpy_f32_rows`: `8·W` columns of every row stay in registers
             /// while all keys are added, so `acc` is read and written once per call.
             #[target_feature(enable = $feat)]
-            pub unsafe fn axpy_f32_rows<const R: usize, const W: usize>(
+            pub unsafe fn axpy_f32_rows<const R: usize, const W: usize, E: KvElem>(
                 p: &[f32],
                 stride: usize,
-                v: &[&[f32]],
+                v: &[&[E]],
                 scale: [f32; R],
                 acc: &mut [f32],
             ) {
@@ -250,7 +263,7 @@ macro_rules! x86_kernels {
                             }
                         }
                         for (j, vj) in v.iter().enumerate() {
-                            let vc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(vj.as_ptr().add(i + 8 * c)));
+                            let vc: [__m256; W] = std::array::from_fn(|c| ld8!(vj.as_ptr().add(i + 8 * c)));
                             for r in 0..R {
                                 let b = _mm256_set1_ps(*pp.add(r * stride + j));
                                 for c in 0..W {
@@ -274,7 +287,7 @@ macro_rules! x86_kernels {
                             a[r] = _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * n + i)), _mm256_set1_ps(scale[r]));
                         }
                         for (j, vj) in v.iter().enumerate() {
-                            let v0 = _mm256_loadu_ps(vj.as_ptr().add(i));
+                            let v0 = ld8!(vj.as_ptr().add(i));
                             for r in 0..R {
                                 a[r] = _mm256_fmadd_ps(_mm256_set1_ps(*pp.add(r * stride + j)), v0, a[r]);
                             }
@@ -289,7 +302,7 @@ macro_rules! x86_kernels {
                     for r in 0..R {
                         let mut x = acc[r * n + e] * scale[r];
                         for (j, vj) in v.iter().enumerate() {
-                            x = p[r * stride + j].mul_add(vj[e], x);
+                            x = p[r * stride + j].mul_add(vj[e].to_f32(), x);
                         }
                         acc[r * n + e] = x;
                     }
