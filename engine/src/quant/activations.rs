@@ -238,9 +238,7 @@ mod tests {
     /// Whether the AVX2 tier's instructions run here (tested whatever tier was chosen).
     #[cfg(target_arch = "x86_64")]
     fn avx2_here() -> bool {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
+        crate::quant::kernels::cpu_has(Isa::Avx2)
     }
 
     #[test]

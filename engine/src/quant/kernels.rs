@@ -28,19 +28,10 @@ pub fn isa() -> Isa {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            let vnni = avx2
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512dq")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512vnni");
-            if vnni && std::env::var("GEMMAD_ISA").as_deref() != Ok("avx2") {
+            if cpu_has(Isa::Avx512Vnni) && std::env::var("GEMMAD_ISA").as_deref() != Ok("avx2") {
                 return Isa::Avx512Vnni;
             }
-            if avx2 {
+            if cpu_has(Isa::Avx2) {
                 return Isa::Avx2;
             }
         }
@@ -52,6 +43,31 @@ pub fn isa() -> Isa {
         }
         Isa::Scalar
     })
+}
+
+/// Whether this CPU has the instructions of `tier` (whatever [`isa`] chose; tests run
+/// a lower tier's kernels on a CPU that has a higher one).
+pub fn cpu_has(tier: Isa) -> bool {
+    match tier {
+        Isa::Scalar => true,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => {
+            cpu_has(Isa::Avx2)
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+    }
 }
 
 /// Whether this CPU runs the 512-bit kernels outside this file (`packed`, `kernels_bf16`,

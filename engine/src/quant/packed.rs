@@ -76,17 +76,10 @@ pub fn path() -> Option<Path> {
 pub fn runs_here(p: Path) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
-        match p {
-            Path::Avx2 => avx2,
-            Path::Avx512Vnni => {
-                avx2 && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vnni")
-            }
-        }
+        kernels::cpu_has(match p {
+            Path::Avx2 => kernels::Isa::Avx2,
+            Path::Avx512Vnni => kernels::Isa::Avx512Vnni,
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -50,24 +50,20 @@ pub(super) unsafe fn group(
     direct: Option<Direct>,
     res: &mut [[f32; ROWS]; MAX_TOKENS],
 ) {
-    // Lanes of each half that a direct store writes (all but a ragged last group's).
-    let lanes = direct.map(|d| {
-        let sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-        [0, 1].map(|h| {
-            let bits = _mm256_set1_epi32((d.mask as i32 >> (8 * h)) & 0xFF);
-            _mm256_cmpeq_epi32(_mm256_and_si256(bits, sel), sel)
-        })
-    });
-    let mut store = |i: usize, half: usize, acc: __m256| match (direct, lanes) {
-        (Some(d), Some(l)) => {
+    let mut store = |i: usize, half: usize, acc: __m256| match direct {
+        Some(d) => {
             let p = d.ptr.add(i * d.tok_stride + 8 * half);
             if d.mask == u16::MAX {
                 _mm256_storeu_ps(p, acc);
             } else {
-                _mm256_maskstore_ps(p, l[half], acc);
+                // A ragged last group: only the lanes of its rows in this half.
+                let sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                let bits = _mm256_set1_epi32((d.mask as i32 >> (8 * half)) & 0xFF);
+                let lanes = _mm256_cmpeq_epi32(_mm256_and_si256(bits, sel), sel);
+                _mm256_maskstore_ps(p, lanes, acc);
             }
         }
-        _ => _mm256_storeu_ps(res[i].as_mut_ptr().add(8 * half), acc),
+        None => _mm256_storeu_ps(res[i].as_mut_ptr().add(8 * half), acc),
     };
     let one = match kind {
         _ if n != 1 => None,
@@ -121,6 +117,30 @@ unsafe fn dot4(w: &[__m256i; 8], a: *const i8) -> __m256i {
     _mm256_madd_epi16(s, _mm256_set1_epi16(1))
 }
 
+/// `w·a` of signed Q8_0 weight bytes and one broadcast step of activation bytes, as 32-bit
+/// lane sums (`|w| · sign(a, w)`, see the module docs).
+#[inline(always)]
+unsafe fn dot_q8_step(w: __m256i, a: __m256i) -> __m256i {
+    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+}
+
+/// Sub-block `s`'s 6-bit scales of half `h` of a Q4_K block's metadata, as floats.
+#[inline(always)]
+unsafe fn q4k_scales(meta: *const u8, s: usize, h: usize) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+        meta.add(s * ROWS + 8 * h) as *const __m128i,
+    )))
+}
+
+/// The mins of sub-blocks `2k`, `2k+1` of half `h` of a Q4_K block, as i16 pairs.
+#[inline(always)]
+unsafe fn q4k_mins(meta: *const u8, k: usize, h: usize) -> __m256i {
+    _mm256_cvtepu8_epi16(_mm_loadu_si128(
+        meta.add(128 + 32 * k + 16 * h) as *const __m128i
+    ))
+}
+
 /// Q4_0 (`Q4`) or Q8_0 half row group: the VNNI path's sums (`init + Σ w·a` for Q4_0's
 /// raw nibbles, `Σ w·a` for Q8_0) and its float steps.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -134,7 +154,6 @@ unsafe fn q32<const N: usize, const Q4: bool>(
     let gbb = if Q4 { 288 } else { 544 };
     let mut acc = [_mm256_setzero_ps(); N];
     let m4 = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let dw = scales8(g.add(b * gbb + 16 * half));
         let q = g.add(b * gbb + 32 + 32 * half);
@@ -154,11 +173,7 @@ unsafe fn q32<const N: usize, const Q4: bool>(
             } else {
                 let mut s = _mm256_setzero_si256();
                 for (j, wj) in w.iter().enumerate() {
-                    let p = _mm256_maddubs_epi16(
-                        _mm256_sign_epi8(*wj, *wj),
-                        _mm256_sign_epi8(bcast(a, j), *wj),
-                    );
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                    s = _mm256_add_epi32(s, dot_q8_step(*wj, bcast(a, j)));
                 }
                 s
             };
@@ -204,7 +219,6 @@ unsafe fn q4_0_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2] {
     let mut acc = [_mm256_setzero_ps(); 2];
-    let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let blk = g.add(b * 544);
         let (a, m) = xat(x, t, b);
@@ -213,8 +227,7 @@ unsafe fn q8_0_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2
             let aj = bcast(a, j);
             for (h, sh) in s.iter_mut().enumerate() {
                 let w = load(blk.add(32 + 64 * j + 32 * h));
-                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(aj, w));
-                *sh = _mm256_add_epi32(*sh, _mm256_madd_epi16(p, ones));
+                *sh = _mm256_add_epi32(*sh, dot_q8_step(w, aj));
             }
         }
         let da = _mm256_set1_ps((*m).d);
@@ -257,9 +270,7 @@ unsafe fn q4_k_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2
                 }
             }
             for h in 0..2 {
-                let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    meta.add(s * ROWS + 8 * h) as *const __m128i,
-                )));
+                let sc = q4k_scales(meta, s, h);
                 let i = _mm256_madd_epi16(i16s[h], ones);
                 sub[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d[h], sc), sub[h]);
             }
@@ -269,9 +280,7 @@ unsafe fn q4_k_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2
         for h in 0..2 {
             let mut im = _mm256_setzero_si256();
             for (k, &sk) in sums.iter().enumerate() {
-                let mk = _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                    meta.add(128 + 32 * k + 16 * h) as *const __m128i
-                ));
+                let mk = q4k_mins(meta, k, h);
                 im = _mm256_add_epi32(im, _mm256_madd_epi16(mk, _mm256_set1_epi32(sk)));
             }
             let dmin = scales8(meta.add(288 + 16 * h));
@@ -313,10 +322,7 @@ unsafe fn q4_k<const N: usize>(
                     };
                     _mm256_and_si256(vj, m4)
                 });
-                let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    meta.add(s * ROWS + 8 * half) as *const __m128i,
-                )));
-                let dsc = _mm256_mul_ps(d, sc);
+                let dsc = _mm256_mul_ps(d, q4k_scales(meta, s, half));
                 for_tokens!(n => {
                     let a = x.kblocks.get_unchecked((t + n) * x.nbx + b).qs.as_ptr().add(32 * s);
                     sub[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(&w, a)), dsc, sub[n]);
@@ -325,11 +331,7 @@ unsafe fn q4_k<const N: usize>(
         }
         // Mins: row lanes hold (m[2k], m[2k+1]) as i16 pairs against the token's
         // broadcast (Σa[2k], Σa[2k+1]).
-        let mins: [__m256i; 4] = std::array::from_fn(|k| {
-            _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                meta.add(128 + 32 * k + 16 * half) as *const __m128i
-            ))
-        });
+        let mins: [__m256i; 4] = std::array::from_fn(|k| q4k_mins(meta, k, half));
         let dmin = scales8(meta.add(288 + 16 * half));
         for_tokens!(n => {
             let i = (t + n) * x.nbx + b;
