@@ -1,5 +1,6 @@
 //! Weights interleaved 16 rows at a time (the "x16" layout) and the products that read
-//! them: AVX-512 VNNI (`avx512`) and AVX2 (`avx2`, the same bits; most laptops).
+//! them: AVX-512 VNNI (`avx512`), AVX2 (`avx2`; most laptops) and NEON (`neon`; ARM64
+//! boards, with or without the dot-product extension), all giving the same bits.
 //!
 //! In ggml's layout a row's quants are contiguous, so a SIMD dot product runs along one
 //! row, ends in a horizontal sum, and applies each block's scale to a scalar. Here the 16
@@ -53,10 +54,15 @@ pub enum Path {
     Avx512Vnni,
     /// Two 256-bit halves per row group, `vpmaddubsw` byte products.
     Avx2,
+    /// Four 128-bit quarters per row group, `sdot` byte products (ARMv8.2 dot product).
+    NeonDotprod,
+    /// Four 128-bit quarters per row group, widening byte multiplies (any ARMv8).
+    Neon,
 }
 
 /// The packed kernels for this CPU (following [`kernels::isa`], so `GEMMAD_ISA=avx2`
-/// selects the AVX2 ones), or `None` where there are none.
+/// selects the AVX2 ones; `GEMMAD_ISA=neon` the NEON ones without the dot-product
+/// extension), or `None` where there are none.
 pub fn path() -> Option<Path> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -66,7 +72,21 @@ pub fn path() -> Option<Path> {
             _ => None,
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        static PATH: std::sync::OnceLock<Option<Path>> = std::sync::OnceLock::new();
+        *PATH.get_or_init(|| match kernels::isa() {
+            kernels::Isa::Neon
+                if runs_here(Path::NeonDotprod)
+                    && std::env::var("GEMMAD_ISA").as_deref() != Ok("neon") =>
+            {
+                Some(Path::NeonDotprod)
+            }
+            kernels::Isa::Neon => Some(Path::Neon),
+            _ => None,
+        })
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         None
     }
@@ -74,21 +94,23 @@ pub fn path() -> Option<Path> {
 
 /// Whether this CPU has the instructions of `p` (whatever [`path`] chose).
 pub fn runs_here(p: Path) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        kernels::cpu_has(match p {
-            Path::Avx2 => kernels::Isa::Avx2,
-            Path::Avx512Vnni => kernels::Isa::Avx512Vnni,
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = p;
-        false
+    match p {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => kernels::cpu_has(kernels::Isa::Avx2),
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Vnni => kernels::cpu_has(kernels::Isa::Avx512Vnni),
+        #[cfg(target_arch = "aarch64")]
+        Path::Neon => kernels::cpu_has(kernels::Isa::Neon),
+        #[cfg(target_arch = "aarch64")]
+        Path::NeonDotprod => {
+            kernels::cpu_has(kernels::Isa::Neon)
+                && std::arch::is_aarch64_feature_detected!("dotprod")
+        }
+        _ => false,
     }
 }
 
-/// Whether the CPU can run the packed products (AVX-512 VNNI or AVX2).
+/// Whether the CPU can run the packed products (AVX-512 VNNI, AVX2 or NEON).
 pub fn supported() -> bool {
     path().is_some()
 }
@@ -465,6 +487,18 @@ pub(crate) unsafe fn tile_into_on(
                         avx512::group(w.kind, group, w.nb, x, t, n, direct, &mut res)
                     }
                     Path::Avx2 => avx2::group(w.kind, group, w.nb, x, t, n, direct, &mut res),
+                    _ => {}
+                }
+            };
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            unsafe {
+                match p {
+                    Path::NeonDotprod => {
+                        neon::group_dotprod(w.kind, group, w.nb, x, t, n, direct, &mut res)
+                    }
+                    Path::Neon => neon::group(w.kind, group, w.nb, x, t, n, direct, &mut res),
+                    _ => {}
                 }
             };
             if direct.is_some() {
@@ -529,6 +563,8 @@ unsafe fn xat(x: &PackedX, t: usize, blk: usize) -> (*const i8, *const XMeta) {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 #[cfg(test)]
 mod tests {
@@ -545,12 +581,12 @@ mod tests {
         zero: B,
         bs: usize,
     ) {
-        let paths: Vec<Path> = [Path::Avx512Vnni, Path::Avx2]
+        let paths: Vec<Path> = [Path::Avx512Vnni, Path::Avx2, Path::NeonDotprod, Path::Neon]
             .into_iter()
             .filter(|&p| runs_here(p))
             .collect();
         if paths.is_empty() {
-            eprintln!("packed kernels need AVX2 or AVX-512 VNNI; skipped");
+            eprintln!("packed kernels need AVX2, AVX-512 VNNI or NEON; skipped");
             return;
         }
         for &(rows, cols) in &[(16usize, 256usize), (48, 512), (32, 768)] {
