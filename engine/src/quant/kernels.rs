@@ -290,6 +290,9 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::axpy_f32(alpha, x, y) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { neon::axpy_f32(alpha, x, y) },
         _ => {
             for (o, &v) in y.iter_mut().zip(x) {
                 *o += alpha * v;
@@ -304,7 +307,7 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// call, so a query's scores do not depend on how queries and keys were tiled (prefill
 /// and decode agree bit for bit).
 pub fn dot_f32_rows<E: KvElem>(q: &[&[f32]], k: &[&[E]], out: &mut [f32], stride: usize) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     macro_rules! rows {
         ($m:ident, $k:literal) => {
             match q.len() {
@@ -324,6 +327,10 @@ pub fn dot_f32_rows<E: KvElem>(q: &[&[f32]], k: &[&[E]], out: &mut [f32], stride
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx512Vnni => unsafe { rows!(vnni, 4) },
+        // 32 registers: 4×4 accumulators fit.
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { rows!(neon, 4) },
         _ => dot_f32_rows_scalar(q, k, out, stride),
     }
 }
@@ -339,7 +346,7 @@ pub fn axpy_f32_rows<E: KvElem>(
     scale: &[f32],
     acc: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     macro_rules! rows {
         ($m:ident, $w:literal) => {
             match *scale {
@@ -359,6 +366,10 @@ pub fn axpy_f32_rows<E: KvElem>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx512Vnni => unsafe { rows!(vnni, 4) },
+        // 32 registers: 4 rows × 16 columns of accumulators.
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { rows!(neon, 4) },
         _ => axpy_f32_rows_scalar(p, stride, v, scale, acc),
     }
 }
@@ -389,6 +400,9 @@ pub fn widen_f16(src: &[u16], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::widen_f16(src, dst) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { neon::widen_f16(src, dst) },
         _ => {
             for (d, &h) in dst.iter_mut().zip(src) {
                 *d = half::f16::from_bits(h).to_f32();
@@ -404,6 +418,9 @@ pub fn narrow_f16(src: &[f32], dst: &mut [u16]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::narrow_f16(src, dst) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { neon::narrow_f16(src, dst) },
         _ => {
             for (d, &v) in dst.iter_mut().zip(src) {
                 *d = half::f16::from_f32(v).to_bits();
@@ -560,7 +577,7 @@ mod x86;
 pub(crate) use x86::{avx2, vnni};
 
 #[cfg(target_arch = "aarch64")]
-mod neon;
+pub(crate) mod neon;
 
 #[cfg(test)]
 mod tests {

@@ -53,3 +53,204 @@ pub unsafe fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
     }
     vaddvq_f32(acc)
 }
+
+/// Four f16 values (bits) widened to f32 by `fcvtl`, exactly (the conversion
+/// intrinsics need Rust's unstable f16 type; the instruction is in every ARMv8 CPU).
+#[inline(always)]
+pub(crate) unsafe fn f16x4(p: *const u16) -> float32x4_t {
+    // SAFETY: the caller's pointer holds 4 halves.
+    let h = unsafe { vld1_u16(p) };
+    let out: float32x4_t;
+    // SAFETY: a register-only conversion.
+    unsafe {
+        std::arch::asm!(
+            "fcvtl {o:v}.4s, {h:v}.4h",
+            o = lateout(vreg) out,
+            h = in(vreg) h,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    out
+}
+
+/// Four f32 values narrowed to f16 bits by `fcvtn`, rounded to nearest even (the
+/// default rounding mode, as `half`).
+#[inline(always)]
+unsafe fn f32x4_to_f16(v: float32x4_t) -> uint16x4_t {
+    let out: uint16x4_t;
+    // SAFETY: a register-only conversion.
+    unsafe {
+        std::arch::asm!(
+            "fcvtn {o:v}.4h, {v:v}.4s",
+            o = lateout(vreg) out,
+            v = in(vreg) v,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    out
+}
+
+/// Four keys or values as f32, widened in the registers when they are f16.
+#[inline(always)]
+unsafe fn ld4<E: KvElem>(p: *const E) -> float32x4_t {
+    if E::F16 {
+        // SAFETY: the caller's pointer holds 4 elements.
+        unsafe { f16x4(p.cast::<u16>()) }
+    } else {
+        // SAFETY: as above.
+        unsafe { vld1q_f32(p.cast::<f32>()) }
+    }
+}
+
+#[target_feature(enable = "neon")]
+pub unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 4 <= n {
+        // SAFETY: i + 4 <= n bounds the load and the store.
+        unsafe { vst1q_f32(dst.as_mut_ptr().add(i), f16x4(src.as_ptr().add(i))) };
+        i += 4;
+    }
+    for (d, &h) in dst[i..n].iter_mut().zip(&src[i..n]) {
+        *d = half::f16::from_bits(h).to_f32();
+    }
+}
+
+#[target_feature(enable = "neon")]
+pub unsafe fn narrow_f16(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 4 <= n {
+        // SAFETY: i + 4 <= n bounds the load and the store.
+        unsafe {
+            let h = f32x4_to_f16(vld1q_f32(src.as_ptr().add(i)));
+            vst1_u16(dst.as_mut_ptr().add(i), h);
+        }
+        i += 4;
+    }
+    for (d, &v) in dst[i..n].iter_mut().zip(&src[i..n]) {
+        *d = half::f16::from_f32(v).to_bits();
+    }
+}
+
+#[target_feature(enable = "neon")]
+pub unsafe fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let va = vdupq_n_f32(alpha);
+    let mut i = 0;
+    while i + 4 <= n {
+        // SAFETY: i + 4 <= n bounds the loads and the store.
+        unsafe {
+            let p = y.as_mut_ptr().add(i);
+            vst1q_f32(p, vfmaq_f32(vld1q_f32(p), va, vld1q_f32(x.as_ptr().add(i))));
+        }
+        i += 4;
+    }
+    while i < n {
+        y[i] += alpha * x[i];
+        i += 1;
+    }
+}
+
+/// See `super::dot_f32_rows`: `K` keys at a time, one accumulator (4 lanes) per pair.
+#[target_feature(enable = "neon")]
+pub unsafe fn dot_f32_rows<const R: usize, const K: usize, E: KvElem>(
+    q: [&[f32]; R],
+    k: &[&[E]],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let n = q[0].len();
+    let q = q.map(|x| &x[..n]);
+    let mut j = 0;
+    while j < k.len() {
+        let nk = (k.len() - j).min(K);
+        // Past the last key the last one is repeated; those sums are dropped.
+        let kk: [&[E]; K] = std::array::from_fn(|c| &k[j + c.min(nk - 1)][..n]);
+        let mut acc = [[vdupq_n_f32(0.0); K]; R];
+        let mut i = 0;
+        while i + 4 <= n {
+            // SAFETY: i + 4 <= n and every row above is n long.
+            unsafe {
+                let a: [float32x4_t; K] = std::array::from_fn(|c| ld4(kk[c].as_ptr().add(i)));
+                for (qr, ar) in q.iter().zip(acc.iter_mut()) {
+                    let x = vld1q_f32(qr.as_ptr().add(i));
+                    for (acc, &ac) in ar.iter_mut().zip(&a) {
+                        *acc = vfmaq_f32(*acc, x, ac);
+                    }
+                }
+            }
+            i += 4;
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            for (c, a) in ar.iter().enumerate().take(nk) {
+                let mut s = vaddvq_f32(*a);
+                for e in i..n {
+                    s += q[r][e] * kk[c][e].to_f32();
+                }
+                out[r * stride + j + c] = s;
+            }
+        }
+        j += K;
+    }
+}
+
+/// See `super::axpy_f32_rows`: `4·W` columns of every row stay in registers while all
+/// keys are added, so `acc` is read and written once per call.
+#[target_feature(enable = "neon")]
+pub unsafe fn axpy_f32_rows<const R: usize, const W: usize, E: KvElem>(
+    p: &[f32],
+    stride: usize,
+    v: &[&[E]],
+    scale: [f32; R],
+    acc: &mut [f32],
+) {
+    let n = acc.len() / R;
+    let nk = v.len();
+    assert!(
+        p.len() >= (R - 1) * stride + nk && v.iter().all(|x| x.len() >= n),
+        "axpy_f32_rows: operands too short"
+    ); // ok: internal contract of attention
+    let ap = acc.as_mut_ptr();
+    let mut i = 0;
+    while i + 4 * W <= n {
+        // SAFETY: rows are n long, i + 4·W <= n, and p holds ·stride + nk (asserted
+        // above).
+        unsafe {
+            let mut a = [[vdupq_n_f32(0.0); W]; R];
+            for (r, ar) in a.iter_mut().enumerate() {
+                let s = vdupq_n_f32(scale[r]);
+                for (c, acc) in ar.iter_mut().enumerate() {
+                    *acc = vmulq_f32(vld1q_f32(ap.add(r * n + i + 4 * c)), s);
+                }
+            }
+            for (j, vj) in v.iter().enumerate() {
+                let vc: [float32x4_t; W] = std::array::from_fn(|c| ld4(vj.as_ptr().add(i + 4 * c)));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let b = vdupq_n_f32(*p.get_unchecked(r * stride + j));
+                    for (acc, &x) in ar.iter_mut().zip(&vc) {
+                        *acc = vfmaq_f32(*acc, b, x);
+                    }
+                }
+            }
+            for (r, ar) in a.iter().enumerate() {
+                for (c, acc) in ar.iter().enumerate() {
+                    vst1q_f32(ap.add(r * n + i + 4 * c), *acc);
+                }
+            }
+        }
+        i += 4 * W;
+    }
+    // The columns past the last whole register group: the same operations per element.
+    for r in 0..R {
+        for e in i..n {
+            // SAFETY: e < n and r < R address row r of acc.
+            let a = unsafe { &mut *ap.add(r * n + e) };
+            let mut x = *a * scale[r];
+            for (j, vj) in v.iter().enumerate() {
+                x = p[r * stride + j].mul_add(vj[e].to_f32(), x);
+            }
+            *a = x;
+        }
+    }
+}

@@ -61,23 +61,10 @@ unsafe fn load(p: *const u8) -> int8x16_t {
     vld1q_s8(p as *const i8)
 }
 
-/// Four f16 scales as floats, exactly as F16C converts them (normal, subnormal, zero,
-/// infinite and NaN alike; the f16 conversion intrinsics are not stable Rust).
+/// Four f16 scales as floats (exactly, as F16C converts them).
 #[inline(always)]
 unsafe fn scales4(p: *const u8) -> float32x4_t {
-    let h = vmovl_u16(vld1_u16(p as *const u16));
-    let em = vandq_u32(h, vdupq_n_u32(0x7FFF));
-    let sign = vshlq_n_u32::<16>(vandq_u32(h, vdupq_n_u32(0x8000)));
-    let shifted = vshlq_n_u32::<13>(em);
-    // Exponent and mantissa moved into place, rescaled by 2^(127 − 15): exact for normal
-    // and subnormal halves (the product is a normal float).
-    let finite = vreinterpretq_u32_f32(vmulq_f32(
-        vreinterpretq_f32_u32(shifted),
-        vdupq_n_f32(f32::from_bits(0x7780_0000)),
-    ));
-    let special = vorrq_u32(shifted, vdupq_n_u32(0x7F80_0000));
-    let is_special = vcgeq_u32(em, vdupq_n_u32(0x7C00));
-    vreinterpretq_f32_u32(vorrq_u32(vbslq_u32(is_special, special, finite), sign))
+    kernels::neon::f16x4(p as *const u16)
 }
 
 /// Four 6-bit Q4_K scales (bytes) as floats.
