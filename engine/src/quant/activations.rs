@@ -4,10 +4,10 @@
 //! `roundf` per value was 1.5% of a decode step (4% of an AVX2 prefill).
 
 use super::blocks::*;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::kernels::{isa, Isa};
 
-/// `blocks::quantize_q8_0`, on AVX-512 or AVX2 where the CPU has it.
+/// `blocks::quantize_q8_0`, on AVX-512, AVX2 or NEON where the CPU has it.
 pub fn quantize_q8_0_fast(x: &[f32], out: &mut [BlockQ8_0]) {
     #[cfg(target_arch = "x86_64")]
     match isa() {
@@ -17,10 +17,15 @@ pub fn quantize_q8_0_fast(x: &[f32], out: &mut [BlockQ8_0]) {
         Isa::Avx2 => return unsafe { avx2::quantize_q8_0(x, out) },
         _ => {}
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa() == Isa::Neon {
+        // SAFETY: NEON checked at run time.
+        return unsafe { neon::quantize_q8_0(x, out) };
+    }
     quantize_q8_0(x, out)
 }
 
-/// `blocks::quantize_q8_k`, on AVX-512 or AVX2 where the CPU has it.
+/// `blocks::quantize_q8_k`, on AVX-512, AVX2 or NEON where the CPU has it.
 pub fn quantize_q8_k_fast(x: &[f32], out: &mut [BlockQ8K]) {
     #[cfg(target_arch = "x86_64")]
     match isa() {
@@ -30,7 +35,76 @@ pub fn quantize_q8_k_fast(x: &[f32], out: &mut [BlockQ8K]) {
         Isa::Avx2 => return unsafe { avx2::quantize_q8_k(x, out) },
         _ => {}
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa() == Isa::Neon {
+        // SAFETY: NEON checked at run time.
+        return unsafe { neon::quantize_q8_k(x, out) };
+    }
     quantize_q8_k(x, out)
+}
+
+/// NEON: `fcvtas` converts rounding half away from zero, which is `f32::round` exactly,
+/// and the saturating narrows are Rust's saturating float-to-int casts.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::*;
+
+    /// 16 floats at `p` times `s`, rounded half away from zero, capped at `hi`, as bytes.
+    #[inline(always)]
+    unsafe fn round16(p: *const f32, s: f32, hi: i32) -> int8x16_t {
+        let q: [int32x4_t; 4] = std::array::from_fn(|k| {
+            let v = vcvtaq_s32_f32(vmulq_n_f32(vld1q_f32(p.add(4 * k)), s));
+            vminq_s32(v, vdupq_n_s32(hi))
+        });
+        let lo = vcombine_s16(vqmovn_s32(q[0]), vqmovn_s32(q[1]));
+        let hi = vcombine_s16(vqmovn_s32(q[2]), vqmovn_s32(q[3]));
+        vcombine_s8(vqmovn_s16(lo), vqmovn_s16(hi))
+    }
+
+    /// The largest magnitude (NaN ignored, as `f32::max`; 0 if there is no other).
+    #[inline(always)]
+    unsafe fn amax(x: &[f32]) -> f32 {
+        let mut m = vdupq_n_f32(0.0);
+        for c in x.chunks_exact(4) {
+            m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(c.as_ptr())));
+        }
+        vmaxnmvq_f32(m)
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+        for (xb, b) in x.chunks_exact(QK8_0).zip(out.iter_mut()) {
+            let d = amax(xb) / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            b.d = f32_to_f16(d);
+            for k in 0..2 {
+                let q = round16(xb.as_ptr().add(16 * k), id, i32::MAX);
+                vst1q_s8(b.qs.as_mut_ptr().add(16 * k), q);
+            }
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+        for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+            let a = amax(xb);
+            if a == 0.0 {
+                *b = BlockQ8K::default();
+                continue;
+            }
+            // The first value of largest magnitude sets the scale's sign.
+            let max = xb.iter().copied().find(|v| v.abs() == a).unwrap_or(a);
+            let iscale = -127.0 / max;
+            for (j, s) in b.bsums.iter_mut().enumerate() {
+                let q = round16(xb.as_ptr().add(16 * j), iscale, 127);
+                vst1q_s8(b.qs.as_mut_ptr().add(16 * j), q);
+                *s = vaddlvq_s8(q);
+            }
+            b.d = 1.0 / iscale;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -250,6 +324,11 @@ mod tests {
         }
         x[64..96].iter_mut().for_each(|v| *v = 0.0);
         x[100] = 0.0;
+        // A block whose scale is exactly 1: halves are ties after scaling.
+        for (i, v) in x[128..160].iter_mut().enumerate() {
+            *v = i as f32 - 15.5;
+        }
+        x[159] = 127.0;
         let nb = x.len() / QK8_0;
         let (mut a, mut b) = (
             vec![BlockQ8_0::default(); nb],
@@ -284,6 +363,11 @@ mod tests {
         x[2 * QK_K + 200] = 9.0;
         x[3 * QK_K + 7] = 9.0;
         x[3 * QK_K + 100] = -9.0;
+        // A block whose scale is exactly 1 (largest value −127): halves are ties.
+        for (i, v) in x[4 * QK_K..5 * QK_K].iter_mut().enumerate() {
+            *v = (i % 64) as f32 - 31.5;
+        }
+        x[4 * QK_K + 255] = -127.0;
         let nb = x.len() / QK_K;
         let (mut a, mut b) = (vec![BlockQ8K::default(); nb], vec![BlockQ8K::default(); nb]);
         quantize_q8_k(&x, &mut a);

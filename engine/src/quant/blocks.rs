@@ -74,7 +74,7 @@ pub fn f16_to_f32(b: u16) -> f32 {
 }
 
 #[inline]
-fn f32_to_f16(x: f32) -> u16 {
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
 
