@@ -226,6 +226,9 @@ pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(w, x) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { neon::dot_bf16(w, x) },
         _ => dot_bf16_scalar(w, x),
     }
 }
@@ -382,6 +385,9 @@ pub fn axpy_q8_0(w: &[BlockQ8_0], alpha: f32, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::axpy_q8_0(w, alpha, y) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { neon::axpy_q8_0(w, alpha, y) },
         _ => {
             for (b, o) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
                 let d = alpha * f16_to_f32(b.d);
@@ -495,6 +501,9 @@ pub fn axpy_q4_0(w: &[BlockQ4_0], alpha: f32, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::axpy_q4_0(w, alpha, y) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { neon::axpy_q4_0(w, alpha, y) },
         _ => {
             for (b, o) in w.iter().zip(y.chunks_exact_mut(QK4_0)) {
                 let d = alpha * f16_to_f32(b.d);
@@ -513,6 +522,9 @@ pub fn axpy_bf16(w: &[u16], alpha: f32, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::axpy_bf16(w, alpha, y) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { neon::axpy_bf16(w, alpha, y) },
         _ => {
             for (o, &b) in y.iter_mut().zip(w) {
                 *o += alpha * f32::from_bits((b as u32) << 16);
@@ -567,6 +579,9 @@ pub fn dot_bf16_x4(w: &[u16], x: [&[f32]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16_x4(w, x) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: isa() verified NEON at run time.
+        Isa::Neon => unsafe { neon::dot_bf16_x4(w, x) },
         _ => x.map(|x| dot_bf16_scalar(w, x)),
     }
 }

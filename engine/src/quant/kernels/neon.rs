@@ -254,3 +254,113 @@ pub unsafe fn axpy_f32_rows<const R: usize, const W: usize, E: KvElem>(
         }
     }
 }
+
+/// bf16 bits at `p` (4 of them) as f32: the bits moved to the top half.
+#[inline(always)]
+unsafe fn bf16x4(p: *const u16) -> float32x4_t {
+    // SAFETY: the caller's pointer holds 4 values.
+    unsafe { vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p))) }
+}
+
+/// Four 4-lane accumulators per 16 weights, added in a fixed order, then the scalar
+/// tail: `dot_bf16_x4` takes the same steps per token.
+#[target_feature(enable = "neon")]
+pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+    let [s] = unsafe { dot_bf16_x4_n::<1>(w, [x]) };
+    s
+}
+
+#[target_feature(enable = "neon")]
+pub unsafe fn dot_bf16_x4(w: &[u16], x: [&[f32]; 4]) -> [f32; 4] {
+    unsafe { dot_bf16_x4_n::<4>(w, x) }
+}
+
+#[inline(always)]
+unsafe fn dot_bf16_x4_n<const T: usize>(w: &[u16], x: [&[f32]; T]) -> [f32; T] {
+    let n = x.iter().fold(w.len(), |m, v| m.min(v.len()));
+    let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n bounds every load.
+        unsafe {
+            let f: [float32x4_t; 4] = std::array::from_fn(|k| bf16x4(w.as_ptr().add(i + 4 * k)));
+            for (a, xt) in acc.iter_mut().zip(&x) {
+                for (k, ak) in a.iter_mut().enumerate() {
+                    *ak = vfmaq_f32(*ak, f[k], vld1q_f32(xt.as_ptr().add(i + 4 * k)));
+                }
+            }
+        }
+        i += 16;
+    }
+    let mut out = [0.0f32; T];
+    for ((o, a), xt) in out.iter_mut().zip(&acc).zip(&x) {
+        *o = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+        for j in i..n {
+            *o += f32::from_bits((w[j] as u32) << 16) * xt[j];
+        }
+    }
+    out
+}
+
+#[target_feature(enable = "neon")]
+pub unsafe fn axpy_bf16(w: &[u16], alpha: f32, y: &mut [f32]) {
+    let n = w.len().min(y.len());
+    let va = vdupq_n_f32(alpha);
+    let mut i = 0;
+    while i + 4 <= n {
+        // SAFETY: i + 4 <= n bounds the loads and the store.
+        unsafe {
+            let p = y.as_mut_ptr().add(i);
+            vst1q_f32(p, vfmaq_f32(vld1q_f32(p), va, bf16x4(w.as_ptr().add(i))));
+        }
+        i += 4;
+    }
+    while i < n {
+        y[i] += alpha * f32::from_bits((w[i] as u32) << 16);
+        i += 1;
+    }
+}
+
+/// `o += d · q` for 16 signed quants, fused per element.
+#[inline(always)]
+unsafe fn axpy16(q: int8x16_t, d: float32x4_t, o: *mut f32) {
+    let h = [vmovl_s8(vget_low_s8(q)), vmovl_high_s8(q)];
+    for (k, hk) in h.iter().enumerate() {
+        let w = [vmovl_s16(vget_low_s16(*hk)), vmovl_high_s16(*hk)];
+        for (l, wl) in w.iter().enumerate() {
+            // SAFETY: the caller's 16 floats at `o`.
+            unsafe {
+                let p = o.add(8 * k + 4 * l);
+                vst1q_f32(p, vfmaq_f32(vld1q_f32(p), d, vcvtq_f32_s32(*wl)));
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "neon")]
+pub unsafe fn axpy_q8_0(w: &[BlockQ8_0], alpha: f32, y: &mut [f32]) {
+    for (b, o) in w.iter().zip(y.chunks_exact_mut(QK8_0)) {
+        let d = vdupq_n_f32(alpha * f16_to_f32(b.d));
+        // SAFETY: qs holds 32 bytes and o 32 floats.
+        unsafe {
+            axpy16(vld1q_s8(b.qs.as_ptr()), d, o.as_mut_ptr());
+            axpy16(vld1q_s8(b.qs.as_ptr().add(16)), d, o.as_mut_ptr().add(16));
+        }
+    }
+}
+
+#[target_feature(enable = "neon")]
+pub unsafe fn axpy_q4_0(w: &[BlockQ4_0], alpha: f32, y: &mut [f32]) {
+    let (m4, off) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
+    for (b, o) in w.iter().zip(y.chunks_exact_mut(QK4_0)) {
+        let d = vdupq_n_f32(alpha * f16_to_f32(b.d));
+        // SAFETY: qs holds 16 bytes and o 32 floats.
+        unsafe {
+            let q = vld1q_u8(b.qs.as_ptr());
+            let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, m4)), off);
+            let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(q)), off);
+            axpy16(lo, d, o.as_mut_ptr());
+            axpy16(hi, d, o.as_mut_ptr().add(16));
+        }
+    }
+}
