@@ -493,12 +493,9 @@ pub(crate) unsafe fn tile_into_on(
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
             unsafe {
-                match p {
-                    Path::NeonDotprod => {
-                        neon::group_dotprod(w.kind, group, w.nb, x, t, n, direct, &mut res)
-                    }
-                    Path::Neon => neon::group(w.kind, group, w.nb, x, t, n, direct, &mut res),
-                    _ => {}
+                if let Path::NeonDotprod | Path::Neon = p {
+                    let dotprod = p == Path::NeonDotprod;
+                    neon::group(dotprod, w.kind, group, w.nb, x, t, n, direct, &mut res)
                 }
             };
             if direct.is_some() {

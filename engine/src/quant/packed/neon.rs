@@ -24,7 +24,7 @@ unsafe fn dot_lane<const DOT: bool, const L: i32>(
 ) -> int32x4_t {
     if DOT {
         let mut acc = acc;
-        // SAFETY: only reached from `group_dotprod`, which runs where the CPU has the
+        // SAFETY: only reached from `group` with `dotprod`, which runs where the CPU has the
         // dot-product extension (`runs_here`); the directive lets the assembler accept
         // the instruction whatever the function's target features.
         unsafe {
@@ -74,27 +74,12 @@ unsafe fn u8x4_to_f32(p: *const u8) -> float32x4_t {
     vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(b)))))
 }
 
-/// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]`, with the
-/// dot-product extension.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "neon")]
-pub(super) unsafe fn group_dotprod(
-    kind: QuantType,
-    g: &[u8],
-    nb: usize,
-    x: &PackedX,
-    t: usize,
-    n: usize,
-    direct: Option<Direct>,
-    res: &mut [[f32; ROWS]; MAX_TOKENS],
-) {
-    group_on::<true>(kind, g, nb, x, t, n, direct, res)
-}
-
-/// [`group_dotprod`] without the dot-product extension.
+/// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]`; `sdot`
+/// byte products if `dotprod` (the CPU must have the extension), else widening ones.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn group(
+    dotprod: bool,
     kind: QuantType,
     g: &[u8],
     nb: usize,
@@ -104,7 +89,11 @@ pub(super) unsafe fn group(
     direct: Option<Direct>,
     res: &mut [[f32; ROWS]; MAX_TOKENS],
 ) {
-    group_on::<false>(kind, g, nb, x, t, n, direct, res)
+    if dotprod {
+        group_on::<true>(kind, g, nb, x, t, n, direct, res)
+    } else {
+        group_on::<false>(kind, g, nb, x, t, n, direct, res)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
