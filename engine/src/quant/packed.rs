@@ -701,6 +701,107 @@ mod tests {
         }
     }
 
+    /// Bits of a set of packed products (each type, a ragged row group, 5 tokens) on
+    /// path `p`: inputs from the portable generator and reference quantizers, so they are
+    /// the same on every machine.
+    fn product_bits(p: Path) -> Vec<u32> {
+        fn one<B: Source + Copy>(quantize: fn(&[f32], &mut [B]), zero: B, p: Path) -> Vec<u32> {
+            // 48 rows stored, 40 computed: the last row group is ragged.
+            let (stored, rows, cols, t) = (48usize, 40usize, 512usize, 5usize);
+            let bs = block_len(B::kind());
+            let nb = cols / bs;
+            let wf = data(stored * cols, 11);
+            let mut wq = vec![zero; stored * nb];
+            for (r, o) in wq.chunks_mut(nb).enumerate() {
+                quantize(&wf[r * cols..(r + 1) * cols], o);
+            }
+            let packed = pack(&wq, stored, nb);
+            let xf = data(t * cols, 12);
+            let (mut xq, mut meta) = (Vec::new(), Vec::new());
+            let (mut xk, mut sums) = (Vec::new(), Vec::new());
+            if B::kind() == QuantType::Q4K {
+                xk = vec![BlockQ8K::default(); t * cols / QK_K];
+                quantize_q8_k(&xf, &mut xk);
+                sums = vec![XSumsK::default(); xk.len()];
+                prepare_k(&xk, &mut sums);
+            } else {
+                xq = vec![BlockQ8_0::default(); t * cols / QK8_0];
+                quantize_q8_0(&xf, &mut xq);
+                meta = vec![XMeta::default(); xq.len()];
+                prepare(&xq, &mut meta);
+            }
+            let x = PackedX {
+                blocks: &xq,
+                meta: &meta,
+                kblocks: &xk,
+                ksums: &sums,
+                nbx: nb,
+            };
+            let w = PackedW {
+                kind: B::kind(),
+                bytes: &packed,
+                nbs: nb,
+                nb,
+            };
+            let mut out = vec![f32::NAN; rows * t];
+            tile_on(p, &w, 0..rows, &x, 0..t, &mut out, t);
+            out.iter().map(|v| v.to_bits()).collect()
+        }
+        let mut bits = one(quantize_q8_0, BlockQ8_0::default(), p);
+        bits.extend(one(quantize_q4_0, BlockQ4_0 { d: 0, qs: [0; 16] }, p));
+        let q4k = BlockQ4K {
+            d: 0,
+            dmin: 0,
+            scales: [0; 12],
+            qs: [0; 128],
+        };
+        bits.extend(one(quantize_q4_k, q4k, p));
+        bits
+    }
+
+    /// Every packed path gives the same bits, across machines too: CI writes this
+    /// machine's bits to `GEMMAD_PACKED_BITS_OUT` (x86-64) and the aarch64 run under qemu
+    /// compares its own with them (`GEMMAD_PACKED_BITS_IN`).
+    #[test]
+    fn packed_bits_are_the_same_on_every_machine() {
+        let paths: Vec<Path> = [Path::Avx512Vnni, Path::Avx2, Path::NeonDotprod, Path::Neon]
+            .into_iter()
+            .filter(|&p| runs_here(p))
+            .collect();
+        let Some(&first) = paths.first() else {
+            eprintln!("no packed path on this CPU; skipped");
+            return;
+        };
+        let bits = product_bits(first);
+        assert!(bits.iter().all(|&b| f32::from_bits(b).is_finite()));
+        for &p in &paths[1..] {
+            assert_eq!(product_bits(p), bits, "{p:?} against {first:?}");
+        }
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        if let Some(inp) = var("GEMMAD_PACKED_BITS_IN") {
+            let theirs = std::fs::read(&inp).unwrap_or_else(|e| panic!("{inp:?}: {e}"));
+            assert_eq!(
+                theirs.len(),
+                bytes.len(),
+                "{inp:?}: another set of products"
+            );
+            for (i, (a, b)) in theirs
+                .chunks_exact(4)
+                .zip(bytes.chunks_exact(4))
+                .enumerate()
+            {
+                assert_eq!(
+                    a, b,
+                    "product element {i} differs from {inp:?} ({paths:?} here)"
+                );
+            }
+        }
+        if let Some(out) = var("GEMMAD_PACKED_BITS_OUT") {
+            std::fs::write(&out, &bytes).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+        }
+    }
+
     #[test]
     fn q8_0_packed_matches_reference() {
         check(quantize_q8_0, dequantize_q8_0, BlockQ8_0::default(), QK8_0);
