@@ -568,6 +568,54 @@ mod tests {
     use super::*;
     use crate::test_util::data;
 
+    /// Quantized activations as a product takes them (Q8_K for Q4_K weights, else Q8_0),
+    /// owned, and their dequantization.
+    #[derive(Default)]
+    struct Acts {
+        xq: Vec<BlockQ8_0>,
+        meta: Vec<XMeta>,
+        xk: Vec<BlockQ8K>,
+        sums: Vec<XSumsK>,
+        xd: Vec<f32>,
+    }
+
+    impl Acts {
+        fn new(kind: QuantType, xf: &[f32]) -> Acts {
+            let mut a = Acts {
+                xd: vec![0.0; xf.len()],
+                ..Acts::default()
+            };
+            if kind == QuantType::Q4K {
+                a.xk = vec![BlockQ8K::default(); xf.len() / QK_K];
+                quantize_q8_k(xf, &mut a.xk);
+                for (b, o) in a.xk.iter().zip(a.xd.chunks_mut(QK_K)) {
+                    for (q, v) in b.qs.iter().zip(o) {
+                        *v = b.d * *q as f32;
+                    }
+                }
+                a.sums = vec![XSumsK::default(); a.xk.len()];
+                prepare_k(&a.xk, &mut a.sums);
+            } else {
+                a.xq = vec![BlockQ8_0::default(); xf.len() / QK8_0];
+                quantize_q8_0(xf, &mut a.xq);
+                dequantize_q8_0(&a.xq, &mut a.xd);
+                a.meta = vec![XMeta::default(); a.xq.len()];
+                prepare(&a.xq, &mut a.meta);
+            }
+            a
+        }
+
+        fn x(&self, nbx: usize) -> PackedX<'_> {
+            PackedX {
+                blocks: &self.xq,
+                meta: &self.meta,
+                kblocks: &self.xk,
+                ksums: &self.sums,
+                nbx,
+            }
+        }
+    }
+
     /// Packed products against the dequantized weights times the dequantized activations
     /// (what the integer arithmetic computes exactly, up to float rounding), and packed
     /// rows against ggml's dequantization, on shapes with partial row groups and token
@@ -608,35 +656,8 @@ mod tests {
                 );
             }
             for &t in &[1usize, 3, 8, 13] {
-                // Q8_0 activations, or Q8_K for Q4_K weights, and their dequantization.
-                let xf = data(t * cols, 99 + t as u64);
-                let mut xd = vec![0.0f32; t * cols];
-                let (mut xq, mut meta) = (Vec::new(), Vec::new());
-                let (mut xk, mut sums) = (Vec::new(), Vec::new());
-                if B::kind() == QuantType::Q4K {
-                    xk = vec![BlockQ8K::default(); t * cols / QK_K];
-                    quantize_q8_k(&xf, &mut xk);
-                    for (b, o) in xk.iter().zip(xd.chunks_mut(QK_K)) {
-                        for (q, v) in b.qs.iter().zip(o) {
-                            *v = b.d * *q as f32;
-                        }
-                    }
-                    sums = vec![XSumsK::default(); xk.len()];
-                    prepare_k(&xk, &mut sums);
-                } else {
-                    xq = vec![BlockQ8_0::default(); t * cols / QK8_0];
-                    quantize_q8_0(&xf, &mut xq);
-                    dequantize_q8_0(&xq, &mut xd);
-                    meta = vec![XMeta::default(); xq.len()];
-                    prepare(&xq, &mut meta);
-                }
-                let x = PackedX {
-                    blocks: &xq,
-                    meta: &meta,
-                    kblocks: &xk,
-                    ksums: &sums,
-                    nbx: nb,
-                };
+                let acts = Acts::new(B::kind(), &data(t * cols, 99 + t as u64));
+                let (x, xd) = (acts.x(nb), &acts.xd);
                 let w = PackedW {
                     kind: B::kind(),
                     bytes: &packed,
@@ -716,27 +737,8 @@ mod tests {
                 quantize(&wf[r * cols..(r + 1) * cols], o);
             }
             let packed = pack(&wq, stored, nb);
-            let xf = data(t * cols, 12);
-            let (mut xq, mut meta) = (Vec::new(), Vec::new());
-            let (mut xk, mut sums) = (Vec::new(), Vec::new());
-            if B::kind() == QuantType::Q4K {
-                xk = vec![BlockQ8K::default(); t * cols / QK_K];
-                quantize_q8_k(&xf, &mut xk);
-                sums = vec![XSumsK::default(); xk.len()];
-                prepare_k(&xk, &mut sums);
-            } else {
-                xq = vec![BlockQ8_0::default(); t * cols / QK8_0];
-                quantize_q8_0(&xf, &mut xq);
-                meta = vec![XMeta::default(); xq.len()];
-                prepare(&xq, &mut meta);
-            }
-            let x = PackedX {
-                blocks: &xq,
-                meta: &meta,
-                kblocks: &xk,
-                ksums: &sums,
-                nbx: nb,
-            };
+            let acts = Acts::new(B::kind(), &data(t * cols, 12));
+            let x = acts.x(nb);
             let w = PackedW {
                 kind: B::kind(),
                 bytes: &packed,
