@@ -4,43 +4,38 @@
 //! `roundf` per value was 1.5% of a decode step (4% of an AVX2 prefill).
 
 use super::blocks::*;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::kernels::{isa, Isa};
 
 /// `blocks::quantize_q8_0`, on AVX-512, AVX2 or NEON where the CPU has it.
 pub fn quantize_q8_0_fast(x: &[f32], out: &mut [BlockQ8_0]) {
-    #[cfg(target_arch = "x86_64")]
     match isa() {
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512 F/BW/DQ/VL checked at run time (part of the VNNI tier).
-        Isa::Avx512Vnni => return unsafe { avx512::quantize_q8_0(x, out) },
+        Isa::Avx512Vnni => unsafe { avx512::quantize_q8_0(x, out) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2, FMA and F16C checked at run time (the AVX2 tier).
-        Isa::Avx2 => return unsafe { avx2::quantize_q8_0(x, out) },
-        _ => {}
-    }
-    #[cfg(target_arch = "aarch64")]
-    if isa() == Isa::Neon {
+        Isa::Avx2 => unsafe { avx2::quantize_q8_0(x, out) },
+        #[cfg(target_arch = "aarch64")]
         // SAFETY: NEON checked at run time.
-        return unsafe { neon::quantize_q8_0(x, out) };
+        Isa::Neon => unsafe { neon::quantize_q8_0(x, out) },
+        _ => quantize_q8_0(x, out),
     }
-    quantize_q8_0(x, out)
 }
 
 /// `blocks::quantize_q8_k`, on AVX-512, AVX2 or NEON where the CPU has it.
 pub fn quantize_q8_k_fast(x: &[f32], out: &mut [BlockQ8K]) {
-    #[cfg(target_arch = "x86_64")]
     match isa() {
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512 F/BW/DQ/VL checked at run time (part of the VNNI tier).
-        Isa::Avx512Vnni => return unsafe { avx512::quantize_q8_k(x, out) },
+        Isa::Avx512Vnni => unsafe { avx512::quantize_q8_k(x, out) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2, FMA and F16C checked at run time (the AVX2 tier).
-        Isa::Avx2 => return unsafe { avx2::quantize_q8_k(x, out) },
-        _ => {}
-    }
-    #[cfg(target_arch = "aarch64")]
-    if isa() == Isa::Neon {
+        Isa::Avx2 => unsafe { avx2::quantize_q8_k(x, out) },
+        #[cfg(target_arch = "aarch64")]
         // SAFETY: NEON checked at run time.
-        return unsafe { neon::quantize_q8_k(x, out) };
+        Isa::Neon => unsafe { neon::quantize_q8_k(x, out) },
+        _ => quantize_q8_k(x, out),
     }
-    quantize_q8_k(x, out)
 }
 
 /// NEON: `fcvtas` converts rounding half away from zero, which is `f32::round` exactly,
@@ -162,7 +157,7 @@ mod avx2 {
             let amax = hmax(m);
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            b.d = half::f16::from_f32(d).to_bits();
+            b.d = f32_to_f16(d);
             let vid = _mm256_set1_ps(id);
             let q: [__m256i; 4] =
                 std::array::from_fn(|i| _mm256_cvttps_epi32(round_away(_mm256_mul_ps(v[i], vid))));
@@ -293,7 +288,7 @@ mod avx512 {
             let amax = _mm512_reduce_max_ps(m);
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            b.d = half::f16::from_f32(d).to_bits();
+            b.d = f32_to_f16(d);
             let vid = _mm512_set1_ps(id);
             for (i, v) in [v0, v1].into_iter().enumerate() {
                 let r = round_away(_mm512_mul_ps(v, vid));

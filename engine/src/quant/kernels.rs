@@ -182,7 +182,7 @@ impl KvElem for u16 {
     const F16: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        half::f16::from_bits(self).to_f32()
+        f16_to_f32(self)
     }
 }
 

@@ -478,24 +478,25 @@ pub(crate) unsafe fn tile_into_on(
                 tok_stride: out.tok_stride,
                 mask: ((1u32 << nr) - 1) as u16,
             });
-            #[cfg(target_arch = "x86_64")]
             // SAFETY: the instructions checked by `runs_here`; bounds checked above; a
             // direct store writes rows g0..g0+nr of tokens t..t+n only.
             unsafe {
                 match p {
+                    #[cfg(target_arch = "x86_64")]
                     Path::Avx512Vnni => {
                         avx512::group(w.kind, group, w.nb, x, t, n, direct, &mut res)
                     }
+                    #[cfg(target_arch = "x86_64")]
                     Path::Avx2 => avx2::group(w.kind, group, w.nb, x, t, n, direct, &mut res),
+                    #[cfg(target_arch = "aarch64")]
+                    Path::NeonDotprod => {
+                        neon::group::<true>(w.kind, group, w.nb, x, t, n, direct, &mut res)
+                    }
+                    #[cfg(target_arch = "aarch64")]
+                    Path::Neon => {
+                        neon::group::<false>(w.kind, group, w.nb, x, t, n, direct, &mut res)
+                    }
                     _ => {}
-                }
-            };
-            #[cfg(target_arch = "aarch64")]
-            // SAFETY: as above.
-            unsafe {
-                if let Path::NeonDotprod | Path::Neon = p {
-                    let dotprod = p == Path::NeonDotprod;
-                    neon::group(dotprod, w.kind, group, w.nb, x, t, n, direct, &mut res)
                 }
             };
             if direct.is_some() {
@@ -568,6 +569,14 @@ mod tests {
     use super::*;
     use crate::test_util::data;
 
+    /// Every packed path this CPU runs.
+    fn paths_here() -> Vec<Path> {
+        [Path::Avx512Vnni, Path::Avx2, Path::NeonDotprod, Path::Neon]
+            .into_iter()
+            .filter(|&p| runs_here(p))
+            .collect()
+    }
+
     /// Quantized activations as a product takes them (Q8_K for Q4_K weights, else Q8_0),
     /// owned, and their dequantization.
     #[derive(Default)]
@@ -626,10 +635,7 @@ mod tests {
         zero: B,
         bs: usize,
     ) {
-        let paths: Vec<Path> = [Path::Avx512Vnni, Path::Avx2, Path::NeonDotprod, Path::Neon]
-            .into_iter()
-            .filter(|&p| runs_here(p))
-            .collect();
+        let paths = paths_here();
         if paths.is_empty() {
             eprintln!("packed kernels need AVX2, AVX-512 VNNI or NEON; skipped");
             return;
@@ -766,10 +772,7 @@ mod tests {
     /// compares its own with them (`GEMMAD_PACKED_BITS_IN`).
     #[test]
     fn packed_bits_are_the_same_on_every_machine() {
-        let paths: Vec<Path> = [Path::Avx512Vnni, Path::Avx2, Path::NeonDotprod, Path::Neon]
-            .into_iter()
-            .filter(|&p| runs_here(p))
-            .collect();
+        let paths = paths_here();
         let Some(&first) = paths.first() else {
             eprintln!("no packed path on this CPU; skipped");
             return;

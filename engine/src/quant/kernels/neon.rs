@@ -112,7 +112,7 @@ pub unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
         i += 4;
     }
     for (d, &h) in dst[i..n].iter_mut().zip(&src[i..n]) {
-        *d = half::f16::from_bits(h).to_f32();
+        *d = f16_to_f32(h);
     }
 }
 

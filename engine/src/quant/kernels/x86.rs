@@ -85,8 +85,6 @@ macro_rules! gather_kernel_32 {
     };
 }
 
-/// The x86 kernels, written once and compiled twice: with AVX2 byte products
-/// (`maddubs` + `madd`) and with AVX-512 VNNI's `vpdpbusd` on 256-bit registers.
 /// Eight consecutive `E` (f32, or f16 bits widened in the register) from `$p` as floats;
 /// for kernels generic over [`KvElem`], expanded inside their target-feature context.
 macro_rules! ld8 {
@@ -100,6 +98,8 @@ macro_rules! ld8 {
     }};
 }
 
+/// The x86 kernels, written once and compiled twice: with AVX2 byte products
+/// (`maddubs` + `madd`) and with AVX-512 VNNI's `vpdpbusd` on 256-bit registers.
 macro_rules! x86_kernels {
     ($name:ident, $feat:literal, { $($dp:tt)* }) => {
         #[allow(dead_code)] // not every tier dispatches every kernel

@@ -10,6 +10,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::*;
+use crate::quant::kernels::neon::f16x4;
 
 /// Tokens one pass keeps in registers (32 vector registers: four accumulators per token,
 /// a quarter's unpacked weights, the activations and temporaries).
@@ -24,7 +25,7 @@ unsafe fn dot_lane<const DOT: bool, const L: i32>(
 ) -> int32x4_t {
     if DOT {
         let mut acc = acc;
-        // SAFETY: only reached from `group` with `dotprod`, which runs where the CPU has the
+        // SAFETY: only reached from `group::<true>`, which runs where the CPU has the
         // dot-product extension (`runs_here`); the directive lets the assembler accept
         // the instruction whatever the function's target features.
         unsafe {
@@ -61,12 +62,6 @@ unsafe fn load(p: *const u8) -> int8x16_t {
     vld1q_s8(p as *const i8)
 }
 
-/// Four f16 scales as floats (exactly, as F16C converts them).
-#[inline(always)]
-unsafe fn scales4(p: *const u8) -> float32x4_t {
-    kernels::neon::f16x4(p as *const u16)
-}
-
 /// Four 6-bit Q4_K scales (bytes) as floats.
 #[inline(always)]
 unsafe fn u8x4_to_f32(p: *const u8) -> float32x4_t {
@@ -74,31 +69,12 @@ unsafe fn u8x4_to_f32(p: *const u8) -> float32x4_t {
     vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(b)))))
 }
 
-/// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]`; `sdot`
-/// byte products if `dotprod` (the CPU must have the extension), else widening ones.
+/// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]`: `sdot`
+/// byte products if `DOT` (the CPU must have the dot-product extension), else widening
+/// ones.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn group(
-    dotprod: bool,
-    kind: QuantType,
-    g: &[u8],
-    nb: usize,
-    x: &PackedX,
-    t: usize,
-    n: usize,
-    direct: Option<Direct>,
-    res: &mut [[f32; ROWS]; MAX_TOKENS],
-) {
-    if dotprod {
-        group_on::<true>(kind, g, nb, x, t, n, direct, res)
-    } else {
-        group_on::<false>(kind, g, nb, x, t, n, direct, res)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn group_on<const DOT: bool>(
+pub(super) unsafe fn group<const DOT: bool>(
     kind: QuantType,
     g: &[u8],
     nb: usize,
@@ -177,7 +153,7 @@ unsafe fn q32<const N: usize, const DOT: bool, const Q4: bool>(
     for b in 0..nb {
         let blk = g.add(b * gbb);
         for q in 0..4 {
-            let dw = scales4(blk.add(8 * q));
+            let dw = f16x4(blk.add(8 * q).cast());
             let quants = blk.add(32 + 16 * q);
             // Quant bytes 4j..4j+4 of the quarter's rows: for Q4_0 the low nibbles meet
             // activations 0..16 and the high ones 16..32, for Q8_0 j < 4 meets 0..16.
@@ -221,7 +197,7 @@ unsafe fn q4_k<const N: usize, const DOT: bool>(
     for b in 0..nb {
         let meta = g.add(b * 2368);
         for q in 0..4 {
-            let d = scales4(meta.add(256 + 8 * q));
+            let d = f16x4(meta.add(256 + 8 * q).cast());
             let mut sub = [vdupq_n_f32(0.0); N];
             for c in 0..4 {
                 let quants = meta.add(320 + c * 512 + 16 * q);
@@ -250,7 +226,7 @@ unsafe fn q4_k<const N: usize, const DOT: bool>(
             let mins: [int16x8_t; 4] = std::array::from_fn(|k| {
                 vreinterpretq_s16_u16(vmovl_u8(vld1_u8(meta.add(128 + 32 * k + 8 * q))))
             });
-            let dmin = scales4(meta.add(288 + 8 * q));
+            let dmin = f16x4(meta.add(288 + 8 * q).cast());
             for_tokens!(n => {
                 let i = (t + n) * x.nbx + b;
                 let sums = x.ksums.get_unchecked(i);
@@ -268,27 +244,4 @@ unsafe fn q4_k<const N: usize, const DOT: bool>(
         }
     }
     acc
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every f16 bit pattern converts as `half` does (NaN stays NaN).
-    #[test]
-    fn scales_convert_every_half() {
-        for hi in 0..(1u32 << 14) {
-            let bits: [u16; 4] = std::array::from_fn(|i| (hi * 4 + i as u32) as u16);
-            let mut got = [0.0f32; 4];
-            // SAFETY: NEON is part of every aarch64 CPU; `bits` holds 4 halves.
-            unsafe { vst1q_f32(got.as_mut_ptr(), scales4(bits.as_ptr() as *const u8)) };
-            for (&b, &g) in bits.iter().zip(&got) {
-                let want = half::f16::from_bits(b).to_f32();
-                assert!(
-                    g.to_bits() == want.to_bits() || (want.is_nan() && g.is_nan()),
-                    "{b:#06x}: {g:e} vs {want:e}"
-                );
-            }
-        }
-    }
 }
