@@ -19,7 +19,8 @@ pub enum Isa {
     Neon,
 }
 
-/// Detected once; `GEMMAD_ISA=scalar|avx2` forces a lower tier (for comparisons).
+/// Detected once; `GEMMAD_ISA=scalar|avx2|avxvnni` forces a lower tier (for comparisons;
+/// `avxvnni` is the AVX2 tier whose packed products use AVX-VNNI where the CPU has it).
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
@@ -28,7 +29,11 @@ pub fn isa() -> Isa {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if cpu_has(Isa::Avx512Vnni) && std::env::var("GEMMAD_ISA").as_deref() != Ok("avx2") {
+            let lower = matches!(
+                std::env::var("GEMMAD_ISA").as_deref(),
+                Ok("avx2" | "avxvnni")
+            );
+            if cpu_has(Isa::Avx512Vnni) && !lower {
                 return Isa::Avx512Vnni;
             }
             if cpu_has(Isa::Avx2) {

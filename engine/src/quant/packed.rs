@@ -1,6 +1,7 @@
 //! Weights interleaved 16 rows at a time (the "x16" layout) and the products that read
-//! them: AVX-512 VNNI (`avx512`), AVX2 (`avx2`; most laptops) and NEON (`neon`; ARM64
-//! boards, with or without the dot-product extension), all giving the same bits.
+//! them: AVX-512 VNNI (`avx512`), AVX2 with or without AVX-VNNI (`avx2`; laptops) and
+//! NEON (`neon`; ARM64 boards, with or without the dot-product extension), all giving the
+//! same bits.
 //!
 //! In ggml's layout a row's quants are contiguous, so a SIMD dot product runs along one
 //! row, ends in a horizontal sum, and applies each block's scale to a scalar. Here the 16
@@ -31,8 +32,9 @@
 //! mins term `Σ m·Σa` is one integer product (`vpdpwssd` over the mins in pairs), so the
 //! activation scale is applied once per super-block. Each (row, token) result takes the
 //! same operations in the same order whatever the tile, so a prefill and a decode agree
-//! bit for bit. The AVX2 path (`avx2`) computes the same integers with `vpmaddubsw`
-//! (Q8_0 as `|w|·sign(a, w)`, having no room for the offset) and the same float steps.
+//! bit for bit. The 256-bit path (`avx2`) computes the same integers with `vpdpbusd` where
+//! the CPU has AVX-VNNI, else with `vpmaddubsw` (Q8_0 as `|w|·sign(a, w)`, having no room
+//! for the offset), and the same float steps.
 
 use std::ops::Range;
 
@@ -52,6 +54,8 @@ const MAX_TOKENS: usize = 8;
 pub enum Path {
     /// One 512-bit register per row group, `vpdpbusd` byte products.
     Avx512Vnni,
+    /// Two 256-bit halves per row group, `vpdpbusd` byte products (AVX-VNNI).
+    AvxVnni,
     /// Two 256-bit halves per row group, `vpmaddubsw` byte products.
     Avx2,
     /// Four 128-bit quarters per row group, `sdot` byte products (ARMv8.2 dot product).
@@ -60,17 +64,25 @@ pub enum Path {
     Neon,
 }
 
-/// The packed kernels for this CPU (following [`kernels::isa`], so `GEMMAD_ISA=avx2`
-/// selects the AVX2 ones; `GEMMAD_ISA=neon` the NEON ones without the dot-product
-/// extension), or `None` where there are none.
+/// The packed kernels for this CPU (following [`kernels::isa`], so `GEMMAD_ISA=avxvnni`
+/// selects the 256-bit AVX-VNNI ones, `GEMMAD_ISA=avx2` the plain AVX2 ones,
+/// `GEMMAD_ISA=neon` the NEON ones without the dot-product extension), or `None` where
+/// there are none.
 pub fn path() -> Option<Path> {
     #[cfg(target_arch = "x86_64")]
     {
-        match kernels::isa() {
+        static PATH: std::sync::OnceLock<Option<Path>> = std::sync::OnceLock::new();
+        *PATH.get_or_init(|| match kernels::isa() {
             kernels::Isa::Avx512Vnni => Some(Path::Avx512Vnni),
+            kernels::Isa::Avx2
+                if runs_here(Path::AvxVnni)
+                    && std::env::var("GEMMAD_ISA").as_deref() != Ok("avx2") =>
+            {
+                Some(Path::AvxVnni)
+            }
             kernels::Isa::Avx2 => Some(Path::Avx2),
             _ => None,
-        }
+        })
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -98,6 +110,10 @@ pub fn runs_here(p: Path) -> bool {
         #[cfg(target_arch = "x86_64")]
         Path::Avx2 => kernels::cpu_has(kernels::Isa::Avx2),
         #[cfg(target_arch = "x86_64")]
+        Path::AvxVnni => {
+            kernels::cpu_has(kernels::Isa::Avx2) && std::arch::is_x86_feature_detected!("avxvnni")
+        }
+        #[cfg(target_arch = "x86_64")]
         Path::Avx512Vnni => kernels::cpu_has(kernels::Isa::Avx512Vnni),
         #[cfg(target_arch = "aarch64")]
         Path::Neon => kernels::cpu_has(kernels::Isa::Neon),
@@ -110,7 +126,7 @@ pub fn runs_here(p: Path) -> bool {
     }
 }
 
-/// Whether the CPU can run the packed products (AVX-512 VNNI, AVX2 or NEON).
+/// Whether the CPU can run the packed products (AVX-512 VNNI, AVX-VNNI, AVX2 or NEON).
 pub fn supported() -> bool {
     path().is_some()
 }
@@ -487,6 +503,10 @@ pub(crate) unsafe fn tile_into_on(
                         avx512::group(w.kind, group, w.nb, x, t, n, direct, &mut res)
                     }
                     #[cfg(target_arch = "x86_64")]
+                    Path::AvxVnni => {
+                        avx2::group_vnni(w.kind, group, w.nb, x, t, n, direct, &mut res)
+                    }
+                    #[cfg(target_arch = "x86_64")]
                     Path::Avx2 => avx2::group(w.kind, group, w.nb, x, t, n, direct, &mut res),
                     #[cfg(target_arch = "aarch64")]
                     Path::NeonDotprod => {
@@ -571,10 +591,16 @@ mod tests {
 
     /// Every packed path this CPU runs.
     fn paths_here() -> Vec<Path> {
-        [Path::Avx512Vnni, Path::Avx2, Path::NeonDotprod, Path::Neon]
-            .into_iter()
-            .filter(|&p| runs_here(p))
-            .collect()
+        [
+            Path::Avx512Vnni,
+            Path::AvxVnni,
+            Path::Avx2,
+            Path::NeonDotprod,
+            Path::Neon,
+        ]
+        .into_iter()
+        .filter(|&p| runs_here(p))
+        .collect()
     }
 
     /// Quantized activations as a product takes them (Q8_K for Q4_K weights, else Q8_0),

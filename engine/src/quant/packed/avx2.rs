@@ -1,8 +1,11 @@
-//! The AVX2 products over packed row groups, for x86-64 CPUs without AVX-512 VNNI (most
-//! laptops): a row group is two 256-bit halves of 8 row lanes, the byte products are
-//! `vpmaddubsw` pairs widened by `vpmaddwd`. The integer sums are the same integers as
-//! the VNNI path's and the float steps the same operations in the same order, so both
-//! paths give the same bits.
+//! The 256-bit products over packed row groups, for x86-64 CPUs without AVX-512 VNNI
+//! (most laptops): a row group is two 256-bit halves of 8 row lanes. With AVX-VNNI (Intel
+//! 12th generation and later, AMD Zen 5) the byte products are `vpdpbusd` as on the
+//! AVX-512 path ([`group_vnni`]); with plain AVX2 they are `vpmaddubsw` pairs widened by
+//! `vpmaddwd` ([`group`]). Both compute the AVX-512 path's integers and the same float
+//! steps in the same order, so every path gives the same bits. One body serves both: the
+//! kernels are generic over `V` (AVX-VNNI or not) and inlined into the entry that enables
+//! the instructions.
 //!
 //! `vpmaddubsw` saturates its 16-bit pair sums, which bounds what each type may add in
 //! 16 bits: a 4-bit quant (0..15) against an activation byte (|a| ≤ 127, ggml's Q8_0 and
@@ -50,6 +53,38 @@ pub(super) unsafe fn group(
     direct: Option<Direct>,
     res: &mut [[f32; ROWS]; MAX_TOKENS],
 ) {
+    group_on::<false>(kind, g, nb, x, t, n, direct, res)
+}
+
+/// [`group`] with AVX-VNNI byte products.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub(super) unsafe fn group_vnni(
+    kind: QuantType,
+    g: &[u8],
+    nb: usize,
+    x: &PackedX,
+    t: usize,
+    n: usize,
+    direct: Option<Direct>,
+    res: &mut [[f32; ROWS]; MAX_TOKENS],
+) {
+    group_on::<true>(kind, g, nb, x, t, n, direct, res)
+}
+
+/// The body of [`group`] (`V` false) and [`group_vnni`] (`V` true).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn group_on<const V: bool>(
+    kind: QuantType,
+    g: &[u8],
+    nb: usize,
+    x: &PackedX,
+    t: usize,
+    n: usize,
+    direct: Option<Direct>,
+    res: &mut [[f32; ROWS]; MAX_TOKENS],
+) {
     let mut store = |i: usize, half: usize, acc: __m256| match direct {
         Some(d) => {
             let p = d.ptr.add(i * d.tok_stride + 8 * half);
@@ -67,9 +102,9 @@ pub(super) unsafe fn group(
     };
     let one = match kind {
         _ if n != 1 => None,
-        QuantType::Q4_0 => Some(q4_0_one(g.as_ptr(), nb, x, t)),
-        QuantType::Q4K => Some(q4_k_one(g.as_ptr(), nb, x, t)),
-        QuantType::Q8_0 => Some(q8_0_one(g.as_ptr(), nb, x, t)),
+        QuantType::Q4_0 => Some(q4_0_one::<V>(g.as_ptr(), nb, x, t)),
+        QuantType::Q4K => Some(q4_k_one::<V>(g.as_ptr(), nb, x, t)),
+        QuantType::Q8_0 => Some(q8_0_one::<V>(g.as_ptr(), nb, x, t)),
         _ => None,
     };
     if let Some(acc) = one {
@@ -89,10 +124,10 @@ pub(super) unsafe fn group(
             };
             macro_rules! run {
                 ($f:ident; $($n:literal)*) => {
-                    match m { $($n => put(&$f::<$n>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
+                    match m { $($n => put(&$f::<$n, V>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
                 };
                 ($f:ident, $q4:tt; $($n:literal)*) => {
-                    match m { $($n => put(&$f::<$n, $q4>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
+                    match m { $($n => put(&$f::<$n, $q4, V>(g.as_ptr(), half, nb, x, t + t0)),)* _ => {} }
                 };
             }
             match kind {
@@ -106,10 +141,23 @@ pub(super) unsafe fn group(
     }
 }
 
-/// `Σ_j w[j]·a[4j..4j+4]` of 4-bit quants (`w[j]` unsigned bytes 0..15) in the 8 lanes,
-/// summed in 16 bits (see the module docs) and widened once.
+/// `init + Σ_j w[j]·a[4j..4j+4]` of unsigned weight bytes in the 8 lanes, by `vpdpbusd`.
 #[inline(always)]
-unsafe fn dot4(w: &[__m256i; 8], a: *const i8) -> __m256i {
+unsafe fn dot_vnni(w: &[__m256i; 8], a: *const i8, init: __m256i) -> __m256i {
+    let mut i = init;
+    for (j, wj) in w.iter().enumerate() {
+        i = _mm256_dpbusd_avx_epi32(i, *wj, bcast(a, j));
+    }
+    i
+}
+
+/// `Σ_j w[j]·a[4j..4j+4]` of 4-bit quants (`w[j]` unsigned bytes 0..15) in the 8 lanes:
+/// by `vpdpbusd` (`V`), or summed in 16 bits (see the module docs) and widened once.
+#[inline(always)]
+unsafe fn dot4<const V: bool>(w: &[__m256i; 8], a: *const i8) -> __m256i {
+    if V {
+        return dot_vnni(w, a, _mm256_setzero_si256());
+    }
     let mut s = _mm256_maddubs_epi16(w[0], bcast(a, 0));
     for (j, wj) in w.iter().enumerate().skip(1) {
         s = _mm256_add_epi16(s, _mm256_maddubs_epi16(*wj, bcast(a, j)));
@@ -141,10 +189,11 @@ unsafe fn q4k_mins(meta: *const u8, k: usize, h: usize) -> __m256i {
     ))
 }
 
-/// Q4_0 (`Q4`) or Q8_0 half row group: the VNNI path's sums (`init + Σ w·a` for Q4_0's
-/// raw nibbles, `Σ w·a` for Q8_0) and its float steps.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q32<const N: usize, const Q4: bool>(
+/// Q4_0 (`Q4`) or Q8_0 half row group: the AVX-512 path's sums (`init + Σ w·a` for Q4_0's
+/// raw nibbles, `Σ w·a` for Q8_0: with `vpdpbusd` as that path, over `w + 128` from
+/// `−128·Σa`) and its float steps.
+#[inline(always)]
+unsafe fn q32<const N: usize, const Q4: bool, const V: bool>(
     g: *const u8,
     half: usize,
     nb: usize,
@@ -163,13 +212,19 @@ unsafe fn q32<const N: usize, const Q4: bool>(
                 0..4 => _mm256_and_si256(v[j], m4),
                 _ => _mm256_and_si256(_mm256_srli_epi16(v[j - 4], 4), m4),
             })
+        } else if V {
+            let flip = _mm256_set1_epi8(-128);
+            std::array::from_fn(|j| _mm256_xor_si256(load(q.add(64 * j)), flip))
         } else {
             std::array::from_fn(|j| load(q.add(64 * j)))
         };
         for_tokens!(n => {
             let (a, m) = xat(x, t + n, b);
-            let i = if Q4 {
-                _mm256_add_epi32(dot4(&w, a), _mm256_set1_epi32((*m).init_q4))
+            let i = if V {
+                let init = if Q4 { (*m).init_q4 } else { (*m).init_q8 };
+                dot_vnni(&w, a, _mm256_set1_epi32(init))
+            } else if Q4 {
+                _mm256_add_epi32(dot4::<V>(&w, a), _mm256_set1_epi32((*m).init_q4))
             } else {
                 let mut s = _mm256_setzero_si256();
                 for (j, wj) in w.iter().enumerate() {
@@ -186,27 +241,40 @@ unsafe fn q32<const N: usize, const Q4: bool>(
 
 /// Q4_0 row group, one token (a decode step): both halves in one pass over the block,
 /// sharing its activation broadcasts. The same sums and float steps as [`q32`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2] {
+/// With `V` the 32-bit sums start at `init` (one `vpdpbusd` chain per half).
+#[inline(always)]
+unsafe fn q4_0_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2] {
     let mut acc = [_mm256_setzero_ps(); 2];
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let blk = g.add(b * 288);
         let (a, m) = xat(x, t, b);
-        let mut s = [_mm256_setzero_si256(); 2];
+        let init = _mm256_set1_epi32((*m).init_q4);
+        let mut s = [if V { init } else { _mm256_setzero_si256() }; 2];
         for j in 0..4 {
             let (lo, hi) = (bcast(a, j), bcast(a, j + 4));
             for (h, sh) in s.iter_mut().enumerate() {
                 let v = load(blk.add(32 + 64 * j + 32 * h));
-                let l = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), lo);
-                let u = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), hi);
-                *sh = _mm256_add_epi16(*sh, _mm256_add_epi16(l, u));
+                let (wl, wu) = (
+                    _mm256_and_si256(v, m4),
+                    _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                );
+                if V {
+                    *sh = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(*sh, wl, lo), wu, hi);
+                } else {
+                    let (l, u) = (_mm256_maddubs_epi16(wl, lo), _mm256_maddubs_epi16(wu, hi));
+                    *sh = _mm256_add_epi16(*sh, _mm256_add_epi16(l, u));
+                }
             }
         }
-        let (da, init) = (_mm256_set1_ps((*m).d), _mm256_set1_epi32((*m).init_q4));
+        let da = _mm256_set1_ps((*m).d);
         for (h, (acc, sh)) in acc.iter_mut().zip(s).enumerate() {
-            let i = _mm256_add_epi32(_mm256_madd_epi16(sh, ones), init);
+            let i = if V {
+                sh
+            } else {
+                _mm256_add_epi32(_mm256_madd_epi16(sh, ones), init)
+            };
             let dw = scales8(blk.add(16 * h));
             *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dw, da), *acc);
         }
@@ -216,18 +284,28 @@ unsafe fn q4_0_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2
 
 /// Q8_0 row group, one token (a decode step): both halves in one pass over the block,
 /// sharing its activation broadcasts. The same sums and float steps as [`q32`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2] {
+/// With `V`, `vpdpbusd` over `w + 128` from `−128·Σa`, as [`q32`].
+#[inline(always)]
+unsafe fn q8_0_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2] {
     let mut acc = [_mm256_setzero_ps(); 2];
+    let flip = _mm256_set1_epi8(-128);
     for b in 0..nb {
         let blk = g.add(b * 544);
         let (a, m) = xat(x, t, b);
-        let mut s = [_mm256_setzero_si256(); 2];
+        let mut s = [if V {
+            _mm256_set1_epi32((*m).init_q8)
+        } else {
+            _mm256_setzero_si256()
+        }; 2];
         for j in 0..8 {
             let aj = bcast(a, j);
             for (h, sh) in s.iter_mut().enumerate() {
                 let w = load(blk.add(32 + 64 * j + 32 * h));
-                *sh = _mm256_add_epi32(*sh, dot_q8_step(w, aj));
+                *sh = if V {
+                    _mm256_dpbusd_avx_epi32(*sh, _mm256_xor_si256(w, flip), aj)
+                } else {
+                    _mm256_add_epi32(*sh, dot_q8_step(w, aj))
+                };
             }
         }
         let da = _mm256_set1_ps((*m).d);
@@ -242,8 +320,8 @@ unsafe fn q8_0_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2
 /// Q4_K row group, one token (a decode step): both halves in one pass over each
 /// sub-block, sharing its activation broadcasts. The same sums and float steps as
 /// [`q4_k`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2] {
+#[inline(always)]
+unsafe fn q4_k_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2] {
     let mut acc = [_mm256_setzero_ps(); 2];
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
@@ -255,23 +333,32 @@ unsafe fn q4_k_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2
         for s in 0..8 {
             let q = meta.add(320 + s / 2 * 512);
             let a = kb.qs.as_ptr().add(32 * s);
-            let mut i16s = [_mm256_setzero_si256(); 2];
+            let mut sums = [_mm256_setzero_si256(); 2];
             for j in 0..8 {
                 let aj = bcast(a, j);
-                for (h, ih) in i16s.iter_mut().enumerate() {
+                for (h, ih) in sums.iter_mut().enumerate() {
                     let v = load(q.add(64 * j + 32 * h));
                     let v = if s % 2 == 0 {
                         v
                     } else {
                         _mm256_srli_epi16(v, 4)
                     };
-                    let p = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), aj);
-                    *ih = _mm256_add_epi16(*ih, p);
+                    let w = _mm256_and_si256(v, m4);
+                    *ih = if V {
+                        _mm256_dpbusd_avx_epi32(*ih, w, aj)
+                    } else {
+                        _mm256_add_epi16(*ih, _mm256_maddubs_epi16(w, aj))
+                    };
                 }
             }
             for h in 0..2 {
                 let sc = q4k_scales(meta, s, h);
-                let i = _mm256_madd_epi16(i16s[h], ones);
+                // With `V` the sums are already 32-bit.
+                let i = if V {
+                    sums[h]
+                } else {
+                    _mm256_madd_epi16(sums[h], ones)
+                };
                 sub[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d[h], sc), sub[h]);
             }
         }
@@ -295,8 +382,8 @@ unsafe fn q4_k_one(g: *const u8, nb: usize, x: &PackedX, t: usize) -> [__m256; 2
 /// integer sum scaled by `d·sc` (the high nibbles shifted down rather than masked in
 /// place: `Σ(16q)·a · (d/16)·sc` and `Σq·a · d·sc` are the same float, as 16 and 1/16
 /// scale exactly), per super-block `acc += d_a · (Σ − dmin · Σ_s m_s·Σa_s)`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k<const N: usize>(
+#[inline(always)]
+unsafe fn q4_k<const N: usize, const V: bool>(
     g: *const u8,
     half: usize,
     nb: usize,
@@ -325,7 +412,7 @@ unsafe fn q4_k<const N: usize>(
                 let dsc = _mm256_mul_ps(d, q4k_scales(meta, s, half));
                 for_tokens!(n => {
                     let a = x.kblocks.get_unchecked((t + n) * x.nbx + b).qs.as_ptr().add(32 * s);
-                    sub[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(&w, a)), dsc, sub[n]);
+                    sub[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4::<V>(&w, a)), dsc, sub[n]);
                 });
             }
         }
