@@ -39,11 +39,12 @@ fn main() -> Result<(), String> {
 
 fn run(q: QuantType, threads: usize) -> Result<(), String> {
     let h = 2048;
-    // One big product (>L3), then a "layer": q,k,v,o, gate, up, down at E2B sizes × 8
-    // copies so the set exceeds L3.
+    // One big product, then a "layer": q,k,v,o, gate, up, down at E2B sizes × 32 copies
+    // (1.1 GB at Q4_0, about a decode step's weights) so the set exceeds L3 (260 MiB on
+    // this project's Xeon; 8 copies stayed partly cached).
     let big = matrix(65536, h, q, 1);
     let mut layer = Vec::new();
-    for i in 0..8 {
+    for i in 0..32 {
         for &(r, c) in &[
             (2048, h),
             (512, h),

@@ -248,6 +248,7 @@ unsafe fn q4_0_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
+        prefetch_ahead(g, b, 288);
         let blk = g.add(b * 288);
         let (a, m) = xat(x, t, b);
         let init = _mm256_set1_epi32((*m).init_q4);
@@ -290,6 +291,7 @@ unsafe fn q8_0_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize
     let mut acc = [_mm256_setzero_ps(); 2];
     let flip = _mm256_set1_epi8(-128);
     for b in 0..nb {
+        prefetch_ahead(g, b, 544);
         let blk = g.add(b * 544);
         let (a, m) = xat(x, t, b);
         let mut s = [if V {
@@ -326,6 +328,7 @@ unsafe fn q4_k_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
+        prefetch_ahead(g, b, 2368);
         let meta = g.add(b * 2368);
         let kb = x.kblocks.get_unchecked(t * x.nbx + b);
         let d = [0, 1].map(|h| scales8(meta.add(256 + 16 * h)));

@@ -98,6 +98,9 @@ unsafe fn q32<const N: usize, const Q4: bool>(
     let m4 = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
     for b in 0..nb {
+        if N == 1 {
+            prefetch_ahead(g, b, gbb);
+        }
         let dw = scales16(g.add(b * gbb));
         let q = g.add(b * gbb + 32);
         let w: [__m512i; 8] = if Q4 {
@@ -133,6 +136,9 @@ unsafe fn q4_k<const N: usize>(g: *const u8, nb: usize, x: &PackedX, t: usize) -
     let mut acc = [_mm512_setzero_ps(); N];
     let (m4, mhi) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-16));
     for b in 0..nb {
+        if N == 1 {
+            prefetch_ahead(g, b, 2368);
+        }
         let meta = g.add(b * 2368);
         let d = scales16(meta.add(256));
         // High-nibble sub-blocks: d/16 (exact), so (d/16)·sc = d·sc/16 bit for bit.
