@@ -239,6 +239,7 @@ impl Engine {
             layers = cfg.text.num_hidden_layers,
             max_context,
             threads,
+            kernels = crate::quant::kernels_in_use(),
             tokenizer = tokenizer.is_some(),
             "model loaded"
         );

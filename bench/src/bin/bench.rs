@@ -466,6 +466,10 @@ fn main() -> Result<()> {
         format!("{} / {} (machine: {ncpu} CPUs)", a.quant, a.threads),
     );
     line(
+        "kernels",
+        gemmad_engine::quant::kernels_in_use().to_string(),
+    );
+    line(
         "load, first",
         format!(
             "{load_first_s:.2} s ({:.0}% of {:.2} GB decoder bytes cached before)",
@@ -625,6 +629,7 @@ fn main() -> Result<()> {
         "quant": a.quant.as_str(),
         "ple": format!("{:?}", a.ple).to_lowercase(),
         "threads": a.threads,
+        "kernels": gemmad_engine::quant::kernels_in_use(),
         "machine": {
             "cpus": ncpu,
             "cpu_model": procfs::cpu_model(),

@@ -587,15 +587,16 @@ unsafe fn xat(x: &PackedX, t: usize, blk: usize) -> (*const i8, *const XMeta) {
 /// memory's speed either way.
 const PREFETCH_AHEAD: usize = 2048;
 
-/// Requests into L1 the bytes [`PREFETCH_AHEAD`] past block `b` of a row group (blocks of
-/// `gbb` bytes), one request per cache line of the block's span; past the group's end
-/// that is the next group (contiguous), past the matrix harmless.
+/// Requests into L1 the `bytes` bytes [`PREFETCH_AHEAD`] past `p` (the span a kernel is
+/// about to read), one request per cache line; past a row group's end that is the next
+/// group (contiguous), past the matrix harmless. Q4_K asks per 512-byte chunk rather
+/// than per 2368-byte block, so the requests come spread out as the reads do.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_ahead(g: *const u8, b: usize, gbb: usize) {
+fn prefetch_ahead(p: *const u8, bytes: usize) {
     use std::arch::x86_64::*;
-    let p = g.wrapping_add(b * gbb + PREFETCH_AHEAD) as *const i8;
-    for k in 0..gbb.div_ceil(64) {
+    let p = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
+    for k in 0..bytes.div_ceil(64) {
         // SAFETY: a prefetch never faults, whatever the address; SSE is x86-64's baseline.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * k)) };
     }

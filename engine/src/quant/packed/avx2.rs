@@ -248,8 +248,8 @@ unsafe fn q4_0_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
-        prefetch_ahead(g, b, 288);
         let blk = g.add(b * 288);
+        prefetch_ahead(blk, 288);
         let (a, m) = xat(x, t, b);
         let init = _mm256_set1_epi32((*m).init_q4);
         let mut s = [if V { init } else { _mm256_setzero_si256() }; 2];
@@ -291,8 +291,8 @@ unsafe fn q8_0_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize
     let mut acc = [_mm256_setzero_ps(); 2];
     let flip = _mm256_set1_epi8(-128);
     for b in 0..nb {
-        prefetch_ahead(g, b, 544);
         let blk = g.add(b * 544);
+        prefetch_ahead(blk, 544);
         let (a, m) = xat(x, t, b);
         let mut s = [if V {
             _mm256_set1_epi32((*m).init_q8)
@@ -328,13 +328,16 @@ unsafe fn q4_k_one<const V: bool>(g: *const u8, nb: usize, x: &PackedX, t: usize
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
-        prefetch_ahead(g, b, 2368);
         let meta = g.add(b * 2368);
+        prefetch_ahead(meta, 320);
         let kb = x.kblocks.get_unchecked(t * x.nbx + b);
         let d = [0, 1].map(|h| scales8(meta.add(256 + 16 * h)));
         let mut sub = [_mm256_setzero_ps(); 2];
         for s in 0..8 {
             let q = meta.add(320 + s / 2 * 512);
+            if s % 2 == 0 {
+                prefetch_ahead(q, 512);
+            }
             let a = kb.qs.as_ptr().add(32 * s);
             let mut sums = [_mm256_setzero_si256(); 2];
             for j in 0..8 {

@@ -99,7 +99,7 @@ unsafe fn q32<const N: usize, const Q4: bool>(
     let flip = _mm512_set1_epi8(-128);
     for b in 0..nb {
         if N == 1 {
-            prefetch_ahead(g, b, gbb);
+            prefetch_ahead(g.add(b * gbb), gbb);
         }
         let dw = scales16(g.add(b * gbb));
         let q = g.add(b * gbb + 32);
@@ -136,16 +136,19 @@ unsafe fn q4_k<const N: usize>(g: *const u8, nb: usize, x: &PackedX, t: usize) -
     let mut acc = [_mm512_setzero_ps(); N];
     let (m4, mhi) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-16));
     for b in 0..nb {
-        if N == 1 {
-            prefetch_ahead(g, b, 2368);
-        }
         let meta = g.add(b * 2368);
+        if N == 1 {
+            prefetch_ahead(meta, 320);
+        }
         let d = scales16(meta.add(256));
         // High-nibble sub-blocks: d/16 (exact), so (d/16)·sc = d·sc/16 bit for bit.
         let d16 = _mm512_mul_ps(d, _mm512_set1_ps(1.0 / 16.0));
         let mut sub = [_mm512_setzero_ps(); N];
         for c in 0..4 {
             let q = meta.add(320 + c * 512);
+            if N == 1 {
+                prefetch_ahead(q, 512);
+            }
             for half in 0..2 {
                 let s = 2 * c + half;
                 let mask = if half == 0 { m4 } else { mhi };
