@@ -38,38 +38,34 @@ unsafe fn scales8(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
-/// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]` (rows 0..8
-/// from the first half, 8..16 from the second). A decode step's groups take both halves
-/// in one pass (+10-17% from cache here, in alternated runs of `kernel_speed`).
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn group(
-    kind: QuantType,
-    g: &[u8],
-    nb: usize,
-    x: &PackedX,
-    t: usize,
-    n: usize,
-    direct: Option<Direct>,
-    res: &mut [[f32; ROWS]; MAX_TOKENS],
-) {
-    group_on::<false>(kind, g, nb, x, t, n, direct, res)
+/// The two entries into [`group_on`], each compiled with its instructions enabled.
+macro_rules! entries {
+    ($($(#[$doc:meta])* $name:ident: $feat:literal, $v:literal;)*) => {$(
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $feat)]
+        pub(super) unsafe fn $name(
+            kind: QuantType,
+            g: &[u8],
+            nb: usize,
+            x: &PackedX,
+            t: usize,
+            n: usize,
+            direct: Option<Direct>,
+            res: &mut [[f32; ROWS]; MAX_TOKENS],
+        ) {
+            group_on::<$v>(kind, g, nb, x, t, n, direct, res)
+        }
+    )*};
 }
 
-/// [`group`] with AVX-VNNI byte products.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-pub(super) unsafe fn group_vnni(
-    kind: QuantType,
-    g: &[u8],
-    nb: usize,
-    x: &PackedX,
-    t: usize,
-    n: usize,
-    direct: Option<Direct>,
-    res: &mut [[f32; ROWS]; MAX_TOKENS],
-) {
-    group_on::<true>(kind, g, nb, x, t, n, direct, res)
+entries! {
+    /// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]` (rows
+    /// 0..8 from the first half, 8..16 from the second). A decode step's groups take both
+    /// halves in one pass (+10-17% from cache here, in alternated runs of `kernel_speed`).
+    group: "avx2,fma,f16c", false;
+    /// [`group`] with AVX-VNNI byte products.
+    group_vnni: "avx2,fma,f16c,avxvnni", true;
 }
 
 /// The body of [`group`] (`V` false) and [`group_vnni`] (`V` true).
