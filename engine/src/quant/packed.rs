@@ -585,6 +585,7 @@ unsafe fn xat(x: &PackedX, t: usize, blk: usize) -> (*const i8, *const XMeta) {
 /// bench's E2B Q4_0 decode 11.2/11.4 → 13.2/12.6 tok/s (products 79 → 65-69 ms of a
 /// token). 4 KiB did no better; Q8_0, with half the work per byte, streamed at the
 /// memory's speed either way.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 2048;
 
 /// Requests into L1 the `bytes` bytes [`PREFETCH_AHEAD`] past `p` (the span a kernel is
