@@ -76,27 +76,6 @@ impl KvBuf {
         }
     }
 
-    /// Reads one element of each cache line of elements `at..at + n`, so that they are
-    /// in the caches when attention reads them. Attention fetches the next
-    /// block of keys and values this way before it computes on the current one: a plain
-    /// loop of loads keeps more lines in flight than the widening loop (which converts
-    /// and stores as it goes) or prefetch instructions (E2B-shaped full attention over
-    /// 32K keys, calls alternated: −18% per call against none, −10% with prefetches).
-    pub fn touch(&self, at: usize, n: usize) {
-        fn lines<T: Copy>(v: &[T], at: usize, n: usize) {
-            let step = (64 / std::mem::size_of::<T>()).max(1);
-            let v = &v[at.min(v.len())..(at + n).min(v.len())];
-            for i in (0..v.len()).step_by(step) {
-                // SAFETY: `i` indexes `v`; a volatile load is kept though its value is unused.
-                let _ = unsafe { std::ptr::read_volatile(v.as_ptr().add(i)) };
-            }
-        }
-        match self {
-            KvBuf::F32(b) => lines(b, at, n),
-            KvBuf::F16(b) => lines(b, at, n),
-        }
-    }
-
     /// All elements as f16 bits, when stored as f16.
     pub fn f16_all(&self) -> Option<&[u16]> {
         match self {

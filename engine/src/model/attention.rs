@@ -229,15 +229,6 @@ fn attend_tile(
                             .unwrap_or((&wk[j * hd..(j + 1) * hd], &wv[j * hd..(j + 1) * hd]));
                     }
                 }
-                // The next block's cached keys and values come in before this block is
-                // computed (see `KvBuf::touch`).
-                let (na, nz) = ((b + 1) * kb, ((b + 2) * kb).min(khi + 1).min(pos0));
-                if na < nz {
-                    let s = kv.cached.at(na, kvh);
-                    let n = (nz - na).min(kv.cached.cap - kv.cached.slot(na)) * hd;
-                    kv.cached.k.touch(s, n);
-                    kv.cached.v.touch(s, n);
-                }
                 // Rows four at a time (the kernels' register block); a group of rows skips
                 // the keys none of its rows sees.
                 for r0 in (0..rows).step_by(4) {
@@ -249,10 +240,16 @@ fn attend_tile(
                     let (j0, j1) = (ka - ba, kz - ba + 1);
                     let qs = [0, 1, 2, 3].map(|i| q_row((r0 + i).min(r1 - 1)));
                     let sb = &mut s[r0 * kb + j0..];
+                    // The first rows' pass requests the keys ahead (the next block, where
+                    // it follows in memory) and this block's values; the later rows find
+                    // them in cache.
+                    let first = r0 == 0;
                     if in_place {
-                        kernels::dot_f32_rows(&qs[..r1 - r0], &ks16[j0..j1], sb, kb);
+                        let ahead = first.then_some(&vs16[j0..j1]);
+                        kernels::dot_f32_rows(&qs[..r1 - r0], &ks16[j0..j1], ahead, sb, kb);
                     } else {
-                        kernels::dot_f32_rows(&qs[..r1 - r0], &ks[j0..j1], sb, kb);
+                        let ahead = first.then_some(&vs[j0..j1]);
+                        kernels::dot_f32_rows(&qs[..r1 - r0], &ks[j0..j1], ahead, sb, kb);
                     }
                     for r in r0..r1 {
                         let sr = &mut s[r * kb + j0..r * kb + j1];

@@ -313,16 +313,24 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// score block of tiled attention; keys f32 or f16, see [`KvElem`]). Each pair is summed
 /// in an order that depends on neither the number of rows nor the number of keys in the
 /// call, so a query's scores do not depend on how queries and keys were tiled (prefill
-/// and decode agree bit for bit).
-pub fn dot_f32_rows<E: KvElem>(q: &[&[f32]], k: &[&[E]], out: &mut [f32], stride: usize) {
+/// and decode agree bit for bit). With `then` (the slices read next: the same keys'
+/// values), the x86 kernels request the keys one group ahead and `then`'s lines as they
+/// read the keys; `None` where they are in cache already.
+pub fn dot_f32_rows<E: KvElem>(
+    q: &[&[f32]],
+    k: &[&[E]],
+    then: Option<&[&[E]]>,
+    out: &mut [f32],
+    stride: usize,
+) {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     macro_rules! rows {
         ($m:ident, $k:literal) => {
             match q.len() {
-                1 => $m::dot_f32_rows::<1, $k, E>([q[0]], k, out, stride),
-                2 => $m::dot_f32_rows::<2, $k, E>([q[0], q[1]], k, out, stride),
-                3 => $m::dot_f32_rows::<3, $k, E>([q[0], q[1], q[2]], k, out, stride),
-                4 => $m::dot_f32_rows::<4, $k, E>([q[0], q[1], q[2], q[3]], k, out, stride),
+                1 => $m::dot_f32_rows::<1, $k, E>([q[0]], k, then, out, stride),
+                2 => $m::dot_f32_rows::<2, $k, E>([q[0], q[1]], k, then, out, stride),
+                3 => $m::dot_f32_rows::<3, $k, E>([q[0], q[1], q[2]], k, then, out, stride),
+                4 => $m::dot_f32_rows::<4, $k, E>([q[0], q[1], q[2], q[3]], k, then, out, stride),
                 n => panic!("dot_f32_rows: {n} rows (1 to 4)"),
             }
         };
@@ -842,8 +850,8 @@ mod tests {
             for rows in 1..=4 {
                 for nk in [1usize, 3, 7] {
                     let (mut a, mut b) = (vec![0.0; 4 * stride], vec![0.0; 4 * stride]);
-                    dot_f32_rows(&qs[..rows], &hs[..nk], &mut a, stride);
-                    dot_f32_rows(&qs[..rows], &ws[..nk], &mut b, stride);
+                    dot_f32_rows(&qs[..rows], &hs[..nk], None, &mut a, stride);
+                    dot_f32_rows(&qs[..rows], &ws[..nk], Some(&ws[..nk]), &mut b, stride);
                     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
                     let p = data(4 * stride, 70 + nk as u64);
                     let scale = [0.5f32, 1.0, 0.25, 2.0];
@@ -871,7 +879,7 @@ mod tests {
                 for nk in [1usize, 2, 3, 7] {
                     let mut got = vec![0.0; 4 * stride];
                     let mut want = vec![0.0; 4 * stride];
-                    dot_f32_rows(&qs[..rows], &ks[..nk], &mut got, stride);
+                    dot_f32_rows(&qs[..rows], &ks[..nk], Some(&ks[..nk]), &mut got, stride);
                     dot_f32_rows_scalar(&qs[..rows], &ks[..nk], &mut want, stride);
                     for r in 0..rows {
                         for j in 0..nk {
@@ -879,7 +887,7 @@ mod tests {
                             assert!(rel(g, w) < 1e-5, "n {n} rows {rows} nk {nk}: {g} vs {w}");
                             // One row and one key alone give the same bits.
                             let mut one = [0.0f32];
-                            dot_f32_rows(&qs[r..r + 1], &ks[j..j + 1], &mut one, 1);
+                            dot_f32_rows(&qs[r..r + 1], &ks[j..j + 1], None, &mut one, 1);
                             assert_eq!(one[0].to_bits(), g.to_bits());
                         }
                     }
@@ -908,6 +916,7 @@ mod tests {
                             avx2::dot_f32_rows::<4, 2, f32>(
                                 [qs[0], qs[1], qs[2], qs[3]],
                                 &ks[..nk],
+                                Some(&ks[..nk]),
                                 &mut d,
                                 stride,
                             );

@@ -157,6 +157,7 @@ pub unsafe fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 pub unsafe fn dot_f32_rows<const R: usize, const K: usize, E: KvElem>(
     q: [&[f32]; R],
     k: &[&[E]],
+    _then: Option<&[&[E]]>,
     out: &mut [f32],
     stride: usize,
 ) {

@@ -87,6 +87,14 @@ macro_rules! gather_kernel_32 {
 
 /// Eight consecutive `E` (f32, or f16 bits widened in the register) from `$p` as floats;
 /// for kernels generic over [`KvElem`], expanded inside their target-feature context.
+/// Requests into L1 the cache line `ahead` bytes past `p`.
+#[inline(always)]
+fn request(p: *const u8, ahead: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: a prefetch never faults, whatever the address; SSE is x86-64's baseline.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8) };
+}
+
 macro_rules! ld8 {
     ($p:expr) => {{
         let p = $p;
@@ -193,23 +201,41 @@ macro_rules! x86_kernels {
             }
 
             /// See `super::dot_f32_rows`: `K` keys at a time, one accumulator per pair.
+            /// With `then`, each line of keys is requested one group of `K` keys ahead
+            /// (the next keys when they follow in memory, as a cache block's do) and the
+            /// matching line of `then` (the same keys' values) as its keys are read: a
+            /// decode step's single pass over a block is otherwise bound by the lines a
+            /// core keeps in flight.
             #[target_feature(enable = $feat)]
             pub unsafe fn dot_f32_rows<const R: usize, const K: usize, E: KvElem>(
                 q: [&[f32]; R],
                 k: &[&[E]],
+                then: Option<&[&[E]]>,
                 out: &mut [f32],
                 stride: usize,
             ) {
                 let n = q[0].len();
                 let q = q.map(|x| &x[..n]);
+                // Elements per cache line, and the distance to the same line of the key
+                // one group on.
+                let line = 64 / std::mem::size_of::<E>();
+                let ahead = K * n * std::mem::size_of::<E>();
                 let mut j = 0;
                 while j < k.len() {
                     let nk = (k.len() - j).min(K);
                     // Past the last key the last one is repeated; those sums are dropped.
                     let kk: [&[E]; K] = std::array::from_fn(|c| &k[j + c.min(nk - 1)][..n]);
+                    let tt: Option<[&[E]; K]> =
+                        then.map(|t| std::array::from_fn(|c| t.get(j + c.min(nk - 1)).copied().unwrap_or(&[])));
                     let mut acc = [[_mm256_setzero_ps(); K]; R];
                     let mut i = 0;
                     while i + 8 <= n {
+                        if let Some(tt) = tt.filter(|_| i % line == 0) {
+                            for c in 0..K {
+                                request(kk[c].as_ptr().wrapping_add(i).cast(), ahead);
+                                request(tt[c].as_ptr().wrapping_add(i).cast(), 0);
+                            }
+                        }
                         // SAFETY: i + 8 <= n and every row above is n long.
                         unsafe {
                             let a: [__m256; K] = std::array::from_fn(|c| ld8!(kk[c].as_ptr().add(i)));
