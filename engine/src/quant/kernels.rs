@@ -339,10 +339,10 @@ pub fn dot_f32_rows<E: KvElem>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 => unsafe { rows!(avx2, 2) },
-        // AVX-512VL gives 32 vector registers: 4×4 accumulators fit.
+        // 32 vector registers: 4×4 accumulators of 16 lanes fit.
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512Vnni => unsafe { rows!(vnni, 4) },
+        Isa::Avx512Vnni => unsafe { rows!(attn512, 4) },
         // 32 registers: 4×4 accumulators fit.
         #[cfg(target_arch = "aarch64")]
         // SAFETY: isa() verified NEON at run time.
@@ -378,10 +378,10 @@ pub fn axpy_f32_rows<E: KvElem>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() verified the features at run time.
         Isa::Avx2 => unsafe { rows!(avx2, 2) },
-        // 32 registers: 4 rows × 32 columns of accumulators.
+        // 32 registers: 4 rows × 64 columns of accumulators.
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512Vnni => unsafe { rows!(vnni, 4) },
+        Isa::Avx512Vnni => unsafe { rows!(attn512, 4) },
         // 32 registers: 4 rows × 16 columns of accumulators.
         #[cfg(target_arch = "aarch64")]
         // SAFETY: isa() verified NEON at run time.
@@ -599,6 +599,8 @@ pub fn dot_bf16_x4(w: &[u16], x: [&[f32]; 4]) -> [f32; 4] {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod attn512;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
@@ -922,6 +924,10 @@ mod tests {
                             );
                         }
                         assert!(a.iter().zip(&want).all(|(g, w)| rel(*g, *w) < 1e-5));
+                        // The AVX-512 value kernel computes each element as this one does.
+                        if isa() != Isa::Scalar {
+                            assert!(a.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()));
+                        }
                         let mut dw = vec![0.0; 4 * stride];
                         dot_f32_rows_scalar(&qs[..4], &ks[..nk], &mut dw, stride);
                         assert!(d.iter().zip(&dw).all(|(g, w)| rel(*g, *w) < 1e-5));

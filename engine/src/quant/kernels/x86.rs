@@ -89,7 +89,7 @@ macro_rules! gather_kernel_32 {
 /// for kernels generic over [`KvElem`], expanded inside their target-feature context.
 /// Requests into L1 the cache line `ahead` bytes past `p`.
 #[inline(always)]
-fn request(p: *const u8, ahead: usize) {
+pub(super) fn request(p: *const u8, ahead: usize) {
     use std::arch::x86_64::*;
     // SAFETY: a prefetch never faults, whatever the address; SSE is x86-64's baseline.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8) };
