@@ -162,25 +162,22 @@ unsafe fn axpy_strip<const R: usize, const W: usize, E: KvElem>(
     let (pp, ap) = (p.as_ptr(), acc.as_mut_ptr());
     // SAFETY: the caller's contract.
     unsafe {
-        let mut a = [[_mm512_setzero_ps(); W]; R];
-        for r in 0..R {
+        let mut a: [[__m512; W]; R] = std::array::from_fn(|r| {
             let s = _mm512_set1_ps(scale[r]);
-            for c in 0..W {
-                a[r][c] = _mm512_mul_ps(_mm512_loadu_ps(ap.add(r * n + i + 16 * c)), s);
-            }
-        }
+            std::array::from_fn(|c| _mm512_mul_ps(_mm512_loadu_ps(ap.add(r * n + i + 16 * c)), s))
+        });
         for (j, vj) in v.iter().enumerate() {
             let vc: [__m512; W] = std::array::from_fn(|c| ld16!(vj.as_ptr().add(i + 16 * c)));
-            for r in 0..R {
+            for (r, ar) in a.iter_mut().enumerate() {
                 let b = _mm512_set1_ps(*pp.add(r * stride + j));
-                for c in 0..W {
-                    a[r][c] = _mm512_fmadd_ps(b, vc[c], a[r][c]);
+                for (x, vx) in ar.iter_mut().zip(&vc) {
+                    *x = _mm512_fmadd_ps(b, *vx, *x);
                 }
             }
         }
-        for r in 0..R {
-            for c in 0..W {
-                _mm512_storeu_ps(ap.add(r * n + i + 16 * c), a[r][c]);
+        for (r, ar) in a.iter().enumerate() {
+            for (c, x) in ar.iter().enumerate() {
+                _mm512_storeu_ps(ap.add(r * n + i + 16 * c), *x);
             }
         }
     }
