@@ -599,6 +599,52 @@ pub fn dot_bf16_x4(w: &[u16], x: [&[f32]; 4]) -> [f32; 4] {
     }
 }
 
+/// Requests into L1 the cache line holding `p` (the x86 kernels' prefetches).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    use std::arch::x86_64::*;
+    // SAFETY: a prefetch never faults, whatever the address; SSE is x86-64's baseline.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
+}
+
+/// A score after its lanes' sum `s`: the elements `from..` past a kernel's last whole
+/// register, added in order (every tier's `dot_f32_rows`).
+#[inline(always)]
+fn dot_rest<E: KvElem>(mut s: f32, q: &[f32], k: &[E], from: usize) -> f32 {
+    for (a, b) in q[from..].iter().zip(&k[from..]) {
+        s += a * b.to_f32();
+    }
+    s
+}
+
+/// Columns `from..` of `axpy_f32_rows` (`acc` holds `scale.len()` rows), past a kernel's
+/// last whole register: the registers' operations per element, a multiply by the rescale
+/// then one fused multiply-add per key in key order, so the same bits.
+#[inline(always)]
+fn axpy_rows_rest<E: KvElem>(
+    p: &[f32],
+    stride: usize,
+    v: &[&[E]],
+    scale: &[f32],
+    acc: &mut [f32],
+    from: usize,
+) {
+    let n = acc.len() / scale.len();
+    if n == 0 {
+        return;
+    }
+    for (r, (row, &s)) in acc.chunks_exact_mut(n).zip(scale).enumerate() {
+        for (e, a) in row.iter_mut().enumerate().skip(from) {
+            let mut x = *a * s;
+            for (j, vj) in v.iter().enumerate() {
+                x = p[r * stride + j].mul_add(vj[e].to_f32(), x);
+            }
+            *a = x;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod attn512;
 #[cfg(target_arch = "x86_64")]

@@ -595,11 +595,9 @@ const PREFETCH_AHEAD: usize = 2048;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_ahead(p: *const u8, bytes: usize) {
-    use std::arch::x86_64::*;
-    let p = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
+    let p = p.wrapping_add(PREFETCH_AHEAD);
     for k in 0..bytes.div_ceil(64) {
-        // SAFETY: a prefetch never faults, whatever the address; SSE is x86-64's baseline.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * k)) };
+        super::kernels::prefetch(p.wrapping_add(64 * k));
     }
 }
 

@@ -9,8 +9,8 @@
 //! other bits than the 256-bit tier, but as there, the same for a pair whatever the rows
 //! and keys of the call (prefill and decode agree).
 
-use super::x86::request;
-use super::KvElem;
+use super::x86::{group_of, request_keys};
+use super::{axpy_rows_rest, dot_rest, KvElem};
 use std::arch::x86_64::*;
 
 /// 16 keys' elements from `p` widened to f32.
@@ -39,7 +39,7 @@ fn hsum4(a: [__m512; 4]) -> __m128 {
 
 /// See `super::dot_f32_rows`: four keys at a time, one 16-lane accumulator per pair;
 /// the elements past the last multiple of 16 are added after the lanes' sum, in order.
-/// With `then`, requests as the 256-bit kernel does.
+/// With `then`, requests as [`request_keys`] says.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, VL, DQ, F16C and FMA.
@@ -56,21 +56,18 @@ pub unsafe fn dot_f32_rows<const R: usize, const K: usize, E: KvElem>(
     let q = q.map(|x| &x[..n]);
     let line = 64 / std::mem::size_of::<E>();
     let ahead = K * n * std::mem::size_of::<E>();
+    assert!(then.is_none_or(|t| t.len() >= k.len()));
     let mut j = 0;
     while j < k.len() {
         let nk = (k.len() - j).min(K);
         // Past the last key the last one is repeated; those sums are dropped.
         let kk: [&[E]; K] = std::array::from_fn(|c| &k[j + c.min(nk - 1)][..n]);
-        let tt: Option<[&[E]; K]> =
-            then.map(|t| std::array::from_fn(|c| t.get(j + c.min(nk - 1)).copied().unwrap_or(&[])));
+        let tt = group_of::<E, K>(then, j, nk);
         let mut acc = [[_mm512_setzero_ps(); K]; R];
         let mut i = 0;
         while i + 16 <= n {
-            if let Some(tt) = tt.filter(|_| i % line == 0) {
-                for c in 0..K {
-                    request(kk[c].as_ptr().wrapping_add(i).cast(), ahead);
-                    request(tt[c].as_ptr().wrapping_add(i).cast(), 0);
-                }
+            if let Some(tt) = tt.as_ref().filter(|_| i % line == 0) {
+                request_keys(&kk, tt, i, ahead);
             }
             // SAFETY: i + 16 <= n and every row above is n long.
             unsafe {
@@ -94,11 +91,7 @@ pub unsafe fn dot_f32_rows<const R: usize, const K: usize, E: KvElem>(
                 )
             };
             for c in 0..nk {
-                let mut x = s[c];
-                for e in i..n {
-                    x += q[r][e] * kk[c][e].to_f32();
-                }
-                out[r * stride + j + c] = x;
+                out[r * stride + j + c] = dot_rest(s[c], q[r], kk[c], i);
             }
         }
         j += K;
@@ -132,15 +125,7 @@ pub unsafe fn axpy_f32_rows<const R: usize, const W: usize, E: KvElem>(
         unsafe { axpy_strip::<R, 1, E>(p, stride, v, scale, acc, i) };
         i += 16;
     }
-    for e in i..n {
-        for r in 0..R {
-            let mut x = acc[r * n + e] * scale[r];
-            for (j, vj) in v.iter().enumerate() {
-                x = p[r * stride + j].mul_add(vj[e].to_f32(), x);
-            }
-            acc[r * n + e] = x;
-        }
-    }
+    axpy_rows_rest(p, stride, v, &scale, acc, i);
 }
 
 /// Columns `i..i + 16·W` of `axpy_f32_rows`.

@@ -185,11 +185,7 @@ pub unsafe fn dot_f32_rows<const R: usize, const K: usize, E: KvElem>(
         }
         for (r, ar) in acc.iter().enumerate() {
             for (c, a) in ar.iter().enumerate().take(nk) {
-                let mut s = vaddvq_f32(*a);
-                for e in i..n {
-                    s += q[r][e] * kk[c][e].to_f32();
-                }
-                out[r * stride + j + c] = s;
+                out[r * stride + j + c] = dot_rest(vaddvq_f32(*a), q[r], kk[c], i);
             }
         }
         j += K;
@@ -243,17 +239,7 @@ pub unsafe fn axpy_f32_rows<const R: usize, const W: usize, E: KvElem>(
         i += 4 * W;
     }
     // The columns past the last whole register group: the same operations per element.
-    for r in 0..R {
-        for e in i..n {
-            // SAFETY: e < n and r < R address row r of acc.
-            let a = unsafe { &mut *ap.add(r * n + e) };
-            let mut x = *a * scale[r];
-            for (j, vj) in v.iter().enumerate() {
-                x = p[r * stride + j].mul_add(vj[e].to_f32(), x);
-            }
-            *a = x;
-        }
-    }
+    axpy_rows_rest(p, stride, v, &scale, acc, i);
 }
 
 /// bf16 bits at `p` (4 of them) as f32: the bits moved to the top half.

@@ -85,16 +85,36 @@ macro_rules! gather_kernel_32 {
     };
 }
 
-/// Eight consecutive `E` (f32, or f16 bits widened in the register) from `$p` as floats;
-/// for kernels generic over [`KvElem`], expanded inside their target-feature context.
-/// Requests into L1 the cache line `ahead` bytes past `p`.
+/// The score kernels' requests at element `i` of a group of keys `kk` (every 256- and
+/// 512-bit `dot_f32_rows`): the same line of the key one group on, `ahead` bytes past
+/// (the next keys, where they follow in memory as a cache block's do), and the line of
+/// `tt`, the same keys' values, which the value kernel reads next. A decode step's single
+/// pass over a block is otherwise bound by the lines a core keeps in flight.
 #[inline(always)]
-pub(super) fn request(p: *const u8, ahead: usize) {
-    use std::arch::x86_64::*;
-    // SAFETY: a prefetch never faults, whatever the address; SSE is x86-64's baseline.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8) };
+pub(super) fn request_keys<E, const K: usize>(
+    kk: &[&[E]; K],
+    tt: &[&[E]; K],
+    i: usize,
+    ahead: usize,
+) {
+    for (k, t) in kk.iter().zip(tt) {
+        prefetch(k.as_ptr().wrapping_add(i).cast::<u8>().wrapping_add(ahead));
+        prefetch(t.as_ptr().wrapping_add(i).cast());
+    }
 }
 
+/// `then`'s slices for the keys of `kk` (`then` is as long as the keys).
+#[inline(always)]
+pub(super) fn group_of<'a, E, const K: usize>(
+    then: Option<&[&'a [E]]>,
+    j: usize,
+    nk: usize,
+) -> Option<[&'a [E]; K]> {
+    then.map(|t| std::array::from_fn(|c| t[j + c.min(nk - 1)]))
+}
+
+/// Eight consecutive `E` (f32, or f16 bits widened in the register) from `$p` as floats;
+/// for kernels generic over [`KvElem`], expanded inside their target-feature context.
 macro_rules! ld8 {
     ($p:expr) => {{
         let p = $p;
@@ -200,12 +220,8 @@ macro_rules! x86_kernels {
                 }
             }
 
-            /// See `super::dot_f32_rows`: `K` keys at a time, one accumulator per pair.
-            /// With `then`, each line of keys is requested one group of `K` keys ahead
-            /// (the next keys when they follow in memory, as a cache block's do) and the
-            /// matching line of `then` (the same keys' values) as its keys are read: a
-            /// decode step's single pass over a block is otherwise bound by the lines a
-            /// core keeps in flight.
+            /// See `super::dot_f32_rows`: `K` keys at a time, one accumulator per pair;
+            /// with `then`, requests as [`request_keys`] says.
             #[target_feature(enable = $feat)]
             pub unsafe fn dot_f32_rows<const R: usize, const K: usize, E: KvElem>(
                 q: [&[f32]; R],
@@ -220,21 +236,18 @@ macro_rules! x86_kernels {
                 // one group on.
                 let line = 64 / std::mem::size_of::<E>();
                 let ahead = K * n * std::mem::size_of::<E>();
+                assert!(then.is_none_or(|t| t.len() >= k.len()));
                 let mut j = 0;
                 while j < k.len() {
                     let nk = (k.len() - j).min(K);
                     // Past the last key the last one is repeated; those sums are dropped.
                     let kk: [&[E]; K] = std::array::from_fn(|c| &k[j + c.min(nk - 1)][..n]);
-                    let tt: Option<[&[E]; K]> =
-                        then.map(|t| std::array::from_fn(|c| t.get(j + c.min(nk - 1)).copied().unwrap_or(&[])));
+                    let tt = group_of::<E, K>(then, j, nk);
                     let mut acc = [[_mm256_setzero_ps(); K]; R];
                     let mut i = 0;
                     while i + 8 <= n {
-                        if let Some(tt) = tt.filter(|_| i % line == 0) {
-                            for c in 0..K {
-                                request(kk[c].as_ptr().wrapping_add(i).cast(), ahead);
-                                request(tt[c].as_ptr().wrapping_add(i).cast(), 0);
-                            }
+                        if let Some(tt) = tt.as_ref().filter(|_| i % line == 0) {
+                            request_keys(&kk, tt, i, ahead);
                         }
                         // SAFETY: i + 8 <= n and every row above is n long.
                         unsafe {
@@ -250,11 +263,7 @@ macro_rules! x86_kernels {
                     }
                     for r in 0..R {
                         for c in 0..nk {
-                            let mut s = hsum_ps(acc[r][c]);
-                            for e in i..n {
-                                s += q[r][e] * kk[c][e].to_f32();
-                            }
-                            out[r * stride + j + c] = s;
+                            out[r * stride + j + c] = dot_rest(hsum_ps(acc[r][c]), q[r], kk[c], i);
                         }
                     }
                     j += K;
@@ -324,15 +333,7 @@ macro_rules! x86_kernels {
                     }
                     i += 8;
                 }
-                for e in i..n {
-                    for r in 0..R {
-                        let mut x = acc[r * n + e] * scale[r];
-                        for (j, vj) in v.iter().enumerate() {
-                            x = p[r * stride + j].mul_add(vj[e].to_f32(), x);
-                        }
-                        acc[r * n + e] = x;
-                    }
-                }
+                axpy_rows_rest(p, stride, v, &scale, acc, i);
             }
 
             #[target_feature(enable = $feat)]
