@@ -21,6 +21,46 @@ unsafe fn scales16(p: *const u8) -> __m512 {
     _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
 }
 
+/// `lo[n] += wl · a_n[o..o+4]` and `hi[n] += wh · a_n[o+16..o+20]` for eight tokens, in
+/// this order. Written out because LLVM regroups the same intrinsics per token (chains
+/// of 8 again) and, given pointers it can share, re-derives them per block; here each
+/// token's activations are a base register and the offsets immediates.
+macro_rules! dot16 {
+    ($o:literal, $wl:expr, $wh:expr, $p:expr, $lo:expr, $hi:expr) => {
+        std::arch::asm!(
+            "vpdpbusd {l0}, {wl}, dword ptr [{p0} + {o}]{{1to16}}",
+            "vpdpbusd {h0}, {wh}, dword ptr [{p0} + {o} + 16]{{1to16}}",
+            "vpdpbusd {l1}, {wl}, dword ptr [{p1} + {o}]{{1to16}}",
+            "vpdpbusd {h1}, {wh}, dword ptr [{p1} + {o} + 16]{{1to16}}",
+            "vpdpbusd {l2}, {wl}, dword ptr [{p2} + {o}]{{1to16}}",
+            "vpdpbusd {h2}, {wh}, dword ptr [{p2} + {o} + 16]{{1to16}}",
+            "vpdpbusd {l3}, {wl}, dword ptr [{p3} + {o}]{{1to16}}",
+            "vpdpbusd {h3}, {wh}, dword ptr [{p3} + {o} + 16]{{1to16}}",
+            "vpdpbusd {l4}, {wl}, dword ptr [{p4} + {o}]{{1to16}}",
+            "vpdpbusd {h4}, {wh}, dword ptr [{p4} + {o} + 16]{{1to16}}",
+            "vpdpbusd {l5}, {wl}, dword ptr [{p5} + {o}]{{1to16}}",
+            "vpdpbusd {h5}, {wh}, dword ptr [{p5} + {o} + 16]{{1to16}}",
+            "vpdpbusd {l6}, {wl}, dword ptr [{p6} + {o}]{{1to16}}",
+            "vpdpbusd {h6}, {wh}, dword ptr [{p6} + {o} + 16]{{1to16}}",
+            "vpdpbusd {l7}, {wl}, dword ptr [{p7} + {o}]{{1to16}}",
+            "vpdpbusd {h7}, {wh}, dword ptr [{p7} + {o} + 16]{{1to16}}",
+            l0 = inout(zmm_reg) $lo[0], l1 = inout(zmm_reg) $lo[1],
+            l2 = inout(zmm_reg) $lo[2], l3 = inout(zmm_reg) $lo[3],
+            l4 = inout(zmm_reg) $lo[4], l5 = inout(zmm_reg) $lo[5],
+            l6 = inout(zmm_reg) $lo[6], l7 = inout(zmm_reg) $lo[7],
+            h0 = inout(zmm_reg) $hi[0], h1 = inout(zmm_reg) $hi[1],
+            h2 = inout(zmm_reg) $hi[2], h3 = inout(zmm_reg) $hi[3],
+            h4 = inout(zmm_reg) $hi[4], h5 = inout(zmm_reg) $hi[5],
+            h6 = inout(zmm_reg) $hi[6], h7 = inout(zmm_reg) $hi[7],
+            wl = in(zmm_reg) $wl, wh = in(zmm_reg) $wh,
+            p0 = in(reg) $p[0], p1 = in(reg) $p[1], p2 = in(reg) $p[2], p3 = in(reg) $p[3],
+            p4 = in(reg) $p[4], p5 = in(reg) $p[5], p6 = in(reg) $p[6], p7 = in(reg) $p[7],
+            o = const $o,
+            options(pure, readonly, nostack, preserves_flags),
+        )
+    };
+}
+
 /// One row group × tokens `t..t+n` into `direct`, or else into `res[i][row]`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -64,8 +104,7 @@ pub(super) unsafe fn group(
 
 /// `init + Σ_j w[j]·a[4j..4j+4]` in each of the 16 row lanes: one 32-quant block of a
 /// row group against one activation block, in `CHAINS` (1 or 2) dependency chains.
-/// Q4_0/Q8_0 prefills use one (the tokens' chains overlap; +2.6% on E2B Q4_0 over
-/// two). The sums are exact integers, so the grouping does not change the result.
+/// The sums are exact integers, so the grouping does not change the result.
 #[inline(always)]
 unsafe fn dot_block<const CHAINS: usize>(w: &[__m512i; 8], a: *const i8, init: __m512i) -> __m512i {
     if CHAINS == 1 {
@@ -97,32 +136,67 @@ unsafe fn q32<const N: usize, const Q4: bool>(
     let mut acc = [_mm512_setzero_ps(); N];
     let m4 = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
-    for b in 0..nb {
-        if N == 1 {
-            prefetch_ahead(g.add(b * gbb), gbb);
+    // Weight registers `j` and `j + 4` (Q4_0: a byte's low and high nibbles).
+    let wpair = |q: *const u8, j: usize| {
+        if Q4 {
+            let v = load(q.add(64 * j));
+            (
+                _mm512_and_si512(v, m4),
+                _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+            )
+        } else {
+            (
+                _mm512_xor_si512(load(q.add(64 * j)), flip),
+                _mm512_xor_si512(load(q.add(64 * (j + 4))), flip),
+            )
         }
+    };
+    let init = |m: *const XMeta| _mm512_set1_epi32(if Q4 { (*m).init_q4 } else { (*m).init_q8 });
+    for b in 0..nb {
         let dw = scales16(g.add(b * gbb));
         let q = g.add(b * gbb + 32);
-        let w: [__m512i; 8] = if Q4 {
-            // Low nibbles are quants 4j.., high nibbles 16+4j..
-            let v: [__m512i; 4] = std::array::from_fn(|j| load(q.add(64 * j)));
-            std::array::from_fn(|j| match j {
-                0..4 => _mm512_and_si512(v[j], m4),
-                _ => _mm512_and_si512(_mm512_srli_epi16(v[j - 4], 4), m4),
-            })
+        if N == 1 {
+            prefetch_ahead(g.add(b * gbb), gbb);
+            let (a, m) = xat(x, t, b);
+            let w: [(__m512i, __m512i); 4] = std::array::from_fn(|j| wpair(q, j));
+            let w: [__m512i; 8] = std::array::from_fn(|j| if j < 4 { w[j].0 } else { w[j - 4].1 });
+            let s = _mm512_cvtepi32_ps(dot_block::<2>(&w, a, init(m)));
+            acc[0] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps((*m).d)), acc[0]);
+            continue;
+        }
+        // Prefill: each token's sum in two chains (quants 0..16 from the offset, 16..32
+        // from 0), issued weight-major across the tokens. Chains of 4 dependent products
+        // instead of 8 keep both VNNI ports busy (one core, 8 tokens from cache: 161 ->
+        // 190 GMAC/s). The sums are exact integers, so the grouping changes no bit.
+        let mut am = [(std::ptr::null::<i8>(), std::ptr::null::<XMeta>()); N];
+        for_tokens!(n => { am[n] = xat(x, t + n, b); });
+        let mut lo = [_mm512_setzero_si512(); N];
+        for_tokens!(n => { lo[n] = init(am[n].1); });
+        let mut hi = [_mm512_setzero_si512(); N];
+        if N == MAX_TOKENS {
+            let p: [*const i8; MAX_TOKENS] = std::array::from_fn(|n| am[n.min(N - 1)].0);
+            let (l, h) = (&mut lo[..], &mut hi[..]);
+            let (wl, wh) = wpair(q, 0);
+            dot16!(0, wl, wh, p, l, h);
+            let (wl, wh) = wpair(q, 1);
+            dot16!(4, wl, wh, p, l, h);
+            let (wl, wh) = wpair(q, 2);
+            dot16!(8, wl, wh, p, l, h);
+            let (wl, wh) = wpair(q, 3);
+            dot16!(12, wl, wh, p, l, h);
         } else {
-            std::array::from_fn(|j| _mm512_xor_si512(load(q.add(64 * j)), flip))
-        };
+            for j in 0..4 {
+                let (wl, wh) = wpair(q, j);
+                for_tokens!(n => {
+                    lo[n] = _mm512_dpbusd_epi32(lo[n], wl, bcast(am[n].0, j));
+                    hi[n] = _mm512_dpbusd_epi32(hi[n], wh, bcast(am[n].0, j + 4));
+                });
+            }
+        }
         for_tokens!(n => {
-            let (a, m) = xat(x, t + n, b);
-            let init = _mm512_set1_epi32(if Q4 { (*m).init_q4 } else { (*m).init_q8 });
-            let i = if N == 1 {
-                dot_block::<2>(&w, a, init)
-            } else {
-                dot_block::<1>(&w, a, init)
-            };
-            let s = _mm512_cvtepi32_ps(i);
-            acc[n] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps((*m).d)), acc[n]);
+            let s = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[n], hi[n]));
+            let d = _mm512_set1_ps((*am[n].1).d);
+            acc[n] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, d), acc[n]);
         });
     }
     acc
