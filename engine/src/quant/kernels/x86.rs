@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// How many bf16 elements ahead `dot_bf16` requests weights: 3 KiB.
+const BF16_AHEAD: usize = 1536;
+
 /// `$pass::<P>(w, stride, b0, picks, y)` for the picks four at a time (P = 4, the rest
 /// 1 to 3): the gathers' row passes.
 macro_rules! by_fours {
@@ -180,6 +183,13 @@ macro_rules! x86_kernels {
                 let mut acc1 = _mm256_setzero_ps();
                 let mut i = 0;
                 while i + 16 <= n {
+                    if i % 32 == 0 {
+                        // A decode step streams bf16 rows back to back: request the
+                        // bytes 3 KiB ahead (see packed's PREFETCH_AHEAD), past a row's
+                        // end the next row's.
+                        let ahead = w.as_ptr().wrapping_add(i + BF16_AHEAD);
+                        crate::quant::kernels::prefetch(ahead as *const u8);
+                    }
                     // SAFETY: i + 16 <= n bounds both loads.
                     unsafe {
                         let a = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
