@@ -25,6 +25,9 @@ unsafe fn scales16(p: *const u8) -> __m512 {
 /// this order. Written out because LLVM regroups the same intrinsics per token (chains
 /// of 8 again) and, given pointers it can share, re-derives them per block; here each
 /// token's activations are a base register and the offsets immediates.
+///
+/// Safety: each `$p[n]` must address an activation block's 32 quant bytes, and the CPU
+/// must have AVX-512 VNNI (the macro is used only in kernels that enable it).
 macro_rules! dot16 {
     ($o:literal, $wl:expr, $wh:expr, $p:expr, $lo:expr, $hi:expr) => {
         std::arch::asm!(
@@ -174,6 +177,8 @@ unsafe fn q32<const N: usize, const Q4: bool>(
         for_tokens!(n => { lo[n] = init(am[n].1); });
         let mut hi = [_mm512_setzero_si512(); N];
         if N == MAX_TOKENS {
+            // SAFETY (dot16): `am` holds the quants of tokens t..t+8, block b (xat's
+            // contract, the caller's); q32 runs only where AVX-512 VNNI is enabled.
             let p: [*const i8; MAX_TOKENS] = std::array::from_fn(|n| am[n.min(N - 1)].0);
             let (l, h) = (&mut lo[..], &mut hi[..]);
             let (wl, wh) = wpair(q, 0);
