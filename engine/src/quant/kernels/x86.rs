@@ -2,9 +2,6 @@
 
 use super::*;
 
-/// How many bf16 elements ahead `dot_bf16` requests weights: 3 KiB.
-const BF16_AHEAD: usize = 1536;
-
 /// `$pass::<P>(w, stride, b0, picks, y)` for the picks four at a time (P = 4, the rest
 /// 1 to 3): the gathers' row passes.
 macro_rules! by_fours {
@@ -184,11 +181,8 @@ macro_rules! x86_kernels {
                 let mut i = 0;
                 while i + 16 <= n {
                     if i % 32 == 0 {
-                        // A decode step streams bf16 rows back to back: request the
-                        // bytes 3 KiB ahead (see packed's PREFETCH_AHEAD), past a row's
-                        // end the next row's.
-                        let ahead = w.as_ptr().wrapping_add(i + BF16_AHEAD);
-                        crate::quant::kernels::prefetch(ahead as *const u8);
+                        // A decode step streams bf16 rows back to back: each line once.
+                        prefetch_ahead(w.as_ptr().wrapping_add(i).cast(), 64);
                     }
                     // SAFETY: i + 16 <= n bounds both loads.
                     unsafe {

@@ -156,27 +156,22 @@ unsafe fn q32<const N: usize, const Q4: bool>(
     };
     let init = |m: *const XMeta| _mm512_set1_epi32(if Q4 { (*m).init_q4 } else { (*m).init_q8 });
     for b in 0..nb {
-        let dw = scales16(g.add(b * gbb));
-        let q = g.add(b * gbb + 32);
         if N == 1 {
             prefetch_ahead(g.add(b * gbb), gbb);
-            let (a, m) = xat(x, t, b);
-            let w: [(__m512i, __m512i); 4] = std::array::from_fn(|j| wpair(q, j));
-            let w: [__m512i; 8] = std::array::from_fn(|j| if j < 4 { w[j].0 } else { w[j - 4].1 });
-            let s = _mm512_cvtepi32_ps(dot_block::<2>(&w, a, init(m)));
-            acc[0] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps((*m).d)), acc[0]);
-            continue;
         }
-        // Prefill: each token's sum in two chains (quants 0..16 from the offset, 16..32
-        // from 0), issued weight-major across the tokens. Chains of 4 dependent products
-        // instead of 8 keep both VNNI ports busy (one core, 8 tokens from cache: 161 ->
-        // 190 GMAC/s). The sums are exact integers, so the grouping changes no bit.
+        let dw = scales16(g.add(b * gbb));
+        let q = g.add(b * gbb + 32);
+        // Each token's sum in two chains (quants 0..16 from the offset, 16..32 from 0),
+        // issued weight-major across the tokens. For a prefill, chains of 4 dependent
+        // products instead of 8 keep both VNNI ports busy (one core, 8 tokens from cache:
+        // 161 -> 190 GMAC/s). The sums are exact integers, so the grouping changes no bit.
         let mut am = [(std::ptr::null::<i8>(), std::ptr::null::<XMeta>()); N];
         for_tokens!(n => { am[n] = xat(x, t + n, b); });
         let mut lo = [_mm512_setzero_si512(); N];
         for_tokens!(n => { lo[n] = init(am[n].1); });
         let mut hi = [_mm512_setzero_si512(); N];
         if N == MAX_TOKENS {
+            // (`min` only lets the other token counts compile; they never come here.)
             // SAFETY (dot16): `am` holds the quants of tokens t..t+8, block b (xat's
             // contract, the caller's); q32 runs only where AVX-512 VNNI is enabled.
             let p: [*const i8; MAX_TOKENS] = std::array::from_fn(|n| am[n.min(N - 1)].0);
