@@ -2,15 +2,11 @@
 //! socket); `generate` and `logits` are one-shot tools that run the engine in-process on a
 //! checkpoint folder.
 
-mod access;
 mod config;
-mod listen;
+mod core;
+mod grpc;
 mod oneshot;
-mod queue;
-mod request;
 mod serve;
-mod service;
-mod worker;
 
 use clap::{Parser, Subcommand};
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -16,12 +16,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
-use crate::access::{own_gid, resolve_group, Policy};
 use crate::config::{Config, InFlight, DEFAULT_CONFIG};
-use crate::listen;
-use crate::queue::Queue;
-use crate::service::{check_access, GemmadService, Shared};
-use crate::worker::{self, WorkerStats};
+use crate::core::access::{own_gid, resolve_group, Policy};
+use crate::core::queue::Queue;
+use crate::core::{engine_thread, Core, ServiceError};
+use crate::grpc::{check_access, listen, GemmadService};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -112,12 +111,11 @@ async fn serve(
     } else {
         resolve_group(&cfg.server.socket_group).context("server.socket_group")?
     };
-    let policy = Arc::new(RwLock::new(Policy::from_config(&cfg.access, socket_gid)?));
+    let policy = Policy::from_config(&cfg.access, socket_gid)?;
     // Fail fast on a live instance before spending time on the model.
     listen::preflight(&socket)?;
 
     let queue = Arc::new(Queue::new(cfg.queue.depth, cfg.queue.per_peer));
-    let stats = Arc::new(WorkerStats::default());
     let shutting_down = Arc::new(AtomicBool::new(false));
     let opts = LoadOptions {
         max_context: (cfg.model.max_context > 0).then_some(cfg.model.max_context),
@@ -127,16 +125,18 @@ async fn serve(
         ple: cfg.model.ple_mode()?,
         ..Default::default()
     };
-    let (q, st, sd, d) = (
-        queue.clone(),
-        stats.clone(),
-        shutting_down.clone(),
-        dir.clone(),
-    );
-    let (worker, model) = tokio::task::spawn_blocking(move || worker::spawn(d, opts, q, st, sd))
+    let (q, sd, d) = (queue.clone(), shutting_down.clone(), dir.clone());
+    let loaded = tokio::task::spawn_blocking(move || engine_thread::spawn(d, opts, q, sd))
         .await
         .context("model loader")??;
-    let tokenizer = model.tokenizer.clone();
+    let worker = loaded.thread;
+    let core = Arc::new(Core::new(
+        loaded.handle,
+        loaded.prompter,
+        loaded.model,
+        cfg.limits.clone(),
+        policy,
+    ));
 
     let (unix, socket_file) = listen::bind_unix(&socket, mode, socket_gid)?;
     let tcp = if cfg.server.tcp_listen.is_empty() {
@@ -159,17 +159,9 @@ async fn serve(
         Served {
             unix,
             tcp,
-            policy,
             socket_gid,
             queue: queue.clone(),
-            shared: Arc::new(Shared {
-                queue: queue.clone(),
-                tokenizer,
-                model,
-                limits: RwLock::new(Default::default()),
-                stats,
-                started: Instant::now(),
-            }),
+            core,
             shutting_down,
         },
     )
@@ -190,18 +182,16 @@ async fn serve(
 struct Served {
     unix: tokio::net::UnixListener,
     tcp: Option<tokio::net::TcpListener>,
-    policy: Arc<RwLock<Policy>>,
     socket_gid: u32,
     queue: Arc<Queue>,
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     shutting_down: Arc<AtomicBool>,
 }
 
 struct Reloadable {
-    policy: Arc<RwLock<Policy>>,
     socket_gid: u32,
     queue: Arc<Queue>,
-    shared: Arc<Shared>,
+    core: Arc<Core>,
 }
 
 /// The signals the service handles, installed before anything else so that a signal
@@ -221,9 +211,6 @@ async fn serve_on(
     log_override: Option<String>,
     s: Served,
 ) -> Result<()> {
-    if let Ok(mut l) = s.shared.limits.write() {
-        *l = cfg.limits.clone();
-    }
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<GemmadServer<GemmadService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -233,7 +220,7 @@ async fn serve_on(
         .context("reflection service")?;
     let max_msg = cfg.server.max_request_bytes;
     let svc = GemmadServer::new(GemmadService {
-        shared: s.shared.clone(),
+        core: s.core.clone(),
     })
     .max_decoding_message_size(max_msg);
 
@@ -241,18 +228,16 @@ async fn serve_on(
     let Served {
         unix,
         tcp,
-        policy,
         socket_gid,
         queue,
-        shared,
+        core,
         shutting_down,
     } = s;
-    let incoming = listen::incoming(unix, tcp, policy.clone());
+    let incoming = listen::incoming(unix, tcp, core.clone());
     let s = Reloadable {
-        policy,
         socket_gid,
         queue,
-        shared,
+        core,
     };
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -266,8 +251,8 @@ async fn serve_on(
     );
     tracing::info!(
         socket = %cfg.server.socket.display(),
-        model = %s.shared.model.dir.display(),
-        context = s.shared.model.context_tokens,
+        model = %s.core.model().dir.display(),
+        context = s.core.context_tokens(),
         "gemmad serving"
     );
 
@@ -294,9 +279,7 @@ async fn serve_on(
     health
         .set_not_serving::<GemmadServer<GemmadService>>()
         .await;
-    let bye = tonic::Status::unavailable(
-        "gemmad is shutting down; the request was cancelled (retry when it is back)",
-    );
+    let bye = ServiceError::shutting_down();
     let grace = Duration::from_secs_f64(sd.grace_period_s);
     if sd.in_flight == InFlight::Finish {
         let deadline = Instant::now() + grace;
@@ -348,13 +331,8 @@ fn reload(
             return;
         }
     };
-    if let Ok(mut p) = s.policy.write() {
-        *p = policy;
-    }
+    s.core.reload(new.limits.clone(), policy);
     s.queue.set_limits(new.queue.depth, new.queue.per_peer);
-    if let Ok(mut l) = s.shared.limits.write() {
-        *l = new.limits.clone();
-    }
     if log_override.is_none() {
         match EnvFilter::try_new(&new.log.level) {
             Ok(f) => {

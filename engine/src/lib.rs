@@ -21,12 +21,13 @@ pub mod weights;
 pub use checkpoint::Checkpoint;
 pub use config::{LayerType, Layout, ModelConfig, TextConfig};
 pub use engine::{
-    ChatMessage, ContentPart, Engine, FinishReason, GenerateOutput, GenerateRequest, LoadOptions,
-    PleMode, Prompt, Timings, TokenEvent, Usage,
+    ChatMessage, ContentPart, Control, Engine, EngineState, FinishReason, GenerateOutput,
+    GenerateRequest, Generation, LoadOptions, PleMode, PreparedPrompt, Prompt, Prompter, Step,
+    Timings, TokenEvent, TowerState, Usage, FULL_SLICE,
 };
 pub use error::{EngineError, Result};
 pub use kv_cache::KvCache;
-pub use memory::{MemoryReport, PartMemory};
+pub use memory::{MemoryReport, Part, PartMemory};
 pub use model::{LogitsFor, TextModel};
 pub use ple_cache::{PleCache, RowDType};
 pub use quant::QuantType;

@@ -8,12 +8,58 @@ use crate::residency::WeightGroup;
 use crate::towers::{group_of, Modality};
 use crate::weights::{Data, Matrix};
 
+/// The parts the engine's memory is reported by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Part {
+    /// Everything of the text decoder but the two embedding tables.
+    Decoder,
+    /// `embed_tokens` (also the tied LM head).
+    Embeddings,
+    /// The checkpoint's `embed_tokens_per_layer`.
+    PleTable,
+    /// The PLE cache file's rows.
+    PleCache,
+    /// The in-RAM hot rows in front of the PLE cache file.
+    PleHot,
+    /// A tower's weights.
+    Tower(Modality),
+    /// K/V of the current sequence.
+    KvCache,
+    /// Buffers kept between forward passes.
+    Scratch,
+}
+
+impl Part {
+    /// The part's name in reports and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Part::Decoder => "decoder",
+            Part::Embeddings => "embeddings",
+            Part::PleTable => "ple_table",
+            Part::PleCache => "ple_cache",
+            Part::PleHot => "ple_hot",
+            Part::Tower(m) => m.as_str(),
+            Part::KvCache => "kv_cache",
+            Part::Scratch => "scratch",
+        }
+    }
+
+    /// Whether the part holds model parameters (the rest are buffers).
+    pub fn holds_params(self) -> bool {
+        !matches!(self, Part::PleHot | Part::KvCache | Part::Scratch)
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One part of the model in a [`MemoryReport`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartMemory {
-    /// `decoder`, `embeddings`, `ple_table`, `ple_cache`, `ple_hot`, `vision`, `audio`,
-    /// `kv_cache`, `scratch`.
-    pub name: String,
+    pub part: Part,
     /// Parameters (elements) the part holds, where that applies.
     pub params: u64,
     /// Bytes of the part's mapped regions (its size on disk).
@@ -28,6 +74,18 @@ pub struct PartMemory {
 }
 
 impl PartMemory {
+    /// A part that holds nothing.
+    pub fn empty(part: Part) -> Self {
+        PartMemory {
+            part,
+            params: 0,
+            mapped_bytes: 0,
+            resident_bytes: 0,
+            heap_bytes: 0,
+            active: false,
+        }
+    }
+
     /// Bytes of RAM the part occupies: resident mapped pages plus heap.
     pub fn ram_bytes(&self) -> u64 {
         self.resident_bytes + self.heap_bytes
@@ -50,8 +108,8 @@ pub struct MemoryReport {
 }
 
 impl MemoryReport {
-    pub fn part(&self, name: &str) -> Option<&PartMemory> {
-        self.parts.iter().find(|p| p.name == name)
+    pub fn part(&self, part: Part) -> Option<&PartMemory> {
+        self.parts.iter().find(|p| p.part == part)
     }
 
     /// A human-readable table (for logs and examples).
@@ -64,7 +122,7 @@ impl MemoryReport {
         for p in &self.parts {
             s += &format!(
                 "{:<11} {:>14} {:>11.1} {:>11.1} {:>11.1} {:>6}\n",
-                p.name,
+                p.part.as_str(),
                 p.params,
                 mb(p.mapped_bytes),
                 mb(p.resident_bytes),
@@ -167,9 +225,9 @@ pub(crate) fn matrix_heap_bytes(m: &Matrix) -> u64 {
 }
 
 /// A part measured from a weight group.
-pub(crate) fn group_part(g: &WeightGroup, heap: u64, active: bool) -> PartMemory {
+pub(crate) fn group_part(part: Part, g: &WeightGroup, heap: u64, active: bool) -> PartMemory {
     PartMemory {
-        name: g.name.clone(),
+        part,
         params: g.params,
         mapped_bytes: g.bytes(),
         // Pages shared with a neighbouring group at a boundary are counted by neither.

@@ -37,7 +37,7 @@ impl Modality {
         }
     }
 
-    fn present(self, cfg: &ModelConfig) -> bool {
+    pub(crate) fn present(self, cfg: &ModelConfig) -> bool {
         match self {
             Modality::Vision => cfg.has_vision,
             Modality::Audio => cfg.has_audio,

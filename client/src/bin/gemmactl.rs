@@ -41,8 +41,43 @@ enum Command {
     Detokenize(DetokenizeArgs),
     /// The model sizes (MatFormer slices) on offer.
     Slices(JsonFlag),
+    /// Load a tower (vision or audio) and page its weights in.
+    Load(ModalityArgs),
+    /// Unload a tower and drop its pages.
+    Unload(ModalityArgs),
     /// The gRPC health check; exit status 0 when serving.
     Health,
+}
+
+#[derive(Args, Debug)]
+struct ModalityArgs {
+    /// vision (or image) or audio.
+    #[arg(value_parser = parse_modality)]
+    modality: pb::Modality,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_modality(s: &str) -> Result<pb::Modality, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "vision" | "image" => Ok(pb::Modality::Vision),
+        "audio" => Ok(pb::Modality::Audio),
+        other => Err(format!("unknown modality `{other}` (vision, audio)")),
+    }
+}
+
+fn print_tower(t: &pb::Tower, json_out: bool) {
+    if json_out {
+        println!(
+            "{}",
+            json!({"modality": modality_str(t.modality), "available": t.available,
+                   "loaded": t.loaded, "bytes": t.bytes})
+        );
+    } else {
+        let state = if t.loaded { "loaded" } else { "not loaded" };
+        println!("{} {state} ({})", modality_str(t.modality), mib(t.bytes));
+    }
 }
 
 #[derive(Args, Debug)]
@@ -300,7 +335,8 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
             "uptime_s": s.uptime_s,
             "model": {"dir": m.dir, "model_type": m.model_type, "layers": m.layers,
                       "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
-                      "context_tokens": m.context_tokens},
+                      "context_tokens": m.context_tokens, "quant": m.quant,
+                      "kernels": m.kernels, "threads": m.threads},
             "active_slice": s.active_slice,
             "towers": s.towers.iter().map(|t| json!({"modality": modality_str(t.modality),
                 "available": t.available, "loaded": t.loaded, "bytes": t.bytes})).collect::<Vec<_>>(),
@@ -320,6 +356,10 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
     println!(
         "model    {} ({}, {} layers, hidden {}, vocab {}, context {} tokens)",
         m.dir, m.model_type, m.layers, m.hidden_size, m.vocab_size, m.context_tokens
+    );
+    println!(
+        "engine   {} weights, {} kernels, {} threads",
+        m.quant, m.kernels, m.threads
     );
     println!("slice    {}", s.active_slice);
     for t in &s.towers {
@@ -378,19 +418,21 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             if a.json {
                 let v: Vec<Value> = slices
                     .iter()
-                    .map(|s| json!({"name": s.name, "active": s.active, "layers": s.layers, "ffn_widths": s.ffn_widths}))
+                    .map(|s| json!({"name": s.name, "active": s.active, "layers": s.layers, "ffn_widths": s.ffn_widths, "params": s.params}))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for s in slices {
                     let mark = if s.active { "*" } else { " " };
                     println!(
-                        "{mark} {:<10} {} layers, FFN widths {:?}",
-                        s.name, s.layers, s.ffn_widths
+                        "{mark} {:<10} {} layers, FFN widths {:?}, {} parameters",
+                        s.name, s.layers, s.ffn_widths, s.params
                     );
                 }
             }
         }
+        Command::Load(a) => print_tower(&c.load_modality(a.modality).await?, a.json),
+        Command::Unload(a) => print_tower(&c.unload_modality(a.modality).await?, a.json),
         Command::Health => {
             let st = c.health("").await?;
             println!("{}", st.as_str_name());

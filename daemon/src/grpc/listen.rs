@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use anyhow::{bail, Context as _, Result};
@@ -17,7 +17,17 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 
-use crate::access::{peer_of, Peer, PeerId, Policy};
+use crate::core::access::peer_of;
+use crate::core::types::Peer;
+use crate::core::{Core, ServiceError};
+
+/// What every accepted connection carries: its peer and the access decision, made once
+/// at accept by the core's policy.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub peer: Peer,
+    pub access: Result<(), ServiceError>,
+}
 
 /// Refuses to start when a live gemmad answers on `path`; removes a stale socket; refuses
 /// to touch anything at `path` that is not a socket.
@@ -121,7 +131,7 @@ pub fn bind_unix(
 /// One accepted connection with its peer.
 pub struct PeerConn {
     io: Io,
-    peer: Peer,
+    conn: Connection,
 }
 
 enum Io {
@@ -130,10 +140,10 @@ enum Io {
 }
 
 impl Connected for PeerConn {
-    type ConnectInfo = Peer;
+    type ConnectInfo = Connection;
 
-    fn connect_info(&self) -> Peer {
-        self.peer.clone()
+    fn connect_info(&self) -> Connection {
+        self.conn.clone()
     }
 }
 
@@ -192,14 +202,14 @@ impl AsyncWrite for PeerConn {
     }
 }
 
-fn decide(id: PeerId, policy: &RwLock<Policy>) -> Peer {
-    let allowed = policy.read().map(|p| p.allows(&id)).unwrap_or(false);
-    if allowed {
-        tracing::debug!(peer = %id, "connection accepted");
+fn decide(peer: Peer, core: &Core) -> Connection {
+    let access = core.authorize(&peer);
+    if access.is_ok() {
+        tracing::debug!(peer = %peer, "connection accepted");
     } else {
-        tracing::warn!(peer = %id, "connection refused by the access policy ([access] in the config)");
+        tracing::warn!(peer = %peer, "connection refused by the access policy ([access] in the config)");
     }
-    Peer { id, allowed }
+    Connection { peer, access }
 }
 
 pub type Incoming = Pin<Box<dyn Stream<Item = io::Result<PeerConn>> + Send>>;
@@ -208,15 +218,15 @@ pub type Incoming = Pin<Box<dyn Stream<Item = io::Result<PeerConn>> + Send>>;
 pub fn incoming(
     unix: tokio::net::UnixListener,
     tcp: Option<tokio::net::TcpListener>,
-    policy: Arc<RwLock<Policy>>,
+    core: Arc<Core>,
 ) -> Incoming {
-    let p = policy.clone();
+    let c = core.clone();
     let unix = tokio_stream::wrappers::UnixListenerStream::new(unix).map(move |r| {
         r.map(|s| {
-            let peer = decide(peer_of(&s), &p);
+            let conn = decide(peer_of(&s, "grpc"), &c);
             PeerConn {
                 io: Io::Unix(s),
-                peer,
+                conn,
             }
         })
     });
@@ -226,11 +236,14 @@ pub fn incoming(
             let tcp = tokio_stream::wrappers::TcpListenerStream::new(t).map(move |r| {
                 r.map(|s| {
                     let _ = s.set_nodelay(true);
-                    let id = s.peer_addr().map(PeerId::Tcp).unwrap_or(PeerId::Unknown);
-                    let peer = decide(id, &policy);
+                    let peer = Peer {
+                        tcp: s.peer_addr().ok(),
+                        ..Peer::unknown("grpc")
+                    };
+                    let conn = decide(peer, &core);
                     PeerConn {
                         io: Io::Tcp(s),
-                        peer,
+                        conn,
                     }
                 })
             });

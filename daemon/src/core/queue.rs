@@ -1,24 +1,23 @@
-//! The bounded request queue between the gRPC front-end and the inference thread:
-//! interactive requests wait ahead of background ones (FIFO within a class), a per-peer
-//! limit stops one uid from filling it, and a queued request whose client went away is
-//! removed at once.
+//! The engine thread's inbox: the bounded request queue (interactive requests wait ahead
+//! of background ones, FIFO within a class; a per-peer limit stops one uid from filling
+//! it; a queued request whose client went away is removed at once) and the control
+//! commands, which go before any waiting request.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use gemmad_proto::v1 as pb;
+use gemmad_engine::{Control, EngineState};
 use tokio::sync::mpsc::UnboundedSender;
-use tonic::Status;
 
-/// What the worker streams back for one request.
-pub type Event = Result<pb::GenerateResponse, Status>;
+use super::types::{CounterSnapshot, Event, Priority as Class, QueueSnapshot};
+use super::ServiceError;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Class {
-    Interactive,
-    Background,
+/// A control command waiting for the engine thread, with where its answer goes.
+pub struct Command {
+    pub control: Control,
+    pub reply: tokio::sync::oneshot::Sender<Result<EngineState, ServiceError>>,
 }
 
 /// A validated request, ready for the engine.
@@ -35,52 +34,24 @@ pub struct Job {
     pub admitted: Instant,
 }
 
-/// Why a request was not admitted.
-#[derive(Debug)]
-pub enum AdmitError {
-    Full {
-        waiting: usize,
-        retry_after: Duration,
-    },
-    PeerLimit {
-        limit: usize,
-        retry_after: Duration,
-    },
-    ShuttingDown,
+fn queue_full(waiting: usize, retry_after: Duration) -> ServiceError {
+    ServiceError::ResourceExhausted {
+        message: format!(
+            "the request queue is full ({waiting} waiting); retry in about {} ms",
+            retry_after.as_millis()
+        ),
+        retry_after,
+    }
 }
 
-impl AdmitError {
-    pub fn into_status(self) -> Status {
-        let (mut st, retry) = match self {
-            AdmitError::Full {
-                waiting,
-                retry_after,
-            } => (
-                Status::resource_exhausted(format!(
-                    "the request queue is full ({waiting} waiting); retry in about {} ms",
-                    retry_after.as_millis()
-                )),
-                Some(retry_after),
-            ),
-            AdmitError::PeerLimit { limit, retry_after } => (
-                Status::resource_exhausted(format!(
-                    "this user already has {limit} requests waiting or running (queue.per_peer); \
-                     retry in about {} ms",
-                    retry_after.as_millis()
-                )),
-                Some(retry_after),
-            ),
-            AdmitError::ShuttingDown => (
-                Status::unavailable("gemmad is shutting down; retry when it is back"),
-                None,
-            ),
-        };
-        if let Some(r) = retry {
-            if let Ok(v) = r.as_millis().to_string().parse() {
-                st.metadata_mut().insert("retry-after-ms", v);
-            }
-        }
-        st
+fn peer_limit(limit: usize, retry_after: Duration) -> ServiceError {
+    ServiceError::ResourceExhausted {
+        message: format!(
+            "this user already has {limit} requests waiting or running (queue.per_peer); \
+             retry in about {} ms",
+            retry_after.as_millis()
+        ),
+        retry_after,
     }
 }
 
@@ -98,6 +69,24 @@ impl Counters {
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CounterSnapshot {
+            admitted: load(&self.admitted),
+            completed: load(&self.completed),
+            cancelled: load(&self.cancelled),
+            failed: load(&self.failed),
+            rejected: load(&self.rejected),
+        }
+    }
+}
+
+/// What the engine thread is given next.
+pub enum Work {
+    Command(Command),
+    /// A request, with its run sequence number.
+    Job(Job, u64),
 }
 
 struct Running {
@@ -106,6 +95,7 @@ struct Running {
 }
 
 struct Inner {
+    commands: VecDeque<Command>,
     interactive: VecDeque<Job>,
     background: VecDeque<Job>,
     per_peer_count: HashMap<String, usize>,
@@ -140,16 +130,6 @@ impl Inner {
     }
 }
 
-/// Snapshot for Status.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct QueueSnapshot {
-    pub waiting_interactive: usize,
-    pub waiting_background: usize,
-    pub running: bool,
-    pub depth: usize,
-    pub per_peer: usize,
-}
-
 pub struct Queue {
     inner: Mutex<Inner>,
     cv: Condvar,
@@ -160,6 +140,7 @@ impl Queue {
     pub fn new(depth: usize, per_peer: usize) -> Self {
         Queue {
             inner: Mutex::new(Inner {
+                commands: VecDeque::new(),
                 interactive: VecDeque::new(),
                 background: VecDeque::new(),
                 per_peer_count: HashMap::new(),
@@ -189,28 +170,24 @@ impl Queue {
     }
 
     /// Admits `job` (assigning its id) and sends it its `Queued` event, or says why not.
-    pub fn admit(&self, mut job: Job) -> Result<u64, AdmitError> {
+    pub fn admit(&self, mut job: Job) -> Result<u64, ServiceError> {
         let mut g = self.lock();
         if !g.accepting {
-            return Err(AdmitError::ShuttingDown);
+            return Err(ServiceError::Unavailable(
+                "gemmad is shutting down; retry when it is back".into(),
+            ));
         }
         let waiting = g.waiting();
         // The queue is full when `depth` requests wait; a request that can start at once
         // (nothing running, nothing waiting) never waits, so it is always admitted.
         if waiting >= g.depth {
             Counters::bump(&self.counters.rejected);
-            return Err(AdmitError::Full {
-                waiting,
-                retry_after: g.retry_after(),
-            });
+            return Err(queue_full(waiting, g.retry_after()));
         }
         let mine = g.per_peer_count.get(&job.peer_key).copied().unwrap_or(0);
         if mine >= g.per_peer {
             Counters::bump(&self.counters.rejected);
-            return Err(AdmitError::PeerLimit {
-                limit: g.per_peer,
-                retry_after: g.retry_after(),
-            });
+            return Err(peer_limit(g.per_peer, g.retry_after()));
         }
         let id = g.next_id;
         g.next_id += 1;
@@ -220,12 +197,10 @@ impl Queue {
             Class::Interactive => g.interactive.len(),
             Class::Background => waiting,
         };
-        let _ = job.tx.send(Ok(pb::GenerateResponse {
-            event: Some(pb::generate_response::Event::Queued(pb::Queued {
-                request_id: id,
-                position: position as u32,
-            })),
-        }));
+        let _ = job.tx.send(Event::Queued {
+            request_id: id,
+            position,
+        });
         *g.per_peer_count.entry(job.peer_key.clone()).or_insert(0) += 1;
         match job.class {
             Class::Interactive => g.interactive.push_back(job),
@@ -237,11 +212,38 @@ impl Queue {
         Ok(id)
     }
 
-    /// Blocks until a job is due (returned with its run sequence number) or the queue is
-    /// stopped and empty.
-    pub fn next(&self) -> Option<(Job, u64)> {
+    /// Queues a control command for the engine thread (ahead of waiting requests).
+    pub fn command(&self, c: Command) -> Result<(), ServiceError> {
+        let mut g = self.lock();
+        if g.stopped {
+            return Err(ServiceError::shutting_down());
+        }
+        g.commands.push_back(c);
+        drop(g);
+        self.cv.notify_one();
+        Ok(())
+    }
+
+    /// The waiting commands that may be applied between two decode steps: those ahead of
+    /// the first that must wait for the request to end (order is kept).
+    pub fn take_mid_request_commands(&self) -> Vec<Command> {
+        let mut g = self.lock();
+        let n = g
+            .commands
+            .iter()
+            .take_while(|c| c.control.safe_mid_request())
+            .count();
+        g.commands.drain(..n).collect()
+    }
+
+    /// Blocks until a command or a job is due, or the queue is stopped and empty of jobs
+    /// (commands left then are answered as refused).
+    pub fn next(&self) -> Option<Work> {
         let mut g = self.lock();
         loop {
+            if let Some(c) = g.commands.pop_front() {
+                return Some(Work::Command(c));
+            }
             let job = match g.interactive.pop_front() {
                 Some(j) => Some(j),
                 None => g.background.pop_front(),
@@ -253,7 +255,7 @@ impl Queue {
                 });
                 let seq = g.run_seq;
                 g.run_seq += 1;
-                return Some((job, seq));
+                return Some(Work::Job(job, seq));
             }
             if g.stopped {
                 return None;
@@ -296,15 +298,15 @@ impl Queue {
         self.lock().accepting = false;
     }
 
-    /// Ends every waiting request with `status` and cancels the running one (its worker
-    /// ends it with the same kind of status). Returns how many were waiting.
-    pub fn cancel_all(&self, status: &Status) -> usize {
+    /// Ends every waiting request with `err` and cancels the running one (the engine
+    /// thread ends it with the same kind of error). Returns how many were waiting.
+    pub fn cancel_all(&self, err: &ServiceError) -> usize {
         let mut g = self.lock();
         let mut jobs: Vec<Job> = g.interactive.drain(..).collect();
         jobs.extend(g.background.drain(..));
         for j in &jobs {
             j.cancel.store(true, Ordering::Relaxed);
-            let _ = j.tx.send(Err(status.clone()));
+            let _ = j.tx.send(Event::Failed(err.clone()));
             g.release_peer(&j.peer_key);
             Counters::bump(&self.counters.cancelled);
         }
@@ -316,7 +318,12 @@ impl Queue {
 
     /// Lets the worker exit once the queue is empty.
     pub fn stop(&self) {
-        self.lock().stopped = true;
+        let mut g = self.lock();
+        g.stopped = true;
+        for c in g.commands.drain(..) {
+            let _ = c.reply.send(Err(ServiceError::shutting_down()));
+        }
+        drop(g);
         self.cv.notify_all();
     }
 
@@ -374,7 +381,9 @@ mod tests {
         }
         let order: Vec<u64> = (0..4)
             .map(|_| {
-                let (j, _) = q.next().unwrap();
+                let Some(Work::Job(j, _)) = q.next() else {
+                    panic!("expected a job")
+                };
                 q.finished(j.id, &j.peer_key, Duration::ZERO);
                 j.id
             })
@@ -389,13 +398,16 @@ mod tests {
         let (j1, _r1) = job("a", Class::Interactive);
         let id1 = q.admit(j1).unwrap();
         let (j2, _r2) = job("a", Class::Interactive);
-        assert!(matches!(q.admit(j2), Err(AdmitError::PeerLimit { .. })));
+        let e = q.admit(j2).unwrap_err();
+        assert!(e.to_string().contains("queue.per_peer"), "{e}");
         let (j3, _r3) = job("b", Class::Interactive);
         q.admit(j3).unwrap();
         let (j4, _r4) = job("c", Class::Interactive);
-        let st = q.admit(j4).unwrap_err().into_status();
-        assert_eq!(st.code(), tonic::Code::ResourceExhausted);
-        assert!(st.metadata().get("retry-after-ms").is_some());
+        let e = q.admit(j4).unwrap_err();
+        assert!(
+            matches!(&e, ServiceError::ResourceExhausted { retry_after, .. } if !retry_after.is_zero()),
+            "{e:?}"
+        );
         q.withdraw(id1);
         let (j5, _r5) = job("a", Class::Interactive);
         q.admit(j5).unwrap();
@@ -403,8 +415,8 @@ mod tests {
         assert_eq!(q.counters.rejected.load(Ordering::Relaxed), 2);
         q.stop_accepting();
         let (j6, _r6) = job("d", Class::Interactive);
-        assert!(matches!(q.admit(j6), Err(AdmitError::ShuttingDown)));
-        assert_eq!(q.cancel_all(&Status::unavailable("bye")), 2);
+        assert!(matches!(q.admit(j6), Err(ServiceError::Unavailable(_))));
+        assert_eq!(q.cancel_all(&ServiceError::shutting_down()), 2);
         q.stop();
         assert!(q.next().is_none());
     }

@@ -1,6 +1,6 @@
-//! Who is calling, and whether they may. Every Unix connection's peer credentials are read
-//! once, at accept, with SO_PEERCRED; the decision is attached to the connection and
-//! checked by a layer in front of every service (health and reflection included).
+//! Who may call, for every front end: the access policy (allowed uids and groups from
+//! `[access]`) and the reading of a Unix peer's credentials (SO_PEERCRED plus its
+//! supplementary groups) into a [`Peer`].
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
@@ -8,67 +8,32 @@ use std::os::fd::AsFd;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{Gid, Group};
 
-/// The credentials of a connection's peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PeerId {
-    /// A local process: SO_PEERCRED uid/gid/pid plus its supplementary groups (from
-    /// /proc/<pid>/status, best effort).
-    Local {
-        uid: u32,
-        gid: u32,
-        pid: i32,
-        groups: Vec<u32>,
-    },
-    /// A TCP peer (only when `server.tcp_listen` is set): no credentials.
-    Tcp(std::net::SocketAddr),
-    /// SO_PEERCRED failed.
-    Unknown,
-}
-
-impl PeerId {
-    /// The key of per-peer queue limits.
-    pub fn queue_key(&self) -> String {
-        match self {
-            PeerId::Local { uid, .. } => format!("uid:{uid}"),
-            PeerId::Tcp(a) => format!("tcp:{}", a.ip()),
-            PeerId::Unknown => "unknown".into(),
-        }
-    }
-}
-
-impl std::fmt::Display for PeerId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerId::Local { uid, gid, pid, .. } => write!(f, "uid={uid} gid={gid} pid={pid}"),
-            PeerId::Tcp(a) => write!(f, "tcp {a}"),
-            PeerId::Unknown => write!(f, "unknown peer"),
-        }
-    }
-}
-
-/// What the connection layer attaches to every request.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub id: PeerId,
-    pub allowed: bool,
-}
+use super::types::Peer;
 
 /// Reads SO_PEERCRED of a connected Unix socket.
-pub fn peer_of(sock: &impl AsFd) -> PeerId {
+pub fn peer_of(sock: &impl AsFd, via: &'static str) -> Peer {
     match getsockopt(sock, PeerCredentials) {
-        Ok(c) => {
-            let pid = c.pid();
-            PeerId::Local {
-                uid: c.uid(),
-                gid: c.gid(),
-                pid,
-                groups: supplementary_groups(pid),
-            }
-        }
+        Ok(c) => local_peer(c.uid(), c.gid(), Some(c.pid()), via),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read peer credentials (SO_PEERCRED)");
-            PeerId::Unknown
+            Peer::unknown(via)
         }
+    }
+}
+
+/// A local peer from its uid, primary gid and pid; the supplementary groups are read
+/// from /proc.
+pub fn local_peer(uid: u32, gid: u32, pid: Option<i32>, via: &'static str) -> Peer {
+    let mut gids = vec![gid];
+    if let Some(p) = pid {
+        gids.extend(supplementary_groups(p).into_iter().filter(|&g| g != gid));
+    }
+    Peer {
+        uid: Some(uid),
+        gids,
+        pid,
+        tcp: None,
+        via,
     }
 }
 
@@ -120,17 +85,13 @@ impl Policy {
 
     /// The decision for one peer. TCP peers are allowed (enabling TCP is the opt-in);
     /// peers whose credentials could not be read are refused.
-    pub fn allows(&self, peer: &PeerId) -> bool {
-        match peer {
-            PeerId::Local {
-                uid, gid, groups, ..
-            } => {
-                self.uids.contains(uid)
-                    || self.gids.contains(gid)
-                    || groups.iter().any(|g| self.gids.contains(g))
+    pub fn allows(&self, peer: &Peer) -> bool {
+        match (peer.uid, peer.tcp) {
+            (Some(uid), _) => {
+                self.uids.contains(&uid) || peer.gids.iter().any(|g| self.gids.contains(g))
             }
-            PeerId::Tcp(_) => true,
-            PeerId::Unknown => false,
+            (None, Some(_)) => true,
+            (None, None) => false,
         }
     }
 }
@@ -157,12 +118,15 @@ mod tests {
     use super::*;
     use crate::config::AccessSection;
 
-    fn local(uid: u32, gid: u32, groups: &[u32]) -> PeerId {
-        PeerId::Local {
-            uid,
-            gid,
-            pid: 1,
-            groups: groups.to_vec(),
+    fn local(uid: u32, gid: u32, groups: &[u32]) -> Peer {
+        let mut gids = vec![gid];
+        gids.extend_from_slice(groups);
+        Peer {
+            uid: Some(uid),
+            gids,
+            pid: Some(1),
+            tcp: None,
+            via: "test",
         }
     }
 
@@ -176,8 +140,12 @@ mod tests {
             "supplementary group"
         );
         assert!(!p.allows(&local(1000, 1000, &[4, 27])));
-        assert!(!p.allows(&PeerId::Unknown));
-        assert!(p.allows(&PeerId::Tcp("127.0.0.1:1".parse().unwrap())));
+        assert!(!p.allows(&Peer::unknown("test")));
+        let tcp = Peer {
+            tcp: Some("127.0.0.1:1".parse().unwrap()),
+            ..Peer::unknown("test")
+        };
+        assert!(p.allows(&tcp));
     }
 
     #[test]
@@ -204,12 +172,12 @@ mod tests {
     #[test]
     fn reads_real_peer_credentials() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        match peer_of(&a) {
-            PeerId::Local { uid, pid, .. } => {
-                assert_eq!(uid, nix::unistd::Uid::effective().as_raw());
-                assert_eq!(pid, std::process::id() as i32);
-            }
-            other => panic!("expected local credentials, got {other:?}"),
-        }
+        let p = peer_of(&a, "test");
+        assert_eq!(p.uid, Some(nix::unistd::Uid::effective().as_raw()));
+        assert_eq!(p.pid, Some(std::process::id() as i32));
+        assert_eq!(
+            p.gids.first(),
+            Some(&nix::unistd::Gid::effective().as_raw())
+        );
     }
 }

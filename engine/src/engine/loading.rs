@@ -1,14 +1,16 @@
-//! The engine's memory API: PLE source selection at load, the towers (conditional
-//! parameter loading), weight-group paging and the memory report.
+//! Loading the model's parts and controlling their memory: PLE source selection at
+//! load, the towers (conditional parameter loading), weight-group paging and the memory
+//! report.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use super::{ContentPart, Engine, LoadOptions, Prompt};
+use super::control::TowerState;
+use super::{Engine, LoadOptions};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::memory::{self, MemoryReport, PartMemory, TextGroups};
+use crate::memory::{self, MemoryReport, Part, PartMemory, TextGroups};
 use crate::model::TextModel;
 use crate::ple_cache::PleCache;
 use crate::quant::QuantType;
@@ -121,54 +123,55 @@ pub(crate) fn load_parts(
 }
 
 impl MemState {
-    fn load(&mut self, m: Modality) -> Result<()> {
-        if self.towers.iter().any(|t| t.modality == m) {
+    pub(crate) fn load(&mut self, m: Modality) -> Result<()> {
+        if self.is_loaded(m) {
             return Ok(());
         }
         let t = Tower::load(&self.cfg, &self.ckpt, m)?;
         self.towers.push(t);
         Ok(())
     }
-}
 
-/// The modalities a prompt needs.
-fn needed(prompt: &Prompt) -> Vec<Modality> {
-    let mut v = Vec::new();
-    if let Prompt::Chat(msgs) = prompt {
-        for p in msgs.iter().flat_map(|m| &m.content) {
-            let m = match p {
-                ContentPart::Image(_) => Modality::Vision,
-                ContentPart::Audio(_) => Modality::Audio,
-                ContentPart::Text(_) => continue,
-            };
-            if !v.contains(&m) {
-                v.push(m);
+    /// Drops the tower of `m` and its pages; returns whether it was loaded.
+    pub(crate) fn unload(&mut self, m: Modality) -> bool {
+        match self.towers.iter().position(|t| t.modality == m) {
+            Some(i) => {
+                self.towers.remove(i).unload();
+                true
             }
+            None => false,
         }
     }
-    v
+
+    fn is_loaded(&self, m: Modality) -> bool {
+        self.towers.iter().any(|t| t.modality == m)
+    }
+
+    pub(crate) fn tower_state(&self, m: Modality) -> TowerState {
+        let g = self.groups.tower(m);
+        TowerState {
+            modality: m,
+            available: m.present(&self.cfg) && g.params > 0,
+            loaded: self.is_loaded(m),
+            bytes: g.resident_bytes_inward(),
+        }
+    }
 }
 
 impl Engine {
     /// The PLE cache the engine serves per-layer inputs from, if any.
-    pub fn ple(&self) -> Option<&PleCache> {
+    pub(crate) fn ple(&self) -> Option<&PleCache> {
         self.model.embed_tokens_per_layer.cache().map(|c| &**c)
     }
 
     /// Maps, validates and pages in the tower of `m`. Loading a loaded tower is a no-op.
     pub fn load_modality(&mut self, m: Modality) -> Result<()> {
-        self.mem.load(m)
+        self.control(&super::Control::LoadTower(m))
     }
 
     /// Drops the tower of `m` and its pages; returns whether it was loaded.
     pub fn unload_modality(&mut self, m: Modality) -> bool {
-        match self.mem.towers.iter().position(|t| t.modality == m) {
-            Some(i) => {
-                self.mem.towers.remove(i).unload();
-                true
-            }
-            None => false,
-        }
+        self.mem.unload(m)
     }
 
     /// The modalities whose tower is loaded.
@@ -188,7 +191,8 @@ impl Engine {
 
     /// A mapped weight group by name: `decoder`, `embeddings`, `ple_table`, `vision`,
     /// `audio`, or `ple_cache` (the cache file's rows).
-    pub fn weight_group(&self, name: &str) -> Option<WeightGroup> {
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
+    pub(crate) fn weight_group(&self, name: &str) -> Option<WeightGroup> {
         let g = &self.mem.groups;
         Some(match name {
             "decoder" => g.decoder.clone(),
@@ -205,30 +209,6 @@ impl Engine {
             }
             _ => return None,
         })
-    }
-
-    /// Makes the request's towers available (per the policy), then refuses media: the
-    /// encoders have not landed yet.
-    pub(crate) fn check_media(&mut self, prompt: &Prompt) -> Result<()> {
-        if let Some(m) = needed(prompt).into_iter().next() {
-            let loaded = self.mem.towers.iter().any(|t| t.modality == m);
-            if !loaded {
-                match self.mem.policy {
-                    TowerPolicy::Refuse => {
-                        return Err(EngineError::ModalityUnavailable(format!(
-                            "the {m} tower is not loaded and on-demand loading is off; \
-                             load the {m} modality first"
-                        )))
-                    }
-                    TowerPolicy::OnDemand => self.mem.load(m)?,
-                }
-            }
-            return Err(EngineError::ModalityUnavailable(format!(
-                "{m} input is not available yet: the {m} tower is resident but its \
-                 encoder has not landed in this build"
-            )));
-        }
-        Ok(())
     }
 
     /// Prefetches the PLE cache rows of a prompt before prefill.
@@ -261,16 +241,31 @@ impl Engine {
                     + m.embed_tokens_per_layer.row_bytes()) as u64,
             )
         };
-        parts.push(memory::group_part(&g.decoder, dec_heap, true));
-        parts.push(memory::group_part(&g.embeddings, emb_heap, true));
-        parts.push(memory::group_part(&g.ple_table, 0, ple.is_none()));
+        parts.push(memory::group_part(
+            Part::Decoder,
+            &g.decoder,
+            dec_heap,
+            true,
+        ));
+        parts.push(memory::group_part(
+            Part::Embeddings,
+            &g.embeddings,
+            emb_heap,
+            true,
+        ));
+        parts.push(memory::group_part(
+            Part::PleTable,
+            &g.ple_table,
+            0,
+            ple.is_none(),
+        ));
         let (cache_part, hot_part) = match ple {
             Some(c) => {
                 let rows = c.rows_region();
                 let st = c.stats();
                 (
                     PartMemory {
-                        name: "ple_cache".into(),
+                        part: Part::PleCache,
                         params: (c.rows() * c.row_len()) as u64,
                         mapped_bytes: rows.len as u64,
                         resident_bytes: c.resident_bytes(),
@@ -278,30 +273,23 @@ impl Engine {
                         active: true,
                     },
                     PartMemory {
-                        name: "ple_hot".into(),
                         params: st.hot_rows * c.row_len() as u64,
                         heap_bytes: st.hot_bytes,
                         active: st.hot_capacity > 0,
-                        ..Default::default()
+                        ..PartMemory::empty(Part::PleHot)
                     },
                 )
             }
             None => (
-                PartMemory {
-                    name: "ple_cache".into(),
-                    ..Default::default()
-                },
-                PartMemory {
-                    name: "ple_hot".into(),
-                    ..Default::default()
-                },
+                PartMemory::empty(Part::PleCache),
+                PartMemory::empty(Part::PleHot),
             ),
         };
         parts.push(cache_part);
         parts.push(hot_part);
         for md in Modality::ALL {
-            let loaded = self.mem.towers.iter().any(|t| t.modality == md);
-            parts.push(memory::group_part(g.tower(md), 0, loaded));
+            let loaded = self.mem.is_loaded(md);
+            parts.push(memory::group_part(Part::Tower(md), g.tower(md), 0, loaded));
         }
         let kv_reserved: usize = self
             .cache
@@ -311,23 +299,21 @@ impl Engine {
             .map(|l| l.k.bytes() + l.v.bytes())
             .sum();
         parts.push(PartMemory {
-            name: "kv_cache".into(),
             mapped_bytes: kv_reserved as u64,
             heap_bytes: self.cache.bytes_used() as u64,
             active: true,
-            ..Default::default()
+            ..PartMemory::empty(Part::KvCache)
         });
         // The logits buffer and the activation pool kept between forward passes (the
         // per-thread product scratch is not counted: it is freed after a prefill).
         parts.push(PartMemory {
-            name: "scratch".into(),
             heap_bytes: (self.logits.capacity() * 4 + self.cache.scratch_bytes()) as u64,
             active: true,
-            ..Default::default()
+            ..PartMemory::empty(Part::Scratch)
         });
         let mut resident_params = 0u64;
         for p in &parts {
-            if p.name == "kv_cache" || p.name == "scratch" || p.name == "ple_hot" {
+            if !p.part.holds_params() {
                 continue;
             }
             if p.mapped_bytes > 0 {

@@ -1,0 +1,319 @@
+//! The transport-neutral service core. Every front end (gRPC now, D-Bus and HTTP next)
+//! converts its wire types to [`types`] at its edge and calls the same [`Core`]: one
+//! access policy, one validation, one queue, one engine thread, one set of errors.
+
+pub mod access;
+pub mod engine_thread;
+mod error;
+pub mod queue;
+pub mod types;
+pub mod validate;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use gemmad_engine::{Control, Modality, Prompter, TowerState};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+pub use error::ServiceError;
+
+use crate::config::LimitsSection;
+use access::Policy;
+use engine_thread::EngineHandle;
+use queue::Job;
+use types::{Event, GenerateParams, ModelInfo, Peer, SliceInfo, StatusSnapshot, TokenizeInput};
+
+/// The service behind every front end.
+pub struct Core {
+    engine: EngineHandle,
+    prompter: Prompter,
+    model: ModelInfo,
+    limits: RwLock<LimitsSection>,
+    policy: RwLock<Policy>,
+    started: Instant,
+}
+
+impl Core {
+    pub fn new(
+        engine: EngineHandle,
+        prompter: Prompter,
+        model: ModelInfo,
+        limits: LimitsSection,
+        policy: Policy,
+    ) -> Self {
+        Core {
+            engine,
+            prompter,
+            model,
+            limits: RwLock::new(limits),
+            policy: RwLock::new(policy),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn model(&self) -> &ModelInfo {
+        &self.model
+    }
+
+    fn limits(&self) -> LimitsSection {
+        self.limits.read().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Applies reloaded settings (SIGHUP).
+    pub fn reload(&self, limits: LimitsSection, policy: Policy) {
+        if let Ok(mut l) = self.limits.write() {
+            *l = limits;
+        }
+        if let Ok(mut p) = self.policy.write() {
+            *p = policy;
+        }
+    }
+
+    /// Whether `peer` may use the service (and the error to give it if not).
+    pub fn authorize(&self, peer: &Peer) -> Result<(), ServiceError> {
+        let allowed = self.policy.read().map(|p| p.allows(peer)).unwrap_or(false);
+        if allowed {
+            return Ok(());
+        }
+        Err(match peer.uid {
+            Some(_) => ServiceError::PermissionDenied(format!(
+                "{peer} may not use gemmad: ask the administrator to add this user or one of \
+                 its groups to [access] in /etc/gemmad/gemmad.toml (or to the socket's group)"
+            )),
+            None => ServiceError::PermissionDenied("unidentified connection".into()),
+        })
+    }
+
+    /// Checks `params`, prepares its prompt and queues it. Blocking (tokenization):
+    /// async front ends call it from a blocking task. `received` is when the front end
+    /// got the request (time to first token counts from there).
+    pub fn generate(
+        &self,
+        peer: &Peer,
+        params: GenerateParams,
+        received: Instant,
+    ) -> Result<Submission, ServiceError> {
+        tracing::debug!(op = "generate", via = peer.via, peer = %peer, "core call");
+        let prepared =
+            validate::prepare(params, &self.prompter, &self.limits()).inspect_err(|e| {
+                tracing::info!(peer = %peer, kind = e.kind(), error = %e, "request refused");
+            })?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut request = prepared.request;
+        request.cancel = Some(cancel.clone());
+        let peer_key = peer.queue_key();
+        let job = Job {
+            id: 0,
+            peer_key: peer_key.clone(),
+            class: prepared.class,
+            request,
+            cancel: cancel.clone(),
+            tx,
+            received,
+            admitted: received,
+        };
+        let id = self.engine.submit(job).inspect_err(|e| {
+            tracing::info!(peer = %peer_key, error = %e, "request not admitted");
+        })?;
+        tracing::debug!(request_id = id, peer = %peer_key, "request queued");
+        Ok(Submission {
+            rx,
+            engine: self.engine.clone(),
+            cancel,
+            id,
+            done: false,
+        })
+    }
+
+    /// Token ids of text, or of a conversation as Generate would run it. Blocking.
+    pub fn tokenize(&self, peer: &Peer, input: TokenizeInput) -> Result<Vec<u32>, ServiceError> {
+        tracing::debug!(op = "tokenize", via = peer.via, peer = %peer, "core call");
+        self.need_tokenizer()?;
+        let limits = self.limits();
+        match input {
+            TokenizeInput::Text { text, add_special } => {
+                if text.len() > limits.max_prompt_bytes {
+                    return Err(ServiceError::invalid(format!(
+                        "the text is {} bytes; the limit is {} (limits.max_prompt_bytes)",
+                        text.len(),
+                        limits.max_prompt_bytes
+                    )));
+                }
+                Ok(self.prompter.tokenize(&text, add_special)?)
+            }
+            TokenizeInput::Conversation(msgs) => {
+                let chat = validate::messages(&msgs, &limits)?;
+                let text = self.prompter.render_chat(&chat, true)?;
+                // The template emits <bos>. A conversation longer than the context still
+                // tokenizes: the caller asked how long it is.
+                Ok(self.prompter.tokenize(&text, false)?)
+            }
+        }
+    }
+
+    /// Text of `ids`. Blocking.
+    pub fn detokenize(
+        &self,
+        peer: &Peer,
+        ids: &[u32],
+        keep_special: bool,
+    ) -> Result<String, ServiceError> {
+        tracing::debug!(op = "detokenize", via = peer.via, peer = %peer, "core call");
+        self.need_tokenizer()?;
+        let max = self.context_tokens().max(self.limits().max_tokens) * 4;
+        if ids.len() > max {
+            return Err(ServiceError::invalid(format!(
+                "{} ids is too many (at most {max})",
+                ids.len()
+            )));
+        }
+        Ok(self.prompter.detokenize(ids, !keep_special)?)
+    }
+
+    fn need_tokenizer(&self) -> Result<(), ServiceError> {
+        if self.prompter.has_tokenizer() {
+            Ok(())
+        } else {
+            Err(ServiceError::FailedPrecondition(
+                "the model has no tokenizer.json: text is not available".into(),
+            ))
+        }
+    }
+
+    pub fn context_tokens(&self) -> usize {
+        self.prompter.max_context()
+    }
+
+    pub fn status(&self, peer: &Peer) -> StatusSnapshot {
+        tracing::debug!(op = "status", via = peer.via, peer = %peer, "core call");
+        let stats = self.engine.stats();
+        let engine = stats.state();
+        let mut memory = vec![
+            ("process_rss".to_string(), process_rss()),
+            ("kv_cache".to_string(), stats.kv_cache_bytes()),
+        ];
+        // The engine's report by part (decoder, embeddings, PLE, towers, ...), as of its
+        // last command or request.
+        memory.extend(
+            stats
+                .memory_parts()
+                .into_iter()
+                .filter(|(p, _)| p != "kv_cache"),
+        );
+        let queue = self.engine.queue();
+        StatusSnapshot {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: self.started.elapsed(),
+            model: self.model.clone(),
+            active_slice: engine.slice.clone(),
+            engine,
+            memory,
+            queue: queue.snapshot(),
+            requests: queue.counters.snapshot(),
+        }
+    }
+
+    pub fn list_slices(&self, peer: &Peer) -> Vec<SliceInfo> {
+        tracing::debug!(op = "list_slices", via = peer.via, peer = %peer, "core call");
+        let st = self.engine.stats().state();
+        vec![SliceInfo {
+            name: st.slice.clone(),
+            active: true,
+            layers: self.model.layers,
+            ffn_widths: self.model.ffn_widths.clone(),
+            params: st.slice_params,
+        }]
+    }
+
+    /// Loads (`load`) or unloads a tower through the engine thread; returns its state
+    /// afterwards.
+    pub async fn set_modality(
+        &self,
+        peer: &Peer,
+        m: Modality,
+        load: bool,
+    ) -> Result<TowerState, ServiceError> {
+        let op = if load {
+            "load_modality"
+        } else {
+            "unload_modality"
+        };
+        tracing::debug!(op, via = peer.via, peer = %peer, modality = %m, "core call");
+        let c = if load {
+            Control::LoadTower(m)
+        } else {
+            Control::UnloadTower(m)
+        };
+        let st = self.engine.control(c).await?;
+        st.towers
+            .into_iter()
+            .find(|t| t.modality == m)
+            .ok_or_else(|| ServiceError::Internal(format!("the engine reports no {m} tower")))
+    }
+}
+
+/// The events of one queued request. Dropping it before the last event (the client went
+/// away) cancels the request.
+pub struct Submission {
+    rx: UnboundedReceiver<Event>,
+    engine: EngineHandle,
+    cancel: Arc<AtomicBool>,
+    id: u64,
+    done: bool,
+}
+
+impl Submission {
+    /// The next event, or `None` after the last.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(e)) => {
+                if matches!(e, Event::Finished(_) | Event::Failed(_)) {
+                    self.done = true;
+                }
+                Poll::Ready(Some(e))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// An event that is already waiting, without blocking.
+    pub fn try_event(&mut self) -> Option<Event> {
+        let e = self.rx.try_recv().ok()?;
+        if matches!(e, Event::Finished(_) | Event::Failed(_)) {
+            self.done = true;
+        }
+        Some(e)
+    }
+}
+
+impl Drop for Submission {
+    fn drop(&mut self) {
+        if !self.done {
+            self.engine.cancel(self.id, &self.cancel);
+            tracing::debug!(request_id = self.id, "client went away; request cancelled");
+        }
+    }
+}
+
+/// Resident set size of this process, from /proc/self/statm.
+fn process_rss() -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * page)
+}

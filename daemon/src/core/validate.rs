@@ -1,0 +1,335 @@
+//! Every check a request gets before it is queued, once, for every front end: limits,
+//! sampling, message shapes and media formats; then the engine's prompt pipeline turns
+//! the messages into the ids the engine thread will run. Each refusal says what to
+//! change.
+
+use gemmad_engine::{
+    ChatMessage, ContentPart, GenerateRequest, Prompt, Prompter, SamplingParams, FULL_SLICE,
+};
+
+use super::types::{AudioFormat, GenerateParams, Message, Part, Priority, Sampling};
+use super::ServiceError;
+use crate::config::LimitsSection;
+
+/// A request ready for the queue.
+pub struct Prepared {
+    pub request: GenerateRequest,
+    pub class: Priority,
+}
+
+fn bad(msg: impl Into<String>) -> ServiceError {
+    ServiceError::invalid(msg)
+}
+
+const ROLES: [&str; 4] = ["system", "user", "assistant", "model"];
+
+/// Checks sizes and formats of `messages` and returns them as engine chat messages.
+pub fn messages(
+    messages: &[Message],
+    limits: &LimitsSection,
+) -> Result<Vec<ChatMessage>, ServiceError> {
+    if messages.is_empty() {
+        return Err(bad("messages is empty: send at least one message"));
+    }
+    if messages.len() > limits.max_messages {
+        return Err(bad(format!(
+            "{} messages is too many (limits.max_messages = {})",
+            messages.len(),
+            limits.max_messages
+        )));
+    }
+    let mut text_bytes = 0usize;
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(bad(format!(
+                "messages[{i}].role {:?} is not one of system, user, assistant, model",
+                m.role
+            )));
+        }
+        if m.parts.is_empty() {
+            return Err(bad(format!("messages[{i}] has no parts")));
+        }
+        let mut content = Vec::with_capacity(m.parts.len());
+        for (j, p) in m.parts.iter().enumerate() {
+            let at = format!("messages[{i}].parts[{j}]");
+            content.push(match p {
+                Part::Text(t) => {
+                    text_bytes += t.len();
+                    ContentPart::Text(t.clone())
+                }
+                Part::Image { data, mime_type } => {
+                    check_image(data, mime_type, limits)
+                        .map_err(|e| bad(format!("{at}.image: {e}")))?;
+                    ContentPart::Image(data.clone())
+                }
+                Part::Audio {
+                    data,
+                    format,
+                    sample_rate_hz,
+                    channels,
+                } => {
+                    check_audio(data, *format, *sample_rate_hz, *channels, limits)
+                        .map_err(|e| bad(format!("{at}.audio: {e}")))?;
+                    ContentPart::Audio(data.clone())
+                }
+            });
+        }
+        out.push(ChatMessage {
+            role: m.role.clone(),
+            content,
+        });
+    }
+    if text_bytes > limits.max_prompt_bytes {
+        return Err(bad(format!(
+            "the messages hold {text_bytes} bytes of text; the limit is {} (limits.max_prompt_bytes)",
+            limits.max_prompt_bytes
+        )));
+    }
+    Ok(out)
+}
+
+fn check_image(d: &[u8], mime_type: &str, limits: &LimitsSection) -> Result<(), String> {
+    if d.is_empty() {
+        return Err("data is empty".into());
+    }
+    if d.len() > limits.max_image_bytes {
+        return Err(format!(
+            "{} bytes is over the limit of {} (limits.max_image_bytes)",
+            d.len(),
+            limits.max_image_bytes
+        ));
+    }
+    let kind = if d.starts_with(b"\x89PNG\r\n\x1a\n") {
+        "image/png"
+    } else if d.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        "image/jpeg"
+    } else {
+        return Err("the bytes are neither PNG nor JPEG".into());
+    };
+    if !mime_type.is_empty() && mime_type != kind {
+        return Err(format!(
+            "mime_type {mime_type:?} does not match the bytes, which are {kind}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_audio(
+    d: &[u8],
+    format: AudioFormat,
+    sample_rate_hz: u32,
+    channels: u32,
+    limits: &LimitsSection,
+) -> Result<(), String> {
+    if d.is_empty() {
+        return Err("data is empty".into());
+    }
+    if d.len() > limits.max_audio_bytes {
+        return Err(format!(
+            "{} bytes is over the limit of {} (limits.max_audio_bytes)",
+            d.len(),
+            limits.max_audio_bytes
+        ));
+    }
+    let is_wav = d.len() >= 12 && &d[0..4] == b"RIFF" && &d[8..12] == b"WAVE";
+    let sample_bytes = match format {
+        AudioFormat::Wav => {
+            return if is_wav {
+                Ok(())
+            } else {
+                Err("the bytes are not a WAV file (no RIFF/WAVE header); for raw samples set format to a PCM format".into())
+            };
+        }
+        AudioFormat::PcmS16le => 2,
+        AudioFormat::PcmF32le => 4,
+    };
+    if !(8_000..=48_000).contains(&sample_rate_hz) {
+        return Err(format!(
+            "sample_rate_hz {sample_rate_hz} must be in 8000..=48000 for raw PCM"
+        ));
+    }
+    if !(1..=2).contains(&channels) {
+        return Err(format!("channels {channels} must be 1 or 2 for raw PCM"));
+    }
+    if !d.len().is_multiple_of(sample_bytes * channels as usize) {
+        return Err("the PCM data length is not a whole number of frames".into());
+    }
+    Ok(())
+}
+
+pub fn sampling(s: &Sampling) -> Result<SamplingParams, ServiceError> {
+    let mut p = SamplingParams::default();
+    if let Some(v) = s.temperature {
+        p.temperature = v;
+    }
+    if let Some(v) = s.top_k {
+        p.top_k = v as usize;
+    }
+    if let Some(v) = s.top_p {
+        p.top_p = v;
+    }
+    if let Some(v) = s.min_p {
+        p.min_p = v;
+    }
+    if let Some(v) = s.repetition_penalty {
+        p.repetition_penalty = v;
+    }
+    p.seed = s.seed;
+    p.validate().map_err(|e| {
+        bad(format!(
+            "sampling: {}",
+            e.to_string().trim_start_matches("invalid request: ")
+        ))
+    })?;
+    Ok(p)
+}
+
+/// Validates `r` and prepares its prompt with the engine's pipeline.
+pub fn prepare(
+    r: GenerateParams,
+    prompter: &Prompter,
+    limits: &LimitsSection,
+) -> Result<Prepared, ServiceError> {
+    let sampling = sampling(&r.sampling)?;
+    let max_tokens = match r.max_tokens as usize {
+        0 => limits.default_max_tokens,
+        n if n > limits.max_tokens => {
+            return Err(bad(format!(
+                "max_tokens {n} is over the limit of {} (limits.max_tokens)",
+                limits.max_tokens
+            )))
+        }
+        n => n,
+    };
+    if r.stop.len() > limits.max_stop_strings {
+        return Err(bad(format!(
+            "{} stop strings is too many (limits.max_stop_strings = {})",
+            r.stop.len(),
+            limits.max_stop_strings
+        )));
+    }
+    for (i, s) in r.stop.iter().enumerate() {
+        if s.is_empty() {
+            return Err(bad(format!("stop[{i}] is empty")));
+        }
+        if s.len() > limits.max_stop_bytes {
+            return Err(bad(format!(
+                "stop[{i}] is {} bytes; the limit is {} (limits.max_stop_bytes)",
+                s.len(),
+                limits.max_stop_bytes
+            )));
+        }
+    }
+    match r.size.as_str() {
+        "" | "auto" | FULL_SLICE => {}
+        other => {
+            return Err(bad(format!(
+                "size {other:?} is not a slice of this model; use \"auto\" or one of: {FULL_SLICE}"
+            )))
+        }
+    }
+    let chat = messages(&r.messages, limits)?;
+    if !prompter.has_tokenizer() {
+        return Err(ServiceError::FailedPrecondition(
+            "the model has no tokenizer.json: text prompts are not available".into(),
+        ));
+    }
+    let prompt = prompter.prepare(&Prompt::Chat(chat))?;
+    let mut request = GenerateRequest::new(Prompt::Prepared(prompt));
+    request.sampling = sampling;
+    request.max_tokens = max_tokens;
+    request.stop = r.stop;
+    request.ignore_eos = r.ignore_eos;
+    Ok(Prepared {
+        request,
+        class: r.priority,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_msg(role: &str, t: &str) -> Message {
+        Message {
+            role: role.into(),
+            parts: vec![Part::Text(t.into())],
+        }
+    }
+
+    fn media_msg(p: Part) -> Message {
+        Message {
+            role: "user".into(),
+            parts: vec![p],
+        }
+    }
+
+    fn invalid(r: Result<Vec<ChatMessage>, ServiceError>) -> bool {
+        matches!(r, Err(ServiceError::InvalidArgument(_)))
+    }
+
+    #[test]
+    fn checks_messages_and_media() {
+        let l = LimitsSection::default();
+        assert!(messages(&[text_msg("user", "hi")], &l).is_ok());
+        for bad_msgs in [
+            vec![],
+            vec![text_msg("robot", "hi")],
+            vec![Message {
+                role: "user".into(),
+                parts: vec![],
+            }],
+        ] {
+            assert!(invalid(messages(&bad_msgs, &l)));
+        }
+        // Well-formed media pass this check (the engine's pipeline decides whether it
+        // can run them).
+        let png = media_msg(Part::Image {
+            data: b"\x89PNG\r\n\x1a\nrest".to_vec(),
+            mime_type: String::new(),
+        });
+        assert!(matches!(
+            messages(&[png], &l).unwrap()[0].content[0],
+            ContentPart::Image(_)
+        ));
+        let gif = media_msg(Part::Image {
+            data: b"GIF89a".to_vec(),
+            mime_type: String::new(),
+        });
+        assert!(invalid(messages(&[gif], &l)));
+        let small = LimitsSection {
+            max_image_bytes: 4,
+            ..LimitsSection::default()
+        };
+        let big = media_msg(Part::Image {
+            data: vec![0xFF, 0xD8, 0xFF, 0, 0],
+            mime_type: String::new(),
+        });
+        let e = messages(&[big], &small).unwrap_err();
+        assert!(e.to_string().contains("max_image_bytes"), "{e:?}");
+        let pcm = |len, rate| {
+            media_msg(Part::Audio {
+                data: vec![0; len],
+                format: AudioFormat::PcmS16le,
+                sample_rate_hz: rate,
+                channels: 1,
+            })
+        };
+        assert!(invalid(messages(&[pcm(3, 16000)], &l)));
+        assert!(invalid(messages(&[pcm(4, 100)], &l)));
+        assert!(messages(&[pcm(4, 16000)], &l).is_ok());
+    }
+
+    #[test]
+    fn checks_sampling() {
+        assert!(sampling(&Sampling::default()).is_ok());
+        let s = Sampling {
+            top_p: Some(1.5),
+            ..Default::default()
+        };
+        let e = sampling(&s).unwrap_err();
+        assert!(matches!(e, ServiceError::InvalidArgument(_)));
+        assert!(e.to_string().contains("top_p"), "{e:?}");
+    }
+}

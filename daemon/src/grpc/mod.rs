@@ -1,0 +1,253 @@
+//! The gRPC front end: `gemmad.v1.Gemmad` over the service core, plus the access check
+//! that sits in front of every service (health and reflection included). It converts at
+//! the edge ([`convert`]) and decides nothing the core decides.
+
+pub mod convert;
+pub mod listen;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use gemmad_proto::v1 as pb;
+use pb::gemmad_server::Gemmad;
+use pb::generate_response::Event as Ev;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::core::types::{Event, Peer, TokenizeInput};
+use crate::core::{Core, Submission};
+use listen::Connection;
+
+/// The interceptor in front of every service: refuses connections the access policy
+/// did not allow (decided and logged once per connection at accept).
+#[allow(clippy::result_large_err)]
+pub fn check_access(req: Request<()>) -> Result<Request<()>, Status> {
+    match req.extensions().get::<Connection>() {
+        Some(Connection { access: Ok(()), .. }) => Ok(req),
+        Some(Connection { access: Err(e), .. }) => Err(convert::status(e.clone())),
+        None => Err(Status::permission_denied("unidentified connection")),
+    }
+}
+
+pub struct GemmadService {
+    pub core: Arc<Core>,
+}
+
+fn peer(req: &Request<impl Sized>) -> Peer {
+    req.extensions()
+        .get::<Connection>()
+        .map(|c| c.peer.clone())
+        .unwrap_or_else(|| Peer::unknown("grpc"))
+}
+
+/// The response stream of one Generate call. Consecutive deltas that are already waiting
+/// are sent as one message (a slow reader gets fewer, larger messages). Dropping it (the
+/// client cancelled or disconnected) cancels the request.
+pub struct EventStream {
+    sub: Submission,
+    pending: Option<Event>,
+}
+
+impl Stream for EventStream {
+    type Item = Result<pb::GenerateResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let first = match this.pending.take() {
+            Some(e) => e,
+            None => match this.sub.poll_event(cx) {
+                Poll::Ready(Some(e)) => e,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        let Event::Delta { mut text, mut ids } = first else {
+            return Poll::Ready(Some(convert::event(first)));
+        };
+        while let Some(next) = this.sub.try_event() {
+            match next {
+                Event::Delta { text: t, ids: i } => {
+                    text.push_str(&t);
+                    ids.extend(i);
+                }
+                other => {
+                    this.pending = Some(other);
+                    break;
+                }
+            }
+        }
+        Poll::Ready(Some(Ok(pb::GenerateResponse {
+            event: Some(Ev::Delta(pb::Delta {
+                text,
+                token_ids: ids,
+            })),
+        })))
+    }
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("request handler failed: {e}"))
+}
+
+#[tonic::async_trait]
+impl Gemmad for GemmadService {
+    type GenerateStream = EventStream;
+
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let received = Instant::now();
+        let peer = peer(&req);
+        let params = convert::generate(req.into_inner())?;
+        let core = self.core.clone();
+        let sub = tokio::task::spawn_blocking(move || core.generate(&peer, params, received))
+            .await
+            .map_err(blocking_err)?
+            .map_err(convert::status)?;
+        Ok(Response::new(EventStream { sub, pending: None }))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let peer = peer(&req);
+        let r = req.into_inner();
+        let input = match r.input {
+            None => return Err(Status::invalid_argument("set text or conversation")),
+            Some(pb::tokenize_request::Input::Text(text)) => TokenizeInput::Text {
+                text,
+                add_special: r.add_special_tokens,
+            },
+            Some(pb::tokenize_request::Input::Conversation(c)) => {
+                TokenizeInput::Conversation(convert::messages(c.messages)?)
+            }
+        };
+        let core = self.core.clone();
+        let ids = tokio::task::spawn_blocking(move || core.tokenize(&peer, input))
+            .await
+            .map_err(blocking_err)?
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::TokenizeResponse {
+            ids,
+            context_tokens: self.core.context_tokens() as u32,
+        }))
+    }
+
+    async fn detokenize(
+        &self,
+        req: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let peer = peer(&req);
+        let r = req.into_inner();
+        let core = self.core.clone();
+        let text = tokio::task::spawn_blocking(move || {
+            core.detokenize(&peer, &r.ids, r.keep_special_tokens)
+        })
+        .await
+        .map_err(blocking_err)?
+        .map_err(convert::status)?;
+        Ok(Response::new(pb::DetokenizeResponse { text }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = self.core.status(&peer(&req));
+        let (q, c, m) = (&s.queue, &s.requests, &s.model);
+        Ok(Response::new(pb::StatusResponse {
+            version: s.version.into(),
+            uptime_s: s.uptime.as_secs_f64(),
+            model: Some(pb::ModelInfo {
+                dir: m.dir.display().to_string(),
+                model_type: m.model_type.clone(),
+                layers: m.layers as u32,
+                hidden_size: m.hidden_size as u32,
+                vocab_size: m.vocab_size as u32,
+                context_tokens: s.engine.max_context as u32,
+                quant: s.engine.quant.to_string(),
+                kernels: s.engine.kernels.to_string(),
+                threads: s.engine.threads as u32,
+            }),
+            active_slice: s.active_slice.clone(),
+            towers: s.engine.towers.iter().map(convert::tower).collect(),
+            memory: s
+                .memory
+                .iter()
+                .map(|(part, bytes)| pb::MemoryPart {
+                    part: part.clone(),
+                    bytes: *bytes,
+                })
+                .collect(),
+            queue: Some(pb::QueueInfo {
+                waiting: (q.waiting_interactive + q.waiting_background) as u32,
+                waiting_interactive: q.waiting_interactive as u32,
+                waiting_background: q.waiting_background as u32,
+                running: q.running,
+                depth: q.depth as u32,
+                per_peer: q.per_peer as u32,
+            }),
+            requests: Some(pb::RequestCounters {
+                admitted: c.admitted,
+                completed: c.completed,
+                cancelled: c.cancelled,
+                failed: c.failed,
+                rejected: c.rejected,
+            }),
+            governor: None,
+        }))
+    }
+
+    async fn list_slices(
+        &self,
+        req: Request<pb::ListSlicesRequest>,
+    ) -> Result<Response<pb::ListSlicesResponse>, Status> {
+        let slices = self.core.list_slices(&peer(&req));
+        Ok(Response::new(pb::ListSlicesResponse {
+            slices: slices
+                .into_iter()
+                .map(|s| pb::Slice {
+                    name: s.name,
+                    active: s.active,
+                    layers: s.layers as u32,
+                    ffn_widths: s.ffn_widths.iter().map(|&w| w as u32).collect(),
+                    params: s.params,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn load_modality(
+        &self,
+        req: Request<pb::ModalityRequest>,
+    ) -> Result<Response<pb::ModalityResponse>, Status> {
+        let m = convert::modality(req.get_ref().modality)?;
+        let t = self
+            .core
+            .set_modality(&peer(&req), m, true)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::ModalityResponse {
+            tower: Some(convert::tower(&t)),
+        }))
+    }
+
+    async fn unload_modality(
+        &self,
+        req: Request<pb::ModalityRequest>,
+    ) -> Result<Response<pb::ModalityResponse>, Status> {
+        let m = convert::modality(req.get_ref().modality)?;
+        let t = self
+            .core
+            .set_modality(&peer(&req), m, false)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::ModalityResponse {
+            tower: Some(convert::tower(&t)),
+        }))
+    }
+}

@@ -1,0 +1,158 @@
+//! Typed control of a loaded engine: the commands an owner (admin requests, the
+//! governor) may send, when each may be applied, and the state the engine reports back.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+
+use super::{check_context, new_pool, Engine};
+use crate::error::{EngineError, Result};
+use crate::quant::QuantType;
+use crate::towers::Modality;
+
+/// The name of the model as loaded, while there is no MatFormer slicing.
+pub const FULL_SLICE: &str = "full";
+
+/// A change to the running engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Map, validate and page in a tower (between requests: it reads hundreds of MB).
+    LoadTower(Modality),
+    /// Drop a tower and its pages.
+    UnloadTower(Modality),
+    /// Drop the PLE cache file's pages and its hot rows (they come back on demand).
+    ReleasePlePages,
+    /// Bytes of the in-RAM hot-row cache in front of the PLE cache file (0 disables it).
+    SetPleHotBytes(usize),
+    /// Context length in tokens, at most the model's (between requests: the KV cache is
+    /// reallocated).
+    LimitContext(usize),
+    /// Compute threads of the forward pass (between requests).
+    LimitThreads(usize),
+}
+
+impl Control {
+    /// Whether the command may be applied between two decode steps of a generation;
+    /// the others wait until it ends.
+    pub fn safe_mid_request(&self) -> bool {
+        matches!(
+            self,
+            Control::UnloadTower(_) | Control::ReleasePlePages | Control::SetPleHotBytes(_)
+        )
+    }
+}
+
+impl fmt::Display for Control {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Control::LoadTower(m) => write!(f, "load the {m} tower"),
+            Control::UnloadTower(m) => write!(f, "unload the {m} tower"),
+            Control::ReleasePlePages => f.write_str("release the PLE cache pages"),
+            Control::SetPleHotBytes(b) => write!(f, "set the PLE hot-row budget to {b} bytes"),
+            Control::LimitContext(n) => write!(f, "limit the context to {n} tokens"),
+            Control::LimitThreads(n) => write!(f, "limit compute threads to {n}"),
+        }
+    }
+}
+
+/// A tower as the engine sees it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TowerState {
+    pub modality: Modality,
+    /// The checkpoint has the tower's weights.
+    pub available: bool,
+    pub loaded: bool,
+    /// Bytes of the tower's weights in RAM now.
+    pub bytes: u64,
+}
+
+/// What can change while the engine serves, as it is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineState {
+    pub towers: Vec<TowerState>,
+    pub max_context: usize,
+    pub threads: usize,
+    pub quant: QuantType,
+    /// The product kernels in use (`avx512-vnni`, `avx2`, `neon-dotprod`, ...).
+    pub kernels: &'static str,
+    /// The PLE hot-row budget in bytes, when per-layer inputs come from the cache file.
+    pub ple_hot_bytes: Option<usize>,
+    /// A generation is in flight (between its start and its last step).
+    pub generating: bool,
+    /// The active model size: `full` (the checkpoint as loaded) until MatFormer slicing
+    /// lands.
+    pub slice: String,
+    /// Parameters of the active text model (decoder and embeddings; not the per-layer
+    /// table or the towers).
+    pub slice_params: u64,
+}
+
+impl Engine {
+    /// Applies `c`. Commands that are not [`Control::safe_mid_request`] are refused while
+    /// a generation is in flight.
+    pub fn control(&mut self, c: &Control) -> Result<()> {
+        if self.active.is_some() && !c.safe_mid_request() {
+            return Err(EngineError::InvalidRequest(format!(
+                "cannot {c} while a generation runs; it applies between requests"
+            )));
+        }
+        match *c {
+            Control::LoadTower(m) => self.mem.load(m)?,
+            Control::UnloadTower(m) => {
+                self.mem.unload(m);
+            }
+            Control::ReleasePlePages => {
+                if let Some(p) = self.ple() {
+                    p.release();
+                }
+            }
+            Control::SetPleHotBytes(b) => match self.ple() {
+                Some(p) => p.set_hot_capacity(b),
+                None => {
+                    return Err(EngineError::InvalidRequest(
+                        "there is no PLE hot-row cache: per-layer inputs come from the \
+                         checkpoint's table (set a cache directory to use the PLE cache)"
+                            .into(),
+                    ))
+                }
+            },
+            Control::LimitContext(n) => {
+                let n = check_context(&self.cfg, Some(n))?;
+                if n != self.cache.max_len() {
+                    self.cache = self.model.new_cache(n);
+                    self.max_context.store(n, Ordering::Relaxed);
+                }
+            }
+            Control::LimitThreads(n) => {
+                if n == 0 {
+                    return Err(EngineError::InvalidRequest(
+                        "threads must be at least 1".into(),
+                    ));
+                }
+                if n != self.threads {
+                    self.pool = new_pool(n)?;
+                    self.threads = n;
+                }
+            }
+        }
+        tracing::info!(command = %c, "engine control applied");
+        Ok(())
+    }
+
+    /// The engine's state now (cheap: tower bytes are counted from page residency).
+    pub fn state(&self) -> EngineState {
+        EngineState {
+            towers: Modality::ALL
+                .iter()
+                .map(|&m| self.mem.tower_state(m))
+                .collect(),
+            max_context: self.cache.max_len(),
+            threads: self.threads,
+            quant: self.mem.quant,
+            kernels: crate::quant::kernels_in_use(),
+            ple_hot_bytes: self.ple().map(|p| p.stats().hot_capacity as usize),
+            generating: self.active.is_some(),
+            slice: FULL_SLICE.into(),
+            slice_params: self.mem.groups.decoder.params + self.mem.groups.embeddings.params,
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Generation one step at a time: [`Engine::start`] prefills, each [`Engine::step`]
+//! decodes one token. Between two steps the engine belongs to its owner again, which is
+//! where control commands that are safe mid-request are applied (page release, tower
+//! unload, the PLE hot-row budget) and where cancellation is seen.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::text_stream::TextStream;
+use super::{Engine, FinishReason, GenerateOutput, GenerateRequest, Timings, Usage};
+use crate::error::{EngineError, Result};
+use crate::model::LogitsFor;
+use crate::sampling::Sampler;
+
+/// Prompts at least this long free their prefill buffers before decoding.
+const RELEASE_AFTER_PREFILL: usize = 64;
+
+/// The state of one generation between steps. It does not borrow the engine.
+pub struct Generation {
+    number: u64,
+    max_tokens: usize,
+    ignore_eos: bool,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    sampler: Sampler,
+    stream: TextStream,
+    history: Vec<u32>,
+    out_ids: Vec<u32>,
+    text: String,
+    usage: Usage,
+    timings: Timings,
+    t0: Instant,
+    decode_start: Option<Instant>,
+    /// The last token, still to be run through the model before the next sample.
+    pending: Option<u32>,
+    /// Set once the generation has decided to end.
+    finish: Option<FinishReason>,
+    done: bool,
+}
+
+impl Generation {
+    /// Ends the generation at the next step (which returns [`Step::Done`]).
+    pub fn cancel(&mut self) {
+        if self.finish.is_none() {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn completion_tokens(&self) -> usize {
+        self.usage.completion_tokens
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// What one step produced.
+#[derive(Debug)]
+pub enum Step {
+    /// A new token and the text it releases (may be empty while a multi-byte character
+    /// or a possible stop string is pending).
+    Token { id: u32, text: String },
+    /// The generation is over; `tail` is text held back until the end (for a possible
+    /// stop string) that the caller still has to deliver.
+    Done {
+        output: GenerateOutput,
+        tail: String,
+    },
+}
+
+impl Engine {
+    /// Checks `req`, prefills its prompt and returns the generation, ready for
+    /// [`Engine::step`]. Starting a generation ends any other one.
+    pub fn start(&mut self, req: &GenerateRequest) -> Result<Generation> {
+        let t0 = Instant::now();
+        req.sampling.validate()?;
+        if req.max_tokens == 0 {
+            return Err(EngineError::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if req.stop.iter().any(String::is_empty) {
+            return Err(EngineError::InvalidRequest(
+                "stop strings must not be empty".into(),
+            ));
+        }
+        let prompt = self.prompter().prepare(&req.prompt)?.ids().to_vec();
+        self.prefetch_prompt(&prompt);
+        self.active = None;
+        self.next_generation += 1;
+        let mut g = Generation {
+            number: self.next_generation,
+            max_tokens: req.max_tokens,
+            ignore_eos: req.ignore_eos,
+            cancel: req.cancel.clone(),
+            sampler: Sampler::new(req.sampling.clone()),
+            stream: TextStream::new(self.tokenizer.clone(), req.stop.clone()),
+            history: prompt.clone(),
+            out_ids: Vec::new(),
+            text: String::new(),
+            usage: Usage {
+                prompt_tokens: prompt.len(),
+                completion_tokens: 0,
+            },
+            timings: Timings::default(),
+            t0,
+            decode_start: None,
+            pending: None,
+            finish: None,
+            done: false,
+        };
+        if g.cancelled() {
+            g.finish = Some(FinishReason::Cancelled);
+            self.active = Some(g.number);
+            return Ok(g);
+        }
+
+        self.cache.clear();
+        let (model, cache, pool) = (&self.model, &mut self.cache, &self.pool);
+        let tp = Instant::now();
+        let logits = &mut self.logits;
+        let chunk = self.prefill_chunk;
+        crate::par::install(pool, || -> Result<()> {
+            let n = prompt.len().div_ceil(chunk);
+            for (i, c) in prompt.chunks(chunk).enumerate() {
+                let want = if i + 1 == n {
+                    LogitsFor::Last
+                } else {
+                    LogitsFor::None
+                };
+                model.forward_into(c, cache, want, logits)?;
+            }
+            Ok(())
+        })?;
+        g.timings.prefill = tp.elapsed();
+        g.timings.prefill_tokens_per_s =
+            prompt.len() as f64 / g.timings.prefill.as_secs_f64().max(1e-9);
+        if prompt.len() >= RELEASE_AFTER_PREFILL {
+            // A long prefill leaves chunk-sized activation and pending-K/V buffers (~180
+            // MiB for a 512-token chunk of E2B) that decode never uses; give them back
+            // rather than hold them for the life of the service. Decode re-warms small
+            // ones.
+            cache.release_scratch();
+            crate::weights::release_thread_scratch();
+            crate::residency::trim_heap();
+        }
+        self.active = Some(g.number);
+        Ok(g)
+    }
+
+    /// Decodes one token of `g` (or ends it).
+    pub fn step(&mut self, g: &mut Generation) -> Result<Step> {
+        if g.done {
+            return Err(EngineError::InvalidRequest(
+                "this generation has already finished".into(),
+            ));
+        }
+        if self.active != Some(g.number) {
+            g.done = true;
+            return Err(EngineError::InvalidRequest(
+                "this generation was ended by another one (the engine runs one at a time)".into(),
+            ));
+        }
+        if g.finish.is_none() && g.cancelled() {
+            g.finish = Some(FinishReason::Cancelled);
+        }
+        if let Some(reason) = g.finish {
+            return self.finish(g, reason);
+        }
+        if let Some(id) = g.pending.take() {
+            let (model, cache, logits) = (&self.model, &mut self.cache, &mut self.logits);
+            crate::par::install(&self.pool, || {
+                model.forward_into(&[id], cache, LogitsFor::Last, logits)
+            })?;
+        }
+        g.decode_start.get_or_insert_with(Instant::now);
+        let id = g.sampler.sample(&mut self.logits, &g.history);
+        if !g.ignore_eos && self.cfg.text.eos_token_ids.contains(&id) {
+            return self.finish(g, FinishReason::Eos);
+        }
+        g.usage.completion_tokens += 1;
+        g.out_ids.push(id);
+        g.history.push(id);
+        let (delta, hit_stop) = g.stream.push(id)?;
+        g.text.push_str(&delta);
+        if g.usage.completion_tokens == 1 {
+            g.timings.time_to_first_token = g.t0.elapsed();
+        }
+        g.finish = if hit_stop {
+            Some(FinishReason::Stop)
+        } else if g.usage.completion_tokens >= g.max_tokens {
+            Some(FinishReason::Length)
+        } else if g.cancelled() {
+            Some(FinishReason::Cancelled)
+        } else if self.cache.len() + 1 > self.cache.max_len() {
+            Some(FinishReason::ContextFull)
+        } else {
+            g.pending = Some(id);
+            None
+        };
+        Ok(Step::Token { id, text: delta })
+    }
+
+    fn finish(&mut self, g: &mut Generation, reason: FinishReason) -> Result<Step> {
+        g.done = true;
+        self.active = None;
+        let mut tail = String::new();
+        if reason != FinishReason::Stop && reason != FinishReason::Cancelled {
+            tail = g.stream.flush()?;
+            g.text.push_str(&tail);
+        }
+        if let Some(td) = g.decode_start {
+            g.timings.decode = td.elapsed();
+        }
+        if g.usage.completion_tokens > 1 {
+            g.timings.decode_tokens_per_s =
+                (g.usage.completion_tokens - 1) as f64 / g.timings.decode.as_secs_f64().max(1e-9);
+        }
+        Ok(Step::Done {
+            output: GenerateOutput {
+                text: std::mem::take(&mut g.text),
+                token_ids: std::mem::take(&mut g.out_ids),
+                finish_reason: reason,
+                usage: g.usage,
+                timings: g.timings,
+            },
+            tail,
+        })
+    }
+}
