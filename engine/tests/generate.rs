@@ -357,7 +357,7 @@ fn prefill_buffers_are_freed_before_decode_and_results_do_not_change() {
     let prompt: Vec<u32> = (0..300u32).map(|i| 3 + (i * 7) % 500).collect();
     let req = greedy_req(Prompt::Ids(prompt.clone()), 6);
     let (first, _, _) = collect(&mut e, &req);
-    let scratch = e.memory_report().part("scratch").unwrap().heap_bytes;
+    let scratch = e.memory_report().part(Part::Scratch).unwrap().heap_bytes;
     // One prefill buffer of the widest MLP alone is 300 tokens × 256 × 4 bytes.
     assert!(
         scratch < 300 * 256 * 4,

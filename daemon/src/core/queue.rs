@@ -420,4 +420,62 @@ mod tests {
         q.stop();
         assert!(q.next().is_none());
     }
+
+    fn command(
+        c: Control,
+    ) -> (
+        Command,
+        tokio::sync::oneshot::Receiver<Result<EngineState, ServiceError>>,
+    ) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        (Command { control: c, reply }, rx)
+    }
+
+    #[test]
+    fn commands_go_first_and_only_safe_ones_run_mid_request_in_order() {
+        use gemmad_engine::Modality::Vision;
+        let q = Queue::new(10, 10);
+        let (j, _r) = job("a", Class::Interactive);
+        q.admit(j).unwrap();
+        let mut replies = Vec::new();
+        for c in [
+            Control::ReleasePlePages,
+            Control::LimitContext(64),
+            Control::UnloadTower(Vision),
+        ] {
+            let (cmd, rx) = command(c);
+            q.command(cmd).unwrap();
+            replies.push(rx);
+        }
+        // Between decode steps: the safe commands ahead of the first that must wait.
+        let mid = q.take_mid_request_commands();
+        assert_eq!(mid.len(), 1);
+        assert_eq!(mid[0].control, Control::ReleasePlePages);
+        // Between requests: the rest, in order, before the waiting job.
+        let order: Vec<String> = (0..3)
+            .map(|_| match q.next() {
+                Some(Work::Command(c)) => c.control.to_string(),
+                Some(Work::Job(..)) => "job".into(),
+                None => "none".into(),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "limit the context to 64 tokens",
+                "unload the vision tower",
+                "job"
+            ]
+        );
+        // Commands still waiting at stop are answered, not dropped.
+        let (cmd, mut rx) = command(Control::LimitThreads(1));
+        q.command(cmd).unwrap();
+        q.stop();
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(ServiceError::Unavailable(_)))
+        ));
+        let (cmd, _rx) = command(Control::LimitThreads(1));
+        assert!(q.command(cmd).is_err());
+    }
 }
