@@ -65,6 +65,26 @@ pub const DEFAULT_LOG: &str = "info,gemmad=debug";
 /// machine takes minutes; past this it is taken for stuck, e.g. on a lock).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// Set to `1` (as `.ci/run` does), tests whose prerequisites are missing fail instead of
+/// skipping: see [`skip`].
+pub const REQUIRE_ENV: &str = "GEMMAD_REQUIRE_TEST_DATA";
+
+/// Whether [`REQUIRE_ENV`] is `1`.
+pub fn required() -> bool {
+    std::env::var(REQUIRE_ENV).as_deref() == Ok("1")
+}
+
+/// For a test that cannot run on this machine (`why`: what it lacks): panics when
+/// [`REQUIRE_ENV`] is `1` (CI), else prints that it skips; the test then returns.
+#[track_caller]
+pub fn skip(why: &str) {
+    assert!(
+        !required(),
+        "{why}; {REQUIRE_ENV}=1, so this fails instead of skipping"
+    );
+    eprintln!("skipped: {why}");
+}
+
 const BUILD_HINT: &str = "build it: cargo build -p gemmad -p gemmad-client";
 
 /// The workspace's binaries, located (and built when run by cargo) once per process.
