@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use gemmad_bench_serving::{gemmad_binary, Daemon, Rng, FIXTURE};
+use gemmad_bench_serving::{Daemon, Rng, FIXTURE};
 use gemmad_client::pb::generate_response::Event;
 use gemmad_client::{pb, user_prompt, Client};
 
@@ -20,6 +20,8 @@ use gemmad_client::{pb, user_prompt, Client};
 struct Args {
     #[arg(long, default_value = FIXTURE)]
     model: PathBuf,
+    /// The gemmad binary (default: the harness's, gemmad_e2e::gemmad: next to this one,
+    /// or built by cargo under `cargo run`).
     #[arg(long)]
     gemmad: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
@@ -127,23 +129,25 @@ async fn client_loop(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let a = Args::parse();
-    let gemmad = gemmad_binary(a.gemmad.clone())?;
     let depth = a.clients.max(1);
-    let d = Daemon::start(
-        &gemmad,
-        &a.model,
-        &format!(
+    let mut d = Daemon::builder()
+        .model(&a.model)
+        .config(format!(
             "[model]\nthreads = {}\n[queue]\ndepth = {depth}\nper_peer = {depth}\n[log]\nlevel = \"warn\"\n",
             a.threads
-        ),
-    )?;
+        ))
+        .log_level("warn");
+    if let Some(g) = &a.gemmad {
+        d = d.gemmad(g);
+    }
+    let mut d = d.start()?;
     let rss_idle = d.rss()?;
     let t0 = Instant::now();
     let until = t0 + Duration::from_secs(a.secs);
     let mut tasks = Vec::new();
     for i in 0..a.clients {
         tasks.push(tokio::spawn(client_loop(
-            d.socket.clone(),
+            d.socket().to_path_buf(),
             i,
             a.seed,
             until,
@@ -166,7 +170,7 @@ async fn main() -> Result<()> {
     let rss_end = d.rss()?;
 
     // Let the daemon settle, then compare its books with ours.
-    let mut c = Client::connect(&d.socket).await?;
+    let mut c = d.client().await?;
     let settle = Instant::now();
     let st = loop {
         let st = c.status().await?;
@@ -179,6 +183,9 @@ async fn main() -> Result<()> {
     let q = st.queue.unwrap_or_default();
     let n = st.requests.unwrap_or_default();
     let errors: u64 = total.errors.values().sum();
+    // A graceful stop (SIGTERM), once this process's connection is closed.
+    drop(c);
+    d.stop()?;
 
     println!(
         "clients {}  duration {:.1} s",

@@ -11,16 +11,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
-use gemmad_bench_serving::{gemmad_binary, median, Daemon, FIXTURE};
+use gemmad_bench_serving::{median, Daemon, FIXTURE};
 use gemmad_client::pb::generate_response::Event;
-use gemmad_client::{pb, user_prompt, Client};
+use gemmad_client::{pb, user_prompt};
 use gemmad_engine::{ChatMessage, Engine, GenerateRequest, LoadOptions, Prompt};
 
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value = FIXTURE)]
     model: PathBuf,
-    /// The gemmad binary (default: next to this one).
+    /// The gemmad binary (default: the harness's, gemmad_e2e::gemmad: next to this one,
+    /// or built by cargo under `cargo run`).
     #[arg(long)]
     gemmad: Option<PathBuf>,
     #[arg(long, default_value_t = 20)]
@@ -67,16 +68,18 @@ async fn main() -> Result<()> {
     drop(engine);
 
     // Through the daemon: from sending the request to receiving the first delta.
-    let gemmad = gemmad_binary(a.gemmad.clone())?;
-    let d = Daemon::start(
-        &gemmad,
-        &a.model,
-        &format!(
+    let mut d = Daemon::builder()
+        .model(&a.model)
+        .config(format!(
             "[model]\nthreads = {}\n[log]\nlevel = \"warn\"\n",
             a.threads
-        ),
-    )?;
-    let mut c = Client::connect(&d.socket).await?;
+        ))
+        .log_level("warn");
+    if let Some(g) = &a.gemmad {
+        d = d.gemmad(g);
+    }
+    let mut d = d.start()?;
+    let mut c = d.client().await?;
     let mut r = user_prompt(&a.prompt);
     r.sampling = Some(pb::Sampling {
         seed: Some(1),
@@ -106,9 +109,10 @@ async fn main() -> Result<()> {
         .find(|p| p.part == "process_rss")
         .map_or(0, |p| p.bytes);
 
-    // Close the connection before the daemon is stopped (its drop blocks this thread).
+    // Close the connection before the daemon is stopped (the stop blocks this thread).
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
+    d.stop()?;
     let (ml, mr) = (median(&mut local), median(&mut remote));
     println!("model            {}", a.model.display());
     println!(

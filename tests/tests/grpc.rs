@@ -1,117 +1,33 @@
 //! End-to-end tests of `gemmad serve`: the real binary on a real Unix socket with the tiny
 //! fixture model, driven through gemmad-client. No test asserts wall-clock times; waits
-//! have generous timeouts only to turn a hang into a failure.
+//! have generous timeouts only to turn a hang into a failure. The daemon is started and
+//! stopped by the shared harness (`gemmad_e2e`, tests/src/lib.rs).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gemmad_client::{pb, user_prompt, Client};
+use gemmad_e2e::{Daemon, Signal, FIXTURE, HANG};
 use pb::generate_response::Event;
 use tonic::Code;
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../engine/tests/fixtures/text");
-const HANG: Duration = Duration::from_secs(60);
-
-/// A running daemon on a temporary socket; killed (if still alive) when dropped.
-struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
+/// `gemmad serve` on the fixture with these tests' defaults: one compute thread per daemon
+/// (tests run in parallel on small machines) and room for `long_request` unless the test
+/// sets `[limits]` itself.
+fn start(config: &str) -> Daemon {
+    let config = config.strip_prefix("[model]\n").unwrap_or(config);
+    let limits = if config.contains("[limits]") {
+        ""
+    } else {
+        "[limits]\nmax_tokens = 30000\n"
+    };
+    Daemon::start(&format!("[model]\nthreads = 1\n{config}{limits}")).expect("starting gemmad")
 }
 
-impl Daemon {
-    fn start(config: &str) -> Daemon {
-        let mut d = Daemon::spawn(config);
-        d.wait_ready();
-        d
-    }
-
-    fn spawn(config: &str) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("gemmad.sock");
-        let cfg = dir.path().join("gemmad.toml");
-        // One compute thread per daemon: tests run in parallel on small machines.
-        let config = config.strip_prefix("[model]\n").unwrap_or(config);
-        // Room for long_request (tests that set [limits] themselves do not use it).
-        let limits = if config.contains("[limits]") {
-            ""
-        } else {
-            "[limits]\nmax_tokens = 30000\n"
-        };
-        std::fs::write(&cfg, format!("[model]\nthreads = 1\n{config}{limits}")).unwrap();
-        let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_gemmad"))
-            .args(["serve", "--model", FIXTURE, "--config"])
-            .arg(&cfg)
-            .arg("--socket")
-            .arg(&socket)
-            .env("GEMMAD_LOG", "info,gemmad=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Daemon {
-            child: Some(child),
-            dir,
-            socket,
-        }
-    }
-
-    fn wait_ready(&mut self) {
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited ({st}) at start; log:\n{}", self.log());
-            }
-            assert!(
-                t0.elapsed() < HANG,
-                "daemon did not start; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(&self.socket).await.unwrap()
-    }
-
-    /// Waits for the process to exit and returns its status (without blocking the async
-    /// runtime, so this process's connections keep answering the daemon's shutdown).
-    async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t0.elapsed() < HANG,
-                "daemon did not exit; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+fn gemmad() -> PathBuf {
+    gemmad_e2e::gemmad().expect("the gemmad binary")
 }
 
 fn seeded(prompt: &str, seed: u64, max_tokens: u32) -> pb::GenerateRequest {
@@ -181,8 +97,8 @@ fn counters(s: &pb::StatusResponse) -> pb::RequestCounters {
 
 #[tokio::test]
 async fn streaming_output_equals_in_process_engine() {
-    let d = Daemon::start("");
-    let mut c = d.client().await;
+    let d = start("");
+    let mut c = d.client().await.unwrap();
     for (prompt, seed) in [("hi", 1u64), ("Write a poem about the sea.", 42)] {
         let got = c.generate_text(seeded(prompt, seed, 64)).await.unwrap();
 
@@ -231,8 +147,8 @@ async fn streaming_output_equals_in_process_engine() {
 
 #[tokio::test]
 async fn sixteen_clients_run_interactive_first_then_fifo() {
-    let d = Daemon::start("[queue]\ndepth = 32\nper_peer = 32\n");
-    let mut c = d.client().await;
+    let d = start("[queue]\ndepth = 32\nper_peer = 32\n");
+    let mut c = d.client().await.unwrap();
     let mut blocker = c
         .generate(long_request(pb::Priority::Interactive))
         .await
@@ -248,7 +164,7 @@ async fn sixteen_clients_run_interactive_first_then_fifo() {
         } else {
             pb::Priority::Interactive
         };
-        let mut cl = d.client().await;
+        let mut cl = d.client().await.unwrap();
         let mut r = seeded(&format!("client {i}"), i, 8);
         r.priority = prio as i32;
         let mut s = cl.generate(r).await.unwrap();
@@ -297,8 +213,8 @@ async fn sixteen_clients_run_interactive_first_then_fifo() {
 
 #[tokio::test]
 async fn cancel_and_disconnect_stop_generation_and_free_the_queue() {
-    let d = Daemon::start("");
-    let mut c = d.client().await;
+    let d = start("");
+    let mut c = d.client().await.unwrap();
 
     // 1. The client drops its stream mid-generation (a gRPC cancel).
     let mut s = c
@@ -319,7 +235,7 @@ async fn cancel_and_disconnect_stop_generation_and_free_the_queue() {
     );
 
     // 2. A whole client connection goes away mid-generation.
-    let mut other = d.client().await;
+    let mut other = d.client().await.unwrap();
     let mut s = other
         .generate(long_request(pb::Priority::Interactive))
         .await
@@ -339,7 +255,7 @@ async fn cancel_and_disconnect_stop_generation_and_free_the_queue() {
         .await
         .unwrap();
     until(&mut blocker, |e| matches!(e, Event::Started(_))).await;
-    let mut q = d.client().await;
+    let mut q = d.client().await.unwrap();
     let mut queued = q.generate(seeded("x", 1, 4)).await.unwrap();
     assert!(matches!(next_event(&mut queued).await, Event::Queued(_)));
     assert_eq!(c.status().await.unwrap().queue.unwrap().waiting, 1);
@@ -360,8 +276,8 @@ async fn cancel_and_disconnect_stop_generation_and_free_the_queue() {
 
 #[tokio::test]
 async fn full_queue_is_resource_exhausted_with_a_retry_hint() {
-    let d = Daemon::start("[queue]\ndepth = 2\nper_peer = 16\n");
-    let mut c = d.client().await;
+    let d = start("[queue]\ndepth = 2\nper_peer = 16\n");
+    let mut c = d.client().await.unwrap();
     let mut blocker = c
         .generate(long_request(pb::Priority::Interactive))
         .await
@@ -418,10 +334,10 @@ struct BytesTokenize {
 
 #[tokio::test]
 async fn every_invalid_input_is_invalid_argument_and_the_daemon_keeps_serving() {
-    let d = Daemon::start(
+    let d = start(
         "[model]\nmax_context = 64\n[limits]\nmax_tokens = 100\ndefault_max_tokens = 50\nmax_image_bytes = 1000\nmax_stop_strings = 2\n",
     );
-    let mut c = d.client().await;
+    let mut c = d.client().await.unwrap();
     let text = |t: &str| gemmad_client::text_part(t);
     let user = |parts| gemmad_client::message("user", parts);
     let png = |n: usize| {
@@ -606,8 +522,8 @@ async fn every_invalid_input_is_invalid_argument_and_the_daemon_keeps_serving() 
 #[tokio::test]
 async fn peers_outside_the_policy_are_refused() {
     // Nobody but uid 4242 / group 4242: this (root or not) test process is refused.
-    let d = Daemon::start("[access]\nallowed_uids = [4242]\nallowed_groups = [\"4242\"]\n");
-    let mut c = d.client().await;
+    let d = start("[access]\nallowed_uids = [4242]\nallowed_groups = [\"4242\"]\n");
+    let mut c = d.client().await.unwrap();
     let e = c.status().await.unwrap_err();
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     assert!(e.to_string().contains("[access]"), "{e}");
@@ -641,18 +557,15 @@ async fn refused_as_another_uid() {
     let setpriv = Path::new("/usr/bin/setpriv").exists();
     if !(root && setpriv) {
         // The policy is covered by `peers_outside_the_policy_are_refused`; switching uid
-        // needs root and setpriv (CI runs as root).
-        eprintln!("skipped: needs root and /usr/bin/setpriv");
+        // needs root and setpriv. CI runs as root and sets GEMMAD_REQUIRE_TEST_DATA=1, so
+        // there this fails instead of skipping.
+        gemmad_e2e::skip("refused_as_another_uid needs root and /usr/bin/setpriv");
         return;
     }
     // Default policy (root + the socket's group), world-connectable socket: uid 65534 can
     // connect and must get PERMISSION_DENIED from the daemon itself.
-    let d = Daemon::start("[server]\nsocket_mode = \"0666\"\n");
-    std::fs::set_permissions(
-        d.dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let d = start("[server]\nsocket_mode = \"0666\"\n");
+    std::fs::set_permissions(d.dir(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let run_as = |uid: &str| {
         let out = Command::new("/usr/bin/setpriv")
             .args([
@@ -669,7 +582,7 @@ async fn refused_as_another_uid() {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("GEMMAD_PROBE_SOCKET", &d.socket)
+            .env("GEMMAD_PROBE_SOCKET", d.socket())
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
@@ -683,14 +596,14 @@ async fn refused_as_another_uid() {
 
 #[tokio::test]
 async fn sigterm_mid_stream_ends_the_stream_and_removes_the_socket() {
-    let mut d = Daemon::start("[shutdown]\nin_flight = \"cancel\"\n");
-    let mut c = d.client().await;
+    let mut d = start("[shutdown]\nin_flight = \"cancel\"\n");
+    let mut c = d.client().await.unwrap();
     let mut s = c
         .generate(long_request(pb::Priority::Interactive))
         .await
         .unwrap();
     until(&mut s, |e| matches!(e, Event::Delta(_))).await;
-    nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    d.signal(Signal::SIGTERM).unwrap();
     let st = loop {
         match tokio::time::timeout(HANG, s.message())
             .await
@@ -703,28 +616,28 @@ async fn sigterm_mid_stream_ends_the_stream_and_removes_the_socket() {
     };
     assert_eq!(st.code(), Code::Unavailable, "{st:?}");
     assert!(st.message().contains("shutting down"), "{st:?}");
-    let exit = d.wait_exit().await;
+    let exit = d.wait_exit().await.unwrap();
     assert!(exit.success(), "{exit:?}; log:\n{}", d.log());
-    assert!(!d.socket.exists(), "socket left behind");
-    let e = Client::connect(&d.socket).await.unwrap_err();
+    assert!(!d.socket().exists(), "socket left behind");
+    let e = Client::connect(d.socket()).await.unwrap_err();
     assert!(e.to_string().contains("is gemmad running?"), "{e}");
 }
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_work_finish_within_the_grace_period() {
-    let mut d = Daemon::start("[shutdown]\nin_flight = \"finish\"\ngrace_period_s = 60\n");
-    let mut c = d.client().await;
+    let mut d = start("[shutdown]\nin_flight = \"finish\"\ngrace_period_s = 60\n");
+    let mut c = d.client().await.unwrap();
     let mut r = seeded("finish me", 5, 300);
     r.ignore_eos = true;
     let mut s = c.generate(r).await.unwrap();
     until(&mut s, |e| matches!(e, Event::Started(_))).await;
-    nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    d.signal(Signal::SIGTERM).unwrap();
     let Event::Finished(f) = until(&mut s, |e| matches!(e, Event::Finished(_))).await else {
         unreachable!()
     };
     assert_eq!(f.usage.unwrap().completion_tokens, 300);
-    assert!(d.wait_exit().await.success());
-    assert!(!d.socket.exists());
+    assert!(d.wait_exit().await.unwrap().success());
+    assert!(!d.socket().exists());
 }
 
 #[tokio::test]
@@ -734,8 +647,8 @@ async fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let d = Daemon::start("");
-    let c = d.client().await;
+    let d = start("");
+    let c = d.client().await.unwrap();
     let mut r = ServerReflectionClient::new(c.channel());
     let req = ServerReflectionRequest {
         host: String::new(),
@@ -796,13 +709,13 @@ async fn start_up_rules_for_the_socket_and_the_model() {
     let stale = d0.path().join("s.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
-    let d = Daemon::start("");
+    let d = start("");
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(&d.socket).unwrap().permissions(),
+        &std::fs::metadata(d.socket()).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o660);
     let run = |args: &[&str]| {
-        let mut out = Command::new(env!("CARGO_BIN_EXE_gemmad"))
+        let mut out = Command::new(gemmad())
             .args(args)
             .stderr(Stdio::piped())
             .spawn()
@@ -811,7 +724,7 @@ async fn start_up_rules_for_the_socket_and_the_model() {
         out.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         (out.wait().unwrap(), err)
     };
-    let sock = d.socket.to_str().unwrap();
+    let sock = d.socket().to_str().unwrap();
     // A live instance holds the socket: refuse, and leave its socket alone.
     let (st, err) = run(&[
         "serve",
@@ -824,7 +737,7 @@ async fn start_up_rules_for_the_socket_and_the_model() {
     ]);
     assert!(!st.success());
     assert!(err.contains("nonexistent-but-explicit.toml"), "{err}");
-    let cfg = d.dir.path().join("empty.toml");
+    let cfg = d.dir().join("empty.toml");
     std::fs::write(&cfg, "").unwrap();
     let cfg = cfg.to_str().unwrap();
     let (st, err) = run(&[
@@ -832,8 +745,8 @@ async fn start_up_rules_for_the_socket_and_the_model() {
     ]);
     assert!(!st.success());
     assert!(err.contains("already serving"), "{err}");
-    assert!(d.socket.exists());
-    let mut c = d.client().await;
+    assert!(d.socket().exists());
+    let mut c = d.client().await.unwrap();
     c.status().await.unwrap();
     // Not a socket: never replaced.
     let file = d0.path().join("plain");
@@ -851,7 +764,7 @@ async fn start_up_rules_for_the_socket_and_the_model() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
     // Stale socket replaced by a new daemon.
     let (st, err) = {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gemmad"))
+        let mut child = Command::new(gemmad())
             .args(["serve", "--model", FIXTURE, "--config", cfg, "--socket"])
             .arg(&stale)
             .stderr(Stdio::piped())
@@ -907,16 +820,16 @@ async fn start_up_rules_for_the_socket_and_the_model() {
 
 #[tokio::test]
 async fn sighup_reloads_queue_limits_and_access() {
-    let d = Daemon::start("[queue]\ndepth = 5\n");
-    let mut c = d.client().await;
+    let d = start("[queue]\ndepth = 5\n");
+    let mut c = d.client().await.unwrap();
     assert_eq!(c.status().await.unwrap().queue.unwrap().depth, 5);
-    let cfg = d.dir.path().join("gemmad.toml");
+    let cfg = d.config_path().to_path_buf();
     std::fs::write(
         &cfg,
         "[model]\nthreads = 1\n[queue]\ndepth = 9\nper_peer = 3\n",
     )
     .unwrap();
-    nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
+    d.signal(Signal::SIGHUP).unwrap();
     let q = wait_status(&mut c, "reloaded", |s| s.queue.unwrap().depth == 9)
         .await
         .queue
@@ -924,7 +837,7 @@ async fn sighup_reloads_queue_limits_and_access() {
     assert_eq!(q.per_peer, 3);
     // A broken file is refused and the running settings stay.
     std::fs::write(&cfg, "[queue]\ndepth = \"many\"\n").unwrap();
-    nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
+    d.signal(Signal::SIGHUP).unwrap();
     let t0 = Instant::now();
     while !d.log().contains("reload failed") {
         assert!(t0.elapsed() < HANG, "{}", d.log());
@@ -937,10 +850,10 @@ async fn sighup_reloads_queue_limits_and_access() {
         "[access]\nallowed_uids = [4242]\nallowed_groups = []\n",
     )
     .unwrap();
-    nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
+    d.signal(Signal::SIGHUP).unwrap();
     let t0 = Instant::now();
     loop {
-        let mut fresh = d.client().await;
+        let mut fresh = d.client().await.unwrap();
         match fresh.status().await {
             Err(e) if e.code() == Some(Code::PermissionDenied) => break,
             _ => assert!(t0.elapsed() < HANG, "policy not reloaded"),
@@ -951,7 +864,7 @@ async fn sighup_reloads_queue_limits_and_access() {
 
 #[tokio::test]
 async fn optional_tcp_listener_serves_too() {
-    let d = Daemon::start("[server]\ntcp_listen = \"127.0.0.1:0\"\n");
+    let d = start("[server]\ntcp_listen = \"127.0.0.1:0\"\n");
     let t0 = Instant::now();
     while !d.log().contains("tcp=") {
         assert!(
@@ -977,5 +890,5 @@ async fn optional_tcp_listener_serves_too() {
     let g = c.generate_text(seeded("over tcp", 1, 8)).await.unwrap();
     assert!(g.finished.is_some());
     // The Unix socket still works alongside.
-    d.client().await.status().await.unwrap();
+    d.client().await.unwrap().status().await.unwrap();
 }

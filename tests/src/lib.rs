@@ -1,0 +1,506 @@
+//! The one harness for gemmad's end-to-end tests (`tests/tests/*.rs`) and the serving
+//! benchmarks (`bench/serving`): start the real `gemmad serve` on a temporary socket with
+//! a given config, wait until it accepts connections, talk to it, signal it, stop it.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let d = gemmad_e2e::Daemon::start("[model]\nthreads = 1\n")?;
+//! let mut c = d.client().await?;
+//! c.status().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Where the binaries come from
+//!
+//! `gemmad` and `gemmactl` belong to other packages, so cargo does not build them for this
+//! crate's tests (`CARGO_BIN_EXE_*` only names a package's own binaries). On first use
+//! ([`binaries`], once per process) the harness:
+//!
+//! 1. takes them from `$GEMMAD_BIN_DIR` when that is set, and builds nothing;
+//! 2. otherwise, when run by cargo (`cargo test`, `cargo run`, `cargo bench`: cargo sets
+//!    `$CARGO`), runs `$CARGO build --bins -p gemmad -p gemmad-client` in the same
+//!    profile as the running executable (`target/release/...` -> `--profile release`)
+//!    and takes the paths cargo reports. Cargo releases its build-directory lock before
+//!    it runs tests, so this nested build does not block; when the outer cargo already
+//!    built them it only checks that they are fresh (well under a second). The binaries
+//!    are therefore always current: a test never runs a stale `gemmad`;
+//! 3. otherwise (an executable run by hand, like `target/release/soak`) takes them from
+//!    the executable's own target folder, and fails with "build it: cargo build -p
+//!    gemmad -p gemmad-client" when one is missing.
+//!
+//! It never skips: a missing or unbuildable binary is an error.
+//!
+//! The nested build inherits the environment (`CARGO_TARGET_DIR`, `RUSTFLAGS`, ...)
+//! and the workspace's cargo config, so it uses the same target folder; a
+//! `--target-dir` or `--target` given on the outer cargo's command line is not seen:
+//! set `GEMMAD_BIN_DIR` for such runs.
+//!
+//! Errors are `anyhow::Result`s (bench/serving reports them); tests call `.expect`.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+pub use gemmad_client::Client;
+pub use nix::sys::signal::Signal;
+pub use nix::unistd::Pid;
+
+/// The bundled tiny checkpoint (random weights, real machinery).
+pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../engine/tests/fixtures/text");
+
+/// How long a start, an exit or a stream may take before a wait calls it a hang.
+pub const HANG: Duration = Duration::from_secs(60);
+
+/// A folder holding prebuilt `gemmad` and `gemmactl`: use those, build nothing.
+pub const BIN_DIR_ENV: &str = "GEMMAD_BIN_DIR";
+
+/// The default log filter of a started daemon (`GEMMAD_LOG`): what the tests read in logs.
+pub const DEFAULT_LOG: &str = "info,gemmad=debug";
+
+/// How long the nested `cargo build` may take (a cold build of the daemon on a small
+/// machine takes minutes; past this it is taken for stuck, e.g. on a lock).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Set to `1` (as `.ci/run` does), tests whose prerequisites are missing fail instead of
+/// skipping: see [`skip`].
+pub const REQUIRE_ENV: &str = "GEMMAD_REQUIRE_TEST_DATA";
+
+/// Whether [`REQUIRE_ENV`] is `1`.
+pub fn required() -> bool {
+    std::env::var(REQUIRE_ENV).as_deref() == Ok("1")
+}
+
+/// For a test that cannot run on this machine (`why`: what it lacks): panics when
+/// [`REQUIRE_ENV`] is `1` (CI), else prints that it skips; the test then returns.
+#[track_caller]
+pub fn skip(why: &str) {
+    assert!(
+        !required(),
+        "{why}; {REQUIRE_ENV}=1, so this fails instead of skipping"
+    );
+    eprintln!("skipped: {why}");
+}
+
+const BUILD_HINT: &str = "build it: cargo build -p gemmad -p gemmad-client";
+
+/// The workspace's binaries, located (and built when run by cargo) once per process.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub gemmad: PathBuf,
+    pub gemmactl: PathBuf,
+}
+
+/// The binaries, found or built on first use; see the module documentation.
+pub fn binaries() -> Result<&'static Binaries> {
+    static BINS: OnceLock<Result<Binaries, String>> = OnceLock::new();
+    BINS.get_or_init(|| find_or_build().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// The `gemmad` binary.
+pub fn gemmad() -> Result<PathBuf> {
+    Ok(binaries()?.gemmad.clone())
+}
+
+/// The `gemmactl` binary.
+pub fn gemmactl() -> Result<PathBuf> {
+    Ok(binaries()?.gemmactl.clone())
+}
+
+fn find_or_build() -> Result<Binaries> {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        return in_dir(Path::new(&dir), &format!("${BIN_DIR_ENV}"));
+    }
+    let profile_dir = profile_dir()?;
+    match std::env::var_os("CARGO") {
+        Some(cargo) if !cargo.is_empty() => cargo_build(Path::new(&cargo), &profile_dir),
+        _ => in_dir(&profile_dir, "this executable's target folder"),
+    }
+}
+
+/// `target/<profile>` of the running executable (tests and benches live in its `deps/`).
+fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe
+        .parent()
+        .with_context(|| format!("{} has no folder", exe.display()))?;
+    if matches!(
+        dir.file_name().and_then(|n| n.to_str()),
+        Some("deps" | "examples")
+    ) {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    Ok(dir.to_path_buf())
+}
+
+fn in_dir(dir: &Path, what: &str) -> Result<Binaries> {
+    let b = Binaries {
+        gemmad: dir.join("gemmad"),
+        gemmactl: dir.join("gemmactl"),
+    };
+    for p in [&b.gemmad, &b.gemmactl] {
+        if !p.is_file() {
+            bail!("{} not found (in {what}): {BUILD_HINT}", p.display());
+        }
+    }
+    Ok(b)
+}
+
+/// Builds (or checks fresh) gemmad and gemmactl with `cargo` in the profile of
+/// `profile_dir`, and returns the paths cargo reports.
+fn cargo_build(cargo: &Path, profile_dir: &Path) -> Result<Binaries> {
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_string(),
+        Some(p) => p.to_string(),
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace root")?;
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["build", "--bins", "-p", "gemmad", "-p", "gemmad-client"])
+        .args(["--profile", &profile])
+        .arg("--message-format=json-render-diagnostics")
+        .arg("--manifest-path")
+        .arg(root.join("Cargo.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let shown = format!(
+        "{} build --bins -p gemmad -p gemmad-client --profile {profile}",
+        cargo.display()
+    );
+    let mut child = cmd.spawn().with_context(|| format!("running {shown}"))?;
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if t0.elapsed() > BUILD_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{shown} did not finish in {} s (stuck on a lock?); stderr:\n{}\n{BUILD_HINT} and set {BIN_DIR_ENV}",
+                BUILD_TIMEOUT.as_secs(),
+                err.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    if !status.success() {
+        bail!("{shown} failed ({status}):\n{err}\n{BUILD_HINT}");
+    }
+    let mut gemmad = None;
+    let mut gemmactl = None;
+    for line in out.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(exe) = v["executable"].as_str() else {
+            continue;
+        };
+        match v["target"]["name"].as_str() {
+            Some("gemmad") => gemmad = Some(PathBuf::from(exe)),
+            Some("gemmactl") => gemmactl = Some(PathBuf::from(exe)),
+            _ => {}
+        }
+    }
+    match (gemmad, gemmactl) {
+        (Some(gemmad), Some(gemmactl)) => Ok(Binaries { gemmad, gemmactl }),
+        _ => bail!("{shown} did not report the gemmad and gemmactl executables:\n{err}"),
+    }
+}
+
+fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut r) = r {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            s = String::from_utf8_lossy(&b).into_owned();
+        }
+        s
+    })
+}
+
+/// What to start: [`Daemon::builder`].
+#[derive(Debug, Clone)]
+pub struct DaemonBuilder {
+    gemmad: Option<PathBuf>,
+    model: PathBuf,
+    config: String,
+    env: Vec<(OsString, OsString)>,
+    log: String,
+}
+
+impl DaemonBuilder {
+    /// The binary to run (default: [`gemmad()`]).
+    pub fn gemmad(mut self, path: impl Into<PathBuf>) -> Self {
+        self.gemmad = Some(path.into());
+        self
+    }
+
+    /// The model folder (default: [`FIXTURE`]).
+    pub fn model(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.model = dir.into();
+        self
+    }
+
+    /// The config file's text, written as is to `<dir>/gemmad.toml` (default: empty).
+    pub fn config(mut self, toml: impl Into<String>) -> Self {
+        self.config = toml.into();
+        self
+    }
+
+    /// An environment variable for the daemon (on top of this process's environment).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The daemon's log filter, `GEMMAD_LOG` (default: [`DEFAULT_LOG`]).
+    pub fn log_level(mut self, filter: impl Into<String>) -> Self {
+        self.log = filter.into();
+        self
+    }
+
+    /// Starts the process and returns at once (see [`Daemon::wait_ready`]).
+    pub fn spawn(self) -> Result<Daemon> {
+        let gemmad = match self.gemmad {
+            Some(p) => p,
+            None => gemmad()?,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("gemmad-e2e.")
+            .tempdir()
+            .context("creating a temporary folder")?;
+        let socket = dir.path().join("gemmad.sock");
+        let config = dir.path().join("gemmad.toml");
+        let log = dir.path().join("log");
+        std::fs::write(&config, &self.config)
+            .with_context(|| format!("writing {}", config.display()))?;
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(&gemmad)
+            .arg("serve")
+            .arg("--model")
+            .arg(&self.model)
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .env("GEMMAD_LOG", &self.log)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", gemmad.display()))?;
+        Ok(Daemon {
+            pid: Pid::from_raw(child.id() as i32),
+            child: Some(child),
+            socket,
+            config,
+            log,
+            dir,
+        })
+    }
+
+    /// Starts the process and waits until its socket accepts connections.
+    pub fn start(self) -> Result<Daemon> {
+        let mut d = self.spawn()?;
+        d.wait_ready()?;
+        Ok(d)
+    }
+}
+
+/// A running `gemmad serve` on a socket in its own temporary folder (which also holds
+/// its config file and its log). Killed (SIGKILL) when dropped if still running; use
+/// [`Daemon::stop`] for a graceful stop.
+pub struct Daemon {
+    child: Option<Child>,
+    pid: Pid,
+    socket: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// The fixture model, no extra environment, [`DEFAULT_LOG`], [`gemmad()`].
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder {
+            gemmad: None,
+            model: PathBuf::from(FIXTURE),
+            config: String::new(),
+            env: Vec::new(),
+            log: DEFAULT_LOG.to_string(),
+        }
+    }
+
+    /// `gemmad serve` on the fixture with this config text, ready.
+    pub fn start(config: &str) -> Result<Daemon> {
+        Daemon::builder().config(config).start()
+    }
+
+    /// Waits until the socket accepts a connection; fails with the log if the process
+    /// exits first or [`HANG`] passes.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            let child = self
+                .child
+                .as_mut()
+                .context("the daemon was already waited for")?;
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                bail!("gemmad exited ({st}) at start; log:\n{}", self.log());
+            }
+            if t0.elapsed() > HANG {
+                bail!(
+                    "gemmad did not accept connections within {} s; log:\n{}",
+                    HANG.as_secs(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The temporary folder holding the socket, the config and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The config file the daemon was started with (rewrite it, then SIGHUP, to reload).
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The daemon's stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// A client connected to the daemon's socket.
+    pub async fn client(&self) -> Result<Client> {
+        Client::connect(&self.socket)
+            .await
+            .with_context(|| format!("connecting to {}", self.socket.display()))
+    }
+
+    /// `gemmactl --socket <this daemon's socket>`, to add arguments to and run.
+    pub fn gemmactl(&self) -> Result<Command> {
+        let mut c = Command::new(gemmactl()?);
+        c.arg("--socket").arg(&self.socket);
+        Ok(c)
+    }
+
+    /// Sends `sig` (SIGTERM, SIGHUP, ...) to the daemon.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        nix::sys::signal::kill(self.pid, sig)
+            .with_context(|| format!("sending {sig} to gemmad ({})", self.pid))
+    }
+
+    /// VmRSS of the daemon process, in bytes.
+    pub fn rss(&self) -> Result<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let kb: u64 = s
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")?;
+        Ok(kb * 1024)
+    }
+
+    /// Waits (up to [`HANG`]) for the process to exit and returns its status, without
+    /// blocking the async runtime, so this process's connections keep answering the
+    /// daemon's shutdown.
+    pub async fn wait_exit(&mut self) -> Result<ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .context("the daemon was already waited for")?;
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if t0.elapsed() > HANG {
+                bail!(
+                    "gemmad did not exit within {} s; log:\n{}",
+                    HANG.as_secs(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A graceful stop: SIGTERM, then waits (blocking this thread, up to [`HANG`]) for
+    /// the exit; kills it and fails if it does not exit. Close this process's clients
+    /// first when they share this thread's runtime: the daemon waits for them.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("the daemon was already waited for");
+        };
+        if child.try_wait()?.is_none() {
+            self.signal(Signal::SIGTERM)?;
+        }
+        let child = self.child.as_mut().expect("checked above");
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if t0.elapsed() > HANG {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                bail!(
+                    "gemmad did not exit within {} s of SIGTERM (killed); log:\n{}",
+                    HANG.as_secs(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

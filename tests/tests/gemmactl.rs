@@ -1,0 +1,165 @@
+//! gemmactl against a real `gemmad serve` on a temporary socket (the tiny fixture model),
+//! started by the shared harness (`gemmad_e2e`, tests/src/lib.rs), which also finds (and,
+//! under cargo, builds) both binaries: these tests never skip.
+
+use std::process::{Command, Output};
+
+use gemmad_e2e::{Daemon, FIXTURE};
+
+fn gemmactl() -> std::path::PathBuf {
+    gemmad_e2e::gemmactl().expect("the gemmactl binary")
+}
+
+fn start() -> Daemon {
+    Daemon::builder()
+        .config("[model]\nthreads = 1\n")
+        .log_level("warn")
+        .start()
+        .expect("starting gemmad")
+}
+
+fn ctl(d: &Daemon, args: &[&str]) -> Output {
+    d.gemmactl()
+        .expect("the gemmactl binary")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn generate_streams_the_same_text_as_json_and_as_the_in_process_tool() {
+    let d = start();
+    let out = ctl(&d, &["generate", "--seed", "1", "--max-tokens", "24", "hi"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let streamed = text(&out.stdout);
+
+    let out = ctl(
+        &d,
+        &[
+            "generate",
+            "--seed",
+            "1",
+            "--max-tokens",
+            "24",
+            "--json",
+            "hi",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(format!("{}\n", v["text"].as_str().unwrap()), streamed);
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        v["token_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(v["timings"]["active_slice"], "full");
+
+    // The in-process one-shot tool prints the same for the same seed.
+    let local = Command::new(gemmad_e2e::gemmad().unwrap())
+        .args([
+            "generate",
+            "--model",
+            FIXTURE,
+            "--seed",
+            "1",
+            "--max-tokens",
+            "24",
+            "hi",
+        ])
+        .output()
+        .unwrap();
+    assert!(local.status.success());
+    assert_eq!(text(&local.stdout), streamed);
+}
+
+#[test]
+fn status_health_tokenize_slices_and_errors() {
+    let d = start();
+    let out = ctl(&d, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"]["vocab_size"], 512);
+    assert!(v["memory"]["process_rss"].as_u64().unwrap() > 0);
+    assert_eq!(v["queue"]["running"], false);
+
+    let out = ctl(&d, &["health"]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), "SERVING");
+
+    let out = ctl(&d, &["tokenize", "--json", "hello world"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<String> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    assert!(!ids.is_empty());
+    let out = ctl(&d, &["detokenize", &ids.join(",")]);
+    assert_eq!(text(&out.stdout).trim_end(), "hello world");
+
+    let out = ctl(&d, &["slices"]);
+    assert!(text(&out.stdout).contains("full"));
+
+    // Bad input: a clear message and a failure exit status.
+    let out = ctl(&d, &["generate", "--temperature=-1", "hi"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("invalid request: sampling: temperature"),
+        "{}",
+        text(&out.stderr)
+    );
+    let img = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(img.path(), b"\x89PNG\r\n\x1a\n0000").unwrap();
+    let out = ctl(
+        &d,
+        &[
+            "generate",
+            "--image",
+            img.path().to_str().unwrap(),
+            "what is it?",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not available"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_missing_socket_says_how_to_check_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nope.sock");
+    let out = Command::new(gemmactl())
+        .args(["status"])
+        .env("GEMMAD_SOCKET", &sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("is gemmad running? try `systemctl status gemmad`"),
+        "{err}"
+    );
+    assert!(err.contains(sock.to_str().unwrap()), "{err}");
+    // A socket file nobody listens on.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let out = Command::new(gemmactl())
+        .arg("--socket")
+        .arg(&sock)
+        .arg("health")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not accepting connections"),
+        "{}",
+        text(&out.stderr)
+    );
+}
