@@ -56,7 +56,18 @@ fn generate_streams_the_same_text_as_json_and_as_the_in_process_tool() {
         v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
         v["token_ids"].as_array().unwrap().len()
     );
-    assert_eq!(v["timings"]["active_slice"], "full");
+    // The slice that ran is the one `slices` marks active.
+    let out = ctl(&d, &["slices", "--json"]);
+    let slices: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let active = slices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["active"] == true);
+    assert_eq!(
+        Some(&v["timings"]["active_slice"]),
+        active.map(|s| &s["name"])
+    );
 
     // The in-process one-shot tool prints the same for the same seed.
     let local = Command::new(gemmad_e2e::gemmad().unwrap())
@@ -81,7 +92,8 @@ fn status_health_tokenize_slices_and_errors() {
     let d = start();
     let out = ctl(&d, &["status", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = &st;
     assert_eq!(v["model"]["vocab_size"], 512);
     assert!(v["memory"]["process_rss"].as_u64().unwrap() > 0);
     assert_eq!(v["queue"]["running"], false);
@@ -102,8 +114,18 @@ fn status_health_tokenize_slices_and_errors() {
     let out = ctl(&d, &["detokenize", &ids.join(",")]);
     assert_eq!(text(&out.stdout).trim_end(), "hello world");
 
-    let out = ctl(&d, &["slices"]);
-    assert!(text(&out.stdout).contains("full"));
+    // The slice that ran is the one `slices` marks active.
+    let out = ctl(&d, &["slices", "--json"]);
+    let slices: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let active: Vec<_> = slices
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["active"] == true)
+        .collect();
+    assert_eq!(active.len(), 1, "{slices}");
+    assert_eq!(st["active_slice"], active[0]["name"]);
+    assert!(active[0]["params"].as_u64().unwrap() > 0, "{slices}");
 
     // Bad input: a clear message and a failure exit status.
     let out = ctl(&d, &["generate", "--temperature=-1", "hi"]);
@@ -159,6 +181,74 @@ fn a_missing_socket_says_how_to_check_the_service() {
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("not accepting connections"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// An admin loads and unloads a tower with gemmactl; Status shows it with its bytes.
+#[test]
+fn load_and_unload_a_tower_show_in_status() {
+    let d = Daemon::builder()
+        .model(std::path::Path::new(FIXTURE).with_file_name("full"))
+        .config("[model]\nthreads = 1\n")
+        .log_level("warn")
+        .start()
+        .expect("starting gemmad");
+    let vision = |d: &Daemon| {
+        let out = ctl(d, &["status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["towers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["modality"] == "vision")
+            .cloned()
+            .unwrap()
+    };
+    let t = vision(&d);
+    assert_eq!(
+        (t["available"].as_bool(), t["loaded"].as_bool()),
+        (Some(true), Some(false)),
+        "{t}"
+    );
+    assert_eq!(t["bytes"], 0, "{t}");
+
+    let out = ctl(&d, &["load", "vision", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let loaded: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(loaded["loaded"], true, "{loaded}");
+    let t = vision(&d);
+    assert_eq!(t["loaded"], true, "{t}");
+    assert!(t["bytes"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["bytes"], loaded["bytes"]);
+    let out = ctl(&d, &["status"]);
+    assert!(
+        text(&out.stdout).contains("tower    vision loaded ("),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = ctl(&d, &["unload", "vision"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("vision not loaded"),
+        "{}",
+        text(&out.stdout)
+    );
+    let t = vision(&d);
+    assert_eq!(
+        (t["loaded"].as_bool(), t["bytes"].as_u64()),
+        (Some(false), Some(0)),
+        "{t}"
+    );
+
+    // A modality gemmactl does not know: a usage error before anything is sent.
+    let out = ctl(&d, &["load", "smell"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unknown modality"),
         "{}",
         text(&out.stderr)
     );

@@ -123,8 +123,15 @@ async fn streaming_output_equals_in_process_engine() {
             gemmad_client::finish_reason_str(f.finish_reason),
             want.finish_reason.as_str()
         );
-        assert_eq!(f.timings.unwrap().active_slice, "full");
-        assert!(got.started.is_some() && got.request_id > 0);
+        // The slice that ran is the one ListSlices marks active (the model as loaded).
+        let active = c.list_slices().await.unwrap();
+        let active: Vec<_> = active.into_iter().filter(|s| s.active).collect();
+        assert_eq!(active.len(), 1, "{active:?}");
+        assert!(active[0].params > 0 && active[0].layers > 0, "{active:?}");
+        assert_eq!(f.timings.unwrap().active_slice, active[0].name);
+        let started = got.started.clone().unwrap();
+        assert_eq!(started.active_slice, active[0].name);
+        assert!(got.request_id > 0);
     }
     // Tokenize a conversation = the prompt Generate ran.
     let ids = c
@@ -493,7 +500,8 @@ async fn every_invalid_input_is_invalid_argument_and_the_daemon_keeps_serving() 
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
-    // Modalities the model cannot run yet: a clear FAILED_PRECONDITION.
+    // Media this gemmad cannot encode yet, and a tower this checkpoint does not have:
+    // a clear FAILED_PRECONDITION, and nothing is paged in.
     let e = c
         .generate(pb::GenerateRequest {
             messages: vec![user(vec![png(100), text("what is this?")])],
@@ -505,12 +513,9 @@ async fn every_invalid_input_is_invalid_argument_and_the_daemon_keeps_serving() 
     assert!(e.to_string().contains("not available"), "{e}");
     let e = c.load_modality(pb::Modality::Audio).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
-    assert!(
-        !c.unload_modality(pb::Modality::Vision)
-            .await
-            .unwrap()
-            .loaded
-    );
+    assert!(e.to_string().contains("no audio tower"), "{e}");
+    let t = c.unload_modality(pb::Modality::Vision).await.unwrap();
+    assert!(!t.available && !t.loaded && t.bytes == 0, "{t:?}");
 
     // Still serving.
     let g = c.generate_text(seeded("hi", 1, 8)).await.unwrap();
@@ -891,4 +896,65 @@ async fn optional_tcp_listener_serves_too() {
     assert!(g.finished.is_some());
     // The Unix socket still works alongside.
     d.client().await.unwrap().status().await.unwrap();
+}
+
+/// The bundled checkpoint that also carries (tiny) vision and audio towers.
+fn full_fixture() -> PathBuf {
+    Path::new(FIXTURE).with_file_name("full")
+}
+
+fn tower(s: &pb::StatusResponse, m: pb::Modality) -> pb::Tower {
+    s.towers
+        .iter()
+        .find(|t| t.modality == m as i32)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {m:?} tower in Status: {s:?}"))
+}
+
+/// Generate, LoadModality and Status from gRPC all go through the one service core (its
+/// log says so for each call), and a tower loaded through the engine thread's control
+/// path shows in Status at once, with its bytes; unloading gives them back.
+#[tokio::test]
+async fn generate_load_modality_and_status_go_through_the_core() {
+    let d = Daemon::builder()
+        .model(full_fixture())
+        .config("[model]\nthreads = 1\n")
+        .start()
+        .unwrap();
+    let mut c = d.client().await.unwrap();
+    let s = c.status().await.unwrap();
+    for m in [pb::Modality::Vision, pb::Modality::Audio] {
+        let t = tower(&s, m);
+        assert!(t.available && !t.loaded && t.bytes == 0, "{t:?}");
+    }
+    let m = s.model.clone().unwrap();
+    assert!(
+        !m.quant.is_empty() && !m.kernels.is_empty() && m.threads == 1,
+        "{m:?}"
+    );
+
+    let g = c.generate_text(seeded("hi", 1, 4)).await.unwrap();
+    assert!(g.finished.is_some());
+    let t = c.load_modality(pb::Modality::Vision).await.unwrap();
+    assert!(t.available && t.loaded && t.bytes > 0, "{t:?}");
+    let s = c.status().await.unwrap();
+    assert_eq!(tower(&s, pb::Modality::Vision), t);
+    assert!(!tower(&s, pb::Modality::Audio).loaded);
+    let vision_part = s.memory.iter().find(|p| p.part == "vision").unwrap();
+    assert!(vision_part.bytes > 0, "{:?}", s.memory);
+
+    let t = c.unload_modality(pb::Modality::Vision).await.unwrap();
+    assert!(t.available && !t.loaded && t.bytes == 0, "{t:?}");
+    let s = c.status().await.unwrap();
+    assert_eq!(tower(&s, pb::Modality::Vision), t);
+
+    let log = d.log();
+    for op in ["generate", "load_modality", "status", "unload_modality"] {
+        let line = format!("core call op=\"{op}\" via=\"grpc\"");
+        assert!(log.contains(&line), "no `{line}` in the log:\n{log}");
+    }
+    assert!(
+        log.contains("engine control applied command=load the vision tower"),
+        "{log}"
+    );
 }
