@@ -42,12 +42,12 @@ impl KvBuf {
         match dtype {
             KvDType::F32 => {
                 let v = vec![0.0; n];
-                crate::weights::advise_huge(&v);
+                crate::residency::advise_huge(&v);
                 KvBuf::F32(v)
             }
             KvDType::F16 => {
                 let v = vec![0; n];
-                crate::weights::advise_huge(&v);
+                crate::residency::advise_huge(&v);
                 KvBuf::F16(v)
             }
         }

@@ -54,7 +54,7 @@ pub(crate) struct Loader<'a> {
     /// Storage type for the matrices (`matrix`); `raw_matrix` keeps the checkpoint's.
     pub quant: QuantType,
     /// Previously quantized matrices to map instead of converting.
-    pub store: Option<&'a crate::quant::store::QuantStore>,
+    pub store: Option<&'a crate::weights::store::QuantStore>,
     /// Matrices converted here (to be written to the store).
     pub built: std::cell::RefCell<Vec<(String, Matrix)>>,
 }
@@ -150,7 +150,7 @@ impl TextModel {
         ple: Option<Arc<PleCache>>,
         quant_cache: Option<&Path>,
     ) -> Result<Self> {
-        use crate::quant::store;
+        use crate::weights::store;
         // bf16 stores only what is derived (the transposed sparse down projections), so
         // that it is file-backed rather than anonymous memory.
         let quantized = !matches!(quant, QuantType::F32);
@@ -185,7 +185,7 @@ impl TextModel {
         ckpt: &Checkpoint,
         quant: QuantType,
         ple: Option<Arc<PleCache>>,
-        store: Option<&crate::quant::store::QuantStore>,
+        store: Option<&crate::weights::store::QuantStore>,
     ) -> Result<(Vec<(String, Matrix)>, Self)> {
         let c = &cfg.text;
         let ld = Loader {

@@ -127,4 +127,3 @@ pub mod blocks;
 pub mod kernels;
 pub mod kernels_bf16;
 pub mod packed;
-pub mod store;

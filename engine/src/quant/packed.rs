@@ -283,7 +283,7 @@ impl Source for BlockQ4K {
 pub fn pack<B: Source>(src: &[B], rows: usize, nb: usize) -> Vec<u8> {
     let kind = B::kind();
     let (gbb, qb) = (group_block_bytes(kind).unwrap_or(0), quant_bytes(kind));
-    let mut out = crate::weights::huge_vec(rows / ROWS * nb * gbb, 0u8);
+    let mut out = crate::residency::huge_vec(rows / ROWS * nb * gbb, 0u8);
     let mb = gbb - qb;
     out.par_chunks_mut(nb * gbb).enumerate().for_each(|(g, o)| {
         for r in 0..ROWS {

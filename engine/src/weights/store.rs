@@ -10,7 +10,7 @@
 //! from the page cache, whose small write-time folios would otherwise be mapped as they
 //! are on the next start. A store that is nevertheless found on 4 KiB pages when opened
 //! (the file was written or read in small folios outside gemmad, or reclaim split its
-//! folios) is re-read in 2 MiB folios once (`ensure_huge`).
+//! folios) is re-read in 2 MiB folios once (`residency::ensure_huge`).
 //!
 //! Keyed by the checkpoint key of the PLE cache (config, index, shard names, sizes,
 //! mtimes and safetensors headers) plus the quant type and this format's version. The
@@ -30,11 +30,12 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use super::QuantType;
+use super::Matrix;
 use crate::checkpoint::Checkpoint;
 use crate::error::{EngineError, Result};
 use crate::ple_cache::{checkpoint_key, xxh64, RowDType};
-use crate::weights::Matrix;
+use crate::quant::{packed, QuantType};
+use crate::residency::{advise_huge, ensure_huge};
 
 const MAGIC: &[u8; 8] = b"GEMMAQW\0";
 const VERSION: u32 = 3; // 2: packed blocks carry their scales inline; 3: Q4_K mins in pairs
@@ -52,7 +53,7 @@ pub fn store_path(
     buf.extend_from_slice(b"gemmad-quant\0");
     buf.extend_from_slice(&base);
     buf.extend_from_slice(quant.as_str().as_bytes());
-    buf.extend_from_slice(super::packed::layout_tag().as_bytes());
+    buf.extend_from_slice(packed::layout_tag().as_bytes());
     buf.extend_from_slice(&VERSION.to_le_bytes());
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&xxh64(&buf, 1).to_le_bytes());
@@ -62,7 +63,7 @@ pub fn store_path(
     Ok((
         cache_dir.join(format!(
             "weights-{h:016x}-{quant}-{}.gemmaqw",
-            super::packed::layout_tag()
+            packed::layout_tag()
         )),
         key,
     ))
@@ -97,7 +98,7 @@ impl QuantStore {
         };
         // SAFETY: read-only map of a file only gemmad writes (atomically, by rename).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
-        advise_huge(&map);
+        advise_huge(&map[..]);
         match Self::parse(path, &map, key, quant) {
             Ok(entries) => {
                 ensure_huge(path, &map, &file);
@@ -206,44 +207,7 @@ impl QuantStore {
     }
 }
 
-/// After the checksum pass has faulted the whole store in: if most of it sits on 4 KiB
-/// pages, re-read it in 2 MiB folios (see the module docs and
-/// [`crate::residency::refault_huge`]); costs one read of the file from disk.
-fn ensure_huge(path: &Path, map: &Mmap, file: &File) {
-    use crate::residency::{huge_mapped_bytes, refault_huge, HUGE_PAGE};
-    // What can be huge: the 2 MiB-aligned span of the mapping.
-    let (p, n) = (map.as_ptr() as usize, map.len());
-    let span = ((p + n) / HUGE_PAGE * HUGE_PAGE).saturating_sub(p.next_multiple_of(HUGE_PAGE));
-    let Some(before) = huge_mapped_bytes(map) else {
-        return;
-    };
-    if span < 16 * HUGE_PAGE || before >= span / 10 * 9 {
-        tracing::debug!(path = %path.display(), huge_bytes = before, span, "quantized weights mapped");
-        return;
-    }
-    let t0 = std::time::Instant::now();
-    let after = refault_huge(map, file).unwrap_or(0);
-    tracing::info!(
-        path = %path.display(),
-        huge_before = before,
-        huge_after = after,
-        span,
-        secs = t0.elapsed().as_secs_f64(),
-        "quantized weights were on small pages; re-read them in 2 MiB pages"
-    );
-}
-
-/// `MADV_HUGEPAGE` on a fresh mapping (advisory: without THP it changes nothing).
-fn advise_huge(map: &Mmap) {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = map.advise(memmap2::Advice::HugePage) {
-        tracing::debug!(err = %e, "MADV_HUGEPAGE on the quantized weights refused");
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = map;
-}
-
-pub(crate) fn code_of(q: QuantType) -> u8 {
+fn code_of(q: QuantType) -> u8 {
     match q {
         QuantType::F32 => 4,
         QuantType::Bf16 => 5,
