@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod derived;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;

@@ -30,16 +30,11 @@
 //!
 //! # Checkpoint key
 //!
-//! Hashing 11 GB of weights at every start is too slow, so the key is xxh64 (two seeds,
-//! 128 bits) over: the format version, the row dtype, the bytes of `config.json` and of
-//! `model.safetensors.index.json` (if any), and for each weight file (sorted) its name,
-//! size, mtime (seconds + nanoseconds) and the bytes of its safetensors header (which holds
-//! every tensor's name, dtype, shape and offsets). Replacing a shard, even with one of the
-//! same size, changes its mtime; copying a model folder without preserving times causes a
-//! (harmless) rebuild.
+//! The checkpoint key of `derived` (config, index, shard names, sizes, mtimes and
+//! safetensors headers), salted with this format's version and the row dtype.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -52,6 +47,7 @@ use memmap2::Mmap;
 
 use crate::checkpoint::{Checkpoint, DType, TensorView};
 use crate::config::{ModelConfig, TextConfig};
+use crate::derived::{checkpoint_key, folder_hash, rd64, xxh64, TempFile};
 use crate::error::{EngineError, Result};
 use crate::model::ops;
 use crate::residency::{self, Advice, MappedRegion};
@@ -203,87 +199,7 @@ impl FromStr for RowDType {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// xxh64 (the reference algorithm; used for the checkpoint key and all checksums)
-
-const P1: u64 = 0x9E37_79B1_85EB_CA87;
-const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-const P3: u64 = 0x1656_67B1_9E37_79F9;
-const P4: u64 = 0x85EB_CA77_C2B2_CA63;
-const P5: u64 = 0x27D4_EB2F_1656_67C5;
-
-#[inline]
-fn rd64(b: &[u8]) -> u64 {
-    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-}
-
-#[inline]
-fn xround(acc: u64, v: u64) -> u64 {
-    acc.wrapping_add(v.wrapping_mul(P2))
-        .rotate_left(31)
-        .wrapping_mul(P1)
-}
-
-#[inline]
-fn xmerge(acc: u64, v: u64) -> u64 {
-    (acc ^ xround(0, v)).wrapping_mul(P1).wrapping_add(P4)
-}
-
-/// XXH64 of `data` with `seed`.
-pub fn xxh64(data: &[u8], seed: u64) -> u64 {
-    let len = data.len() as u64;
-    let mut rest = data;
-    let mut h = if data.len() >= 32 {
-        let mut v = [
-            seed.wrapping_add(P1).wrapping_add(P2),
-            seed.wrapping_add(P2),
-            seed,
-            seed.wrapping_sub(P1),
-        ];
-        let mut stripes = rest.chunks_exact(32);
-        for s in &mut stripes {
-            v[0] = xround(v[0], rd64(&s[0..]));
-            v[1] = xround(v[1], rd64(&s[8..]));
-            v[2] = xround(v[2], rd64(&s[16..]));
-            v[3] = xround(v[3], rd64(&s[24..]));
-        }
-        rest = stripes.remainder();
-        let mut h = v[0]
-            .rotate_left(1)
-            .wrapping_add(v[1].rotate_left(7))
-            .wrapping_add(v[2].rotate_left(12))
-            .wrapping_add(v[3].rotate_left(18));
-        for x in v {
-            h = xmerge(h, x);
-        }
-        h
-    } else {
-        seed.wrapping_add(P5)
-    };
-    h = h.wrapping_add(len);
-    while rest.len() >= 8 {
-        h ^= xround(0, rd64(rest));
-        h = h.rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
-        rest = &rest[8..];
-    }
-    if rest.len() >= 4 {
-        let k = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as u64;
-        h ^= k.wrapping_mul(P1);
-        h = h.rotate_left(23).wrapping_mul(P2).wrapping_add(P3);
-        rest = &rest[4..];
-    }
-    for &b in rest {
-        h ^= (b as u64).wrapping_mul(P5);
-        h = h.rotate_left(11).wrapping_mul(P1);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(P2);
-    h ^= h >> 29;
-    h = h.wrapping_mul(P3);
-    h ^= h >> 32;
-    h
-}
-
+/// A row's checksum: the low 32 bits of its xxh64.
 #[inline]
 fn row_sum(row: &[u8]) -> u32 {
     xxh64(row, 0) as u32
@@ -440,64 +356,19 @@ impl Header {
 // ---------------------------------------------------------------------------------------
 // Checkpoint key and file naming
 
-/// The 128-bit key of a checkpoint (see the module docs for what it covers).
-pub fn checkpoint_key(ckpt: &Checkpoint, dtype: RowDType) -> Result<[u8; 16]> {
-    let dir = &ckpt.dir;
-    let mut buf: Vec<u8> = Vec::new();
-    buf.extend_from_slice(b"gemmad-ple\0");
-    buf.extend_from_slice(&VERSION.to_le_bytes());
-    buf.extend_from_slice(dtype.as_str().as_bytes());
-    for name in ["config.json", "model.safetensors.index.json"] {
-        let p = dir.join(name);
-        match std::fs::read(&p) {
-            Ok(b) => {
-                buf.extend_from_slice(name.as_bytes());
-                buf.extend_from_slice(&(b.len() as u64).to_le_bytes());
-                buf.extend_from_slice(&b);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(EngineError::io(p, e)),
-        }
-    }
-    let mut files: Vec<_> = ckpt.files.iter().collect();
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    for f in files {
-        let md = std::fs::metadata(&f.path).map_err(|e| EngineError::io(&f.path, e))?;
-        let name = f
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        buf.extend_from_slice(name.as_bytes());
-        buf.push(0);
-        buf.extend_from_slice(&md.len().to_le_bytes());
-        let (secs, nanos) = {
-            use std::os::unix::fs::MetadataExt;
-            (md.mtime(), md.mtime_nsec())
-        };
-        buf.extend_from_slice(&secs.to_le_bytes());
-        buf.extend_from_slice(&nanos.to_le_bytes());
-        // The safetensors header: 8-byte length + JSON (already validated at open).
-        let m = &f.map;
-        let n = if m.len() >= 8 {
-            (rd64(&m[..8]) as usize).saturating_add(8).min(m.len())
-        } else {
-            m.len()
-        };
-        buf.extend_from_slice(&m[..n]);
-    }
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&xxh64(&buf, 0).to_le_bytes());
-    key[8..].copy_from_slice(&xxh64(&buf, 0x5eed_9e3f_7c15_ab01).to_le_bytes());
-    Ok(key)
+/// The checkpoint key of a cache with rows of `dtype` (see the module docs).
+pub fn cache_key(ckpt: &Checkpoint, dtype: RowDType) -> Result<[u8; 16]> {
+    let mut salt: Vec<u8> = b"gemmad-ple\0".to_vec();
+    salt.extend_from_slice(&VERSION.to_le_bytes());
+    salt.extend_from_slice(dtype.as_str().as_bytes());
+    checkpoint_key(ckpt, &salt)
 }
 
 /// The cache file for the checkpoint in `model_dir` with rows of `dtype`:
 /// `<cache_dir>/ple-<hash of the canonical model path>-<dtype>.gemmaple`. The name is
 /// stable per model folder so that a stale file is replaced rather than left behind.
 pub fn cache_path(cache_dir: &Path, model_dir: &Path, dtype: RowDType) -> PathBuf {
-    let canon = std::fs::canonicalize(model_dir).unwrap_or_else(|_| model_dir.to_path_buf());
-    let h = xxh64(canon.to_string_lossy().as_bytes(), 0);
+    let h = folder_hash(model_dir);
     cache_dir.join(format!("ple-{h:016x}-{dtype}.gemmaple"))
 }
 
@@ -601,13 +472,8 @@ pub fn build_file(
         path: path.to_path_buf(),
         reason,
     };
-    let key = checkpoint_key(ckpt, dtype)?;
+    let key = cache_key(ckpt, dtype)?;
     let mut hdr = Header::layout(dtype, c, key).map_err(perr)?;
-    let dir = path
-        .parent()
-        .ok_or_else(|| perr("has no parent folder".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-    remove_stale_temps(path);
 
     let prefix = cfg.layout.text_prefix();
     let (h, l, p) = (
@@ -639,16 +505,9 @@ pub fn build_file(
     let eps = c.rms_norm_eps as f32;
     let emb_scale = (h as f64).sqrt() as f32;
 
-    let tmp = temp_path(path);
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| EngineError::io(&tmp, e))?;
     // From here on, a failure or a cancel removes the temp file.
-    let mut guard = TempGuard(Some(tmp.clone()));
-    let werr = |e: std::io::Error| EngineError::io(&tmp, e);
+    let (tmp, file) = TempFile::create(path)?;
+    let werr = |e: std::io::Error| EngineError::io(tmp.path(), e);
     let mut w = BufWriter::with_capacity(1 << 20, file);
     w.write_all(&vec![0u8; HEADER_BYTES]).map_err(werr)?;
 
@@ -709,7 +568,7 @@ pub fn build_file(
             synced = written;
         }
         if progress(start as u64, rows as u64).is_break() {
-            // `w` is dropped before `guard`, which removes the temp file.
+            // `w` is dropped before `tmp`, which removes the temp file.
             return Err(EngineError::Cancelled("building the PLE cache"));
         }
     }
@@ -732,11 +591,7 @@ pub fn build_file(
     file.sync_all().map_err(werr)?;
     residency::fadvise_file(&file, 0, hdr.file_bytes as usize);
     drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))?;
-    guard.0 = None;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
+    tmp.commit()?;
     let rep = BuildReport {
         path: path.to_path_buf(),
         file_bytes: hdr.file_bytes,
@@ -747,45 +602,6 @@ pub fn build_file(
     tracing::info!(path = %path.display(), bytes = rep.file_bytes, rows, %dtype,
         secs = rep.elapsed.as_secs_f64(), "PLE cache built");
     Ok(rep)
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_os_string();
-    s.push(format!(".tmp-{}", std::process::id()));
-    PathBuf::from(s)
-}
-
-/// Removes temp files of earlier builds of `path` whose process is gone.
-fn remove_stale_temps(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return;
-    };
-    let prefix = format!("{}.tmp-", name.to_string_lossy());
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = n.strip_prefix(&prefix) else {
-            continue;
-        };
-        let alive = pid.parse::<u32>().is_ok_and(|pid| {
-            pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
-        });
-        if !alive || pid.parse::<u32>().ok() == Some(std::process::id()) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
-
-struct TempGuard(Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -981,7 +797,7 @@ impl PleCache {
         progress: &mut dyn FnMut(u64, u64) -> ControlFlow<()>,
     ) -> Result<PleCache> {
         let path = cache_path(cache_dir, &ckpt.dir, dtype);
-        let key = checkpoint_key(ckpt, dtype)?;
+        let key = cache_key(ckpt, dtype)?;
         if path.exists() {
             match PleCache::open(&path, &cfg.text, dtype, key, hot_bytes)? {
                 Ok(c) => {
@@ -1237,14 +1053,6 @@ impl PleSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn xxh64_reference_values() {
-        // Known answers of the reference implementation.
-        assert_eq!(xxh64(b"", 0), 0xEF46_DB37_51D8_E999);
-        assert_eq!(xxh64(b"a", 0), 0xD24E_C4F1_A98C_6E5B);
-        assert_eq!(xxh64(b"abc", 0), 0x44BC_2CF5_AD77_0999);
-    }
 
     #[test]
     fn row_codecs_round_trip() {

@@ -158,7 +158,7 @@ fn bf16_and_q8_rows_stay_close_to_transformers() {
 }
 
 fn key_of(dir: &Path, dt: RowDType) -> [u8; 16] {
-    ple_cache::checkpoint_key(&Checkpoint::open(dir).unwrap(), dt).unwrap()
+    ple_cache::cache_key(&Checkpoint::open(dir).unwrap(), dt).unwrap()
 }
 
 fn open_reason(model: &Path, file: &Path, dt: RowDType) -> Option<String> {

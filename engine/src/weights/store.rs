@@ -12,8 +12,8 @@
 //! (the file was written or read in small folios outside gemmad, or reclaim split its
 //! folios) is re-read in 2 MiB folios once (`residency::ensure_huge`).
 //!
-//! Keyed by the checkpoint key of the PLE cache (config, index, shard names, sizes,
-//! mtimes and safetensors headers) plus the quant type and this format's version. The
+//! Keyed by the checkpoint key (`derived`: config, index, shard names, sizes, mtimes and
+//! safetensors headers) plus the quant type, the layout and this format's version. The
 //! header carries XXH64 checksums of the index and of the data; a file whose key,
 //! version or checksums do not match is rebuilt, never used. Written to a temp file and
 //! renamed into place.
@@ -32,8 +32,8 @@ use memmap2::Mmap;
 
 use super::Matrix;
 use crate::checkpoint::Checkpoint;
+use crate::derived::{checkpoint_key, folder_hash, rd64, xxh64, xxh64_128, TempFile};
 use crate::error::{EngineError, Result};
-use crate::ple_cache::{checkpoint_key, xxh64, RowDType};
 use crate::quant::{packed, QuantType};
 use crate::residency::{advise_huge, ensure_huge};
 
@@ -42,24 +42,26 @@ const VERSION: u32 = 3; // 2: packed blocks carry their scales inline; 3: Q4_K m
 const HEADER: usize = 4096;
 const ALIGN: usize = 64;
 
+/// The salt of the checkpoint key under a store's key: the bytes the PLE cache salts the
+/// key of its f32 files with (format 1). Stores were first keyed with that key, and the
+/// same bytes keep existing stores valid.
+const CKPT_SALT: &[u8] = b"gemmad-ple\0\x01\0\0\0f32";
+
 /// Where the quantized weights of `ckpt` as `quant` live, and their key.
 pub fn store_path(
     cache_dir: &Path,
     ckpt: &Checkpoint,
     quant: QuantType,
 ) -> Result<(PathBuf, [u8; 16])> {
-    let base = checkpoint_key(ckpt, RowDType::F32)?;
+    let base = checkpoint_key(ckpt, CKPT_SALT)?;
     let mut buf = Vec::with_capacity(48);
     buf.extend_from_slice(b"gemmad-quant\0");
     buf.extend_from_slice(&base);
     buf.extend_from_slice(quant.as_str().as_bytes());
     buf.extend_from_slice(packed::layout_tag().as_bytes());
     buf.extend_from_slice(&VERSION.to_le_bytes());
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&xxh64(&buf, 1).to_le_bytes());
-    key[8..].copy_from_slice(&xxh64(&buf, 2).to_le_bytes());
-    let canon = std::fs::canonicalize(&ckpt.dir).unwrap_or_else(|_| ckpt.dir.clone());
-    let h = xxh64(canon.to_string_lossy().as_bytes(), 0);
+    let key = xxh64_128(&buf, [1, 2]);
+    let h = folder_hash(&ckpt.dir);
     Ok((
         cache_dir.join(format!(
             "weights-{h:016x}-{quant}-{}.gemmaqw",
@@ -79,12 +81,6 @@ pub struct QuantStore {
 
 fn rd32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn rd64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
 }
 
 impl QuantStore {
@@ -224,8 +220,6 @@ pub fn write(
     quant: QuantType,
     mats: &[(String, Matrix)],
 ) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let mut index = Vec::new();
     let mut off = 0usize;
     let mut blobs: Vec<(&[u8], usize)> = Vec::with_capacity(mats.len());
@@ -247,10 +241,10 @@ pub fn write(
     let ioff = HEADER;
     let doff = (ioff + index.len()).div_ceil(4096) * 4096;
     let dlen = off;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let (tmp, f) = TempFile::create(path)?;
+    let werr = |e: std::io::Error| EngineError::io(tmp.path(), e);
     let write_all = || -> std::io::Result<()> {
-        let f = File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
         w.write_all(&vec![0u8; doff])?; // header + index placeholder, rewritten below
         for (bytes, pad) in &blobs {
             w.write_all(&vec![0u8; *pad])?;
@@ -258,15 +252,10 @@ pub fn write(
         }
         w.flush()
     };
-    write_all().map_err(|e| EngineError::io(&tmp, e))?;
+    write_all().map_err(werr)?;
     // Checksum the data by mapping what was written (XXH64 is not incremental here).
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&tmp)
-        .map_err(|e| EngineError::io(&tmp, e))?;
     // SAFETY: private temp file, not yet visible under its final name.
-    let map = unsafe { Mmap::map(&f) }.map_err(|e| EngineError::io(&tmp, e))?;
+    let map = unsafe { Mmap::map(&f) }.map_err(werr)?;
     let dxx = xxh64(&map[doff..doff + dlen], 0);
     drop(map);
     let mut head = vec![0u8; HEADER];
@@ -289,13 +278,11 @@ pub fn write(
         head[32 + 8 * i..40 + 8 * i].copy_from_slice(&v.to_le_bytes());
     }
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&head, 0)
-        .map_err(|e| EngineError::io(&tmp, e))?;
-    f.write_all_at(&index, ioff as u64)
-        .map_err(|e| EngineError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
+    f.write_all_at(&head, 0).map_err(werr)?;
+    f.write_all_at(&index, ioff as u64).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
     // Clean after the sync, so this drops them (see the module docs).
     crate::residency::fadvise_file(&f, 0, 0);
-    std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))?;
-    Ok(())
+    drop(f);
+    tmp.commit()
 }
