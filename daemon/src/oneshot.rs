@@ -222,7 +222,7 @@ pub fn ple_cache(a: PleCacheArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut last = 0u64;
     let report =
-        gemmad_engine::ple_cache::build(&a.model, &a.cache_dir, a.dtype, &mut |done, total| {
+        gemmad_engine::build_ple_cache(&a.model, &a.cache_dir, a.dtype, &mut |done, total| {
             let pct = (done * 100).checked_div(total).unwrap_or(100);
             if pct != last || done == total {
                 last = pct;

@@ -28,6 +28,7 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use kv_cache::KvCache;
 pub use memory::{MemoryReport, PartMemory};
+pub use model::ple_build::{build as build_ple_cache, BuildReport as PleBuildReport};
 pub use model::{LogitsFor, TextModel};
 pub use ple_cache::{PleCache, RowDType};
 pub use quant::QuantType;

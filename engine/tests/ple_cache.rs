@@ -264,7 +264,7 @@ fn corrupt_and_stale_caches_are_detected_and_rebuilt() {
 fn build_is_atomic_and_can_be_cancelled() {
     let tmp = tempfile::tempdir().unwrap();
     let mut calls = 0;
-    let r = ple_cache::build(
+    let r = build_ple_cache(
         &fixture("text"),
         tmp.path(),
         RowDType::Bf16,
@@ -282,7 +282,7 @@ fn build_is_atomic_and_can_be_cancelled() {
         "no leftovers"
     );
     let mut last = (0, 0);
-    let rep = ple_cache::build(&fixture("text"), tmp.path(), RowDType::Bf16, &mut |d, t| {
+    let rep = build_ple_cache(&fixture("text"), tmp.path(), RowDType::Bf16, &mut |d, t| {
         last = (d, t);
         ControlFlow::Continue(())
     })

@@ -5,6 +5,8 @@
 mod attention;
 mod layer;
 pub mod ops;
+pub mod per_layer;
+pub mod ple_build;
 pub(crate) mod scratch;
 
 use std::path::Path;
@@ -13,9 +15,10 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LayerType, ModelConfig, TextConfig};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::ple_cache::{PleCache, PleSource};
+use crate::ple_cache::PleCache;
 use crate::quant::QuantType;
 use crate::weights::Matrix;
+use per_layer::PleSource;
 use scratch::Scratch;
 use std::sync::Arc;
 
@@ -319,7 +322,7 @@ impl TextModel {
         let pad = c.pad_token_id as usize;
         let (cache, table) = match &self.embed_tokens_per_layer {
             PleSource::Table(table) => {
-                crate::ple_cache::projection_part(
+                per_layer::projection_part(
                     &self.per_layer_model_projection,
                     &self.per_layer_projection_norm,
                     self.eps,
@@ -348,7 +351,7 @@ impl TextModel {
                         for v in row.iter_mut() {
                             *v *= tok_scale;
                         }
-                        crate::ple_cache::combine(&mut out[i * lp..(i + 1) * lp], &row);
+                        per_layer::combine(&mut out[i * lp..(i + 1) * lp], &row);
                     }
                 });
                 return;
@@ -377,7 +380,7 @@ impl TextModel {
             x[j * h..(j + 1) * h].copy_from_slice(&embeds[i * h..(i + 1) * h]);
         }
         let mut y = vec![0.0f32; n * lp];
-        crate::ple_cache::projection_part(
+        per_layer::projection_part(
             &self.per_layer_model_projection,
             &self.per_layer_projection_norm,
             self.eps,
@@ -390,13 +393,13 @@ impl TextModel {
         for (j, &(i, row)) in runtime.iter().enumerate() {
             let part: &[f32] = match row {
                 Some(id) => {
-                    crate::ple_cache::table_part(table, c, id, &mut tok);
+                    per_layer::table_part(table, c, id, &mut tok);
                     &tok
                 }
                 None => cache.pad_part(),
             };
             let o = &mut y[j * lp..(j + 1) * lp];
-            crate::ple_cache::combine(o, part);
+            per_layer::combine(o, part);
             out[i * lp..(i + 1) * lp].copy_from_slice(o);
         }
     }
