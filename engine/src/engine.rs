@@ -12,8 +12,7 @@ use serde_json::{json, Value};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvCache;
-use crate::model::{LogitsFor, TextModel};
+use crate::model::{ForwardState, LogitsFor, TextModel};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
@@ -185,7 +184,7 @@ pub struct Engine {
     cfg: ModelConfig,
     model: TextModel,
     tokenizer: Option<Arc<TextTokenizer>>,
-    cache: KvCache,
+    cache: ForwardState,
     /// Compute threads of the forward pass.
     pool: crate::par::SpinPool,
     /// Mapped weight groups, towers and the checkpoint (memory control).

@@ -8,6 +8,7 @@ pub mod ops;
 pub mod per_layer;
 pub mod ple_build;
 pub(crate) mod scratch;
+mod state;
 
 use std::path::Path;
 
@@ -23,6 +24,7 @@ use scratch::Scratch;
 use std::sync::Arc;
 
 pub use layer::DecoderLayer;
+pub use state::ForwardState;
 
 /// Which positions of a forward pass need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +34,8 @@ pub enum LogitsFor {
     All,
 }
 
-/// The loaded text decoder. Immutable after load; all per-sequence state is in the cache.
+/// The loaded text decoder. Immutable after load; all per-sequence state is in a
+/// [`ForwardState`].
 #[derive(Debug)]
 pub struct TextModel {
     pub cfg: TextConfig,
@@ -279,10 +282,10 @@ impl TextModel {
         Ok((cfg, m))
     }
 
-    /// A KV cache for up to `max_len` positions: f16 when the weights are quantized (its
-    /// rounding is far below theirs), f32 otherwise (so f32/bf16 runs keep the
-    /// reference's precision).
-    pub fn new_cache(&self, max_len: usize) -> KvCache {
+    /// A sequence's state with a KV cache for up to `max_len` positions: f16 when the
+    /// weights are quantized (its rounding is far below theirs), f32 otherwise (so
+    /// f32/bf16 runs keep the reference's precision).
+    pub fn new_cache(&self, max_len: usize) -> ForwardState {
         use crate::quant::QuantType;
         let dtype = match self.layers.first().map(|l| l.self_attn.q_proj.quant_type()) {
             Some(QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4K) => {
@@ -290,7 +293,7 @@ impl TextModel {
             }
             _ => crate::kv_cache::KvDType::F32,
         };
-        KvCache::new(&self.cfg, max_len, dtype)
+        ForwardState::new(KvCache::new(&self.cfg, max_len, dtype))
     }
 
     /// Scaled input embeddings `[t, H]` (`embed_tokens[id] · √H`).
@@ -404,11 +407,16 @@ impl TextModel {
         }
     }
 
-    /// Runs `ids` at positions `cache.len()..` and returns logits (`[n, vocab]` for the
+    /// Runs `ids` at positions `state.len()..` and returns logits (`[n, vocab]` for the
     /// requested positions; softcapped).
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, want: LogitsFor) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        state: &mut ForwardState,
+        want: LogitsFor,
+    ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.forward_into(ids, cache, want, &mut out)?;
+        self.forward_into(ids, state, want, &mut out)?;
         Ok(out)
     }
 
@@ -417,7 +425,7 @@ impl TextModel {
     pub fn forward_into(
         &self,
         ids: &[u32],
-        cache: &mut KvCache,
+        state: &mut ForwardState,
         want: LogitsFor,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
@@ -432,23 +440,23 @@ impl TextModel {
                 c.vocab_size
             )));
         }
-        let needed = cache.len() + t;
-        if needed > cache.max_len() {
+        let needed = state.len() + t;
+        if needed > state.max_len() {
             return Err(EngineError::ContextFull {
                 needed,
-                max: cache.max_len(),
+                max: state.max_len(),
             });
         }
         let h = c.hidden_size;
-        let mut sc = std::mem::take(&mut cache.scratch);
-        let mut embeds = sc.take(t * h);
+        let mut embeds = state.scratch.take(t * h);
         self.embed(ids, &mut embeds);
-        let mut pli = sc.take(t * c.num_hidden_layers * c.hidden_size_per_layer_input);
+        let mut pli = state
+            .scratch
+            .take(t * c.num_hidden_layers * c.hidden_size_per_layer_input);
         self.per_layer_inputs(ids, &embeds, &mut pli);
-        cache.scratch = sc;
-        let r = self.forward_embeds_into(&embeds, &pli, cache, want, logits);
-        cache.scratch.give(embeds);
-        cache.scratch.give(pli);
+        let r = self.forward_embeds_into(&embeds, &pli, state, want, logits);
+        state.scratch.give(embeds);
+        state.scratch.give(pli);
         r
     }
 
@@ -458,11 +466,11 @@ impl TextModel {
         &self,
         embeds: Vec<f32>,
         pli: &[f32],
-        cache: &mut KvCache,
+        state: &mut ForwardState,
         want: LogitsFor,
     ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.forward_embeds_into(&embeds, pli, cache, want, &mut out)?;
+        self.forward_embeds_into(&embeds, pli, state, want, &mut out)?;
         Ok(out)
     }
 
@@ -470,10 +478,11 @@ impl TextModel {
         &self,
         embeds: &[f32],
         pli: &[f32],
-        cache: &mut KvCache,
+        state: &mut ForwardState,
         want: LogitsFor,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        let ForwardState { cache, scratch: sc } = state;
         let c = &self.cfg;
         let h = c.hidden_size;
         let t = embeds.len() / h;
@@ -481,7 +490,6 @@ impl TextModel {
         let a = c.altup_num_inputs;
 
         // AltUp stream initialisation (Gemma3nTextModel.forward).
-        let mut sc = std::mem::take(&mut cache.scratch);
         let mut streams: [Vec<f32>; 8] = Default::default();
         streams[0] = sc.copy_of(embeds);
         for (i, proj) in self.altup_projections.iter().enumerate() {
@@ -496,10 +504,9 @@ impl TextModel {
             }
             streams[i + 1] = s;
         }
-        cache.scratch = sc;
 
         let ropes = [&self.rope_full, &self.rope_sliding].map(|inv_freq| {
-            let mut table = cache.scratch.take_for_write(t * c.head_dim);
+            let mut table = sc.take_for_write(t * c.head_dim);
             ops::rope_table(pos0, t, inv_freq, &mut table);
             table
         });
@@ -509,13 +516,13 @@ impl TextModel {
                 LayerType::Full => &ropes[0],
                 LayerType::Sliding => &ropes[1],
             };
-            result = layer.forward(self, li, &mut streams[..a], pli, t, pos0, rope, cache);
+            result = layer.forward(self, li, &mut streams[..a], pli, t, pos0, rope, cache, sc);
             if result.is_err() {
                 break;
             }
         }
         for table in ropes {
-            cache.scratch.give(table);
+            sc.give(table);
         }
         if result.is_ok() {
             cache.commit(t);
@@ -528,10 +535,10 @@ impl TextModel {
             // step's) is not zeroed first (1 MiB per token).
             logits.truncate(n * c.vocab_size);
             if n > 0 {
-                let hidden = self.final_hidden(&streams[..a], r0, n, &mut cache.scratch);
+                let hidden = self.final_hidden(&streams[..a], r0, n, sc);
                 logits.resize(n * c.vocab_size, 0.0);
                 self.embed_tokens.matmul(&hidden, n, logits);
-                cache.scratch.give(hidden);
+                sc.give(hidden);
                 if let Some(cap) = c.final_logit_softcapping {
                     // 262k logits per token: vectorized and split over the threads
                     // (scalar `tanhf` on one thread was ~1% of a decode step).
@@ -546,7 +553,7 @@ impl TextModel {
             }
         }
         for s in streams.iter_mut().take(a) {
-            cache.scratch.give(std::mem::take(s));
+            sc.give(std::mem::take(s));
         }
         result
     }
