@@ -31,6 +31,7 @@ pub use memory::{MemoryReport, PartMemory};
 pub use model::ple_build::{build as build_ple_cache, BuildReport as PleBuildReport};
 pub use model::{LogitsFor, TextModel};
 pub use ple_cache::{PleCache, RowDType};
+pub use quant::kernels::{configure as configure_kernels, IsaChoice};
 pub use quant::QuantType;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::TextTokenizer;
@@ -39,6 +40,18 @@ pub use towers::{Modality, TowerPolicy};
 /// Helpers shared by the unit tests.
 #[cfg(test)]
 pub(crate) mod test_util {
+    use crate::quant::kernels::IsaChoice;
+
+    /// The kernel tier and packing of a manual test run: `GEMMAD_ISA` (an [`IsaChoice`])
+    /// and `GEMMAD_PACK=0` (no packing).
+    pub fn kernel_settings_from_env() -> (IsaChoice, bool) {
+        let isa = match std::env::var("GEMMAD_ISA") {
+            Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|e| panic!("GEMMAD_ISA: {e}")),
+            _ => IsaChoice::Auto,
+        };
+        (isa, std::env::var("GEMMAD_PACK").as_deref() != Ok("0"))
+    }
+
     /// `n` seeded pseudo-random values in [-2, 2) (an LCG): reproducible kernel inputs
     /// with both signs and a spread of magnitudes.
     pub fn data(n: usize, seed: u64) -> Vec<f32> {

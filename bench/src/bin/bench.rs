@@ -15,8 +15,8 @@ use gemmad_bench::membw;
 use gemmad_bench::procfs::{self, CpuSnapshot, CpuUse};
 use gemmad_bench::synth::WyRand;
 use gemmad_engine::{
-    Checkpoint, Engine, GenerateRequest, LoadOptions, ModelConfig, PleMode, Prompt, QuantType,
-    SamplingParams,
+    Checkpoint, Engine, GenerateRequest, IsaChoice, LoadOptions, ModelConfig, PleMode, Prompt,
+    QuantType, SamplingParams,
 };
 use serde_json::{json, Value};
 
@@ -66,6 +66,13 @@ struct Args {
     /// Do not reload after warming the page cache even if the first load was cold.
     #[arg(long)]
     no_reload: bool,
+    /// Kernel tier: auto, or a lower one to measure another CPU's kernels (scalar, avx2,
+    /// avxvnni, avx512, neon, neondot).
+    #[arg(long, env = "GEMMAD_ISA", default_value = "auto")]
+    isa: IsaChoice,
+    /// 0: keep ggml's row layout instead of packing quantized matrices (for comparisons).
+    #[arg(long, env = "GEMMAD_PACK", default_value_t = 1)]
+    pack: u8,
     /// Internal: run only the bandwidth probe and print its JSON (used as a child process
     /// so that its buffer does not count in the benchmark's peak RSS).
     #[arg(long, hide = true)]
@@ -353,6 +360,7 @@ fn main() -> Result<()> {
     if a.membw_child {
         return membw_child(&a);
     }
+    gemmad_engine::configure_kernels(a.isa, a.pack != 0);
     let dir = a.model.clone().context("--model is required")?;
     if a.prompt == 0 || a.gen < 2 {
         bail!("--prompt must be >= 1 and --gen >= 2");

@@ -64,9 +64,9 @@ pub enum Path {
     Neon,
 }
 
-/// The packed kernels for this CPU (following [`kernels::isa`], so `GEMMAD_ISA=avxvnni`
-/// selects the 256-bit AVX-VNNI ones, `GEMMAD_ISA=avx2` the plain AVX2 ones,
-/// `GEMMAD_ISA=neon` the NEON ones without the dot-product extension), or `None` where
+/// The packed kernels for this CPU (following [`kernels::isa`] and the configured
+/// [`kernels::IsaChoice`]: `avxvnni` selects the 256-bit AVX-VNNI ones, `avx2` the plain
+/// AVX2 ones, `neon` the NEON ones without the dot-product extension), or `None` where
 /// there are none.
 pub fn path() -> Option<Path> {
     #[cfg(target_arch = "x86_64")]
@@ -75,8 +75,7 @@ pub fn path() -> Option<Path> {
         *PATH.get_or_init(|| match kernels::isa() {
             kernels::Isa::Avx512Vnni => Some(Path::Avx512Vnni),
             kernels::Isa::Avx2
-                if runs_here(Path::AvxVnni)
-                    && std::env::var("GEMMAD_ISA").as_deref() != Ok("avx2") =>
+                if runs_here(Path::AvxVnni) && kernels::choice() != kernels::IsaChoice::Avx2 =>
             {
                 Some(Path::AvxVnni)
             }
@@ -90,7 +89,7 @@ pub fn path() -> Option<Path> {
         *PATH.get_or_init(|| match kernels::isa() {
             kernels::Isa::Neon
                 if runs_here(Path::NeonDotprod)
-                    && std::env::var("GEMMAD_ISA").as_deref() != Ok("neon") =>
+                    && kernels::choice() != kernels::IsaChoice::Neon =>
             {
                 Some(Path::NeonDotprod)
             }
@@ -131,11 +130,10 @@ pub fn supported() -> bool {
     path().is_some()
 }
 
-/// Whether loaded matrices are packed: where supported, unless `GEMMAD_PACK=0` (for
-/// comparisons with the ggml-layout kernels).
+/// Whether loaded matrices are packed: where supported, unless configured off (for
+/// comparisons with the ggml-layout kernels; [`kernels::configure`]).
 pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    supported() && *ON.get_or_init(|| std::env::var("GEMMAD_PACK").as_deref() != Ok("0"))
+    supported() && kernels::pack()
 }
 
 /// Layout name for cache keys: a store written packed is only read where packing is on.

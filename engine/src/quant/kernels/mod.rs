@@ -28,7 +28,8 @@ pub use attention::{
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use attention::{axpy_rows_rest, dot_rest};
 pub use f16::{narrow_f16, widen_f16};
-pub use isa::{avx512_vnni, cpu_has, isa, Isa};
+pub use isa::{avx512_vnni, configure, cpu_has, isa, Isa, IsaChoice};
+pub(crate) use isa::{choice, pack};
 #[cfg(target_arch = "x86_64")]
 pub(crate) use prefetch::{prefetch, prefetch_ahead};
 pub use scalar::*;
