@@ -6,9 +6,8 @@
 
 use std::time::Instant;
 
-use gemmad_engine::quant::QuantType;
-use gemmad_engine::weights::Matrix;
-use gemmad_engine::IsaChoice;
+use gemmad_engine::internals::Matrix;
+use gemmad_engine::{IsaChoice, QuantType};
 
 /// The kernel tier and packing from `GEMMAD_ISA` and `GEMMAD_PACK=0`, as the bench takes
 /// them.

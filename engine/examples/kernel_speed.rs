@@ -3,11 +3,10 @@
 //! rate corresponds to. Run: `cargo run --release -p gemmad-engine --example kernel_speed`
 //! (`GEMMAD_ISA=avx2` and the like for a lower tier).
 
-use gemmad_engine::quant::blocks::*;
-use gemmad_engine::quant::kernels::{self, isa};
-use gemmad_engine::quant::packed;
-use gemmad_engine::quant::QuantType;
-use gemmad_engine::IsaChoice;
+use gemmad_engine::internals::quant::blocks::*;
+use gemmad_engine::internals::quant::kernels::{self, isa};
+use gemmad_engine::internals::quant::packed;
+use gemmad_engine::{IsaChoice, QuantType};
 
 /// The kernel tier and packing from `GEMMAD_ISA` and `GEMMAD_PACK=0`, as the bench takes
 /// them.

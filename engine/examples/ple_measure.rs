@@ -14,6 +14,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use gemmad_engine::internals::EngineInternals;
 use gemmad_engine::*;
 
 struct Args {
@@ -170,7 +171,7 @@ fn main() {
             report("after load", &e);
             run(&mut e, &a);
             report("after the request", &e);
-            if let Some(p) = e.ple() {
+            if let Some(p) = e.ple_cache() {
                 p.release();
                 report("after ple.release()", &e);
             }

@@ -2,37 +2,37 @@
 //! runs the text decoder with a KV cache, samples, tokenizes and renders chat templates.
 //! Synchronous and single-owner: the daemon gives it one thread.
 
-pub mod checkpoint;
-pub mod config;
-pub mod derived;
-pub mod engine;
-pub mod error;
-pub mod kv_cache;
-pub mod memory;
-pub mod model;
-pub mod par;
-pub mod ple_cache;
-pub mod quant;
-pub mod residency;
-pub mod sampling;
-pub mod tokenizer;
-pub mod towers;
-pub mod weights;
+mod checkpoint;
+mod config;
+mod derived;
+mod engine;
+mod error;
+mod kv_cache;
+mod memory;
+mod model;
+mod par;
+mod ple_cache;
+mod quant;
+mod residency;
+mod sampling;
+mod tokenizer;
+mod towers;
+mod weights;
 
-pub use checkpoint::Checkpoint;
+#[cfg(feature = "internals")]
+pub mod internals;
+
 pub use config::{LayerType, Layout, ModelConfig, TextConfig};
 pub use engine::{
     ChatMessage, ContentPart, Engine, FinishReason, GenerateOutput, GenerateRequest, LoadOptions,
-    PleMode, Prompt, Timings, TokenEvent, Usage,
+    PleMode, Prompt, Timings, TokenEvent, Usage, DEFAULT_PLE_HOT_BYTES,
 };
 pub use error::{EngineError, Result};
-pub use kv_cache::KvCache;
 pub use memory::{MemoryReport, PartMemory};
 pub use model::ple_build::{build as build_ple_cache, BuildReport as PleBuildReport};
-pub use model::{LogitsFor, TextModel};
-pub use ple_cache::{PleCache, RowDType};
+pub use ple_cache::RowDType;
 pub use quant::kernels::{configure as configure_kernels, IsaChoice};
-pub use quant::QuantType;
+pub use quant::{kernels_in_use, QuantType};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::TextTokenizer;
 pub use towers::{Modality, TowerPolicy};

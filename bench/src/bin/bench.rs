@@ -14,9 +14,10 @@ use clap::Parser;
 use gemmad_bench::membw;
 use gemmad_bench::procfs::{self, CpuSnapshot, CpuUse};
 use gemmad_bench::synth::WyRand;
+use gemmad_engine::internals::{Checkpoint, EngineInternals, TensorView};
 use gemmad_engine::{
-    Checkpoint, Engine, GenerateRequest, IsaChoice, LoadOptions, ModelConfig, PleMode, Prompt,
-    QuantType, SamplingParams,
+    Engine, GenerateRequest, IsaChoice, LoadOptions, ModelConfig, PleMode, Prompt, QuantType,
+    SamplingParams,
 };
 use serde_json::{json, Value};
 
@@ -134,7 +135,7 @@ fn membw_child(a: &Args) -> Result<()> {
 struct WarmSet {
     /// (file, start, end, mapped slice for mincore)
     ranges: Vec<(PathBuf, usize, usize)>,
-    views: Vec<gemmad_engine::checkpoint::TensorView>,
+    views: Vec<TensorView>,
     bytes: usize,
 }
 
@@ -261,7 +262,7 @@ struct Probe {
 impl Probe {
     fn new(engine: &Engine, threads: usize, every: usize) -> Probe {
         let regions = engine
-            .model()
+            .text_model()
             .decode_weight_regions()
             .iter()
             .map(|r| (r.as_ptr() as usize, r.len()))
@@ -404,7 +405,7 @@ fn main() -> Result<()> {
     };
     let mem_after_load = procfs::mem_status()?;
     let huge_after_load = procfs::huge_pages().unwrap_or_default();
-    let decode_weight_bytes = engine.model().decode_weight_bytes();
+    let decode_weight_bytes = engine.text_model().decode_weight_bytes();
 
     // Warm-up: a short forward pass (thread pool, allocations) and a sanity check that the
     // weights produce finite logits.
@@ -473,10 +474,7 @@ fn main() -> Result<()> {
         "quant / threads",
         format!("{} / {} (machine: {ncpu} CPUs)", a.quant, a.threads),
     );
-    line(
-        "kernels",
-        gemmad_engine::quant::kernels_in_use().to_string(),
-    );
+    line("kernels", gemmad_engine::kernels_in_use().to_string());
     line(
         "load, first",
         format!(
@@ -637,7 +635,7 @@ fn main() -> Result<()> {
         "quant": a.quant.as_str(),
         "ple": format!("{:?}", a.ple).to_lowercase(),
         "threads": a.threads,
-        "kernels": gemmad_engine::quant::kernels_in_use(),
+        "kernels": gemmad_engine::kernels_in_use(),
         "machine": {
             "cpus": ncpu,
             "cpu_model": procfs::cpu_model(),

@@ -4,7 +4,7 @@
 //! checkpoint's `embed_tokens_per_layer` table (2 G parameters in E2B) nor the per-token
 //! projection matvec is needed while serving text.
 //!
-//! # File format (version [`VERSION`], little-endian)
+//! # File format (version [`VERSION`](format::VERSION), little-endian)
 //!
 //! ```text
 //! [0, 4096)            header (one page; fields below, xxh64 of bytes [0, 4088) at 4088)
@@ -36,11 +36,11 @@
 //! The checkpoint key of `derived` (config, index, shard names, sizes, mtimes and
 //! safetensors headers), salted with this format's version and the row dtype.
 
-mod format;
+pub(crate) mod format;
 mod hot;
-mod reader;
+pub(crate) mod reader;
 mod writer;
 
-pub use format::{cache_key, cache_path, Header, RowDType, HEADER_BYTES, MAGIC, VERSION};
-pub use reader::{Invalid, PleCache, PleStats};
+pub use format::{cache_key, cache_path, RowDType};
+pub use reader::{Invalid, PleCache};
 pub(crate) use writer::Writer;

@@ -99,7 +99,7 @@ pub struct OutView {
 
 impl OutView {
     /// The view whose first row is this one's row `r`.
-    pub fn from_row(self, r: usize) -> OutView {
+    pub fn at_row(self, r: usize) -> OutView {
         OutView {
             ptr: self.ptr.wrapping_add(r * self.row_stride),
             ..self

@@ -51,6 +51,8 @@ const MAX_TOKENS: usize = 8;
 
 /// The kernels that run the packed products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// A build constructs its own architecture's paths only (the tests name them all).
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
 pub enum Path {
     /// One 512-bit register per row group, `vpdpbusd` byte products.
     Avx512Vnni,
@@ -385,7 +387,9 @@ pub struct PackedW<'a> {
 }
 
 /// `out[(r − rows.start)·out_stride + tok] = W[r] · x[tok]` for rows `rows` (the start a
-/// multiple of [`ROWS`]) and tokens `toks`.
+/// multiple of [`ROWS`]) and tokens `toks` (the kernels' example; the engine writes
+/// through [`tile_into`]).
+#[cfg(feature = "internals")]
 pub fn tile(
     w: &PackedW,
     rows: Range<usize>,
@@ -399,7 +403,8 @@ pub fn tile(
     }
 }
 
-/// [`tile`] with the kernels of `p` (tests compare the paths).
+/// `tile` with the kernels of `p` (tests compare the paths).
+#[cfg(any(test, feature = "internals"))]
 pub(crate) fn tile_on(
     p: Path,
     w: &PackedW,
@@ -425,7 +430,7 @@ pub(crate) fn tile_on(
     unsafe { tile_into_on(p, w, rows, x, toks, view) }
 }
 
-/// [`tile`] into any layout; prefill writes token-major straight into the product's
+/// `tile` into any layout; prefill writes token-major straight into the product's
 /// output (16 consecutive floats per token), with no transposition afterwards.
 ///
 /// # Safety

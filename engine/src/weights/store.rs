@@ -192,15 +192,6 @@ impl QuantStore {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Bytes of stored weights (mapped).
-    pub fn data_bytes(&self) -> usize {
-        self.map.len()
-    }
 }
 
 fn code_of(q: QuantType) -> u8 {

@@ -22,9 +22,7 @@ pub(crate) use x86::{avx2, vnni};
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
 
-pub use attention::{
-    axpy_f32_rows, axpy_f32_rows_scalar, dot_f32_rows, dot_f32_rows_scalar, KvElem,
-};
+pub use attention::{axpy_f32_rows, dot_f32_rows, KvElem};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use attention::{axpy_rows_rest, dot_rest};
 pub use f16::{narrow_f16, widen_f16};
