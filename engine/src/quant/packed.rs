@@ -138,6 +138,31 @@ pub fn enabled() -> bool {
     supported() && kernels::pack()
 }
 
+/// The kernels quantized products run on this machine, for logs and reports: the
+/// packed path (`avx512-vnni`, `avx-vnni`, `avx2`, `neon-dotprod`, `neon`) or, where
+/// matrices are not packed, the tier of the row-layout kernels (`rows-…`).
+pub fn kernels_in_use() -> &'static str {
+    if enabled() {
+        match path() {
+            Some(Path::Avx512Vnni) => return "avx512-vnni",
+            Some(Path::AvxVnni) => return "avx-vnni",
+            Some(Path::Avx2) => return "avx2",
+            Some(Path::NeonDotprod) => return "neon-dotprod",
+            Some(Path::Neon) => return "neon",
+            None => {}
+        }
+    }
+    match kernels::isa() {
+        kernels::Isa::Scalar => "rows-scalar",
+        #[cfg(target_arch = "x86_64")]
+        kernels::Isa::Avx2 => "rows-avx2",
+        #[cfg(target_arch = "x86_64")]
+        kernels::Isa::Avx512Vnni => "rows-avx512-vnni",
+        #[cfg(target_arch = "aarch64")]
+        kernels::Isa::Neon => "rows-neon",
+    }
+}
+
 /// Layout name for cache keys: a store written packed is only read where packing is on.
 pub fn layout_tag() -> &'static str {
     if enabled() {
