@@ -23,7 +23,7 @@ pub struct Config {
     pub log: LogSection,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
     /// Checkpoint folder; `--model` overrides.
@@ -38,6 +38,27 @@ pub struct ModelSection {
     pub cache_dir: PathBuf,
     /// Per-layer inputs: "auto" (PLE cache file when cache_dir is set), "cache", "table".
     pub ple: String,
+    /// Instruction set the kernels may use: "auto" (the best the CPU has), "avx512",
+    /// "avxvnni", "avx2", "neondot", "neon", "scalar". `--isa`/GEMMAD_ISA override.
+    pub isa: String,
+    /// Repack quantized matrices for the fast kernels (false: ggml's row layout, for
+    /// comparisons). `--pack`/GEMMAD_PACK override.
+    pub pack: bool,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            dir: None,
+            max_context: 0,
+            threads: 0,
+            quant: String::new(),
+            cache_dir: PathBuf::new(),
+            ple: String::new(),
+            isa: String::new(),
+            pack: true,
+        }
+    }
 }
 
 impl ModelSection {
@@ -59,6 +80,16 @@ impl ModelSection {
         self.ple
             .parse()
             .map_err(|e: String| anyhow::anyhow!("model.ple: {e}"))
+    }
+
+    /// `model.isa` parsed ("" = auto).
+    pub fn isa(&self) -> Result<gemmad_engine::IsaChoice> {
+        if self.isa.is_empty() {
+            return Ok(gemmad_engine::IsaChoice::Auto);
+        }
+        self.isa
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("model.isa: {e}"))
     }
 
     /// `model.cache_dir`, if set.

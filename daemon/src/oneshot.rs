@@ -27,6 +27,13 @@ pub struct ModelArgs {
     /// Directory for derived files (quantized weights, PLE cache).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Instruction set the kernels may use: auto, avx512, avxvnni, avx2, neondot, neon,
+    /// scalar.
+    #[arg(long, env = "GEMMAD_ISA", default_value = "auto")]
+    pub isa: gemmad_engine::IsaChoice,
+    /// Repack quantized matrices for the fast kernels; 0 keeps the row layout.
+    #[arg(long, env = "GEMMAD_PACK", default_value_t = 1, value_name = "0|1")]
+    pub pack: u8,
 }
 
 impl ModelArgs {
@@ -38,6 +45,8 @@ impl ModelArgs {
                 threads: self.threads,
                 quant: self.quant,
                 cache_dir: self.cache_dir.clone(),
+                isa: self.isa,
+                pack: self.pack != 0,
                 ..Default::default()
             },
         )
@@ -222,7 +231,7 @@ pub fn ple_cache(a: PleCacheArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut last = 0u64;
     let report =
-        gemmad_engine::ple_cache::build(&a.model, &a.cache_dir, a.dtype, &mut |done, total| {
+        gemmad_engine::build_ple_cache(&a.model, &a.cache_dir, a.dtype, &mut |done, total| {
             let pct = (done * 100).checked_div(total).unwrap_or(100);
             if pct != last || done == total {
                 last = pct;

@@ -33,6 +33,14 @@ pub struct ServeArgs {
     /// Unix socket path (overrides [server].socket).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Instruction set the kernels may use (overrides [model].isa): auto, avx512,
+    /// avxvnni, avx2, neondot, neon, scalar.
+    #[arg(long, env = "GEMMAD_ISA", value_name = "ISA")]
+    pub isa: Option<gemmad_engine::IsaChoice>,
+    /// Repack quantized matrices for the fast kernels (overrides [model].pack); 0 keeps
+    /// the row layout.
+    #[arg(long, env = "GEMMAD_PACK", value_name = "0|1")]
+    pub pack: Option<u8>,
 }
 
 type LogHandle = reload::Handle<EnvFilter, Registry>;
@@ -71,6 +79,12 @@ pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
     }
     if let Some(s) = &args.socket {
         cfg.server.socket = s.clone();
+    }
+    if let Some(isa) = args.isa {
+        cfg.model.isa = isa.to_string();
+    }
+    if let Some(p) = args.pack {
+        cfg.model.pack = p != 0;
     }
     let level = log_override
         .clone()
@@ -123,6 +137,8 @@ async fn serve(
         quant: cfg.model.quant()?,
         cache_dir: cfg.model.cache_dir(),
         ple: cfg.model.ple_mode()?,
+        isa: cfg.model.isa()?,
+        pack: cfg.model.pack,
         ..Default::default()
     };
     let (q, sd, d) = (queue.clone(), shutting_down.clone(), dir.clone());

@@ -1,11 +1,24 @@
 //! Kernel throughput on one core, from cache, measured in thread CPU time (so other load
 //! on the machine does not distort it): GMAC/s per kernel and the bytes/s of weights that
-//! rate corresponds to. Run: `cargo run --release -p gemmad-engine --example kernel_speed`.
+//! rate corresponds to. Run: `cargo run --release -p gemmad-engine --example kernel_speed`
+//! (`GEMMAD_ISA=avx2` and the like for a lower tier).
 
-use gemmad_engine::quant::blocks::*;
-use gemmad_engine::quant::kernels::{self, isa};
-use gemmad_engine::quant::packed;
-use gemmad_engine::quant::QuantType;
+use gemmad_engine::internals::quant::blocks::*;
+use gemmad_engine::internals::quant::kernels::{self, isa};
+use gemmad_engine::internals::quant::packed;
+use gemmad_engine::{IsaChoice, QuantType};
+
+/// The kernel tier and packing from `GEMMAD_ISA` and `GEMMAD_PACK=0`, as the bench takes
+/// them.
+fn configure_kernels_from_env() {
+    let isa = match std::env::var("GEMMAD_ISA") {
+        Ok(v) if !v.is_empty() => v
+            .parse::<IsaChoice>()
+            .unwrap_or_else(|e| panic!("GEMMAD_ISA: {e}")),
+        _ => IsaChoice::Auto,
+    };
+    gemmad_engine::configure_kernels(isa, std::env::var("GEMMAD_PACK").as_deref() != Ok("0"));
+}
 
 fn cpu_now() -> f64 {
     let mut ts = libc_timespec {
@@ -28,6 +41,7 @@ extern "C" {
 }
 
 fn main() {
+    configure_kernels_from_env();
     let (rows, cols) = (256usize, 2048usize);
     let mut s = 1u64;
     let mut rnd = || {

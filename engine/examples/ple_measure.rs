@@ -14,7 +14,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use gemmad_engine::ple_cache;
+use gemmad_engine::internals::EngineInternals;
 use gemmad_engine::*;
 
 struct Args {
@@ -139,7 +139,7 @@ fn main() {
     match a.mode.as_str() {
         "build" => {
             let mut last = Instant::now();
-            let rep = ple_cache::build(&a.model, &a.cache_dir, a.dtype, &mut |d, t| {
+            let rep = build_ple_cache(&a.model, &a.cache_dir, a.dtype, &mut |d, t| {
                 if last.elapsed().as_secs_f64() > 5.0 || d == t {
                     last = Instant::now();
                     print!(
@@ -171,7 +171,7 @@ fn main() {
             report("after load", &e);
             run(&mut e, &a);
             report("after the request", &e);
-            if let Some(p) = e.ple() {
+            if let Some(p) = e.ple_cache() {
                 p.release();
                 report("after ple.release()", &e);
             }

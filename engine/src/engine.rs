@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvCache;
-use crate::model::{LogitsFor, TextModel};
+use crate::model::{ForwardState, LogitsFor, TextModel};
 use crate::tokenizer::TextTokenizer;
 
 mod control;
@@ -31,7 +30,7 @@ pub use request::{
 };
 
 /// How to load a checkpoint.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Storage type of the large matrices (decoder and LM head).
     pub quant: crate::quant::QuantType,
@@ -58,6 +57,31 @@ pub struct LoadOptions {
     /// Prompt tokens per prefill pass (0 = 512). Bounds the activation memory of long
     /// prompts; results do not depend on it.
     pub prefill_chunk: usize,
+    /// The instruction set the kernels may use (default: the best this CPU has). Kernels
+    /// are chosen once per process: the first load (or [`crate::configure_kernels`]) wins.
+    pub isa: crate::quant::kernels::IsaChoice,
+    /// Repack quantized matrices 16 rows at a time for the fast kernels (default); `false`
+    /// keeps ggml's row layout, for comparisons.
+    pub pack: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            quant: Default::default(),
+            cache_dir: None,
+            max_context: None,
+            threads: None,
+            ple: Default::default(),
+            ple_dtype: Default::default(),
+            ple_hot_bytes: None,
+            modalities: Vec::new(),
+            tower_policy: Default::default(),
+            prefill_chunk: 0,
+            isa: Default::default(),
+            pack: true,
+        }
+    }
 }
 
 /// One loaded Gemma 3n model and its sequence state.
@@ -66,7 +90,7 @@ pub struct Engine {
     cfg: ModelConfig,
     model: TextModel,
     tokenizer: Option<Arc<TextTokenizer>>,
-    cache: KvCache,
+    cache: ForwardState,
     /// The context limit, shared with every [`Prompter`] handed out.
     max_context: Arc<AtomicUsize>,
     /// Compute threads of the forward pass.
@@ -96,6 +120,7 @@ impl Engine {
     /// Loads the checkpoint folder `dir`. The tokenizer is optional (id-only use); a
     /// present but broken tokenizer is an error.
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self> {
+        crate::quant::kernels::configure(opts.isa, opts.pack);
         let cfg = ModelConfig::from_dir(dir)?;
         let ckpt = crate::checkpoint::Checkpoint::open(dir)?;
         let (model, mem) = loading::load_parts(&cfg, ckpt, &opts)?;

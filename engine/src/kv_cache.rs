@@ -9,7 +9,6 @@
 //! still see the same values.
 
 use crate::config::{LayerType, TextConfig};
-use crate::model::scratch::Scratch;
 
 /// Element type of the cached K/V.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +41,12 @@ impl KvBuf {
         match dtype {
             KvDType::F32 => {
                 let v = vec![0.0; n];
-                crate::weights::advise_huge(&v);
+                crate::residency::advise_huge(&v);
                 KvBuf::F32(v)
             }
             KvDType::F16 => {
                 let v = vec![0; n];
-                crate::weights::advise_huge(&v);
+                crate::residency::advise_huge(&v);
                 KvBuf::F16(v)
             }
         }
@@ -161,10 +160,9 @@ impl LayerKv {
     }
 }
 
-/// Per-sequence state: K/V of the owner layers, the K/V a forward pass is producing
+/// Per-sequence K/V: that of the owner layers, and the K/V a forward pass is producing
 /// (committed when it ends, so KV-shared layers see "cache after update" as transformers
-/// does), and the activation buffers forward passes reuse. One engine owns one; `clear`
-/// keeps every buffer.
+/// does). `clear` keeps every buffer.
 #[derive(Debug)]
 pub struct KvCache {
     pub(crate) layers: Vec<Option<LayerKv>>,
@@ -172,7 +170,6 @@ pub struct KvCache {
     pending: Vec<(Vec<f32>, Vec<f32>)>,
     pub(crate) kv_dim: usize,
     dtype: KvDType,
-    pub(crate) scratch: Scratch,
     len: usize,
     max_len: usize,
 }
@@ -200,7 +197,6 @@ impl KvCache {
             layers,
             kv_dim,
             dtype,
-            scratch: Scratch::default(),
             len: 0,
             max_len,
         }
@@ -289,22 +285,19 @@ impl KvCache {
         self.len += t;
     }
 
-    /// Frees the activation pool and the pending K/V buffers (both sized by the last
-    /// forward pass; committed K/V stay). The next pass allocates what it needs.
-    pub(crate) fn release_scratch(&mut self) {
-        self.scratch.release();
+    /// Frees the pending K/V buffers (sized by the last forward pass; committed K/V
+    /// stay).
+    pub(crate) fn release_pending(&mut self) {
         for p in &mut self.pending {
             *p = (Vec::new(), Vec::new());
         }
     }
 
-    /// Bytes of the reusable activation buffers.
-    pub fn scratch_bytes(&self) -> usize {
-        self.scratch.bytes()
-            + self
-                .pending
-                .iter()
-                .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
-                .sum::<usize>()
+    /// Bytes of the pending K/V buffers.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending
+            .iter()
+            .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
+            .sum::<usize>()
     }
 }

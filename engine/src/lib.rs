@@ -2,35 +2,38 @@
 //! runs the text decoder with a KV cache, samples, tokenizes and renders chat templates.
 //! Synchronous and single-owner: the daemon gives it one thread.
 
-pub mod checkpoint;
-pub mod config;
-pub mod engine;
-pub mod error;
-pub mod kv_cache;
-pub mod memory;
-pub mod model;
-pub mod par;
-pub mod ple_cache;
-pub mod quant;
-pub mod residency;
-pub mod sampling;
-pub mod tokenizer;
-pub mod towers;
-pub mod weights;
+mod checkpoint;
+mod config;
+mod derived;
+mod engine;
+mod error;
+mod kv_cache;
+mod memory;
+mod model;
+mod par;
+mod ple_cache;
+mod quant;
+mod residency;
+mod sampling;
+mod tokenizer;
+mod towers;
+mod weights;
 
-pub use checkpoint::Checkpoint;
+#[cfg(feature = "internals")]
+pub mod internals;
+
 pub use config::{LayerType, Layout, ModelConfig, TextConfig};
 pub use engine::{
     ChatMessage, ContentPart, Control, Engine, EngineState, FinishReason, GenerateOutput,
     GenerateRequest, Generation, LoadOptions, PleMode, PreparedPrompt, Prompt, Prompter, Step,
-    Timings, TokenEvent, TowerState, Usage, FULL_SLICE,
+    Timings, TokenEvent, TowerState, Usage, DEFAULT_PLE_HOT_BYTES, FULL_SLICE,
 };
 pub use error::{EngineError, Result};
-pub use kv_cache::KvCache;
 pub use memory::{MemoryReport, Part, PartMemory};
-pub use model::{LogitsFor, TextModel};
-pub use ple_cache::{PleCache, RowDType};
-pub use quant::QuantType;
+pub use model::ple_build::{build as build_ple_cache, BuildReport as PleBuildReport};
+pub use ple_cache::RowDType;
+pub use quant::kernels::{configure as configure_kernels, IsaChoice};
+pub use quant::{kernels_in_use, QuantType};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::TextTokenizer;
 pub use towers::{Modality, TowerPolicy};
@@ -38,6 +41,18 @@ pub use towers::{Modality, TowerPolicy};
 /// Helpers shared by the unit tests.
 #[cfg(test)]
 pub(crate) mod test_util {
+    use crate::quant::kernels::IsaChoice;
+
+    /// The kernel tier and packing of a manual test run: `GEMMAD_ISA` (an [`IsaChoice`])
+    /// and `GEMMAD_PACK=0` (no packing).
+    pub fn kernel_settings_from_env() -> (IsaChoice, bool) {
+        let isa = match std::env::var("GEMMAD_ISA") {
+            Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|e| panic!("GEMMAD_ISA: {e}")),
+            _ => IsaChoice::Auto,
+        };
+        (isa, std::env::var("GEMMAD_PACK").as_deref() != Ok("0"))
+    }
+
     /// `n` seeded pseudo-random values in [-2, 2) (an LCG): reproducible kernel inputs
     /// with both signs and a spread of magnitudes.
     pub fn data(n: usize, seed: u64) -> Vec<f32> {

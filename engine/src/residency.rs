@@ -227,6 +227,47 @@ pub fn fadvise_file(f: &File, offset: usize, len: usize) {
     }
 }
 
+/// A vector of `n` copies of `fill` whose pages the kernel is asked to back with
+/// transparent huge pages: weights are streamed once per token, and 2 MiB pages remove
+/// most TLB misses (measured +20% read bandwidth on the development VMs). Must be filled
+/// after the advice, which is why it is done here.
+pub fn huge_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    madvise_huge(v.as_ptr() as usize, n * std::mem::size_of::<T>());
+    v.resize(n, fill);
+    v
+}
+
+/// Asks for transparent huge pages under `v`'s untouched pages: a fresh `vec![0; n]`
+/// (whose zero pages the allocator maps lazily) or a fresh file mapping (before its first
+/// fault, so that the page cache reads the file in 2 MiB folios where the filesystem
+/// allows). The pages still come on first touch, 2 MiB at a time. Advisory; ignored
+/// where THP is off.
+pub fn advise_huge<T>(v: &[T]) {
+    madvise_huge(v.as_ptr() as usize, std::mem::size_of_val(v));
+}
+
+/// `MADV_HUGEPAGE` on the pages under `bytes` at `p` (4 MiB and up: a smaller span holds
+/// at most one aligned huge page).
+fn madvise_huge(p: usize, bytes: usize) {
+    if bytes < 4 << 20 {
+        return;
+    }
+    let start = p & !4095;
+    // SAFETY: advisory only, on pages of the caller's own allocation or mapping; a
+    // failure (THP disabled) leaves ordinary pages.
+    let rc = unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            p + bytes - start,
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(err = %std::io::Error::last_os_error(), "MADV_HUGEPAGE refused");
+    }
+}
+
 /// Size of a PMD-mapped (huge) page on x86-64 and arm64 with 4 KiB base pages.
 pub const HUGE_PAGE: usize = 2 << 20;
 
@@ -280,6 +321,32 @@ pub fn refault_huge(map: &Mmap, file: &File) -> Option<usize> {
     }
     std::hint::black_box(sink);
     huge_mapped_bytes(map)
+}
+
+/// For a mapping advised with [`advise_huge`] whose pages have all been faulted in: if
+/// most of it sits on 4 KiB pages, re-read it in 2 MiB folios ([`refault_huge`]); costs
+/// one read of the file from disk.
+pub fn ensure_huge(path: &Path, map: &Mmap, file: &File) {
+    // What can be huge: the 2 MiB-aligned span of the mapping.
+    let (p, n) = (map.as_ptr() as usize, map.len());
+    let span = ((p + n) / HUGE_PAGE * HUGE_PAGE).saturating_sub(p.next_multiple_of(HUGE_PAGE));
+    let Some(before) = huge_mapped_bytes(map) else {
+        return;
+    };
+    if span < 16 * HUGE_PAGE || before >= span / 10 * 9 {
+        tracing::debug!(path = %path.display(), huge_bytes = before, span, "file mapped");
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let after = refault_huge(map, file).unwrap_or(0);
+    tracing::info!(
+        path = %path.display(),
+        huge_before = before,
+        huge_after = after,
+        span,
+        secs = t0.elapsed().as_secs_f64(),
+        "mapped file was on small pages; re-read it in 2 MiB pages"
+    );
 }
 
 /// A named set of mapped regions that is paged in and out as a unit.

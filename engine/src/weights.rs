@@ -15,8 +15,10 @@ use crate::quant::blocks::*;
 use crate::quant::kernels;
 use crate::quant::packed;
 use crate::quant::QuantType;
+use crate::residency::huge_vec;
 
 mod matmul;
+pub mod store;
 pub use matmul::release_thread_scratch;
 
 #[cfg(target_endian = "big")]
@@ -34,41 +36,6 @@ pub enum Slab<T: 'static> {
         len: usize,
     },
     Owned(Arc<Vec<T>>),
-}
-
-/// A vector of `n` copies of `fill` whose pages the kernel is asked to back with
-/// transparent huge pages: weights are streamed once per token, and 2 MiB pages remove
-/// most TLB misses (measured +20% read bandwidth on the development VMs). Must be filled
-/// after the advice, which is why it is done here.
-pub fn huge_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    madvise_huge(v.as_ptr() as usize, n * std::mem::size_of::<T>());
-    v.resize(n, fill);
-    v
-}
-
-/// `MADV_HUGEPAGE` on the pages under `bytes` at `p` (4 MiB and up).
-fn madvise_huge(p: usize, bytes: usize) {
-    if bytes < 4 << 20 {
-        return;
-    }
-    let start = p & !4095;
-    // SAFETY: advisory only, on pages of the caller's own allocation; a failure (THP
-    // disabled) leaves ordinary pages.
-    unsafe {
-        libc::madvise(
-            start as *mut libc::c_void,
-            p + bytes - start,
-            libc::MADV_HUGEPAGE,
-        );
-    }
-}
-
-/// Asks for transparent huge pages under `v`'s untouched pages (a fresh `vec![0; n]`,
-/// whose zero pages the allocator maps lazily): the pages still come on first touch, 2 MiB
-/// at a time. Advisory; ignored where THP is off.
-pub fn advise_huge<T>(v: &[T]) {
-    madvise_huge(v.as_ptr() as usize, std::mem::size_of_val(v));
 }
 
 impl<T: Copy + 'static> Slab<T> {
@@ -161,7 +128,7 @@ impl Data {
     }
 }
 
-/// Quantized-weights cache storage codes of packed matrices (codes 1-5: `quant::store`).
+/// Quantized-weights cache storage codes of packed matrices (codes 1-5: `store`).
 const PACKED_CODES: [(u8, QuantType); 3] = [
     (6, QuantType::Q8_0),
     (7, QuantType::Q4_0),
@@ -251,7 +218,7 @@ impl Matrix {
     }
 
     /// A view onto a stored matrix (quantized-weights cache) of storage `code`
-    /// (see `quant::store`), or `None` if the code or the extent is inconsistent.
+    /// (see `store`), or `None` if the code or the extent is inconsistent.
     pub fn from_mapped(
         code: u8,
         rows: usize,

@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::*;
-use gemmad_engine::{LogitsFor, TextModel};
+use gemmad_engine::internals::{LogitsFor, TextModel};
 
 struct Counting;
 

@@ -7,7 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use gemmad_engine::{Engine, LoadOptions, LogitsFor, TextModel};
+use gemmad_engine::internals::{LogitsFor, TextModel};
+use gemmad_engine::{Engine, LoadOptions};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use gemmad_engine::{LogitsFor, TextModel};
+use gemmad_engine::internals::{LogitsFor, TextModel};
 
 const TOL: f32 = 1e-3;
 

@@ -8,8 +8,8 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use gemmad_engine::ple_cache::{self, PleCache};
-use gemmad_engine::residency;
+use gemmad_engine::internals::ple_cache::{self, PleCache};
+use gemmad_engine::internals::{residency, Checkpoint, EngineInternals};
 use gemmad_engine::*;
 
 fn opts(cache: Option<&Path>, dtype: RowDType) -> LoadOptions {
@@ -45,13 +45,13 @@ fn copy_fixture(name: &str, to: &Path) -> PathBuf {
 fn pli(e: &Engine, ids: &[u32], embeds: &[f32]) -> Vec<f32> {
     let c = &e.config().text;
     let mut out = vec![0.0; ids.len() * c.num_hidden_layers * c.hidden_size_per_layer_input];
-    e.model().per_layer_inputs(ids, embeds, &mut out);
+    e.text_model().per_layer_inputs(ids, embeds, &mut out);
     out
 }
 
 fn embeds(e: &Engine, ids: &[u32]) -> Vec<f32> {
     let mut v = vec![0.0; ids.len() * e.config().text.hidden_size];
-    e.model().embed(ids, &mut v);
+    e.text_model().embed(ids, &mut v);
     v
 }
 
@@ -72,8 +72,8 @@ fn f32_cache_is_bit_identical_to_the_table_path() {
     let tmp = tempfile::tempdir().unwrap();
     let mut table = Engine::load(&fixture("text"), opts(None, RowDType::F32)).unwrap();
     let mut cached = Engine::load(&fixture("text"), opts(Some(tmp.path()), RowDType::F32)).unwrap();
-    assert!(table.ple().is_none());
-    assert!(cached.ple().is_some());
+    assert!(table.ple_cache().is_none());
+    assert!(cached.ple_cache().is_some());
     let emb = embeds(&table, &ids);
     // Bit-identical while the build and the prefill use the same matmul kernel order;
     // the quantized-kernel work may batch differently, so the contract is 1e-6.
@@ -101,8 +101,8 @@ fn f32_cache_is_bit_identical_to_the_table_path() {
     )
     .unwrap();
     assert_eq!(cold.logits(&ids).unwrap(), lb);
-    assert!(cached.ple().unwrap().stats().hot_rows > 0);
-    assert_eq!(cold.ple().unwrap().stats().hot_rows, 0);
+    assert!(cached.ple_cache().unwrap().stats().hot_rows > 0);
+    assert_eq!(cold.ple_cache().unwrap().stats().hot_rows, 0);
 }
 
 #[test]
@@ -158,7 +158,7 @@ fn bf16_and_q8_rows_stay_close_to_transformers() {
 }
 
 fn key_of(dir: &Path, dt: RowDType) -> [u8; 16] {
-    ple_cache::checkpoint_key(&Checkpoint::open(dir).unwrap(), dt).unwrap()
+    ple_cache::cache_key(&Checkpoint::open(dir).unwrap(), dt).unwrap()
 }
 
 fn open_reason(model: &Path, file: &Path, dt: RowDType) -> Option<String> {
@@ -228,20 +228,20 @@ fn corrupt_and_stale_caches_are_detected_and_rebuilt() {
     );
     let mut e = Engine::load(&model, opts(Some(&cdir), dt)).unwrap();
     let bad = e
-        .ple()
+        .ple_cache()
         .unwrap()
         .verify_all(&mut |_, _| ControlFlow::Continue(()))
         .unwrap();
     assert_eq!(bad, vec![id]);
     assert_eq!(e.logits(&ids).unwrap(), want);
-    assert!(e.ple().unwrap().is_corrupt());
-    assert_eq!(e.ple().unwrap().stats().corrupt_rows, 1);
+    assert!(e.ple_cache().unwrap().is_corrupt());
+    assert_eq!(e.ple_cache().unwrap().stats().corrupt_rows, 1);
     assert!(!file.exists(), "corrupt file moved aside");
     drop(e);
     let mut e = Engine::load(&model, opts(Some(&cdir), dt)).unwrap();
     assert_eq!(std::fs::read(&file).unwrap(), good);
     assert_eq!(e.logits(&ids).unwrap(), want);
-    assert_eq!(e.ple().unwrap().stats().corrupt_rows, 0);
+    assert_eq!(e.ple_cache().unwrap().stats().corrupt_rows, 0);
 
     // The checkpoint changed (new config bytes): the key differs, the cache is rebuilt.
     let cfg_path = model.join("config.json");
@@ -316,9 +316,9 @@ fn text_requests_touch_no_tower_page_and_towers_load_on_demand() {
         )
         .unwrap();
     assert_eq!(out.token_ids.len(), 4);
-    let own = |e: &Engine, n: &str| e.weight_group(n).unwrap().resident_bytes_inward();
+    let own = |e: &Engine, n: &str| e.weight_group_named(n).unwrap().resident_bytes_inward();
     for name in ["vision", "audio", "ple_table"] {
-        let g = e.weight_group(name).unwrap();
+        let g = e.weight_group_named(name).unwrap();
         assert!(g.bytes() > 0 && g.params > 0, "{name}");
         assert_eq!(
             own(&e, name),
@@ -329,9 +329,14 @@ fn text_requests_touch_no_tower_page_and_towers_load_on_demand() {
     assert!(own(&e, "decoder") > 0);
     let rep = e.memory_report();
     println!("{}", rep.table());
-    assert_eq!(rep.part("vision").unwrap().resident_bytes, 0);
-    assert!(rep.part("ple_cache").unwrap().active);
-    assert!(!rep.part("ple_table").unwrap().active);
+    assert_eq!(
+        rep.part(Part::Tower(Modality::Vision))
+            .unwrap()
+            .resident_bytes,
+        0
+    );
+    assert!(rep.part(Part::PleCache).unwrap().active);
+    assert!(!rep.part(Part::PleTable).unwrap().active);
     assert!(rep.resident_params < rep.checkpoint_params);
     assert!(rep.rss_bytes > 0);
 
@@ -356,7 +361,7 @@ fn text_requests_touch_no_tower_page_and_towers_load_on_demand() {
         .unwrap_err();
     assert!(err.to_string().contains("encoder has not landed"), "{err}");
     assert_eq!(e.loaded_modalities(), vec![Modality::Vision]);
-    let vis = e.weight_group("vision").unwrap();
+    let vis = e.weight_group_named("vision").unwrap();
     assert!(vis.resident_bytes_inward() > 0);
     assert_eq!(own(&e, "audio"), 0);
     // Loading twice is a no-op; unloading drops the pages; the engine keeps serving.
@@ -374,13 +379,13 @@ fn text_requests_touch_no_tower_page_and_towers_load_on_demand() {
     assert!(max_abs_diff(&l, &g["text_plain_logits"].f32s) <= 1e-3);
 
     // The PLE cache: release drops its pages, prefetch + a request bring rows back.
-    let ple = e.ple().unwrap();
+    let ple = e.ple_cache().unwrap();
     ple.release();
     assert_eq!(ple.resident_bytes(), 0);
     assert_eq!(ple.stats().hot_rows, 0);
     let l2 = e.logits(&ids).unwrap();
     assert_eq!(l, l2);
-    assert!(e.ple().unwrap().resident_bytes() > 0);
+    assert!(e.ple_cache().unwrap().resident_bytes() > 0);
 }
 
 #[test]
@@ -388,8 +393,8 @@ fn text_only_checkpoint_has_no_towers_to_load() {
     let mut e = Engine::load(&fixture("text"), opts(None, RowDType::Bf16)).unwrap();
     let err = e.load_modality(Modality::Audio).unwrap_err();
     assert!(err.to_string().contains("no audio tower"), "{err}");
-    assert_eq!(e.weight_group("audio").unwrap().params, 0);
+    assert_eq!(e.weight_group_named("audio").unwrap().params, 0);
     let rep = e.memory_report();
-    assert!(rep.part("ple_table").unwrap().active);
-    assert_eq!(rep.part("ple_cache").unwrap().mapped_bytes, 0);
+    assert!(rep.part(Part::PleTable).unwrap().active);
+    assert_eq!(rep.part(Part::PleCache).unwrap().mapped_bytes, 0);
 }

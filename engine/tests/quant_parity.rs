@@ -10,7 +10,8 @@
 mod common;
 
 use common::*;
-use gemmad_engine::{Checkpoint, LogitsFor, ModelConfig, QuantType, TextModel};
+use gemmad_engine::internals::{Checkpoint, LogitsFor, TextModel};
+use gemmad_engine::{ModelConfig, QuantType};
 
 /// (max |Δlogit|, top-1 agreements, positions, agreements where the margin > 0.15,
 /// positions with margin > 0.15).

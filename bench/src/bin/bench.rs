@@ -14,8 +14,9 @@ use clap::Parser;
 use gemmad_bench::membw;
 use gemmad_bench::procfs::{self, CpuSnapshot, CpuUse};
 use gemmad_bench::synth::WyRand;
+use gemmad_engine::internals::{Checkpoint, EngineInternals, TensorView};
 use gemmad_engine::{
-    Checkpoint, Engine, GenerateRequest, LoadOptions, ModelConfig, PleMode, Prompt, QuantType,
+    Engine, GenerateRequest, IsaChoice, LoadOptions, ModelConfig, PleMode, Prompt, QuantType,
     SamplingParams,
 };
 use serde_json::{json, Value};
@@ -66,6 +67,13 @@ struct Args {
     /// Do not reload after warming the page cache even if the first load was cold.
     #[arg(long)]
     no_reload: bool,
+    /// Kernel tier: auto, or a lower one to measure another CPU's kernels (scalar, avx2,
+    /// avxvnni, avx512, neon, neondot).
+    #[arg(long, env = "GEMMAD_ISA", default_value = "auto")]
+    isa: IsaChoice,
+    /// 0: keep ggml's row layout instead of packing quantized matrices (for comparisons).
+    #[arg(long, env = "GEMMAD_PACK", default_value_t = 1)]
+    pack: u8,
     /// Internal: run only the bandwidth probe and print its JSON (used as a child process
     /// so that its buffer does not count in the benchmark's peak RSS).
     #[arg(long, hide = true)]
@@ -127,7 +135,7 @@ fn membw_child(a: &Args) -> Result<()> {
 struct WarmSet {
     /// (file, start, end, mapped slice for mincore)
     ranges: Vec<(PathBuf, usize, usize)>,
-    views: Vec<gemmad_engine::checkpoint::TensorView>,
+    views: Vec<TensorView>,
     bytes: usize,
 }
 
@@ -254,7 +262,7 @@ struct Probe {
 impl Probe {
     fn new(engine: &Engine, threads: usize, every: usize) -> Probe {
         let regions = engine
-            .model()
+            .text_model()
             .decode_weight_regions()
             .iter()
             .map(|r| (r.as_ptr() as usize, r.len()))
@@ -341,6 +349,8 @@ fn load(dir: &Path, a: &Args, max_context: usize) -> Result<(Engine, f64)> {
             max_context: Some(max_context),
             threads: Some(a.threads),
             ple: a.ple,
+            isa: a.isa,
+            pack: a.pack != 0,
             ..LoadOptions::default()
         },
     )
@@ -353,6 +363,8 @@ fn main() -> Result<()> {
     if a.membw_child {
         return membw_child(&a);
     }
+    // Before the bandwidth probes run any kernel (the load would fix the defaults).
+    gemmad_engine::configure_kernels(a.isa, a.pack != 0);
     let dir = a.model.clone().context("--model is required")?;
     if a.prompt == 0 || a.gen < 2 {
         bail!("--prompt must be >= 1 and --gen >= 2");
@@ -396,7 +408,7 @@ fn main() -> Result<()> {
     };
     let mem_after_load = procfs::mem_status()?;
     let huge_after_load = procfs::huge_pages().unwrap_or_default();
-    let decode_weight_bytes = engine.model().decode_weight_bytes();
+    let decode_weight_bytes = engine.text_model().decode_weight_bytes();
 
     // Warm-up: a short forward pass (thread pool, allocations) and a sanity check that the
     // weights produce finite logits.
@@ -465,10 +477,7 @@ fn main() -> Result<()> {
         "quant / threads",
         format!("{} / {} (machine: {ncpu} CPUs)", a.quant, a.threads),
     );
-    line(
-        "kernels",
-        gemmad_engine::quant::kernels_in_use().to_string(),
-    );
+    line("kernels", gemmad_engine::kernels_in_use().to_string());
     line(
         "load, first",
         format!(
@@ -629,7 +638,7 @@ fn main() -> Result<()> {
         "quant": a.quant.as_str(),
         "ple": format!("{:?}", a.ple).to_lowercase(),
         "threads": a.threads,
-        "kernels": gemmad_engine::quant::kernels_in_use(),
+        "kernels": gemmad_engine::kernels_in_use(),
         "machine": {
             "cpus": ncpu,
             "cpu_model": procfs::cpu_model(),

@@ -336,7 +336,8 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
             "model": {"dir": m.dir, "model_type": m.model_type, "layers": m.layers,
                       "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
                       "context_tokens": m.context_tokens, "quant": m.quant,
-                      "kernels": m.kernels, "threads": m.threads},
+                      "kernels": m.kernels, "threads": m.threads, "isa": m.isa,
+                      "pack": m.pack},
             "active_slice": s.active_slice,
             "towers": s.towers.iter().map(|t| json!({"modality": modality_str(t.modality),
                 "available": t.available, "loaded": t.loaded, "bytes": t.bytes})).collect::<Vec<_>>(),
@@ -358,8 +359,12 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
         m.dir, m.model_type, m.layers, m.hidden_size, m.vocab_size, m.context_tokens
     );
     println!(
-        "engine   {} weights, {} kernels, {} threads",
-        m.quant, m.kernels, m.threads
+        "engine   {} weights, {} kernels (isa {}, {}), {} threads",
+        m.quant,
+        m.kernels,
+        m.isa,
+        if m.pack { "packed" } else { "row layout" },
+        m.threads
     );
     println!("slice    {}", s.active_slice);
     for t in &s.towers {

@@ -172,6 +172,8 @@ impl Gemmad for GemmadService {
                 quant: s.engine.quant.to_string(),
                 kernels: s.engine.kernels.to_string(),
                 threads: s.engine.threads as u32,
+                isa: s.engine.isa.to_string(),
+                pack: s.engine.pack,
             }),
             active_slice: s.active_slice.clone(),
             towers: s.engine.towers.iter().map(convert::tower).collect(),

@@ -74,6 +74,9 @@ pub struct EngineState {
     pub quant: QuantType,
     /// The product kernels in use (`avx512-vnni`, `avx2`, `neon-dotprod`, ...).
     pub kernels: &'static str,
+    /// The configured instruction-set cap and packing (load options).
+    pub isa: crate::quant::kernels::IsaChoice,
+    pub pack: bool,
     /// The PLE hot-row budget in bytes, when per-layer inputs come from the cache file.
     pub ple_hot_bytes: Option<usize>,
     /// A generation is in flight (between its start and its last step).
@@ -149,6 +152,8 @@ impl Engine {
             threads: self.threads,
             quant: self.mem.quant,
             kernels: crate::quant::kernels_in_use(),
+            isa: crate::quant::kernels::choice(),
+            pack: crate::quant::kernels::pack(),
             ple_hot_bytes: self.ple().map(|p| p.stats().hot_capacity as usize),
             generating: self.active.is_some(),
             slice: FULL_SLICE.into(),

@@ -183,16 +183,16 @@ impl DecoderLayer {
         pos0: usize,
         rope: &[f32],
         cache: &mut KvCache,
+        sc: &mut Scratch,
     ) -> Result<()> {
         let c = &m.cfg;
         let h = c.hidden_size;
         let a = c.altup_num_inputs;
         let act = c.altup_active_idx;
         let eps = m.eps;
-        let mut sc = std::mem::take(&mut cache.scratch);
 
         // AltUp predict: pred[i] = S[i] + Σ_j coef[4i + j] · S[j].
-        let modalities = self.router_modalities(m, &streams[act], t, &mut sc);
+        let modalities = self.router_modalities(m, &streams[act], t, sc);
         let mut coefs = sc.take(t * a * a);
         for ti in 0..t {
             let md = &modalities[ti * a..(ti + 1) * a];
@@ -245,7 +245,7 @@ impl DecoderLayer {
         ops::rms_norm_into(active, &mut xn, h, Some(&self.input_layernorm), eps);
 
         // LAuReL: xn + norm(right(left(xn))); its left product goes with Q, K and V.
-        let (q, lr) = self.project_qkv(m, li, &xn, t, rope, cache, &mut sc);
+        let (q, lr) = self.project_qkv(m, li, &xn, t, rope, cache, sc);
         let mut laurel = sc.take_for_write(t * h);
         self.laurel.linear_right.matmul(&lr, t, &mut laurel);
         sc.give(lr);
@@ -261,7 +261,7 @@ impl DecoderLayer {
             },
         );
 
-        let mut attn = self.attention(m, li, q, t, pos0, cache, &mut sc);
+        let mut attn = self.attention(m, li, q, t, pos0, cache, sc);
         ops::rms_norm(&mut attn, h, Some(&self.post_attention_layernorm), eps);
 
         // attn_laurel = (active + attn + laurel) / sqrt(2)
@@ -281,7 +281,7 @@ impl DecoderLayer {
         sc.give(attn);
         sc.give(laurel);
         ops::rms_norm_into(&x, &mut xn, h, Some(&self.pre_feedforward_layernorm), eps);
-        let mut ffw = self.mlp.forward(&xn, t, &mut sc);
+        let mut ffw = self.mlp.forward(&xn, t, sc);
         ops::rms_norm(&mut ffw, h, Some(&self.post_feedforward_layernorm), eps);
         ops::for_rows(
             &mut x,
@@ -298,7 +298,7 @@ impl DecoderLayer {
         let activated = x;
 
         // AltUp correct: C[i] = pred[i] + (coef(router(activated))[i] + 1) · (activated - pred[act]).
-        let modalities = self.router_modalities(m, &activated, t, &mut sc);
+        let modalities = self.router_modalities(m, &activated, t, sc);
         let mut k = sc.take(t * a);
         for ti in 0..t {
             let md = &modalities[ti * a..(ti + 1) * a];
@@ -395,7 +395,6 @@ impl DecoderLayer {
             );
         }
         sc.give(inj);
-        cache.scratch = sc;
         Ok(())
     }
 

@@ -5,7 +5,10 @@
 mod attention;
 mod layer;
 pub mod ops;
+pub mod per_layer;
+pub mod ple_build;
 pub(crate) mod scratch;
+mod state;
 
 use std::path::Path;
 
@@ -13,13 +16,15 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LayerType, ModelConfig, TextConfig};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::ple_cache::{PleCache, PleSource};
+use crate::ple_cache::PleCache;
 use crate::quant::QuantType;
 use crate::weights::Matrix;
+use per_layer::PleSource;
 use scratch::Scratch;
 use std::sync::Arc;
 
 pub use layer::DecoderLayer;
+pub use state::ForwardState;
 
 /// Which positions of a forward pass need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +34,8 @@ pub enum LogitsFor {
     All,
 }
 
-/// The loaded text decoder. Immutable after load; all per-sequence state is in the cache.
+/// The loaded text decoder. Immutable after load; all per-sequence state is in a
+/// [`ForwardState`].
 #[derive(Debug)]
 pub struct TextModel {
     pub cfg: TextConfig,
@@ -54,7 +60,7 @@ pub(crate) struct Loader<'a> {
     /// Storage type for the matrices (`matrix`); `raw_matrix` keeps the checkpoint's.
     pub quant: QuantType,
     /// Previously quantized matrices to map instead of converting.
-    pub store: Option<&'a crate::quant::store::QuantStore>,
+    pub store: Option<&'a crate::weights::store::QuantStore>,
     /// Matrices converted here (to be written to the store).
     pub built: std::cell::RefCell<Vec<(String, Matrix)>>,
 }
@@ -150,7 +156,7 @@ impl TextModel {
         ple: Option<Arc<PleCache>>,
         quant_cache: Option<&Path>,
     ) -> Result<Self> {
-        use crate::quant::store;
+        use crate::weights::store;
         // bf16 stores only what is derived (the transposed sparse down projections), so
         // that it is file-backed rather than anonymous memory.
         let quantized = !matches!(quant, QuantType::F32);
@@ -185,7 +191,7 @@ impl TextModel {
         ckpt: &Checkpoint,
         quant: QuantType,
         ple: Option<Arc<PleCache>>,
-        store: Option<&crate::quant::store::QuantStore>,
+        store: Option<&crate::weights::store::QuantStore>,
     ) -> Result<(Vec<(String, Matrix)>, Self)> {
         let c = &cfg.text;
         let ld = Loader {
@@ -276,10 +282,10 @@ impl TextModel {
         Ok((cfg, m))
     }
 
-    /// A KV cache for up to `max_len` positions: f16 when the weights are quantized (its
-    /// rounding is far below theirs), f32 otherwise (so f32/bf16 runs keep the
-    /// reference's precision).
-    pub fn new_cache(&self, max_len: usize) -> KvCache {
+    /// A sequence's state with a KV cache for up to `max_len` positions: f16 when the
+    /// weights are quantized (its rounding is far below theirs), f32 otherwise (so
+    /// f32/bf16 runs keep the reference's precision).
+    pub fn new_cache(&self, max_len: usize) -> ForwardState {
         use crate::quant::QuantType;
         let dtype = match self.layers.first().map(|l| l.self_attn.q_proj.quant_type()) {
             Some(QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4K) => {
@@ -287,7 +293,7 @@ impl TextModel {
             }
             _ => crate::kv_cache::KvDType::F32,
         };
-        KvCache::new(&self.cfg, max_len, dtype)
+        ForwardState::new(KvCache::new(&self.cfg, max_len, dtype))
     }
 
     /// Scaled input embeddings `[t, H]` (`embed_tokens[id] · √H`).
@@ -319,7 +325,7 @@ impl TextModel {
         let pad = c.pad_token_id as usize;
         let (cache, table) = match &self.embed_tokens_per_layer {
             PleSource::Table(table) => {
-                crate::ple_cache::projection_part(
+                per_layer::projection_part(
                     &self.per_layer_model_projection,
                     &self.per_layer_projection_norm,
                     self.eps,
@@ -348,7 +354,7 @@ impl TextModel {
                         for v in row.iter_mut() {
                             *v *= tok_scale;
                         }
-                        crate::ple_cache::combine(&mut out[i * lp..(i + 1) * lp], &row);
+                        per_layer::combine(&mut out[i * lp..(i + 1) * lp], &row);
                     }
                 });
                 return;
@@ -377,7 +383,7 @@ impl TextModel {
             x[j * h..(j + 1) * h].copy_from_slice(&embeds[i * h..(i + 1) * h]);
         }
         let mut y = vec![0.0f32; n * lp];
-        crate::ple_cache::projection_part(
+        per_layer::projection_part(
             &self.per_layer_model_projection,
             &self.per_layer_projection_norm,
             self.eps,
@@ -390,22 +396,27 @@ impl TextModel {
         for (j, &(i, row)) in runtime.iter().enumerate() {
             let part: &[f32] = match row {
                 Some(id) => {
-                    crate::ple_cache::table_part(table, c, id, &mut tok);
+                    per_layer::table_part(table, c, id, &mut tok);
                     &tok
                 }
                 None => cache.pad_part(),
             };
             let o = &mut y[j * lp..(j + 1) * lp];
-            crate::ple_cache::combine(o, part);
+            per_layer::combine(o, part);
             out[i * lp..(i + 1) * lp].copy_from_slice(o);
         }
     }
 
-    /// Runs `ids` at positions `cache.len()..` and returns logits (`[n, vocab]` for the
+    /// Runs `ids` at positions `state.len()..` and returns logits (`[n, vocab]` for the
     /// requested positions; softcapped).
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, want: LogitsFor) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        state: &mut ForwardState,
+        want: LogitsFor,
+    ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.forward_into(ids, cache, want, &mut out)?;
+        self.forward_into(ids, state, want, &mut out)?;
         Ok(out)
     }
 
@@ -414,7 +425,7 @@ impl TextModel {
     pub fn forward_into(
         &self,
         ids: &[u32],
-        cache: &mut KvCache,
+        state: &mut ForwardState,
         want: LogitsFor,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
@@ -429,23 +440,23 @@ impl TextModel {
                 c.vocab_size
             )));
         }
-        let needed = cache.len() + t;
-        if needed > cache.max_len() {
+        let needed = state.len() + t;
+        if needed > state.max_len() {
             return Err(EngineError::ContextFull {
                 needed,
-                max: cache.max_len(),
+                max: state.max_len(),
             });
         }
         let h = c.hidden_size;
-        let mut sc = std::mem::take(&mut cache.scratch);
-        let mut embeds = sc.take(t * h);
+        let mut embeds = state.scratch.take(t * h);
         self.embed(ids, &mut embeds);
-        let mut pli = sc.take(t * c.num_hidden_layers * c.hidden_size_per_layer_input);
+        let mut pli = state
+            .scratch
+            .take(t * c.num_hidden_layers * c.hidden_size_per_layer_input);
         self.per_layer_inputs(ids, &embeds, &mut pli);
-        cache.scratch = sc;
-        let r = self.forward_embeds_into(&embeds, &pli, cache, want, logits);
-        cache.scratch.give(embeds);
-        cache.scratch.give(pli);
+        let r = self.forward_embeds_into(&embeds, &pli, state, want, logits);
+        state.scratch.give(embeds);
+        state.scratch.give(pli);
         r
     }
 
@@ -455,11 +466,11 @@ impl TextModel {
         &self,
         embeds: Vec<f32>,
         pli: &[f32],
-        cache: &mut KvCache,
+        state: &mut ForwardState,
         want: LogitsFor,
     ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.forward_embeds_into(&embeds, pli, cache, want, &mut out)?;
+        self.forward_embeds_into(&embeds, pli, state, want, &mut out)?;
         Ok(out)
     }
 
@@ -467,10 +478,11 @@ impl TextModel {
         &self,
         embeds: &[f32],
         pli: &[f32],
-        cache: &mut KvCache,
+        state: &mut ForwardState,
         want: LogitsFor,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        let ForwardState { cache, scratch: sc } = state;
         let c = &self.cfg;
         let h = c.hidden_size;
         let t = embeds.len() / h;
@@ -478,7 +490,6 @@ impl TextModel {
         let a = c.altup_num_inputs;
 
         // AltUp stream initialisation (Gemma3nTextModel.forward).
-        let mut sc = std::mem::take(&mut cache.scratch);
         let mut streams: [Vec<f32>; 8] = Default::default();
         streams[0] = sc.copy_of(embeds);
         for (i, proj) in self.altup_projections.iter().enumerate() {
@@ -493,10 +504,9 @@ impl TextModel {
             }
             streams[i + 1] = s;
         }
-        cache.scratch = sc;
 
         let ropes = [&self.rope_full, &self.rope_sliding].map(|inv_freq| {
-            let mut table = cache.scratch.take_for_write(t * c.head_dim);
+            let mut table = sc.take_for_write(t * c.head_dim);
             ops::rope_table(pos0, t, inv_freq, &mut table);
             table
         });
@@ -506,13 +516,13 @@ impl TextModel {
                 LayerType::Full => &ropes[0],
                 LayerType::Sliding => &ropes[1],
             };
-            result = layer.forward(self, li, &mut streams[..a], pli, t, pos0, rope, cache);
+            result = layer.forward(self, li, &mut streams[..a], pli, t, pos0, rope, cache, sc);
             if result.is_err() {
                 break;
             }
         }
         for table in ropes {
-            cache.scratch.give(table);
+            sc.give(table);
         }
         if result.is_ok() {
             cache.commit(t);
@@ -525,10 +535,10 @@ impl TextModel {
             // step's) is not zeroed first (1 MiB per token).
             logits.truncate(n * c.vocab_size);
             if n > 0 {
-                let hidden = self.final_hidden(&streams[..a], r0, n, &mut cache.scratch);
+                let hidden = self.final_hidden(&streams[..a], r0, n, sc);
                 logits.resize(n * c.vocab_size, 0.0);
                 self.embed_tokens.matmul(&hidden, n, logits);
-                cache.scratch.give(hidden);
+                sc.give(hidden);
                 if let Some(cap) = c.final_logit_softcapping {
                     // 262k logits per token: vectorized and split over the threads
                     // (scalar `tanhf` on one thread was ~1% of a decode step).
@@ -543,7 +553,7 @@ impl TextModel {
             }
         }
         for s in streams.iter_mut().take(a) {
-            cache.scratch.give(std::mem::take(s));
+            sc.give(std::mem::take(s));
         }
         result
     }

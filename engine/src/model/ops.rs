@@ -257,20 +257,6 @@ pub fn apply_rope(x: &mut [f32], cs: &[f32]) {
     }
 }
 
-/// Softmax over `x` in place (f32, max-subtracted).
-pub fn softmax(x: &mut [f32]) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 /// Inverse of the standard normal CDF (Acklam's rational approximation refined by one
 /// Halley step; |error| < 1e-15 in f64), used for the Gaussian top-k cutoff.
 pub fn normal_icdf(p: f64) -> f64 {

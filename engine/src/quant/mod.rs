@@ -38,31 +38,6 @@ impl QuantType {
     }
 }
 
-/// The kernels quantized products run on this machine, for logs and reports: the
-/// packed path (`avx512-vnni`, `avx-vnni`, `avx2`, `neon-dotprod`, `neon`) or, where
-/// matrices are not packed, the tier of the row-layout kernels (`rows-…`).
-pub fn kernels_in_use() -> &'static str {
-    if packed::enabled() {
-        match packed::path() {
-            Some(packed::Path::Avx512Vnni) => return "avx512-vnni",
-            Some(packed::Path::AvxVnni) => return "avx-vnni",
-            Some(packed::Path::Avx2) => return "avx2",
-            Some(packed::Path::NeonDotprod) => return "neon-dotprod",
-            Some(packed::Path::Neon) => return "neon",
-            None => {}
-        }
-    }
-    match kernels::isa() {
-        kernels::Isa::Scalar => "rows-scalar",
-        #[cfg(target_arch = "x86_64")]
-        kernels::Isa::Avx2 => "rows-avx2",
-        #[cfg(target_arch = "x86_64")]
-        kernels::Isa::Avx512Vnni => "rows-avx512-vnni",
-        #[cfg(target_arch = "aarch64")]
-        kernels::Isa::Neon => "rows-neon",
-    }
-}
-
 impl fmt::Display for QuantType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -99,7 +74,7 @@ pub struct OutView {
 
 impl OutView {
     /// The view whose first row is this one's row `r`.
-    pub fn from_row(self, r: usize) -> OutView {
+    pub fn at_row(self, r: usize) -> OutView {
         OutView {
             ptr: self.ptr.wrapping_add(r * self.row_stride),
             ..self
@@ -127,4 +102,6 @@ pub mod blocks;
 pub mod kernels;
 pub mod kernels_bf16;
 pub mod packed;
-pub mod store;
+
+// The engine logs it and the crate root exports it.
+pub use packed::kernels_in_use;

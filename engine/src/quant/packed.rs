@@ -51,6 +51,8 @@ const MAX_TOKENS: usize = 8;
 
 /// The kernels that run the packed products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// A build constructs its own architecture's paths only (the tests name them all).
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
 pub enum Path {
     /// One 512-bit register per row group, `vpdpbusd` byte products.
     Avx512Vnni,
@@ -64,9 +66,9 @@ pub enum Path {
     Neon,
 }
 
-/// The packed kernels for this CPU (following [`kernels::isa`], so `GEMMAD_ISA=avxvnni`
-/// selects the 256-bit AVX-VNNI ones, `GEMMAD_ISA=avx2` the plain AVX2 ones,
-/// `GEMMAD_ISA=neon` the NEON ones without the dot-product extension), or `None` where
+/// The packed kernels for this CPU (following [`kernels::isa`] and the configured
+/// [`kernels::IsaChoice`]: `avxvnni` selects the 256-bit AVX-VNNI ones, `avx2` the plain
+/// AVX2 ones, `neon` the NEON ones without the dot-product extension), or `None` where
 /// there are none.
 pub fn path() -> Option<Path> {
     #[cfg(target_arch = "x86_64")]
@@ -75,8 +77,7 @@ pub fn path() -> Option<Path> {
         *PATH.get_or_init(|| match kernels::isa() {
             kernels::Isa::Avx512Vnni => Some(Path::Avx512Vnni),
             kernels::Isa::Avx2
-                if runs_here(Path::AvxVnni)
-                    && std::env::var("GEMMAD_ISA").as_deref() != Ok("avx2") =>
+                if runs_here(Path::AvxVnni) && kernels::choice() != kernels::IsaChoice::Avx2 =>
             {
                 Some(Path::AvxVnni)
             }
@@ -90,7 +91,7 @@ pub fn path() -> Option<Path> {
         *PATH.get_or_init(|| match kernels::isa() {
             kernels::Isa::Neon
                 if runs_here(Path::NeonDotprod)
-                    && std::env::var("GEMMAD_ISA").as_deref() != Ok("neon") =>
+                    && kernels::choice() != kernels::IsaChoice::Neon =>
             {
                 Some(Path::NeonDotprod)
             }
@@ -131,11 +132,35 @@ pub fn supported() -> bool {
     path().is_some()
 }
 
-/// Whether loaded matrices are packed: where supported, unless `GEMMAD_PACK=0` (for
-/// comparisons with the ggml-layout kernels).
+/// Whether loaded matrices are packed: where supported, unless configured off (for
+/// comparisons with the ggml-layout kernels; [`kernels::configure`]).
 pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    supported() && *ON.get_or_init(|| std::env::var("GEMMAD_PACK").as_deref() != Ok("0"))
+    supported() && kernels::pack()
+}
+
+/// The kernels quantized products run on this machine, for logs and reports: the
+/// packed path (`avx512-vnni`, `avx-vnni`, `avx2`, `neon-dotprod`, `neon`) or, where
+/// matrices are not packed, the tier of the row-layout kernels (`rows-…`).
+pub fn kernels_in_use() -> &'static str {
+    if enabled() {
+        match path() {
+            Some(Path::Avx512Vnni) => return "avx512-vnni",
+            Some(Path::AvxVnni) => return "avx-vnni",
+            Some(Path::Avx2) => return "avx2",
+            Some(Path::NeonDotprod) => return "neon-dotprod",
+            Some(Path::Neon) => return "neon",
+            None => {}
+        }
+    }
+    match kernels::isa() {
+        kernels::Isa::Scalar => "rows-scalar",
+        #[cfg(target_arch = "x86_64")]
+        kernels::Isa::Avx2 => "rows-avx2",
+        #[cfg(target_arch = "x86_64")]
+        kernels::Isa::Avx512Vnni => "rows-avx512-vnni",
+        #[cfg(target_arch = "aarch64")]
+        kernels::Isa::Neon => "rows-neon",
+    }
 }
 
 /// Layout name for cache keys: a store written packed is only read where packing is on.
@@ -283,7 +308,7 @@ impl Source for BlockQ4K {
 pub fn pack<B: Source>(src: &[B], rows: usize, nb: usize) -> Vec<u8> {
     let kind = B::kind();
     let (gbb, qb) = (group_block_bytes(kind).unwrap_or(0), quant_bytes(kind));
-    let mut out = crate::weights::huge_vec(rows / ROWS * nb * gbb, 0u8);
+    let mut out = crate::residency::huge_vec(rows / ROWS * nb * gbb, 0u8);
     let mb = gbb - qb;
     out.par_chunks_mut(nb * gbb).enumerate().for_each(|(g, o)| {
         for r in 0..ROWS {
@@ -387,7 +412,9 @@ pub struct PackedW<'a> {
 }
 
 /// `out[(r − rows.start)·out_stride + tok] = W[r] · x[tok]` for rows `rows` (the start a
-/// multiple of [`ROWS`]) and tokens `toks`.
+/// multiple of [`ROWS`]) and tokens `toks` (the kernels' example; the engine writes
+/// through [`tile_into`]).
+#[cfg(feature = "internals")]
 pub fn tile(
     w: &PackedW,
     rows: Range<usize>,
@@ -401,7 +428,8 @@ pub fn tile(
     }
 }
 
-/// [`tile`] with the kernels of `p` (tests compare the paths).
+/// `tile` with the kernels of `p` (tests compare the paths).
+#[cfg(any(test, feature = "internals"))]
 pub(crate) fn tile_on(
     p: Path,
     w: &PackedW,
@@ -427,7 +455,7 @@ pub(crate) fn tile_on(
     unsafe { tile_into_on(p, w, rows, x, toks, view) }
 }
 
-/// [`tile`] into any layout; prefill writes token-major straight into the product's
+/// `tile` into any layout; prefill writes token-major straight into the product's
 /// output (16 consecutive floats per token), with no transposition afterwards.
 ///
 /// # Safety

@@ -215,7 +215,7 @@ impl Matrix {
                     // SAFETY: each row range of output `i` is handed out once (by the
                     // task counter or a range's claim word), and the outputs are distinct
                     // borrows.
-                    unsafe { mats[i].tile(&xq, 1, rows.clone(), 0..1, v.from_row(rows.start)) };
+                    unsafe { mats[i].tile(&xq, 1, rows.clone(), 0..1, v.at_row(rows.start)) };
                 }
             };
             if work < PAR_THRESHOLD || threads <= 1 || tasks > MAX_RANGES || too_tall {
@@ -414,7 +414,7 @@ impl Matrix {
             let r0 = ci * rows_per;
             let r1 = (r0 + rows_per).min(rows);
             let t0 = ti * TOKEN_TILE;
-            tile(r0..r1, t0..(t0 + TOKEN_TILE).min(t), view.from_row(r0));
+            tile(r0..r1, t0..(t0 + TOKEN_TILE).min(t), view.at_row(r0));
         };
         let tasks = rows.div_ceil(rows_per) * tiles;
         if serial {

@@ -10,10 +10,10 @@
 //! from the page cache, whose small write-time folios would otherwise be mapped as they
 //! are on the next start. A store that is nevertheless found on 4 KiB pages when opened
 //! (the file was written or read in small folios outside gemmad, or reclaim split its
-//! folios) is re-read in 2 MiB folios once (`ensure_huge`).
+//! folios) is re-read in 2 MiB folios once (`residency::ensure_huge`).
 //!
-//! Keyed by the checkpoint key of the PLE cache (config, index, shard names, sizes,
-//! mtimes and safetensors headers) plus the quant type and this format's version. The
+//! Keyed by the checkpoint key (`derived`: config, index, shard names, sizes, mtimes and
+//! safetensors headers) plus the quant type, the layout and this format's version. The
 //! header carries XXH64 checksums of the index and of the data; a file whose key,
 //! version or checksums do not match is rebuilt, never used. Written to a temp file and
 //! renamed into place.
@@ -30,16 +30,22 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use super::QuantType;
+use super::Matrix;
 use crate::checkpoint::Checkpoint;
+use crate::derived::{checkpoint_key, folder_hash, rd64, xxh64, xxh64_128, TempFile};
 use crate::error::{EngineError, Result};
-use crate::ple_cache::{checkpoint_key, xxh64, RowDType};
-use crate::weights::Matrix;
+use crate::quant::{packed, QuantType};
+use crate::residency::{advise_huge, ensure_huge};
 
 const MAGIC: &[u8; 8] = b"GEMMAQW\0";
 const VERSION: u32 = 3; // 2: packed blocks carry their scales inline; 3: Q4_K mins in pairs
 const HEADER: usize = 4096;
 const ALIGN: usize = 64;
+
+/// The salt of the checkpoint key under a store's key: the bytes the PLE cache salts the
+/// key of its f32 files with (format 1). Stores were first keyed with that key, and the
+/// same bytes keep existing stores valid.
+const CKPT_SALT: &[u8] = b"gemmad-ple\0\x01\0\0\0f32";
 
 /// Where the quantized weights of `ckpt` as `quant` live, and their key.
 pub fn store_path(
@@ -47,22 +53,19 @@ pub fn store_path(
     ckpt: &Checkpoint,
     quant: QuantType,
 ) -> Result<(PathBuf, [u8; 16])> {
-    let base = checkpoint_key(ckpt, RowDType::F32)?;
+    let base = checkpoint_key(ckpt, CKPT_SALT)?;
     let mut buf = Vec::with_capacity(48);
     buf.extend_from_slice(b"gemmad-quant\0");
     buf.extend_from_slice(&base);
     buf.extend_from_slice(quant.as_str().as_bytes());
-    buf.extend_from_slice(super::packed::layout_tag().as_bytes());
+    buf.extend_from_slice(packed::layout_tag().as_bytes());
     buf.extend_from_slice(&VERSION.to_le_bytes());
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&xxh64(&buf, 1).to_le_bytes());
-    key[8..].copy_from_slice(&xxh64(&buf, 2).to_le_bytes());
-    let canon = std::fs::canonicalize(&ckpt.dir).unwrap_or_else(|_| ckpt.dir.clone());
-    let h = xxh64(canon.to_string_lossy().as_bytes(), 0);
+    let key = xxh64_128(&buf, [1, 2]);
+    let h = folder_hash(&ckpt.dir);
     Ok((
         cache_dir.join(format!(
             "weights-{h:016x}-{quant}-{}.gemmaqw",
-            super::packed::layout_tag()
+            packed::layout_tag()
         )),
         key,
     ))
@@ -80,12 +83,6 @@ fn rd32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn rd64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
-}
-
 impl QuantStore {
     /// Opens `path` if it is a complete, uncorrupted store for `key` and `quant`;
     /// `Ok(None)` when it is missing or must be rebuilt (the reason is logged).
@@ -97,7 +94,7 @@ impl QuantStore {
         };
         // SAFETY: read-only map of a file only gemmad writes (atomically, by rename).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
-        advise_huge(&map);
+        advise_huge(&map[..]);
         match Self::parse(path, &map, key, quant) {
             Ok(entries) => {
                 ensure_huge(path, &map, &file);
@@ -195,55 +192,9 @@ impl QuantStore {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Bytes of stored weights (mapped).
-    pub fn data_bytes(&self) -> usize {
-        self.map.len()
-    }
 }
 
-/// After the checksum pass has faulted the whole store in: if most of it sits on 4 KiB
-/// pages, re-read it in 2 MiB folios (see the module docs and
-/// [`crate::residency::refault_huge`]); costs one read of the file from disk.
-fn ensure_huge(path: &Path, map: &Mmap, file: &File) {
-    use crate::residency::{huge_mapped_bytes, refault_huge, HUGE_PAGE};
-    // What can be huge: the 2 MiB-aligned span of the mapping.
-    let (p, n) = (map.as_ptr() as usize, map.len());
-    let span = ((p + n) / HUGE_PAGE * HUGE_PAGE).saturating_sub(p.next_multiple_of(HUGE_PAGE));
-    let Some(before) = huge_mapped_bytes(map) else {
-        return;
-    };
-    if span < 16 * HUGE_PAGE || before >= span / 10 * 9 {
-        tracing::debug!(path = %path.display(), huge_bytes = before, span, "quantized weights mapped");
-        return;
-    }
-    let t0 = std::time::Instant::now();
-    let after = refault_huge(map, file).unwrap_or(0);
-    tracing::info!(
-        path = %path.display(),
-        huge_before = before,
-        huge_after = after,
-        span,
-        secs = t0.elapsed().as_secs_f64(),
-        "quantized weights were on small pages; re-read them in 2 MiB pages"
-    );
-}
-
-/// `MADV_HUGEPAGE` on a fresh mapping (advisory: without THP it changes nothing).
-fn advise_huge(map: &Mmap) {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = map.advise(memmap2::Advice::HugePage) {
-        tracing::debug!(err = %e, "MADV_HUGEPAGE on the quantized weights refused");
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = map;
-}
-
-pub(crate) fn code_of(q: QuantType) -> u8 {
+fn code_of(q: QuantType) -> u8 {
     match q {
         QuantType::F32 => 4,
         QuantType::Bf16 => 5,
@@ -260,8 +211,6 @@ pub fn write(
     quant: QuantType,
     mats: &[(String, Matrix)],
 ) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let mut index = Vec::new();
     let mut off = 0usize;
     let mut blobs: Vec<(&[u8], usize)> = Vec::with_capacity(mats.len());
@@ -283,10 +232,10 @@ pub fn write(
     let ioff = HEADER;
     let doff = (ioff + index.len()).div_ceil(4096) * 4096;
     let dlen = off;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let (tmp, f) = TempFile::create(path)?;
+    let werr = |e: std::io::Error| EngineError::io(tmp.path(), e);
     let write_all = || -> std::io::Result<()> {
-        let f = File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
         w.write_all(&vec![0u8; doff])?; // header + index placeholder, rewritten below
         for (bytes, pad) in &blobs {
             w.write_all(&vec![0u8; *pad])?;
@@ -294,15 +243,10 @@ pub fn write(
         }
         w.flush()
     };
-    write_all().map_err(|e| EngineError::io(&tmp, e))?;
+    write_all().map_err(werr)?;
     // Checksum the data by mapping what was written (XXH64 is not incremental here).
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&tmp)
-        .map_err(|e| EngineError::io(&tmp, e))?;
     // SAFETY: private temp file, not yet visible under its final name.
-    let map = unsafe { Mmap::map(&f) }.map_err(|e| EngineError::io(&tmp, e))?;
+    let map = unsafe { Mmap::map(&f) }.map_err(werr)?;
     let dxx = xxh64(&map[doff..doff + dlen], 0);
     drop(map);
     let mut head = vec![0u8; HEADER];
@@ -325,13 +269,11 @@ pub fn write(
         head[32 + 8 * i..40 + 8 * i].copy_from_slice(&v.to_le_bytes());
     }
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&head, 0)
-        .map_err(|e| EngineError::io(&tmp, e))?;
-    f.write_all_at(&index, ioff as u64)
-        .map_err(|e| EngineError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
+    f.write_all_at(&head, 0).map_err(werr)?;
+    f.write_all_at(&index, ioff as u64).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
     // Clean after the sync, so this drops them (see the module docs).
     crate::residency::fadvise_file(&f, 0, 0);
-    std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))?;
-    Ok(())
+    drop(f);
+    tmp.commit()
 }
