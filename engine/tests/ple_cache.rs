@@ -297,7 +297,7 @@ fn build_is_atomic_and_can_be_cancelled() {
 }
 
 #[test]
-fn text_requests_touch_no_tower_page_and_towers_load_on_demand() {
+fn text_and_media_requests_touch_no_tower_page_and_towers_load_on_command() {
     let tmp = tempfile::tempdir().unwrap();
     let model = copy_fixture("full", tmp.path());
     let cdir = tmp.path().join("cache");
@@ -340,7 +340,8 @@ fn text_requests_touch_no_tower_page_and_towers_load_on_demand() {
     assert!(rep.resident_params < rep.checkpoint_params);
     assert!(rep.rss_bytes > 0);
 
-    // Policy "refuse": a media request is refused with a clear message, nothing loads.
+    // A media request is refused with a clear message whatever the tower policy: no
+    // encoder can run it yet, so no tower is paged in just to refuse it.
     let img = GenerateRequest::new(Prompt::Chat(vec![ChatMessage {
         role: "user".into(),
         content: vec![
@@ -348,18 +349,17 @@ fn text_requests_touch_no_tower_page_and_towers_load_on_demand() {
             ContentPart::Text("what is this".into()),
         ],
     }]));
-    e.set_tower_policy(TowerPolicy::Refuse);
-    let err = e
-        .generate(&img, &mut |_| ControlFlow::Continue(()))
-        .unwrap_err();
-    assert!(err.to_string().contains("not loaded"), "{err}");
-    assert!(e.loaded_modalities().is_empty());
-    // On demand: the tower is loaded (resident), the request still fails: no encoder yet.
-    e.set_tower_policy(TowerPolicy::OnDemand);
-    let err = e
-        .generate(&img, &mut |_| ControlFlow::Continue(()))
-        .unwrap_err();
-    assert!(err.to_string().contains("encoder has not landed"), "{err}");
+    for policy in [TowerPolicy::Refuse, TowerPolicy::OnDemand] {
+        e.set_tower_policy(policy);
+        let err = e
+            .generate(&img, &mut |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        assert!(err.to_string().contains("no vision encoder"), "{err}");
+        assert!(e.loaded_modalities().is_empty());
+        assert_eq!(own(&e, "vision"), 0);
+    }
+    // Loading pages the tower in.
+    e.load_modality(Modality::Vision).unwrap();
     assert_eq!(e.loaded_modalities(), vec![Modality::Vision]);
     let vis = e.weight_group_named("vision").unwrap();
     assert!(vis.resident_bytes_inward() > 0);
