@@ -7,19 +7,7 @@
 use std::time::Instant;
 
 use gemmad_engine::internals::Matrix;
-use gemmad_engine::{IsaChoice, QuantType};
-
-/// The kernel tier and packing from `GEMMAD_ISA` and `GEMMAD_PACK=0`, as the bench takes
-/// them.
-fn configure_kernels_from_env() {
-    let isa = match std::env::var("GEMMAD_ISA") {
-        Ok(v) if !v.is_empty() => v
-            .parse::<IsaChoice>()
-            .unwrap_or_else(|e| panic!("GEMMAD_ISA: {e}")),
-        _ => IsaChoice::Auto,
-    };
-    gemmad_engine::configure_kernels(isa, std::env::var("GEMMAD_PACK").as_deref() != Ok("0"));
-}
+use gemmad_engine::QuantType;
 
 fn matrix(rows: usize, cols: usize, q: QuantType, seed: u64) -> Matrix {
     let mut s = seed;
@@ -35,7 +23,7 @@ fn matrix(rows: usize, cols: usize, q: QuantType, seed: u64) -> Matrix {
 }
 
 fn main() -> Result<(), String> {
-    configure_kernels_from_env();
+    gemmad_engine::internals::configure_kernels_from_env();
     let args: Vec<String> = std::env::args().collect();
     let q: QuantType = args.get(1).map_or("q4_0", |s| s.as_str()).parse()?;
     let threads: usize = args

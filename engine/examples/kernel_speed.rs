@@ -6,19 +6,7 @@
 use gemmad_engine::internals::quant::blocks::*;
 use gemmad_engine::internals::quant::kernels::{self, isa};
 use gemmad_engine::internals::quant::packed;
-use gemmad_engine::{IsaChoice, QuantType};
-
-/// The kernel tier and packing from `GEMMAD_ISA` and `GEMMAD_PACK=0`, as the bench takes
-/// them.
-fn configure_kernels_from_env() {
-    let isa = match std::env::var("GEMMAD_ISA") {
-        Ok(v) if !v.is_empty() => v
-            .parse::<IsaChoice>()
-            .unwrap_or_else(|e| panic!("GEMMAD_ISA: {e}")),
-        _ => IsaChoice::Auto,
-    };
-    gemmad_engine::configure_kernels(isa, std::env::var("GEMMAD_PACK").as_deref() != Ok("0"));
-}
+use gemmad_engine::QuantType;
 
 fn cpu_now() -> f64 {
     let mut ts = libc_timespec {
@@ -41,7 +29,7 @@ extern "C" {
 }
 
 fn main() {
-    configure_kernels_from_env();
+    gemmad_engine::internals::configure_kernels_from_env();
     let (rows, cols) = (256usize, 2048usize);
     let mut s = 1u64;
     let mut rnd = || {

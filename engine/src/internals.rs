@@ -13,6 +13,19 @@ pub use crate::ple_cache::PleCache;
 pub use crate::residency::WeightGroup;
 pub use crate::weights::Matrix;
 
+/// Applies the kernel tier and packing of a manual run, `GEMMAD_ISA` (an
+/// [`crate::IsaChoice`]) and `GEMMAD_PACK=0`, before any kernel runs: the examples and
+/// the engine's tests call it; the library never reads these variables itself.
+pub fn configure_kernels_from_env() {
+    let isa = match std::env::var("GEMMAD_ISA") {
+        Ok(v) if !v.is_empty() => v
+            .parse::<crate::IsaChoice>()
+            .unwrap_or_else(|e| panic!("GEMMAD_ISA: {e}")),
+        _ => crate::IsaChoice::Auto,
+    };
+    crate::configure_kernels(isa, std::env::var("GEMMAD_PACK").as_deref() != Ok("0"));
+}
+
 /// Quantized formats and their kernels.
 pub mod quant {
     pub use crate::quant::{blocks, kernels, packed, QuantType};

@@ -227,25 +227,27 @@ impl Gemmad for GemmadService {
         &self,
         req: Request<pb::ModalityRequest>,
     ) -> Result<Response<pb::ModalityResponse>, Status> {
-        let m = convert::modality(req.get_ref().modality)?;
-        let t = self
-            .core
-            .set_modality(&peer(&req), m, true)
-            .await
-            .map_err(convert::status)?;
-        Ok(Response::new(pb::ModalityResponse {
-            tower: Some(convert::tower(&t)),
-        }))
+        self.set_modality(req, true).await
     }
 
     async fn unload_modality(
         &self,
         req: Request<pb::ModalityRequest>,
     ) -> Result<Response<pb::ModalityResponse>, Status> {
+        self.set_modality(req, false).await
+    }
+}
+
+impl GemmadService {
+    async fn set_modality(
+        &self,
+        req: Request<pb::ModalityRequest>,
+        load: bool,
+    ) -> Result<Response<pb::ModalityResponse>, Status> {
         let m = convert::modality(req.get_ref().modality)?;
         let t = self
             .core
-            .set_modality(&peer(&req), m, false)
+            .set_modality(&peer(&req), m, load)
             .await
             .map_err(convert::status)?;
         Ok(Response::new(pb::ModalityResponse {

@@ -5,22 +5,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Once;
 
-use gemmad_engine::IsaChoice;
-
 /// A committed fixture's folder. Every test reaches the engine through one, so this is
 /// where the kernel tier and packing of a manual run (`GEMMAD_ISA=avx2 cargo test`,
 /// `GEMMAD_PACK=0`) are applied, before any kernel runs.
 pub fn fixture(name: &str) -> PathBuf {
     static KERNELS: Once = Once::new();
-    KERNELS.call_once(|| {
-        let isa = match std::env::var("GEMMAD_ISA") {
-            Ok(v) if !v.is_empty() => v
-                .parse::<IsaChoice>()
-                .unwrap_or_else(|e| panic!("GEMMAD_ISA: {e}")),
-            _ => IsaChoice::Auto,
-        };
-        gemmad_engine::configure_kernels(isa, std::env::var("GEMMAD_PACK").as_deref() != Ok("0"));
-    });
+    KERNELS.call_once(gemmad_engine::internals::configure_kernels_from_env);
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
