@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/gemmad/gemmad.toml";
 pub const DEFAULT_SOCKET: &str = "/run/gemmad/gemmad.sock";
+/// The longest shutdown grace period (a day): longer is a typo, and systemd gives up
+/// long before.
+pub const MAX_GRACE_S: f64 = 86_400.0;
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -255,6 +258,14 @@ impl Config {
         self.socket_mode()?;
         self.model.quant()?;
         self.model.ple_mode()?;
+        self.model.isa()?;
+        if self.model.threads > gemmad_engine::MAX_THREADS {
+            bail!(
+                "model.threads {} is more than {} (0 = all CPUs)",
+                self.model.threads,
+                gemmad_engine::MAX_THREADS
+            );
+        }
         if self.queue.depth == 0 || self.queue.per_peer == 0 {
             bail!("queue.depth and queue.per_peer must be at least 1");
         }
@@ -262,8 +273,9 @@ impl Config {
         if l.max_tokens == 0 || l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens {
             bail!("limits: need 1 <= default_max_tokens <= max_tokens");
         }
-        if !self.shutdown.grace_period_s.is_finite() || self.shutdown.grace_period_s < 0.0 {
-            bail!("shutdown.grace_period_s must be >= 0");
+        let grace = self.shutdown.grace_period_s;
+        if !grace.is_finite() || !(0.0..=MAX_GRACE_S).contains(&grace) {
+            bail!("shutdown.grace_period_s must be in 0..={MAX_GRACE_S} seconds, got {grace}");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!(
@@ -322,6 +334,16 @@ mod tests {
         assert_eq!(c.limits.default_max_tokens, d.limits.default_max_tokens);
         assert_eq!(c.limits.max_image_bytes, d.limits.max_image_bytes);
         assert_eq!(c.shutdown.grace_period_s, d.shutdown.grace_period_s);
+        // Every [model] key states the code's default.
+        let (m, dm) = (&c.model, &d.model);
+        assert_eq!(m.cache_dir(), dm.cache_dir());
+        assert_eq!(
+            (m.max_context, m.threads, m.pack),
+            (dm.max_context, dm.threads, dm.pack)
+        );
+        assert_eq!(m.quant().unwrap(), dm.quant().unwrap());
+        assert_eq!(m.ple_mode().unwrap(), dm.ple_mode().unwrap());
+        assert_eq!(m.isa().unwrap(), dm.isa().unwrap());
     }
 
     #[test]
@@ -333,5 +355,18 @@ mod tests {
         assert!(c.validate().is_err());
         let c: Config = toml::from_str("[shutdown]\nin_flight = \"cancel\"").unwrap();
         assert_eq!(c.shutdown.in_flight, InFlight::Cancel);
+        // Values that once panicked or aborted far from where they were read.
+        for (bad, what) in [
+            ("[shutdown]\ngrace_period_s = 1e300", "grace_period_s"),
+            ("[shutdown]\ngrace_period_s = -1.0", "grace_period_s"),
+            ("[model]\nthreads = 100000", "model.threads"),
+            ("[model]\nisa = \"sse9\"", "model.isa"),
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(format!("{e:#}").contains(what), "{bad}: {e:#}");
+        }
+        let c: Config = toml::from_str("[shutdown]\ngrace_period_s = 86400.0").unwrap();
+        c.validate().unwrap();
     }
 }

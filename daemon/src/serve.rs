@@ -67,6 +67,32 @@ fn init_logging(level: &str, json: bool) -> Result<LogHandle> {
     Ok(handle)
 }
 
+/// What the command line sets over the config file, at start and at every reload.
+#[derive(Clone, Debug)]
+struct Overrides {
+    model: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    isa: Option<gemmad_engine::IsaChoice>,
+    pack: Option<u8>,
+}
+
+impl Overrides {
+    fn apply(&self, cfg: &mut Config) {
+        if let Some(m) = &self.model {
+            cfg.model.dir = Some(m.clone());
+        }
+        if let Some(s) = &self.socket {
+            cfg.server.socket = s.clone();
+        }
+        if let Some(isa) = self.isa {
+            cfg.model.isa = isa.to_string();
+        }
+        if let Some(p) = self.pack {
+            cfg.model.pack = p != 0;
+        }
+    }
+}
+
 /// Runs the service until a termination signal. `log_override` is `--log`/GEMMAD_LOG.
 pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
     let (cfg_path, explicit) = match &args.config {
@@ -74,18 +100,13 @@ pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
     let mut cfg = Config::load(&cfg_path, explicit)?;
-    if let Some(m) = &args.model {
-        cfg.model.dir = Some(m.clone());
-    }
-    if let Some(s) = &args.socket {
-        cfg.server.socket = s.clone();
-    }
-    if let Some(isa) = args.isa {
-        cfg.model.isa = isa.to_string();
-    }
-    if let Some(p) = args.pack {
-        cfg.model.pack = p != 0;
-    }
+    let overrides = Overrides {
+        model: args.model.clone(),
+        socket: args.socket.clone(),
+        isa: args.isa,
+        pack: args.pack,
+    };
+    overrides.apply(&mut cfg);
     let level = log_override
         .clone()
         .unwrap_or_else(|| cfg.log.level.clone());
@@ -96,7 +117,7 @@ pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let r = rt.block_on(serve(cfg, cfg_path, explicit, log, log_override));
+    let r = rt.block_on(serve(cfg, cfg_path, explicit, log, log_override, overrides));
     rt.shutdown_timeout(Duration::from_secs(1));
     r
 }
@@ -107,6 +128,7 @@ async fn serve(
     cfg_explicit: bool,
     log: LogHandle,
     log_override: Option<String>,
+    overrides: Overrides,
 ) -> Result<()> {
     let sig = Signals {
         term: signal(SignalKind::terminate())?,
@@ -179,6 +201,7 @@ async fn serve(
             queue: queue.clone(),
             core,
             shutting_down,
+            overrides,
         },
     )
     .await;
@@ -202,12 +225,14 @@ struct Served {
     queue: Arc<Queue>,
     core: Arc<Core>,
     shutting_down: Arc<AtomicBool>,
+    overrides: Overrides,
 }
 
 struct Reloadable {
     socket_gid: u32,
     queue: Arc<Queue>,
     core: Arc<Core>,
+    overrides: Overrides,
 }
 
 /// The signals the service handles, installed before anything else so that a signal
@@ -248,12 +273,14 @@ async fn serve_on(
         queue,
         core,
         shutting_down,
+        overrides,
     } = s;
     let incoming = listen::incoming(unix, tcp, core.clone());
     let s = Reloadable {
         socket_gid,
         queue,
         core,
+        overrides,
     };
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -331,7 +358,11 @@ fn reload(
     s: &Reloadable,
 ) {
     let new = match Config::load(path, explicit) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            // The command line still wins: compare like with like.
+            s.overrides.apply(&mut c);
+            c
+        }
         Err(e) => {
             tracing::error!(config = %path.display(), error = format!("{e:#}"), "reload failed; keeping the current settings");
             return;
@@ -364,8 +395,14 @@ fn reload(
         || new.server.socket_group != cfg.server.socket_group
         || new.server.tcp_listen != cfg.server.tcp_listen
         || new.server.max_request_bytes != cfg.server.max_request_bytes
+        || new.model.dir != cfg.model.dir
         || new.model.max_context != cfg.model.max_context
         || new.model.threads != cfg.model.threads
+        || new.model.quant != cfg.model.quant
+        || new.model.cache_dir != cfg.model.cache_dir
+        || new.model.ple != cfg.model.ple
+        || new.model.isa != cfg.model.isa
+        || new.model.pack != cfg.model.pack
         || new.log.format != cfg.log.format
     {
         tracing::warn!("[server], [model] and log.format changes take effect at the next start");

@@ -34,6 +34,10 @@ impl Layout {
     }
 }
 
+/// The longest context a config may declare (Gemma 3n declares 32K; this is far above
+/// any context a device could hold, and keeps sizes computed from it in range).
+pub const MAX_POSITIONS: usize = 1 << 24;
+
 /// The text decoder's configuration, validated.
 #[derive(Clone, Debug)]
 pub struct TextConfig {
@@ -416,7 +420,16 @@ fn parse_text(p: &Parser, root: &Value, gen_eos: Option<&Value>) -> Result<TextC
         layer_types,
         rope_theta_full,
         rope_theta_sliding,
-        max_position_embeddings: p.usize_or("max_position_embeddings", 32768)?,
+        max_position_embeddings: {
+            let n = p.usize_or("max_position_embeddings", 32768)?;
+            if !(1..=MAX_POSITIONS).contains(&n) {
+                return Err(p.err(format!(
+                    "`{}max_position_embeddings` is {n}; it must be in 1..={MAX_POSITIONS}",
+                    p.prefix
+                )));
+            }
+            n
+        },
         rms_norm_eps: p.f64_or("rms_norm_eps", 1e-6)?,
         final_logit_softcapping: p.f64_opt("final_logit_softcapping")?,
         num_kv_shared_layers,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
 use crate::model::{ForwardState, LogitsFor, TextModel};
 use crate::tokenizer::TextTokenizer;
 
@@ -21,6 +22,7 @@ mod request;
 mod text_stream;
 
 pub use control::{Control, EngineState, TowerState, FULL_SLICE};
+
 pub use generation::{Generation, Step};
 pub use loading::{PleMode, DEFAULT_PLE_HOT_BYTES};
 pub use prompt::{PreparedPrompt, Prompter};
@@ -130,7 +132,7 @@ impl Engine {
             None
         };
         crate::residency::trim_heap();
-        let max_context = check_context(&cfg, opts.max_context)?;
+        let max_context = check_context(&cfg, opts.max_context, model.kv_dtype())?;
         let threads = opts
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -289,19 +291,123 @@ impl Engine {
     }
 }
 
-fn check_context(cfg: &ModelConfig, want: Option<usize>) -> Result<usize> {
-    let max_pos = cfg.text.max_position_embeddings;
-    let max_context = want.unwrap_or(max_pos);
-    if max_context == 0 || max_context > max_pos {
-        return Err(EngineError::Config {
+/// The most compute threads an engine starts (far above any CPU it serves on; a larger
+/// number is a typo, and each thread reserves a stack).
+pub const MAX_THREADS: usize = 1024;
+
+/// The context to allocate: `want`, or by default the model's maximum, bounded by what
+/// the machine can hold. The KV cache is sized by this, never by a number in a file alone.
+fn check_context(
+    cfg: &ModelConfig,
+    want: Option<usize>,
+    dtype: crate::kv_cache::KvDType,
+) -> Result<usize> {
+    let ram = crate::residency::mem_total().map(u128::from);
+    let bytes = |n: usize| KvCache::reserved_bytes(&cfg.text, n, dtype);
+    let n = fit_context(cfg.text.max_position_embeddings, want, ram, bytes).map_err(|reason| {
+        EngineError::Config {
             path: cfg.path.clone(),
-            reason: format!("max_context {max_context} must be in 1..={max_pos}"),
-        });
+            reason,
+        }
+    })?;
+    if want.is_none() && n < cfg.text.max_position_embeddings {
+        tracing::warn!(
+            max_position_embeddings = cfg.text.max_position_embeddings,
+            max_context = n,
+            "the model's full context would not fit in RAM; serving a shorter one \
+             (set max_context to choose)"
+        );
     }
-    Ok(max_context)
+    Ok(n)
+}
+
+/// [`check_context`]'s rule, given the machine's RAM and the cache's bytes per context:
+/// an asked-for context must be in range and fit in RAM; by default the cache may take
+/// at most half of it.
+fn fit_context(
+    max_pos: usize,
+    want: Option<usize>,
+    ram: Option<u128>,
+    bytes: impl Fn(usize) -> u128,
+) -> std::result::Result<usize, String> {
+    let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+    if let Some(n) = want {
+        if n == 0 || n > max_pos {
+            return Err(format!("max_context {n} must be in 1..={max_pos}"));
+        }
+        return match ram.filter(|&r| bytes(n) > r) {
+            Some(r) => Err(format!(
+                "max_context {n} needs {:.1} GiB of KV cache; this machine has {:.1} GiB of \
+                 RAM: set a smaller max_context",
+                gib(bytes(n)),
+                gib(r)
+            )),
+            None => Ok(n),
+        };
+    }
+    let Some(budget) = ram.map(|r| r / 2) else {
+        return Ok(max_pos);
+    };
+    if bytes(max_pos) <= budget {
+        return Ok(max_pos);
+    }
+    // The largest context within the budget (bytes grow with the context).
+    let (mut lo, mut hi) = (0usize, max_pos);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if bytes(mid) <= budget {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    if lo == 0 {
+        return Err(format!(
+            "one position of KV cache needs more than half of this machine's {:.1} GiB of RAM",
+            gib(budget * 2)
+        ));
+    }
+    Ok(lo)
 }
 
 fn new_pool(threads: usize) -> Result<crate::par::SpinPool> {
+    if threads > MAX_THREADS {
+        return Err(EngineError::InvalidRequest(format!(
+            "{threads} compute threads is more than {MAX_THREADS}"
+        )));
+    }
     crate::par::SpinPool::new(threads)
         .map_err(|e| EngineError::InvalidRequest(format!("cannot start compute threads: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_context;
+
+    #[test]
+    fn contexts_are_bounded_by_the_machine() {
+        let kib_per_pos = |n: usize| n as u128 * 1024;
+        let gib = 1u128 << 30;
+        // Asked for: in range and within the RAM, else a reason.
+        assert_eq!(
+            fit_context(32768, Some(4096), Some(gib), kib_per_pos),
+            Ok(4096)
+        );
+        assert!(fit_context(32768, Some(0), None, kib_per_pos).is_err());
+        assert!(fit_context(32768, Some(32769), None, kib_per_pos).is_err());
+        let e = fit_context(1 << 24, Some(1 << 24), Some(gib), kib_per_pos).unwrap_err();
+        assert!(
+            e.contains("16.0 GiB of KV cache") && e.contains("1.0 GiB of RAM"),
+            "{e}"
+        );
+        // By default: the model's maximum when it fits in half the RAM, else the longest
+        // that does; unknown RAM leaves the maximum.
+        assert_eq!(fit_context(32768, None, Some(gib), kib_per_pos), Ok(32768));
+        assert_eq!(
+            fit_context(1 << 24, None, Some(gib), kib_per_pos),
+            Ok(512 * 1024)
+        );
+        assert_eq!(fit_context(1 << 24, None, None, kib_per_pos), Ok(1 << 24));
+        assert!(fit_context(1 << 24, None, Some(1024), kib_per_pos).is_err());
+    }
 }

@@ -175,6 +175,22 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Bytes a cache of `max_len` positions reserves (without allocating it), so that a
+    /// context can be checked against the machine before it is allocated.
+    pub fn reserved_bytes(cfg: &TextConfig, max_len: usize, dtype: KvDType) -> u128 {
+        let first_shared = cfg.first_kv_shared_layer().min(cfg.num_hidden_layers);
+        let per_pos = (cfg.num_key_value_heads * cfg.head_dim * dtype.bytes()) as u128 * 2;
+        (0..first_shared)
+            .map(|l| {
+                let cap = match cfg.layer_types.get(l) {
+                    Some(LayerType::Sliding) => cfg.sliding_window.min(max_len.max(1)),
+                    _ => max_len,
+                };
+                per_pos * cap as u128
+            })
+            .sum()
+    }
+
     pub fn new(cfg: &TextConfig, max_len: usize, dtype: KvDType) -> Self {
         let kv_dim = cfg.kv_dim();
         let first_shared = cfg.first_kv_shared_layer();

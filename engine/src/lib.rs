@@ -26,7 +26,7 @@ pub use config::{LayerType, Layout, ModelConfig, TextConfig};
 pub use engine::{
     ChatMessage, ContentPart, Control, Engine, EngineState, FinishReason, GenerateOutput,
     GenerateRequest, Generation, LoadOptions, PleMode, PreparedPrompt, Prompt, Prompter, Step,
-    Timings, TokenEvent, TowerState, Usage, DEFAULT_PLE_HOT_BYTES, FULL_SLICE,
+    Timings, TokenEvent, TowerState, Usage, DEFAULT_PLE_HOT_BYTES, FULL_SLICE, MAX_THREADS,
 };
 pub use error::{EngineError, Result};
 pub use memory::{MemoryReport, Part, PartMemory};

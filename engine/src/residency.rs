@@ -451,6 +451,16 @@ pub fn process_rss() -> (u64, u64, u64) {
     (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
 }
 
+/// The machine's RAM (`MemTotal` of `/proc/meminfo`) in bytes; `None` where unreadable.
+pub fn mem_total() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kb| kb.saturating_mul(1024))
+}
+
 /// Returns the heap's free pages to the OS. Parsing a large `tokenizer.json` and
 /// converting weights leave hundreds of MiB freed but still mapped in glibc's heap; after
 /// load nothing will reuse most of it.

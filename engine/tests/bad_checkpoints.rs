@@ -162,6 +162,32 @@ fn config_missing_fields_are_named() {
     }
 }
 
+/// A context length in a config file is never allocated as is, and a thread count is
+/// bounded: out of range they are errors that say which value.
+#[test]
+fn absurd_contexts_and_thread_counts_are_refused_not_allocated() {
+    let (_t, dir) = copy_fixture();
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["max_position_embeddings"] = (1u64 << 40).into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("max_position_embeddings") && e.contains("config.json"),
+        "{e}"
+    );
+    let err = Engine::load(
+        &fixture("text"),
+        LoadOptions {
+            threads: Some(100_000),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("more than 1024"), "{err}");
+}
+
 #[test]
 fn config_not_json_and_missing_files() {
     let (_t, dir) = copy_fixture();

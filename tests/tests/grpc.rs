@@ -840,6 +840,11 @@ async fn sighup_reloads_queue_limits_and_access() {
         .queue
         .unwrap();
     assert_eq!(q.per_peer, 3);
+    // Nothing that needs a restart changed (the command line's --socket and --model still
+    // apply over the file), so the reload warns of nothing.
+    let log = d.log();
+    assert!(log.contains("settings reloaded"), "{log}");
+    assert!(!log.contains("take effect at the next start"), "{log}");
     // A broken file is refused and the running settings stay.
     std::fs::write(&cfg, "[queue]\ndepth = \"many\"\n").unwrap();
     d.signal(Signal::SIGHUP).unwrap();

@@ -119,7 +119,7 @@ impl Engine {
                 }
             },
             Control::LimitContext(n) => {
-                let n = check_context(&self.cfg, Some(n))?;
+                let n = check_context(&self.cfg, Some(n), self.model.kv_dtype())?;
                 if n != self.cache.max_len() {
                     self.cache = self.model.new_cache(n);
                     self.max_context.store(n, Ordering::Relaxed);

@@ -286,14 +286,18 @@ impl TextModel {
     /// weights are quantized (its rounding is far below theirs), f32 otherwise (so
     /// f32/bf16 runs keep the reference's precision).
     pub fn new_cache(&self, max_len: usize) -> ForwardState {
+        ForwardState::new(KvCache::new(&self.cfg, max_len, self.kv_dtype()))
+    }
+
+    /// The element type of this model's KV cache (see [`TextModel::new_cache`]).
+    pub fn kv_dtype(&self) -> crate::kv_cache::KvDType {
         use crate::quant::QuantType;
-        let dtype = match self.layers.first().map(|l| l.self_attn.q_proj.quant_type()) {
+        match self.layers.first().map(|l| l.self_attn.q_proj.quant_type()) {
             Some(QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4K) => {
                 crate::kv_cache::KvDType::F16
             }
             _ => crate::kv_cache::KvDType::F32,
-        };
-        ForwardState::new(KvCache::new(&self.cfg, max_len, dtype))
+        }
     }
 
     /// Scaled input embeddings `[t, H]` (`embed_tokens[id] · √H`).
