@@ -254,11 +254,19 @@ async fn serve_on(
 ) -> Result<()> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<GemmadServer<GemmadService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(gemmad_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcio's reflection client and older grpcurl ask for
+    // v1alpha only.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(gemmad_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .context("reflection service")?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .context("reflection service (v1alpha)")?;
     let max_msg = cfg.server.max_request_bytes;
     let svc = GemmadServer::new(GemmadService {
         core: s.core.clone(),
@@ -287,6 +295,7 @@ async fn serve_on(
             .layer(InterceptorLayer::new(check_access))
             .add_service(health_svc)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;

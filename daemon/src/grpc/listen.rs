@@ -17,6 +17,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 
+use super::authority::Rewrite;
 use crate::core::access::peer_of;
 use crate::core::types::Peer;
 use crate::core::{Core, ServiceError};
@@ -135,7 +136,9 @@ pub struct PeerConn {
 }
 
 enum Io {
-    Unix(UnixStream),
+    /// Unix-socket connections pass their requests through [`Rewrite`]: stock gRPC
+    /// clients name the socket path as the `:authority`, which h2 refuses.
+    Unix(Box<Rewrite<UnixStream>>),
     Tcp(TcpStream),
 }
 
@@ -154,7 +157,7 @@ impl AsyncRead for PeerConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Unix(s) => Pin::new(&mut **s).poll_read(cx, buf),
             Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -167,21 +170,21 @@ impl AsyncWrite for PeerConn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Unix(s) => Pin::new(s.get_mut()).poll_write(cx, buf),
             Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_flush(cx),
+            Io::Unix(s) => Pin::new(s.get_mut()).poll_flush(cx),
             Io::Tcp(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Unix(s) => Pin::new(s.get_mut()).poll_shutdown(cx),
             Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -192,7 +195,7 @@ impl AsyncWrite for PeerConn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Unix(s) => Pin::new(s.get_mut()).poll_write_vectored(cx, bufs),
             Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
@@ -225,7 +228,7 @@ pub fn incoming(
         r.map(|s| {
             let conn = decide(peer_of(&s, "grpc"), &c);
             PeerConn {
-                io: Io::Unix(s),
+                io: Io::Unix(Box::new(Rewrite::new(s))),
                 conn,
             }
         })

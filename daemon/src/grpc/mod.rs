@@ -2,6 +2,7 @@
 //! that sits in front of every service (health and reflection included). It converts at
 //! the edge ([`convert`]) and decides nothing the core decides.
 
+pub mod authority;
 pub mod convert;
 pub mod listen;
 
