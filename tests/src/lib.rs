@@ -18,7 +18,7 @@
 //!
 //! 1. takes them from `$GEMMAD_BIN_DIR` when that is set, and builds nothing;
 //! 2. otherwise, when run by cargo (`cargo test`, `cargo run`, `cargo bench`: cargo sets
-//!    `$CARGO`), runs `$CARGO build --bins -p gemmad -p gemmad-client` in the same
+//!    `$CARGO`), runs `$CARGO build --workspace --bins` in the same
 //!    profile as the running executable (`target/release/...` -> `--profile release`)
 //!    and takes the paths cargo reports. Cargo releases its build-directory lock before
 //!    it runs tests, so this nested build does not block; when the outer cargo already
@@ -163,7 +163,11 @@ fn cargo_build(cargo: &Path, profile_dir: &Path) -> Result<Binaries> {
         .context("the workspace root")?;
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args(["build", "--bins", "-p", "gemmad", "-p", "gemmad-client"])
+        // The whole workspace's binaries, not just the two: `cargo test --workspace` builds
+        // the engine with the features every member asks for (bench's `internals`), and a
+        // build of two packages alone would rebuild the engine without them (minutes),
+        // and the next `cargo test` would rebuild it again.
+        .args(["build", "--workspace", "--bins"])
         .args(["--profile", &profile])
         .arg("--message-format=json-render-diagnostics")
         .arg("--manifest-path")
@@ -172,7 +176,7 @@ fn cargo_build(cargo: &Path, profile_dir: &Path) -> Result<Binaries> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let shown = format!(
-        "{} build --bins -p gemmad -p gemmad-client --profile {profile}",
+        "{} build --workspace --bins --profile {profile}",
         cargo.display()
     );
     let mut child = cmd.spawn().with_context(|| format!("running {shown}"))?;
