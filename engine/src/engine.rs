@@ -178,7 +178,6 @@ impl Engine {
         &self.cfg
     }
 
-    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn model(&self) -> &TextModel {
         &self.model
     }

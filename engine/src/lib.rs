@@ -2,6 +2,11 @@
 //! runs the text decoder with a KV cache, samples, tokenizes and renders chat templates.
 //! Synchronous and single-owner: the daemon gives it one thread.
 
+// Some items are used only through `internals` (bench/, examples, tests): without the
+// feature they are dead. Dead code is still caught in the workspace build, where bench
+// turns the feature on.
+#![cfg_attr(not(feature = "internals"), allow(dead_code))]
+
 mod checkpoint;
 mod config;
 mod derived;

@@ -191,7 +191,6 @@ impl Engine {
 
     /// A mapped weight group by name: `decoder`, `embeddings`, `ple_table`, `vision`,
     /// `audio`, or `ple_cache` (the cache file's rows).
-    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn weight_group(&self, name: &str) -> Option<WeightGroup> {
         let g = &self.mem.groups;
         Some(match name {
