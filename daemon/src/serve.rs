@@ -292,7 +292,7 @@ async fn serve_on(
     };
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .layer(InterceptorLayer::new(check_access))
+            .layer(InterceptorLayer::new(check_access(s.core.clone())))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_v1alpha)

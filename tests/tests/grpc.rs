@@ -854,7 +854,7 @@ async fn sighup_reloads_queue_limits_and_access() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(c.status().await.unwrap().queue.unwrap().depth, 9);
-    // Access changes apply to new connections.
+    // Access changes apply to new connections, and to open ones at their next call.
     std::fs::write(
         &cfg,
         "[access]\nallowed_uids = [4242]\nallowed_groups = []\n",
@@ -870,6 +870,9 @@ async fn sighup_reloads_queue_limits_and_access() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let e = c.status().await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("[access]"), "{e}");
 }
 
 #[tokio::test]

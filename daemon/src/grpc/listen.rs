@@ -20,14 +20,13 @@ use tonic::transport::server::Connected;
 use super::authority::Rewrite;
 use crate::core::access::peer_of;
 use crate::core::types::Peer;
-use crate::core::{Core, ServiceError};
+use crate::core::Core;
 
-/// What every accepted connection carries: its peer and the access decision, made once
-/// at accept by the core's policy.
+/// What every accepted connection carries: its peer, as the transport identified it
+/// (the access policy is asked on every call).
 #[derive(Clone, Debug)]
 pub struct Connection {
     pub peer: Peer,
-    pub access: Result<(), ServiceError>,
 }
 
 /// Refuses to start when a live gemmad answers on `path`; removes a stale socket; refuses
@@ -206,13 +205,13 @@ impl AsyncWrite for PeerConn {
 }
 
 fn decide(peer: Peer, core: &Core) -> Connection {
-    let access = core.authorize(&peer);
-    if access.is_ok() {
+    // Logged once per connection; every call is still checked (grpc::check_access).
+    if core.authorize(&peer).is_ok() {
         tracing::debug!(peer = %peer, "connection accepted");
     } else {
         tracing::warn!(peer = %peer, "connection refused by the access policy ([access] in the config)");
     }
-    Connection { peer, access }
+    Connection { peer }
 }
 
 pub type Incoming = Pin<Box<dyn Stream<Item = io::Result<PeerConn>> + Send>>;

@@ -21,13 +21,18 @@ use crate::core::types::{Event, Peer, TokenizeInput};
 use crate::core::{Core, Submission};
 use listen::Connection;
 
-/// The interceptor in front of every service: refuses connections the access policy
-/// did not allow (decided and logged once per connection at accept).
+/// The interceptor in front of every service (health and reflection included): asks the
+/// core's access policy on every call, so a reload that removes a user refuses that
+/// user's open connections at their next call, not only new ones.
 #[allow(clippy::result_large_err)]
-pub fn check_access(req: Request<()>) -> Result<Request<()>, Status> {
-    match req.extensions().get::<Connection>() {
-        Some(Connection { access: Ok(()), .. }) => Ok(req),
-        Some(Connection { access: Err(e), .. }) => Err(convert::status(e.clone())),
+pub fn check_access(
+    core: Arc<Core>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| match req.extensions().get::<Connection>() {
+        Some(c) => match core.authorize(&c.peer) {
+            Ok(()) => Ok(req),
+            Err(e) => Err(convert::status(e)),
+        },
         None => Err(Status::permission_denied("unidentified connection")),
     }
 }
