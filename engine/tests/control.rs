@@ -182,7 +182,7 @@ fn towers_load_and_unload_through_control_and_report_their_bytes() {
     for m in Modality::ALL {
         let t = tower(&e, m);
         assert!(t.available && !t.loaded, "{t:?}");
-        assert_eq!(t.bytes, 0, "{m} pages are resident before loading");
+        assert_eq!(t.bytes, 0, "{m}: an unloaded tower holds no bytes");
     }
     e.control(&Control::LoadTower(Modality::Vision)).unwrap();
     let v = tower(&e, Modality::Vision);

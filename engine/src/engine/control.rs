@@ -61,7 +61,7 @@ pub struct TowerState {
     /// The checkpoint has the tower's weights.
     pub available: bool,
     pub loaded: bool,
-    /// Bytes of the tower's weights in RAM now.
+    /// Bytes of the tower's weights in RAM now (0 while it is not loaded).
     pub bytes: u64,
 }
 

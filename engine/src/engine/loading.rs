@@ -149,11 +149,14 @@ impl MemState {
 
     pub(crate) fn tower_state(&self, m: Modality) -> TowerState {
         let g = self.groups.tower(m);
+        let loaded = self.is_loaded(m);
         TowerState {
             modality: m,
             available: m.present(&self.cfg) && g.params > 0,
-            loaded: self.is_loaded(m),
-            bytes: g.resident_bytes_inward(),
+            loaded,
+            // mincore counts the page cache, which other readers of the file fill too: an
+            // unloaded tower holds nothing of its own.
+            bytes: if loaded { g.resident_bytes_inward() } else { 0 },
         }
     }
 }
