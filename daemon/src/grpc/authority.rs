@@ -164,12 +164,18 @@ impl Rewriter {
                         self.frame_header(out)?;
                     }
                 }
-                State::HeaderPayload { len, .. } => {
-                    let n = (*len - self.payload.len()).min(input.len());
+                State::HeaderPayload {
+                    kind,
+                    flags,
+                    stream,
+                    len,
+                } => {
+                    let (kind, flags, stream, len) = (*kind, *flags, *stream, *len);
+                    let n = (len - self.payload.len()).min(input.len());
                     self.payload.extend_from_slice(&input[..n]);
                     input = &input[n..];
-                    if self.payload.len() == *len {
-                        self.header_payload(out)?;
+                    if self.payload.len() == len {
+                        self.header_payload(kind, flags, stream, out)?;
                     }
                 }
             }
@@ -202,7 +208,7 @@ impl Rewriter {
                     len,
                 };
                 if len == 0 {
-                    self.header_payload(out)?;
+                    self.header_payload(kind, flags, stream, out)?;
                 }
             }
             _ => {
@@ -221,16 +227,13 @@ impl Rewriter {
     }
 
     /// A whole HEADERS or CONTINUATION payload is in `self.payload`.
-    fn header_payload(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        let State::HeaderPayload {
-            kind,
-            flags,
-            stream,
-            ..
-        } = self.state
-        else {
-            unreachable!("header_payload outside HeaderPayload");
-        };
+    fn header_payload(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        stream: u32,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
         self.state = State::FrameHeader;
         let p = std::mem::take(&mut self.payload);
         if kind == HEADERS {
@@ -251,7 +254,10 @@ impl Rewriter {
                     .get(start..start + 5)
                     .ok_or_else(|| invalid("HEADERS priority fields missing"))?;
                 start += 5;
-                Some(<[u8; 5]>::try_from(fields).expect("five bytes"))
+                Some(
+                    <[u8; 5]>::try_from(fields)
+                        .map_err(|_| invalid("HEADERS priority fields missing"))?,
+                )
             } else {
                 None
             };
@@ -265,13 +271,19 @@ impl Rewriter {
                 fragment: p[start..end].to_vec(),
             });
         } else {
-            let open = self.open.as_mut().expect("checked in frame_header");
+            let open = self
+                .open
+                .as_mut()
+                .ok_or_else(|| invalid("CONTINUATION frame outside its header block"))?;
             open.fragment.extend_from_slice(&p);
         }
         self.payload = p;
         self.payload.clear();
         if flags & END_HEADERS != 0 {
-            let block = self.open.take().expect("a block is open");
+            let block = self
+                .open
+                .take()
+                .ok_or_else(|| invalid("END_HEADERS outside a header block"))?;
             self.emit(block, out)?;
         }
         Ok(())
@@ -353,7 +365,7 @@ fn literal(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
 }
 
 fn string(s: &[u8], out: &mut Vec<u8>) {
-    loona_hpack::encoder::encode_integer_into(s.len(), 7, 0, out).expect("writes to a Vec");
+    loona_hpack::encoder::encode_integer_into(s.len(), 7, 0, out).expect("a Vec write"); // ok: the only error is the writer's; io::Write for Vec<u8> never fails
     out.extend_from_slice(s);
 }
 
