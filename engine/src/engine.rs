@@ -221,7 +221,7 @@ impl Engine {
 
     /// The token ids a prompt turns into, checked as Generate checks them.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        Ok(self.prompter().prepare(prompt)?.ids().to_vec())
+        Ok(self.prompter().prepare(prompt)?.into_ids())
     }
 
     /// Logits of every position of `ids` (`[len, vocab]`), one prefill from an empty cache.

@@ -443,18 +443,26 @@ impl Daemon {
         Ok(kb * 1024)
     }
 
-    /// Waits (up to [`HANG`]) for the process to exit and returns its status, without
-    /// blocking the async runtime, so this process's connections keep answering the
-    /// daemon's shutdown.
-    pub async fn wait_exit(&mut self) -> Result<ExitStatus> {
+    /// The exit status, once the process has exited (then it is forgotten).
+    fn poll_exit(&mut self) -> Result<Option<ExitStatus>> {
         let child = self
             .child
             .as_mut()
             .context("the daemon was already waited for")?;
+        let st = child.try_wait()?;
+        if st.is_some() {
+            self.child = None;
+        }
+        Ok(st)
+    }
+
+    /// Waits (up to [`HANG`]) for the process to exit and returns its status, without
+    /// blocking the async runtime, so this process's connections keep answering the
+    /// daemon's shutdown.
+    pub async fn wait_exit(&mut self) -> Result<ExitStatus> {
         let t0 = Instant::now();
         loop {
-            if let Some(st) = child.try_wait()? {
-                self.child = None;
+            if let Some(st) = self.poll_exit()? {
                 return Ok(st);
             }
             if t0.elapsed() > HANG {
@@ -472,23 +480,20 @@ impl Daemon {
     /// the exit; kills it and fails if it does not exit. Close this process's clients
     /// first when they share this thread's runtime: the daemon waits for them.
     pub fn stop(&mut self) -> Result<ExitStatus> {
-        let Some(child) = self.child.as_mut() else {
-            bail!("the daemon was already waited for");
-        };
-        if child.try_wait()?.is_none() {
-            self.signal(Signal::SIGTERM)?;
+        if let Some(st) = self.poll_exit()? {
+            return Ok(st);
         }
-        let child = self.child.as_mut().expect("checked above");
+        self.signal(Signal::SIGTERM)?;
         let t0 = Instant::now();
         loop {
-            if let Some(st) = child.try_wait()? {
-                self.child = None;
+            if let Some(st) = self.poll_exit()? {
                 return Ok(st);
             }
             if t0.elapsed() > HANG {
-                let _ = child.kill();
-                let _ = child.wait();
-                self.child = None;
+                if let Some(mut child) = self.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
                 bail!(
                     "gemmad did not exit within {} s of SIGTERM (killed); log:\n{}",
                     HANG.as_secs(),

@@ -267,7 +267,7 @@ impl EngineThread<'_> {
             );
             return;
         }
-        let slice = self.engine.state().slice;
+        let slice = self.engine.active_slice().to_string();
         let _ = job.tx.send(Event::Started {
             request_id: job.id,
             run_seq: seq,

@@ -131,7 +131,7 @@ impl Core {
     /// Token ids of text, or of a conversation as Generate would run it. Blocking.
     pub fn tokenize(&self, peer: &Peer, input: TokenizeInput) -> Result<Vec<u32>, ServiceError> {
         tracing::debug!(op = "tokenize", via = peer.via, peer = %peer, "core call");
-        self.need_tokenizer()?;
+        validate::need_tokenizer(&self.prompter)?;
         let limits = self.limits();
         match input {
             TokenizeInput::Text { text, add_special } => {
@@ -162,7 +162,7 @@ impl Core {
         keep_special: bool,
     ) -> Result<String, ServiceError> {
         tracing::debug!(op = "detokenize", via = peer.via, peer = %peer, "core call");
-        self.need_tokenizer()?;
+        validate::need_tokenizer(&self.prompter)?;
         let max = self.context_tokens().max(self.limits().max_tokens) * 4;
         if ids.len() > max {
             return Err(ServiceError::invalid(format!(
@@ -171,16 +171,6 @@ impl Core {
             )));
         }
         Ok(self.prompter.detokenize(ids, !keep_special)?)
-    }
-
-    fn need_tokenizer(&self) -> Result<(), ServiceError> {
-        if self.prompter.has_tokenizer() {
-            Ok(())
-        } else {
-            Err(ServiceError::FailedPrecondition(
-                "the model has no tokenizer.json: text is not available".into(),
-            ))
-        }
     }
 
     pub fn context_tokens(&self) -> usize {
@@ -208,7 +198,6 @@ impl Core {
             version: env!("CARGO_PKG_VERSION"),
             uptime: self.started.elapsed(),
             model: self.model.clone(),
-            active_slice: engine.slice.clone(),
             engine,
             memory,
             queue: queue.snapshot(),
@@ -236,17 +225,12 @@ impl Core {
         m: Modality,
         load: bool,
     ) -> Result<TowerState, ServiceError> {
-        let op = if load {
-            "load_modality"
+        let (op, c) = if load {
+            ("load_modality", Control::LoadTower(m))
         } else {
-            "unload_modality"
+            ("unload_modality", Control::UnloadTower(m))
         };
         tracing::debug!(op, via = peer.via, peer = %peer, modality = %m, "core call");
-        let c = if load {
-            Control::LoadTower(m)
-        } else {
-            Control::UnloadTower(m)
-        };
         let st = self.engine.control(c).await?;
         st.towers
             .into_iter()
@@ -268,28 +252,22 @@ pub struct Submission {
 impl Submission {
     /// The next event, or `None` after the last.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(e)) => {
-                if matches!(e, Event::Finished(_) | Event::Failed(_)) {
-                    self.done = true;
-                }
-                Poll::Ready(Some(e))
-            }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let e = std::task::ready!(self.rx.poll_recv(cx));
+        Poll::Ready(self.seen(e))
     }
 
     /// An event that is already waiting, without blocking.
     pub fn try_event(&mut self) -> Option<Event> {
         let e = self.rx.try_recv().ok()?;
-        if matches!(e, Event::Finished(_) | Event::Failed(_)) {
+        self.seen(Some(e))
+    }
+
+    /// Notes the end of the stream: the last event, or the channel closing.
+    fn seen(&mut self, e: Option<Event>) -> Option<Event> {
+        if matches!(e, None | Some(Event::Finished(_) | Event::Failed(_))) {
             self.done = true;
         }
-        Some(e)
+        e
     }
 }
 

@@ -232,9 +232,8 @@ pub struct StatusSnapshot {
     pub version: &'static str,
     pub uptime: Duration,
     pub model: ModelInfo,
-    /// The engine as of its last command or request.
+    /// The engine as of its last command or request (its `slice` is the active one).
     pub engine: EngineState,
-    pub active_slice: String,
     /// Bytes in RAM by part (the engine's report plus the process's).
     pub memory: Vec<(String, u64)>,
     pub queue: QueueSnapshot,

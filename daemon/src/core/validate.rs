@@ -185,6 +185,17 @@ pub fn sampling(s: &Sampling) -> Result<SamplingParams, ServiceError> {
     Ok(p)
 }
 
+/// Text needs the checkpoint's tokenizer.
+pub fn need_tokenizer(prompter: &Prompter) -> Result<(), ServiceError> {
+    if prompter.has_tokenizer() {
+        Ok(())
+    } else {
+        Err(ServiceError::FailedPrecondition(
+            "the model has no tokenizer.json: text is not available".into(),
+        ))
+    }
+}
+
 /// Validates `r` and prepares its prompt with the engine's pipeline.
 pub fn prepare(
     r: GenerateParams,
@@ -230,11 +241,7 @@ pub fn prepare(
         }
     }
     let chat = messages(&r.messages, limits)?;
-    if !prompter.has_tokenizer() {
-        return Err(ServiceError::FailedPrecondition(
-            "the model has no tokenizer.json: text prompts are not available".into(),
-        ));
-    }
+    need_tokenizer(prompter)?;
     let prompt = prompter.prepare(&Prompt::Chat(chat))?;
     let mut request = GenerateRequest::new(Prompt::Prepared(prompt));
     request.sampling = sampling;

@@ -181,7 +181,7 @@ impl Gemmad for GemmadService {
                 isa: s.engine.isa.to_string(),
                 pack: s.engine.pack,
             }),
-            active_slice: s.active_slice.clone(),
+            active_slice: s.engine.slice.clone(),
             towers: s.engine.towers.iter().map(convert::tower).collect(),
             memory: s
                 .memory

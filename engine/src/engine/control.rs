@@ -141,7 +141,12 @@ impl Engine {
         Ok(())
     }
 
-    /// The engine's state now (cheap: tower bytes are counted from page residency).
+    /// The active model size (see [`EngineState::slice`]).
+    pub fn active_slice(&self) -> &'static str {
+        FULL_SLICE
+    }
+
+    /// The engine's state now (tower bytes are counted from page residency).
     pub fn state(&self) -> EngineState {
         EngineState {
             towers: Modality::ALL
@@ -156,7 +161,7 @@ impl Engine {
             pack: crate::quant::kernels::pack(),
             ple_hot_bytes: self.ple().map(|p| p.stats().hot_capacity as usize),
             generating: self.active.is_some(),
-            slice: FULL_SLICE.into(),
+            slice: self.active_slice().into(),
             slice_params: self.mem.groups.decoder.params + self.mem.groups.embeddings.params,
         }
     }

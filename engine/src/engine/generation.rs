@@ -87,7 +87,7 @@ impl Engine {
                 "stop strings must not be empty".into(),
             ));
         }
-        let prompt = self.prompter().prepare(&req.prompt)?.ids().to_vec();
+        let prompt = self.prompter().prepare(&req.prompt)?.into_ids();
         self.prefetch_prompt(&prompt);
         self.active = None;
         self.next_generation += 1;

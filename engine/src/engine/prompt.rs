@@ -25,6 +25,10 @@ impl PreparedPrompt {
         &self.ids
     }
 
+    pub fn into_ids(self) -> Vec<u32> {
+        self.ids
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
