@@ -209,8 +209,9 @@ pub struct PleCacheArgs {
     /// Cache directory (the daemon's `model.cache_dir`).
     #[arg(long, value_name = "DIR", default_value = "/var/cache/gemmad")]
     pub cache_dir: PathBuf,
-    /// Row type: bf16, f16, f32 or q8_0.
-    #[arg(long, default_value = "bf16")]
+    /// Row type: raw (the checkpoint's own rows; exact, the daemon's), or whole
+    /// precomputed per-layer inputs in f32, f16, bf16 or q8_0 (approximate).
+    #[arg(long, default_value = "raw")]
     pub dtype: gemmad_engine::RowDType,
 }
 

@@ -141,7 +141,9 @@ fn ple_cache_subcommand_builds_a_cache_that_generate_uses() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(files.len(), 1, "{files:?}");
-    assert!(files[0].to_string_lossy().ends_with("-bf16.gemmaple"));
+    // The subcommand's default row type is the one `generate` and the daemon load.
+    let default = format!("-{}.gemmaple", gemmad_engine::RowDType::default());
+    assert!(files[0].to_string_lossy().ends_with(&default), "{files:?}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("480 rows"), "{stdout}");
     // generate with that cache dir maps the file instead of rebuilding it.

@@ -1,7 +1,7 @@
 //! Measures the PLE cache and memory control on a checkpoint (issue #5 figures).
 //!
 //! ```text
-//! ple_measure --model DIR --cache-dir DIR MODE [--dtype bf16] [--quant bf16] [--prompt 512] [--decode 128]
+//! ple_measure --model DIR --cache-dir DIR MODE [--dtype raw] [--quant bf16] [--prompt 512] [--decode 128]
 //!   MODE: build   build the PLE cache (time, size), with a progress line
 //!         table   serve with the checkpoint's table in RAM (a)
 //!         cache   serve from the PLE cache (b), then ple.release() (c)
@@ -33,7 +33,7 @@ fn args() -> Result<Args, String> {
         model: PathBuf::new(),
         cache_dir: PathBuf::from("/tmp/gemmad-cache"),
         mode: String::new(),
-        dtype: RowDType::Bf16,
+        dtype: RowDType::default(),
         prompt: 512,
         decode: 128,
         threads: None,

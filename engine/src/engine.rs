@@ -47,7 +47,9 @@ pub struct LoadOptions {
     /// Where per-layer inputs come from (default: the PLE cache file when `cache_dir` is
     /// set, else the checkpoint's table).
     pub ple: PleMode,
-    /// Row type of the PLE cache file (bf16 by default; f32 is exact; q8_0 is smallest).
+    /// Row type of the PLE cache file: by default the checkpoint's own rows (`raw`,
+    /// bit-identical to the table path); the precomputed types skip the projection
+    /// matvec but are approximate (f32 ~1e-6, bf16/f16/q8_0 coarser).
     pub ple_dtype: crate::ple_cache::RowDType,
     /// Bytes of the in-RAM hot-row cache in front of the PLE cache file (default 8 MiB;
     /// 0 disables it).

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use gemmad_engine::internals::ple_cache::{self, PleCache};
-use gemmad_engine::internals::{residency, Checkpoint, EngineInternals};
+use gemmad_engine::internals::{residency, Checkpoint, DType, EngineInternals};
 use gemmad_engine::*;
 
 fn opts(cache: Option<&Path>, dtype: RowDType) -> LoadOptions {
@@ -66,7 +66,7 @@ fn cache_file(dir: &Path) -> PathBuf {
 }
 
 #[test]
-fn f32_cache_is_bit_identical_to_the_table_path() {
+fn precomputed_f32_cache_stays_within_1e6_of_the_table_path() {
     let g = goldens("text");
     let ids = ids(&g["input_ids"]); // includes hard ids 480..512 (no cache row)
     let tmp = tempfile::tempdir().unwrap();
@@ -103,6 +103,99 @@ fn f32_cache_is_bit_identical_to_the_table_path() {
     assert_eq!(cold.logits(&ids).unwrap(), lb);
     assert!(cached.ple_cache().unwrap().stats().hot_rows > 0);
     assert_eq!(cold.ple_cache().unwrap().stats().hot_rows, 0);
+}
+
+/// Asserts `got` and `want` are the same bits, naming how many values differ and the
+/// first one (the vectors are too long to print).
+fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let diff: Vec<usize> = (0..got.len())
+        .filter(|&i| got[i].to_bits() != want[i].to_bits())
+        .collect();
+    if let Some(&i) = diff.first() {
+        panic!(
+            "{what}: {} of {} values differ; first at {i}: {:e} vs {:e}",
+            diff.len(),
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+fn greedy(e: &mut Engine, ids: &[u32], n: usize) -> Vec<u32> {
+    let req = GenerateRequest {
+        sampling: SamplingParams::greedy(),
+        max_tokens: n,
+        ignore_eos: true,
+        ..GenerateRequest::new(Prompt::Ids(ids.to_vec()))
+    };
+    e.generate(&req, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+        .token_ids
+}
+
+#[test]
+fn default_cache_rows_are_bit_identical_to_the_table_path() {
+    // The default row type is what the daemon serves with a cache directory: its
+    // per-layer inputs, logits and greedy output must be the table path's, bit for bit.
+    for name in ["text", "full"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dt = RowDType::default();
+        let mut table = Engine::load(&fixture(name), opts(None, dt)).unwrap();
+        let mut cached = Engine::load(&fixture(name), opts(Some(tmp.path()), dt)).unwrap();
+        let cold_opts = LoadOptions {
+            ple_hot_bytes: Some(0),
+            ..opts(Some(tmp.path()), dt)
+        };
+        let mut cold = Engine::load(&fixture(name), cold_opts).unwrap();
+        assert!(cached.ple_cache().is_some() && cold.ple_cache().is_some());
+        let c = table.config().text.clone();
+        let vocab = c.vocab_size_per_layer_input as u32;
+        // Id 0, the pad id, ids across the table, the last row, and hard ids past it
+        // (which take the pad row).
+        let mut probe = vec![0, 1, c.pad_token_id, 7, vocab / 2, vocab - 2, vocab - 1];
+        probe.extend([vocab, c.vocab_size as u32 - 1]);
+        // One position at a time (decode) and all together (prefill); twice through the
+        // hot-row cache (miss, then hit) and without it.
+        for ids in probe.iter().map(|&i| vec![i]).chain([probe.clone()]) {
+            let emb = embeds(&table, &ids);
+            let want = pli(&table, &ids, &emb);
+            for (what, e) in [("cache", &cached), ("hot", &cached), ("cold", &cold)] {
+                let got = pli(e, &ids, &emb);
+                assert_same_bits(&got, &want, &format!("{name}: {what}: PLI of {ids:?}"));
+            }
+        }
+        let stats = cached.ple_cache().unwrap().stats();
+        assert!(stats.hot_hits > 0 && stats.hot_rows > 0, "{stats:?}");
+        assert_eq!(cold.ple_cache().unwrap().stats().hot_rows, 0);
+
+        let g = goldens(name);
+        let prompt = ids(&g[if name == "text" {
+            "input_ids"
+        } else {
+            "text_plain_input_ids"
+        }]);
+        assert!(prompt.len() >= 8);
+        let want = table.logits(&prompt).unwrap();
+        let got = cached.logits(&prompt).unwrap();
+        assert_same_bits(&got, &want, &format!("{name}: logits"));
+        let got = cold.logits(&prompt).unwrap();
+        assert_same_bits(&got, &want, &format!("{name}: logits (cold)"));
+        let short = &prompt[..prompt.len().min(8)];
+        let want = greedy(&mut table, short, 32);
+        assert_eq!(want.len(), 32);
+        assert_eq!(
+            greedy(&mut cached, short, 32),
+            want,
+            "{name}: greedy output"
+        );
+        assert_eq!(
+            greedy(&mut cold, short, 32),
+            want,
+            "{name}: greedy output (cold)"
+        );
+    }
 }
 
 #[test]
@@ -163,7 +256,7 @@ fn key_of(dir: &Path, dt: RowDType) -> [u8; 16] {
 
 fn open_reason(model: &Path, file: &Path, dt: RowDType) -> Option<String> {
     let cfg = ModelConfig::from_dir(model).unwrap();
-    match PleCache::open(file, &cfg.text, dt, key_of(model, dt), 0).unwrap() {
+    match PleCache::open(file, &cfg.text, dt, DType::BF16, key_of(model, dt), 0).unwrap() {
         Ok(_) => None,
         Err(ple_cache::Invalid(r)) => Some(r),
     }
@@ -171,10 +264,18 @@ fn open_reason(model: &Path, file: &Path, dt: RowDType) -> Option<String> {
 
 #[test]
 fn corrupt_and_stale_caches_are_detected_and_rebuilt() {
+    corrupt_and_stale(RowDType::default());
+}
+
+#[test]
+fn corrupt_and_stale_precomputed_caches_are_detected_and_rebuilt() {
+    corrupt_and_stale(RowDType::F32);
+}
+
+fn corrupt_and_stale(dt: RowDType) {
     let tmp = tempfile::tempdir().unwrap();
     let model = copy_fixture("text", tmp.path());
     let cdir = tmp.path().join("cache");
-    let dt = RowDType::F32;
     let g = goldens("text");
     let ids = ids(&g["input_ids"]);
     let mut reference = Engine::load(&model, opts(None, dt)).unwrap();
@@ -192,6 +293,11 @@ fn corrupt_and_stale_caches_are_detected_and_rebuilt() {
             Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 100)),
         ),
         ("version", Box::new(|b: &mut Vec<u8>| b[8] = 99)),
+        // Version 1 held whole scaled vectors where version 2 holds raw rows.
+        (
+            "format version 1",
+            Box::new(|b: &mut Vec<u8>| b[8..12].copy_from_slice(&1u32.to_le_bytes())),
+        ),
         ("header checksum", Box::new(|b: &mut Vec<u8>| b[20] ^= 1)),
         ("pad section", {
             let off = u64::from_le_bytes(good[56..64].try_into().unwrap()) as usize;
@@ -258,6 +364,47 @@ fn corrupt_and_stale_caches_are_detected_and_rebuilt() {
     std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::write(&st, bytes).unwrap();
     assert!(open_reason(&model, &file, dt).is_some());
+}
+
+#[test]
+fn caches_of_an_older_format_version_are_removed_at_build() {
+    // Version 1's default file (`-bf16`) is not the new default's (`-raw`): left alone
+    // it would stay on disk for good.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = copy_fixture("text", tmp.path());
+    let cdir = tmp.path().join("cache");
+    let old = ple_cache::build(&model, &cdir, RowDType::Bf16, &mut |_, _| {
+        ControlFlow::Continue(())
+    })
+    .unwrap()
+    .path;
+    let kept = ple_cache::build(&model, &cdir, RowDType::F16, &mut |_, _| {
+        ControlFlow::Continue(())
+    })
+    .unwrap()
+    .path;
+    let mut b = std::fs::read(&old).unwrap();
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&old, &b).unwrap();
+    let e = Engine::load(&model, opts(Some(&cdir), RowDType::default())).unwrap();
+    let raw = e.ple_cache().unwrap().path().to_path_buf();
+    assert!(raw.to_string_lossy().ends_with("-raw.gemmaple"), "{raw:?}");
+    assert!(!old.exists(), "the version-1 file is still there");
+    assert!(
+        kept.exists(),
+        "a current file of another row type was removed"
+    );
+    let ple_files = std::fs::read_dir(&cdir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "gemmaple")
+        })
+        .count();
+    assert_eq!(ple_files, 2);
 }
 
 #[test]

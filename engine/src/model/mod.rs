@@ -217,24 +217,26 @@ impl TextModel {
         let l = c.num_hidden_layers;
         let p = c.hidden_size_per_layer_input;
         let embed_tokens = ld.matrix("embed_tokens.weight", c.vocab_size, h)?;
+        let ple_name = format!("{}embed_tokens_per_layer.weight", ld.prefix);
+        let table = ckpt.get(&ple_name, &[c.vocab_size_per_layer_input, l * p])?;
         let embed_tokens_per_layer = match ple {
-            None => PleSource::Table(ld.raw_matrix(
-                "embed_tokens_per_layer.weight",
-                c.vocab_size_per_layer_input,
-                l * p,
-            )?),
+            None => PleSource::Table(table),
             Some(cache) => {
-                let name = format!("{}embed_tokens_per_layer.weight", ld.prefix);
-                let table = ckpt.get(&name, &[c.vocab_size_per_layer_input, l * p])?;
-                if cache.rows() != c.vocab_size_per_layer_input || cache.row_len() != l * p {
+                if cache.rows() != c.vocab_size_per_layer_input
+                    || cache.row_len() != l * p
+                    || cache.table_dtype() != table.dtype
+                {
                     return Err(EngineError::PleCache {
                         path: cache.path().to_path_buf(),
                         reason: format!(
-                            "{} rows of {} values do not fit this model ({} × {})",
+                            "{} rows of {} values (table {:?}) do not fit this model \
+                             ({} × {}, table {:?})",
                             cache.rows(),
                             cache.row_len(),
+                            cache.table_dtype(),
                             c.vocab_size_per_layer_input,
-                            l * p
+                            l * p,
+                            table.dtype
                         ),
                     });
                 }
@@ -316,55 +318,92 @@ impl TextModel {
     /// Per-layer inputs `[t, L, P]` from the ids (token part) and the input embeddings
     /// (projection part), as `Gemma3nTextModel.project_per_layer_inputs`.
     ///
-    /// From the PLE cache, a text id (`< vocab_size_per_layer_input`) reads its whole
-    /// precomputed vector and its `embeds` row is not used (for text tokens it is a
-    /// function of the id). Other positions (multimodal hard and soft tokens) compute the
-    /// projection part from `embeds` and take the pad row's table part from the cache.
+    /// The table and raw PLE cache rows go through the same code (the cache only changes
+    /// where a row's bytes come from), so both give the same bits. From a precomputed
+    /// cache, a text id (`< vocab_size_per_layer_input`) reads its whole vector and its
+    /// `embeds` row is not used (for text tokens it is a function of the id); other
+    /// positions (multimodal hard and soft tokens) compute the projection part from
+    /// `embeds` and take the pad row's token part from the cache.
     pub fn per_layer_inputs(&self, ids: &[u32], embeds: &[f32], out: &mut [f32]) {
+        match &self.embed_tokens_per_layer {
+            PleSource::Table(table) => {
+                self.per_layer_inputs_from_rows(ids, embeds, out, |id, row| {
+                    per_layer::table_part(table, &self.cfg, id, row)
+                })
+            }
+            PleSource::Cache { cache, table } if !cache.dtype().precomputed() => {
+                let dtype = cache.table_dtype();
+                self.per_layer_inputs_from_rows(ids, embeds, out, |id, row| {
+                    let read =
+                        cache.with_row(id, |b| per_layer::token_part(b, dtype, &self.cfg, row));
+                    if read.is_err() {
+                        // A corrupt row: the checkpoint's own is the same bytes.
+                        per_layer::table_part(table, &self.cfg, id, row);
+                    }
+                })
+            }
+            PleSource::Cache { cache, table } => {
+                self.per_layer_inputs_precomputed(cache, table, ids, embeds, out)
+            }
+        }
+    }
+
+    /// Projection part for every position, plus the token part that `token(id, row)`
+    /// writes (ids outside the per-layer vocabulary, multimodal hard tokens, use the pad
+    /// row).
+    fn per_layer_inputs_from_rows(
+        &self,
+        ids: &[u32],
+        embeds: &[f32],
+        out: &mut [f32],
+        mut token: impl FnMut(usize, &mut [f32]),
+    ) {
         let c = &self.cfg;
         let t = ids.len();
         let lp = c.num_hidden_layers * c.hidden_size_per_layer_input;
-        let h = c.hidden_size;
         let vocab = c.vocab_size_per_layer_input;
         let pad = c.pad_token_id as usize;
-        let (cache, table) = match &self.embed_tokens_per_layer {
-            PleSource::Table(table) => {
-                per_layer::projection_part(
-                    &self.per_layer_model_projection,
-                    &self.per_layer_projection_norm,
-                    self.eps,
-                    c,
-                    embeds,
-                    t,
-                    out,
-                );
-                let tok_scale = (c.hidden_size_per_layer_input as f64).sqrt() as f32;
-                thread_local! {
-                    // Reused row buffer: the decode loop must not allocate per token.
-                    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-                }
-                ROW.with(|r| {
-                    let mut row = r.borrow_mut();
-                    row.resize(lp, 0.0);
-                    for (i, &id) in ids.iter().enumerate() {
-                        // Ids outside the per-layer vocabulary (multimodal hard tokens)
-                        // use the pad row.
-                        let id = if (id as usize) < vocab {
-                            id as usize
-                        } else {
-                            pad
-                        };
-                        table.row_to_f32(id, &mut row);
-                        for v in row.iter_mut() {
-                            *v *= tok_scale;
-                        }
-                        per_layer::combine(&mut out[i * lp..(i + 1) * lp], &row);
-                    }
-                });
-                return;
+        per_layer::projection_part(
+            &self.per_layer_model_projection,
+            &self.per_layer_projection_norm,
+            self.eps,
+            c,
+            embeds,
+            t,
+            out,
+        );
+        thread_local! {
+            // Reused row buffer: the decode loop must not allocate per token.
+            static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        ROW.with(|r| {
+            let mut row = r.borrow_mut();
+            row.resize(lp, 0.0);
+            for (i, &id) in ids.iter().enumerate() {
+                let id = if (id as usize) < vocab {
+                    id as usize
+                } else {
+                    pad
+                };
+                token(id, &mut row);
+                per_layer::combine(&mut out[i * lp..(i + 1) * lp], &row);
             }
-            PleSource::Cache { cache, table } => (cache, table),
-        };
+        });
+    }
+
+    /// [`TextModel::per_layer_inputs`] from a cache of precomputed rows.
+    fn per_layer_inputs_precomputed(
+        &self,
+        cache: &PleCache,
+        table: &crate::checkpoint::TensorView,
+        ids: &[u32],
+        embeds: &[f32],
+        out: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let lp = c.num_hidden_layers * c.hidden_size_per_layer_input;
+        let h = c.hidden_size;
+        let vocab = c.vocab_size_per_layer_input;
         // Positions computed at runtime: (position, Some(id) = table row of a corrupt
         // cache row, None = pad row).
         let mut runtime: Vec<(usize, Option<usize>)> = Vec::new();
@@ -608,7 +647,7 @@ impl TextModel {
     fn decode_matrices_outside_layers(&self) -> Vec<&Matrix> {
         let mut mats: Vec<&Matrix> = self.altup_projections.iter().collect();
         mats.extend(self.altup_unembed_projections.iter());
-        if matches!(self.embed_tokens_per_layer, PleSource::Table(_)) {
+        if !self.embed_tokens_per_layer.precomputed() {
             mats.push(&self.per_layer_model_projection);
         }
         mats.push(&self.embed_tokens);

@@ -7,7 +7,7 @@ use super::ops;
 use crate::checkpoint::{DType, TensorView};
 use crate::config::TextConfig;
 use crate::ple_cache::PleCache;
-use crate::weights::Matrix;
+use crate::weights::{bf16_to_f32, Matrix};
 
 /// The projection part of the per-layer inputs for `t` input embeddings
 /// (`RMSNorm_P(W · E · H^-0.5)`, `[t, L·P]`).
@@ -37,38 +37,51 @@ pub(crate) fn combine(out: &mut [f32], tok_scaled: &[f32]) {
     }
 }
 
-/// `16 · table[id]` (the scale is `sqrt(P)`) widened to f32.
-pub(crate) fn table_part(table: &TensorView, c: &TextConfig, id: usize, out: &mut [f32]) {
-    let lp = out.len();
-    let es = table.dtype.size();
-    let b = &table.bytes()[id * lp * es..(id + 1) * lp * es];
+/// The token part `√P · row` of one raw `embed_tokens_per_layer` row (`L·P` values of
+/// `dtype`, little-endian, as the checkpoint stores them) widened to f32. The one place
+/// this is computed: the table path and the PLE cache's raw rows both come here, so their
+/// per-layer inputs are the same bits.
+pub(crate) fn token_part(raw: &[u8], dtype: DType, c: &TextConfig, out: &mut [f32]) {
     let tok_scale = (c.hidden_size_per_layer_input as f64).sqrt() as f32;
-    match table.dtype {
+    match dtype {
         DType::F32 => {
-            for (o, ch) in out.iter_mut().zip(b.chunks_exact(4)) {
+            for (o, ch) in out.iter_mut().zip(raw.chunks_exact(4)) {
                 *o = f32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]) * tok_scale;
             }
         }
         DType::BF16 => {
-            for (o, ch) in out.iter_mut().zip(b.chunks_exact(2)) {
-                *o = half::bf16::from_bits(u16::from_le_bytes([ch[0], ch[1]])).to_f32() * tok_scale;
+            for (o, ch) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                *o = bf16_to_f32(u16::from_le_bytes([ch[0], ch[1]])) * tok_scale;
             }
         }
         DType::F16 => {
-            for (o, ch) in out.iter_mut().zip(b.chunks_exact(2)) {
+            for (o, ch) in out.iter_mut().zip(raw.chunks_exact(2)) {
                 *o = half::f16::from_bits(u16::from_le_bytes([ch[0], ch[1]])).to_f32() * tok_scale;
             }
         }
     }
 }
 
+/// The raw bytes of row `id` (`< vocab_size_per_layer_input`) of the checkpoint table.
+pub(crate) fn table_row(table: &TensorView, id: usize, lp: usize) -> &[u8] {
+    let rb = lp * table.dtype.size();
+    &table.bytes()[id * rb..(id + 1) * rb]
+}
+
+/// [`token_part`] of row `id` of the checkpoint table (`out`: `L·P` values).
+pub(crate) fn table_part(table: &TensorView, c: &TextConfig, id: usize, out: &mut [f32]) {
+    token_part(table_row(table, id, out.len()), table.dtype, c, out);
+}
+
 /// Where the decoder's per-layer inputs come from.
 #[derive(Clone, Debug)]
 pub enum PleSource {
     /// The checkpoint's `embed_tokens_per_layer` table, mapped (the standard path).
-    Table(Matrix),
+    Table(TensorView),
     /// The PLE cache file. `table` is the checkpoint tensor, kept only as a view (no page
-    /// of it is read) for rows that fail their checksum.
+    /// of it is read) for rows that fail their checksum. With raw rows (the default)
+    /// the per-layer inputs are the table path's bits; with precomputed rows they are
+    /// read whole and the projection is skipped for text tokens.
     Cache {
         cache: Arc<PleCache>,
         table: TensorView,
@@ -79,7 +92,7 @@ impl PleSource {
     /// Bytes read per token from this source (one row).
     pub fn row_bytes(&self) -> usize {
         match self {
-            PleSource::Table(m) => m.row_bytes(),
+            PleSource::Table(t) => t.shape.get(1).map_or(0, |&n| n * t.dtype.size()),
             PleSource::Cache { cache, .. } => cache.header().row_bytes as usize,
         }
     }
@@ -92,10 +105,15 @@ impl PleSource {
     }
 
     /// The mapped checkpoint table, when serving from it.
-    pub fn table(&self) -> Option<&Matrix> {
+    pub fn table(&self) -> Option<&TensorView> {
         match self {
-            PleSource::Table(m) => Some(m),
+            PleSource::Table(t) => Some(t),
             PleSource::Cache { .. } => None,
         }
+    }
+
+    /// Whether text tokens read whole precomputed per-layer inputs (no projection).
+    pub fn precomputed(&self) -> bool {
+        self.cache().is_some_and(|c| c.dtype().precomputed())
     }
 }

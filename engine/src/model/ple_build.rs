@@ -1,16 +1,20 @@
-//! Building the PLE cache: every text token's per-layer inputs, computed by the forward
-//! pass's own code (`per_layer`) and written through `ple_cache::Writer`. It lives with
-//! the model because the model reads the cache: in `ple_cache` it would close a cycle.
+//! Building the PLE cache: the checkpoint's per-layer table rows copied as they are (raw
+//! rows, the default), or every text token's whole per-layer inputs computed by the
+//! forward pass's own code (`per_layer`), written through `ple_cache::Writer`. It lives
+//! with the model because the model reads the cache: in `ple_cache` it would close a
+//! cycle.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::per_layer::{combine, projection_part, table_part};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorView};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::ple_cache::{cache_key, cache_path, Invalid, PleCache, RowDType, Writer};
+use crate::ple_cache::{
+    cache_key, cache_path, remove_older_versions, Invalid, PleCache, RowDType, Writer,
+};
 use crate::residency::{Advice, MappedRegion};
 use crate::weights::Matrix;
 
@@ -59,9 +63,76 @@ pub fn build_file(
         reason,
     };
     let key = cache_key(ckpt, dtype)?;
+    let prefix = cfg.layout.text_prefix();
+    let lp = c.num_hidden_layers * c.hidden_size_per_layer_input;
+    let rows = c.vocab_size_per_layer_input;
+    let pad = c.pad_token_id as usize;
+    if pad >= rows {
+        return Err(perr(format!(
+            "pad_token_id {pad} is outside the per-layer vocabulary ({rows})"
+        )));
+    }
+    let table = ckpt.get(
+        &format!("{prefix}embed_tokens_per_layer.weight"),
+        &[c.vocab_size_per_layer_input, lp],
+    )?;
     // From here on, a failure or a cancel removes the temp file.
-    let mut file = Writer::create(path, c, dtype, key)?;
+    let mut file = Writer::create(path, c, dtype, table.dtype, key)?;
+    let table_row_bytes = lp * table.dtype.size();
+    let table_region = |from: usize, to: usize| MappedRegion {
+        map: table.map.clone(),
+        path: table.path.clone(),
+        offset: table.start + from * table_row_bytes,
+        len: (to - from) * table_row_bytes,
+    };
+    let mut tok = vec![0.0f32; lp];
+    if dtype.precomputed() {
+        push_precomputed(cfg, ckpt, &table, &mut file, &table_region, progress)?;
+    } else {
+        // Raw rows: the table's own bytes, in the order and layout they have there.
+        let mut released_rows = 0usize;
+        let mut start = 0usize;
+        while start < rows {
+            let n = BUILD_CHUNK.min(rows - start);
+            let flushed = file.push_bytes(
+                &table.bytes()[start * table_row_bytes..(start + n) * table_row_bytes],
+            )?;
+            start += n;
+            if flushed {
+                table_region(released_rows, start).advise(Advice::Release);
+                released_rows = start;
+            }
+            if progress(start as u64, rows as u64).is_break() {
+                return Err(EngineError::Cancelled("building the PLE cache"));
+            }
+        }
+    }
 
+    // Pad section: 16 · PLE[pad] in f32.
+    table_part(&table, c, pad, &mut tok);
+    let file_bytes = file.finish(&tok)?;
+    let rep = BuildReport {
+        path: path.to_path_buf(),
+        file_bytes,
+        rows: rows as u64,
+        dtype,
+        elapsed: t0.elapsed(),
+    };
+    tracing::info!(path = %path.display(), bytes = rep.file_bytes, rows, %dtype,
+        secs = rep.elapsed.as_secs_f64(), "PLE cache built");
+    Ok(rep)
+}
+
+/// Computes every text token's whole per-layer inputs and appends them to `file`.
+fn push_precomputed(
+    cfg: &ModelConfig,
+    ckpt: &Checkpoint,
+    table: &TensorView,
+    file: &mut Writer,
+    table_region: &dyn Fn(usize, usize) -> MappedRegion,
+    progress: &mut dyn FnMut(u64, u64) -> ControlFlow<()>,
+) -> Result<()> {
+    let c = &cfg.text;
     let prefix = cfg.layout.text_prefix();
     let (h, l, p) = (
         c.hidden_size,
@@ -70,18 +141,8 @@ pub fn build_file(
     );
     let lp = l * p;
     let rows = c.vocab_size_per_layer_input;
-    let pad = c.pad_token_id as usize;
-    if pad >= rows {
-        return Err(perr(format!(
-            "pad_token_id {pad} is outside the per-layer vocabulary ({rows})"
-        )));
-    }
     let embed_view = ckpt.get(&format!("{prefix}embed_tokens.weight"), &[c.vocab_size, h])?;
     let embed = Matrix::from_view(&embed_view)?;
-    let table = ckpt.get(
-        &format!("{prefix}embed_tokens_per_layer.weight"),
-        &[c.vocab_size_per_layer_input, lp],
-    )?;
     let proj = Matrix::from_view(&ckpt.get(
         &format!("{prefix}per_layer_model_projection.weight"),
         &[lp, h],
@@ -95,13 +156,6 @@ pub fn build_file(
     let mut embeds = vec![0.0f32; BUILD_CHUNK * h];
     let mut out = vec![0.0f32; BUILD_CHUNK * lp];
     let mut tok = vec![0.0f32; lp];
-    let table_row_bytes = lp * table.dtype.size();
-    let table_region = |from: usize, to: usize| MappedRegion {
-        map: table.map.clone(),
-        path: table.path.clone(),
-        offset: table.start + from * table_row_bytes,
-        len: (to - from) * table_row_bytes,
-    };
     let mut released_rows = 0usize;
     let mut start = 0usize;
     while start < rows {
@@ -123,7 +177,7 @@ pub fn build_file(
             &mut out[..n * lp],
         );
         for i in 0..n {
-            table_part(&table, c, start + i, &mut tok);
+            table_part(table, c, start + i, &mut tok);
             combine(&mut out[i * lp..(i + 1) * lp], &tok);
         }
         let flushed = file.push(&out[..n * lp])?;
@@ -137,20 +191,7 @@ pub fn build_file(
             return Err(EngineError::Cancelled("building the PLE cache"));
         }
     }
-
-    // Pad section: 16 · PLE[pad] in f32.
-    table_part(&table, c, pad, &mut tok);
-    let file_bytes = file.finish(&tok)?;
-    let rep = BuildReport {
-        path: path.to_path_buf(),
-        file_bytes,
-        rows: rows as u64,
-        dtype,
-        elapsed: t0.elapsed(),
-    };
-    tracing::info!(path = %path.display(), bytes = rep.file_bytes, rows, %dtype,
-        secs = rep.elapsed.as_secs_f64(), "PLE cache built");
-    Ok(rep)
+    Ok(())
 }
 
 // Here rather than beside `PleCache::open`: building needs the model's math, and
@@ -168,8 +209,18 @@ impl PleCache {
     ) -> Result<PleCache> {
         let path = cache_path(cache_dir, &ckpt.dir, dtype);
         let key = cache_key(ckpt, dtype)?;
+        let c = &cfg.text;
+        let table_dtype = ckpt
+            .get(
+                &format!("{}embed_tokens_per_layer.weight", cfg.layout.text_prefix()),
+                &[
+                    c.vocab_size_per_layer_input,
+                    c.num_hidden_layers * c.hidden_size_per_layer_input,
+                ],
+            )?
+            .dtype;
         if path.exists() {
-            match PleCache::open(&path, &cfg.text, dtype, key, hot_bytes)? {
+            match PleCache::open(&path, c, dtype, table_dtype, key, hot_bytes)? {
                 Ok(c) => {
                     tracing::info!(path = %path.display(), %dtype, "PLE cache valid");
                     return Ok(c);
@@ -182,8 +233,9 @@ impl PleCache {
         } else {
             tracing::info!(path = %path.display(), %dtype, "no PLE cache yet; building");
         }
+        remove_older_versions(cache_dir, &ckpt.dir);
         build_file(cfg, ckpt, dtype, &path, progress)?;
-        match PleCache::open(&path, &cfg.text, dtype, key, hot_bytes)? {
+        match PleCache::open(&path, c, dtype, table_dtype, key, hot_bytes)? {
             Ok(c) => Ok(c),
             Err(Invalid(why)) => Err(EngineError::PleCache {
                 path,

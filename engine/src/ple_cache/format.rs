@@ -1,40 +1,80 @@
 //! The file's format: the row types, the header page, the per-row checksums and the
 //! file's name and key.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, DType};
 use crate::config::TextConfig;
 use crate::derived::{checkpoint_key, folder_hash, rd64, xxh64};
 use crate::error::Result;
 
 pub const MAGIC: [u8; 8] = *b"GEMMAPLE";
-pub const VERSION: u32 = 1;
+/// 2: raw checkpoint rows (the new default) and the table's dtype in the header. Version 1
+/// files (bf16 whole vectors by default) are stale and rebuilt.
+pub const VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 4096;
 
-/// Storage type of the cached rows.
+/// What the cached rows hold, and in which type.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum RowDType {
-    /// Exact: the engine's own f32 per-layer inputs, bit for bit.
-    F32,
-    /// bf16, round-to-nearest-even (half the size; the default).
+    /// The default, exact: the checkpoint's own `embed_tokens_per_layer` rows, bit for
+    /// bit, in the checkpoint's dtype and unscaled (the token part only). At use they
+    /// are scaled and combined with the projection part by the same code as the table's
+    /// rows, so the per-layer inputs, logits and output are the table path's bits. The
+    /// projection matvec still runs per token.
     #[default]
+    Raw,
+    /// Whole per-layer inputs, precomputed, in f32: no projection matvec at use. Close
+    /// to the table path (~1e-6) but not bit-identical: the build projects with the
+    /// checkpoint's own weights in batches, serving with `quant`'s at its batch size.
+    F32,
+    /// Whole per-layer inputs in bf16, round-to-nearest-even: approximate (~5e-3 in
+    /// the fixture's logits; greedy output may differ from the table path).
     Bf16,
-    /// IEEE f16, round-to-nearest: same size as bf16, 8× finer mantissa (the values are
-    /// well inside f16's range).
+    /// Whole per-layer inputs in IEEE f16, round-to-nearest: approximate, 8× finer
+    /// mantissa than bf16 (the values are well inside f16's range).
     F16,
-    /// ggml Q8_0 blocks of 32 (f16 scale + 32 × i8): ~0.53 of bf16.
+    /// Whole per-layer inputs as ggml Q8_0 blocks of 32 (f16 scale + 32 × i8), ~0.53
+    /// of bf16: the smallest and least exact.
     Q8_0,
 }
 
+/// The header code of a checkpoint dtype.
+fn table_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+    }
+}
+
+fn table_from_code(c: u32) -> Option<DType> {
+    Some(match c {
+        0 => DType::F32,
+        1 => DType::BF16,
+        2 => DType::F16,
+        _ => return None,
+    })
+}
+
 impl RowDType {
+    pub const ALL: [RowDType; 5] = [
+        RowDType::Raw,
+        RowDType::F32,
+        RowDType::Bf16,
+        RowDType::F16,
+        RowDType::Q8_0,
+    ];
+
     fn code(self) -> u32 {
         match self {
             RowDType::F32 => 0,
             RowDType::Bf16 => 1,
             RowDType::Q8_0 => 2,
             RowDType::F16 => 3,
+            RowDType::Raw => 4,
         }
     }
 
@@ -44,6 +84,7 @@ impl RowDType {
             1 => RowDType::Bf16,
             2 => RowDType::Q8_0,
             3 => RowDType::F16,
+            4 => RowDType::Raw,
             _ => return None,
         })
     }
@@ -54,21 +95,34 @@ impl RowDType {
             RowDType::Bf16 => "bf16",
             RowDType::Q8_0 => "q8_0",
             RowDType::F16 => "f16",
+            RowDType::Raw => "raw",
         }
     }
 
-    /// Bytes of one row of `n` values; `None` when `n` does not fit the format.
-    pub fn row_bytes(self, n: usize) -> Option<usize> {
+    /// Whether rows are whole precomputed per-layer inputs (else the checkpoint's raw
+    /// token-part rows).
+    pub fn precomputed(self) -> bool {
+        self != RowDType::Raw
+    }
+
+    /// Bytes of one row of `n` values, for a checkpoint whose table is of `table`;
+    /// `None` when `n` does not fit the format.
+    pub fn row_bytes(self, n: usize, table: DType) -> Option<usize> {
         match self {
+            RowDType::Raw => Some(n * table.size()),
             RowDType::F32 => Some(n * 4),
             RowDType::Bf16 | RowDType::F16 => Some(n * 2),
             RowDType::Q8_0 => n.is_multiple_of(32).then_some(n / 32 * 34),
         }
     }
 
-    /// Encodes `src` into `dst` (`dst.len() == row_bytes(src.len())`).
+    /// Encodes `src` into `dst` (`dst.len() == row_bytes(src.len())`); precomputed types
+    /// only.
     pub fn encode(self, src: &[f32], dst: &mut [u8]) {
         match self {
+            // Raw rows are the checkpoint's bytes, copied, never encoded: `Writer::push`
+            // refuses them.
+            RowDType::Raw => {}
             RowDType::F32 => {
                 for (d, v) in dst.chunks_exact_mut(4).zip(src) {
                     d.copy_from_slice(&v.to_le_bytes());
@@ -98,9 +152,12 @@ impl RowDType {
         }
     }
 
-    /// Decodes a row into `dst`.
+    /// Decodes a row into `dst`; precomputed types only.
     pub fn decode(self, src: &[u8], dst: &mut [f32]) {
         match self {
+            // Raw rows are widened and scaled by `model::per_layer::token_part`, the
+            // function the table path uses: the model dispatches on `precomputed()`.
+            RowDType::Raw => {}
             RowDType::F32 => {
                 for (o, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -142,9 +199,10 @@ impl FromStr for RowDType {
             "bf16" => RowDType::Bf16,
             "f16" => RowDType::F16,
             "q8_0" | "q8" => RowDType::Q8_0,
+            "raw" => RowDType::Raw,
             other => {
                 return Err(format!(
-                    "unknown PLE row dtype `{other}` (f32, bf16, f16, q8_0)"
+                    "unknown PLE row dtype `{other}` (raw, f32, bf16, f16, q8_0)"
                 ))
             }
         })
@@ -162,6 +220,8 @@ pub(super) fn row_sum(row: &[u8]) -> u32 {
 pub struct Header {
     pub version: u32,
     pub dtype: RowDType,
+    /// The checkpoint table's dtype (that of `Raw` rows).
+    pub table_dtype: DType,
     pub layers: u32,
     pub per_layer_dim: u32,
     pub hidden: u32,
@@ -179,10 +239,15 @@ pub struct Header {
 }
 
 impl Header {
-    pub(super) fn layout(dtype: RowDType, c: &TextConfig, key: [u8; 16]) -> Result<Header, String> {
+    pub(super) fn layout(
+        dtype: RowDType,
+        c: &TextConfig,
+        table_dtype: DType,
+        key: [u8; 16],
+    ) -> Result<Header, String> {
         let lp = c.num_hidden_layers * c.hidden_size_per_layer_input;
         let row_bytes = dtype
-            .row_bytes(lp)
+            .row_bytes(lp, table_dtype)
             .ok_or_else(|| format!("rows of {lp} values cannot be stored as {dtype}"))?;
         let ps = HEADER_BYTES as u64;
         let rows = c.vocab_size_per_layer_input as u64;
@@ -194,6 +259,7 @@ impl Header {
         Ok(Header {
             version: VERSION,
             dtype,
+            table_dtype,
             layers: c.num_hidden_layers as u32,
             per_layer_dim: c.hidden_size_per_layer_input as u32,
             hidden: c.hidden_size as u32,
@@ -235,6 +301,7 @@ impl Header {
         b.extend_from_slice(&self.key);
         b.extend_from_slice(&self.pad_sum.to_le_bytes());
         b.extend_from_slice(&self.sums_sum.to_le_bytes());
+        b.extend_from_slice(&table_code(self.table_dtype).to_le_bytes());
         b.resize(HEADER_BYTES - 8, 0);
         let sum = xxh64(&b, 0);
         b.extend_from_slice(&sum.to_le_bytes());
@@ -268,11 +335,14 @@ impl Header {
         }
         let dtype = RowDType::from_code(u32_at(16))
             .ok_or_else(|| format!("unknown row dtype code {}", u32_at(16)))?;
+        let table_dtype = table_from_code(u32_at(128))
+            .ok_or_else(|| format!("unknown table dtype code {}", u32_at(128)))?;
         let mut key = [0u8; 16];
         key.copy_from_slice(&b[96..112]);
         Ok(Header {
             version,
             dtype,
+            table_dtype,
             layers: u32_at(20),
             per_layer_dim: u32_at(24),
             hidden: u32_at(28),
@@ -318,6 +388,27 @@ pub fn cache_path(cache_dir: &Path, model_dir: &Path, dtype: RowDType) -> PathBu
     cache_dir.join(format!("ple-{h:016x}-{dtype}.gemmaple"))
 }
 
+/// Removes the cache files of the model in `model_dir`, of any row type, that an older
+/// format version wrote: this build cannot read them, and since the default row type
+/// changed with version 2 no build would ever replace the old default's file (GBs).
+pub(crate) fn remove_older_versions(cache_dir: &Path, model_dir: &Path) {
+    for dtype in RowDType::ALL {
+        let path = cache_path(cache_dir, model_dir, dtype);
+        let mut head = [0u8; 12];
+        let read = std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head));
+        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        if read.is_err() || head[..8] != MAGIC || version >= VERSION {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), version,
+                "removed a PLE cache of an older format version"),
+            Err(e) => tracing::warn!(path = %path.display(), version, err = %e,
+                "could not remove a PLE cache of an older format version"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +417,7 @@ mod tests {
     fn row_codecs_round_trip() {
         let v: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.37).collect();
         for dt in [RowDType::F32, RowDType::Bf16, RowDType::F16, RowDType::Q8_0] {
-            let mut b = vec![0u8; dt.row_bytes(64).unwrap()];
+            let mut b = vec![0u8; dt.row_bytes(64, DType::BF16).unwrap()];
             dt.encode(&v, &mut b);
             let mut back = vec![0.0; 64];
             dt.decode(&b, &mut back);
@@ -335,11 +426,15 @@ mod tests {
                 RowDType::Bf16 => 0.05,
                 RowDType::F16 => 0.01,
                 RowDType::Q8_0 => 0.1,
+                RowDType::Raw => unreachable!(),
             };
             for (a, b) in v.iter().zip(&back) {
                 assert!((a - b).abs() <= tol, "{dt}: {a} vs {b}");
             }
         }
-        assert_eq!(RowDType::Q8_0.row_bytes(48), None);
+        assert_eq!(RowDType::Q8_0.row_bytes(48, DType::BF16), None);
+        assert_eq!(RowDType::Raw.row_bytes(48, DType::BF16), Some(96));
+        assert_eq!(RowDType::Raw.row_bytes(48, DType::F32), Some(192));
+        assert_eq!(RowDType::default(), RowDType::Raw);
     }
 }

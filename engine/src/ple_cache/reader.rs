@@ -10,6 +10,7 @@ use memmap2::Mmap;
 
 use super::format::{row_sum, Header, RowDType};
 use super::hot::HotRows;
+use crate::checkpoint::DType;
 use crate::config::TextConfig;
 use crate::derived::xxh64;
 use crate::error::{EngineError, Result};
@@ -45,12 +46,14 @@ pub struct PleCache {
 pub struct Invalid(pub String);
 
 impl PleCache {
-    /// Opens `path` and checks it against the model and key; `Ok(Err(_))` says why the
-    /// file is stale or corrupt (it should then be rebuilt).
+    /// Opens `path` and checks it against the model (`c`, its table's `table_dtype`),
+    /// the row type and key; `Ok(Err(_))` says why the file is stale or corrupt (it
+    /// should then be rebuilt).
     pub fn open(
         path: &Path,
         c: &TextConfig,
         dtype: RowDType,
+        table_dtype: DType,
         key: [u8; 16],
         hot_bytes: usize,
     ) -> Result<std::result::Result<PleCache, Invalid>> {
@@ -69,10 +72,11 @@ impl PleCache {
             Ok(h) => h,
             Err(r) => return Ok(Err(Invalid(r))),
         };
-        let want = Header::layout(dtype, c, key).map_err(|reason| EngineError::PleCache {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        let want =
+            Header::layout(dtype, c, table_dtype, key).map_err(|reason| EngineError::PleCache {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         if hdr.key != key {
             return Ok(Err(Invalid(
                 "built from a different checkpoint (key mismatch)".into(),
@@ -80,16 +84,18 @@ impl PleCache {
         }
         if !hdr.same_layout(&want) {
             return Ok(Err(Invalid(format!(
-                "layout differs from this model/dtype: file has {} rows × {} ({}), \
-                 L={} P={}; expected {} rows × {} ({}), L={} P={}",
+                "layout differs from this model/dtype: file has {} rows × {} ({}, table \
+                 {:?}), L={} P={}; expected {} rows × {} ({}, table {:?}), L={} P={}",
                 hdr.rows,
                 hdr.row_bytes,
                 hdr.dtype,
+                hdr.table_dtype,
                 hdr.layers,
                 hdr.per_layer_dim,
                 want.rows,
                 want.row_bytes,
                 want.dtype,
+                want.table_dtype,
                 want.layers,
                 want.per_layer_dim
             ))));
@@ -180,17 +186,21 @@ impl PleCache {
         }
     }
 
-    /// Decodes row `id` (`< rows()`) into `out` (`row_len()` values). `Err(())` when the
-    /// row fails its checksum: the caller must compute the vector another way.
+    /// The checkpoint table's dtype (that of raw rows).
+    pub fn table_dtype(&self) -> DType {
+        self.hdr.table_dtype
+    }
+
+    /// Calls `f` with the stored bytes of row `id` (`< rows()`; `row_bytes` of them,
+    /// verified), from the hot-row cache or the mapping. `Err(())` when the row fails
+    /// its checksum: the caller must compute the vector another way.
     #[allow(clippy::result_unit_err)]
-    pub fn read_row(&self, id: usize, out: &mut [f32]) -> std::result::Result<(), ()> {
-        let dtype = self.hdr.dtype;
+    pub fn with_row<R>(&self, id: usize, f: impl FnOnce(&[u8]) -> R) -> std::result::Result<R, ()> {
         {
             let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
             if hot.cap_bytes > 0 {
                 if let Some(b) = hot.get(id as u32) {
-                    dtype.decode(b, out);
-                    return Ok(());
+                    return Ok(f(b));
                 }
             }
         }
@@ -200,12 +210,20 @@ impl PleCache {
             self.note_corrupt(id);
             return Err(());
         }
-        dtype.decode(b, out);
+        let r = f(b);
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
         if hot.cap_bytes > 0 {
             hot.insert(id as u32, b);
         }
-        Ok(())
+        Ok(r)
+    }
+
+    /// Decodes precomputed row `id` (`< rows()`) into `out` (`row_len()` values);
+    /// `Err(())` as [`PleCache::with_row`]. Raw rows are the model's to widen.
+    #[allow(clippy::result_unit_err)]
+    pub fn read_row(&self, id: usize, out: &mut [f32]) -> std::result::Result<(), ()> {
+        let dtype = self.hdr.dtype;
+        self.with_row(id, |b| dtype.decode(b, out))
     }
 
     fn note_corrupt(&self, id: usize) {

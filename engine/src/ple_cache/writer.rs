@@ -6,6 +6,7 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use super::format::{row_sum, Header, RowDType, HEADER_BYTES};
+use crate::checkpoint::DType;
 use crate::config::TextConfig;
 use crate::derived::{xxh64, TempFile};
 use crate::error::{EngineError, Result};
@@ -27,12 +28,20 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the file at `path` for a model of `c` with rows of `dtype` and `key`.
-    pub fn create(path: &Path, c: &TextConfig, dtype: RowDType, key: [u8; 16]) -> Result<Writer> {
-        let hdr = Header::layout(dtype, c, key).map_err(|reason| EngineError::PleCache {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+    /// Starts the file at `path` for a model of `c` whose table is of `table_dtype`,
+    /// with rows of `dtype` and `key`.
+    pub fn create(
+        path: &Path,
+        c: &TextConfig,
+        dtype: RowDType,
+        table_dtype: DType,
+        key: [u8; 16],
+    ) -> Result<Writer> {
+        let hdr =
+            Header::layout(dtype, c, table_dtype, key).map_err(|reason| EngineError::PleCache {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         let (tmp, file) = TempFile::create(path)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(&vec![0u8; HEADER_BYTES])
@@ -53,19 +62,38 @@ impl Writer {
         (self.hdr.layers * self.hdr.per_layer_dim) as usize
     }
 
-    /// Appends the next rows (`row_len()` values each). Returns whether the file was
-    /// written back and its pages dropped: every 256 MiB and after the last row, so
-    /// that a build keeps neither its output nor (the caller's part) its input in RAM.
+    /// Appends the next precomputed rows (`row_len()` values each), encoded to the
+    /// file's row type. Returns whether the file was written back and its pages
+    /// dropped: every 256 MiB and after the last row, so that a build keeps neither its
+    /// output nor (the caller's part) its input in RAM.
     pub fn push(&mut self, rows: &[f32]) -> Result<bool> {
+        if !self.hdr.dtype.precomputed() {
+            return Err(EngineError::PleCache {
+                path: self.tmp.path().to_path_buf(),
+                reason: "raw rows are copied from the checkpoint, not encoded from f32".into(),
+            });
+        }
         let (lp, rb) = (self.row_len(), self.hdr.row_bytes as usize);
         let n = rows.len() / lp;
-        self.enc.resize(n * rb, 0);
-        for (o, e) in rows.chunks_exact(lp).zip(self.enc.chunks_exact_mut(rb)) {
+        let mut enc = std::mem::take(&mut self.enc);
+        enc.resize(n * rb, 0);
+        for (o, e) in rows.chunks_exact(lp).zip(enc.chunks_exact_mut(rb)) {
             self.hdr.dtype.encode(o, e);
-            self.sums.push(row_sum(e));
         }
+        let r = self.push_bytes(&enc);
+        self.enc = enc;
+        r
+    }
+
+    /// Appends the next rows as stored bytes (`row_bytes` each; for raw rows, the
+    /// checkpoint's). Returns what [`Writer::push`] returns.
+    pub fn push_bytes(&mut self, rows: &[u8]) -> Result<bool> {
+        let rb = self.hdr.row_bytes as usize;
+        let n = rows.len() / rb;
+        let rows = &rows[..n * rb];
+        self.sums.extend(rows.chunks_exact(rb).map(row_sum));
         let werr = |e: std::io::Error| EngineError::io(self.tmp.path(), e);
-        self.w.write_all(&self.enc[..n * rb]).map_err(werr)?;
+        self.w.write_all(rows).map_err(werr)?;
         self.written += (n * rb) as u64;
         let last = self.sums.len() as u64 == self.hdr.rows;
         if self.written - self.synced < FLUSH_BYTES && !last {
