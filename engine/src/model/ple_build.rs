@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use super::per_layer::{combine, projection_part, table_part};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
+use crate::derived::CacheDir;
 use crate::error::{EngineError, Result};
-use crate::ple_cache::{cache_key, cache_path, Invalid, PleCache, RowDType, Writer};
+use crate::ple_cache::{cache_key, cache_name, Invalid, PleCache, RowDType, Writer};
 use crate::residency::{Advice, MappedRegion};
 use crate::weights::Matrix;
 
@@ -40,19 +41,29 @@ pub fn build(
 ) -> Result<BuildReport> {
     let cfg = ModelConfig::from_dir(model_dir)?;
     let ckpt = Checkpoint::open(model_dir)?;
-    let path = cache_path(cache_dir, model_dir, dtype);
-    build_file(&cfg, &ckpt, dtype, &path, progress)
+    let dir = CacheDir::open(cache_dir)?;
+    build_file(
+        &cfg,
+        &ckpt,
+        dtype,
+        &dir,
+        &cache_name(model_dir, dtype),
+        progress,
+    )
 }
 
-/// Builds the cache of an opened checkpoint into `path` (temp file + rename).
+/// Builds the cache of an opened checkpoint into the file `name` of `dir` (temp file +
+/// rename).
 pub fn build_file(
     cfg: &ModelConfig,
     ckpt: &Checkpoint,
     dtype: RowDType,
-    path: &Path,
+    dir: &CacheDir,
+    name: &str,
     progress: &mut dyn FnMut(u64, u64) -> ControlFlow<()>,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
+    let path = &dir.path_of(name);
     let c = &cfg.text;
     let perr = |reason: String| EngineError::PleCache {
         path: path.to_path_buf(),
@@ -60,7 +71,7 @@ pub fn build_file(
     };
     let key = cache_key(ckpt, dtype)?;
     // From here on, a failure or a cancel removes the temp file.
-    let mut file = Writer::create(path, c, dtype, key)?;
+    let mut file = Writer::create(dir, name, c, dtype, key)?;
 
     let prefix = cfg.layout.text_prefix();
     let (h, l, p) = (
@@ -161,29 +172,29 @@ impl PleCache {
     pub fn open_or_build(
         cfg: &ModelConfig,
         ckpt: &Checkpoint,
-        cache_dir: &Path,
+        dir: &CacheDir,
         dtype: RowDType,
         hot_bytes: usize,
         progress: &mut dyn FnMut(u64, u64) -> ControlFlow<()>,
     ) -> Result<PleCache> {
-        let path = cache_path(cache_dir, &ckpt.dir, dtype);
+        let name = cache_name(&ckpt.dir, dtype);
+        let path = dir.path_of(&name);
         let key = cache_key(ckpt, dtype)?;
-        if path.exists() {
-            match PleCache::open(&path, &cfg.text, dtype, key, hot_bytes)? {
-                Ok(c) => {
-                    tracing::info!(path = %path.display(), %dtype, "PLE cache valid");
-                    return Ok(c);
-                }
-                Err(Invalid(why)) => {
-                    tracing::warn!(path = %path.display(), reason = %why,
-                        "PLE cache is stale or corrupt; rebuilding");
-                }
+        match PleCache::open(dir, &name, &cfg.text, dtype, key, hot_bytes)? {
+            Ok(c) => {
+                tracing::info!(path = %path.display(), %dtype, "PLE cache valid");
+                return Ok(c);
             }
-        } else {
-            tracing::info!(path = %path.display(), %dtype, "no PLE cache yet; building");
+            Err(why) if why.is_missing() => {
+                tracing::info!(path = %path.display(), %dtype, "no PLE cache yet; building");
+            }
+            Err(Invalid(why)) => {
+                tracing::warn!(path = %path.display(), reason = %why,
+                    "PLE cache is stale, corrupt or untrusted; rebuilding");
+            }
         }
-        build_file(cfg, ckpt, dtype, &path, progress)?;
-        match PleCache::open(&path, &cfg.text, dtype, key, hot_bytes)? {
+        build_file(cfg, ckpt, dtype, dir, &name, progress)?;
+        match PleCache::open(dir, &name, &cfg.text, dtype, key, hot_bytes)? {
             Ok(c) => Ok(c),
             Err(Invalid(why)) => Err(EngineError::PleCache {
                 path,

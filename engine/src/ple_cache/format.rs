@@ -1,7 +1,7 @@
 //! The file's format: the row types, the header page, the per-row checksums and the
 //! file's name and key.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use crate::checkpoint::Checkpoint;
@@ -310,12 +310,12 @@ pub fn cache_key(ckpt: &Checkpoint, dtype: RowDType) -> Result<[u8; 16]> {
     checkpoint_key(ckpt, &salt)
 }
 
-/// The cache file for the checkpoint in `model_dir` with rows of `dtype`:
-/// `<cache_dir>/ple-<hash of the canonical model path>-<dtype>.gemmaple`. The name is
-/// stable per model folder so that a stale file is replaced rather than left behind.
-pub fn cache_path(cache_dir: &Path, model_dir: &Path, dtype: RowDType) -> PathBuf {
+/// The cache file's name (in the cache directory) for the checkpoint in `model_dir` with
+/// rows of `dtype`: `ple-<hash of the canonical model path>-<dtype>.gemmaple`. The name
+/// is stable per model folder so that a stale file is replaced rather than left behind.
+pub fn cache_name(model_dir: &Path, dtype: RowDType) -> String {
     let h = folder_hash(model_dir);
-    cache_dir.join(format!("ple-{h:016x}-{dtype}.gemmaple"))
+    format!("ple-{h:016x}-{dtype}.gemmaple")
 }
 
 #[cfg(test)]

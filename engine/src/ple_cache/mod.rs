@@ -41,6 +41,6 @@ mod hot;
 pub(crate) mod reader;
 mod writer;
 
-pub use format::{cache_key, cache_path, RowDType};
+pub use format::{cache_key, cache_name, RowDType};
 pub use reader::{Invalid, PleCache};
 pub(crate) use writer::Writer;
