@@ -1,7 +1,8 @@
 //! What the files derived from a checkpoint (the PLE cache, the quantized-weights store)
 //! share: XXH64 for their keys and checksums, the checkpoint key that tells whether a
-//! file was built from this very checkpoint, their per-folder names, and writing them
-//! atomically (a temp file renamed into place).
+//! file was built from this very checkpoint, their per-folder names, and the cache
+//! directory they are written to and read from ([`CacheDir`], in `cache_dir.rs`: the one
+//! safe, atomic way to write and open them).
 //!
 //! # Checkpoint key
 //!
@@ -13,11 +14,14 @@
 //! Replacing a shard, even with one of the same size, changes its mtime; copying a model
 //! folder without preserving times causes a (harmless) rebuild.
 
-use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{EngineError, Result};
+
+mod cache_dir;
+
+pub use cache_dir::{CacheDir, Existing, TempFile};
 
 // ---------------------------------------------------------------------------------------
 // xxh64 (the reference algorithm)
@@ -165,102 +169,6 @@ pub fn folder_hash(model_dir: &Path) -> u64 {
     xxh64(canon.to_string_lossy().as_bytes(), 0)
 }
 
-// ---------------------------------------------------------------------------------------
-// Atomic writes
-
-/// A file being written under a temporary name beside its destination, renamed into
-/// place by [`TempFile::commit`]. Dropped uncommitted (an error, a cancel), it removes
-/// the temporary file, so a failed build leaves nothing behind.
-#[derive(Debug)]
-pub struct TempFile {
-    tmp: PathBuf,
-    dest: PathBuf,
-    armed: bool,
-}
-
-impl TempFile {
-    /// Creates `dest`'s folder, removes temporary files of `dest` whose process is gone,
-    /// and opens a fresh temporary file (read and write; readers mapping it check what
-    /// they wrote).
-    pub fn create(dest: &Path) -> Result<(TempFile, File)> {
-        let dir = dest.parent().ok_or_else(|| {
-            EngineError::io(
-                dest,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "has no parent folder"),
-            )
-        })?;
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-        remove_stale_temps(dest);
-        let tmp = temp_path(dest);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| EngineError::io(&tmp, e))?;
-        let t = TempFile {
-            tmp,
-            dest: dest.to_path_buf(),
-            armed: true,
-        };
-        Ok((t, file))
-    }
-
-    /// The temporary file's path (for errors about writing it).
-    pub fn path(&self) -> &Path {
-        &self.tmp
-    }
-
-    /// Renames the temporary file onto the destination (the caller has synced and closed
-    /// it) and syncs the folder, so that the new name survives a crash.
-    pub fn commit(mut self) -> Result<()> {
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| EngineError::io(&self.dest, e))?;
-        self.armed = false;
-        if let Some(Ok(d)) = self.dest.parent().map(File::open) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_os_string();
-    s.push(format!(".tmp-{}", std::process::id()));
-    PathBuf::from(s)
-}
-
-/// Removes temp files of earlier writes of `path` whose process is gone.
-fn remove_stale_temps(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return;
-    };
-    let prefix = format!("{}.tmp-", name.to_string_lossy());
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = n.strip_prefix(&prefix) else {
-            continue;
-        };
-        let alive = pid.parse::<u32>().is_ok_and(|pid| {
-            pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
-        });
-        if !alive || pid.parse::<u32>().ok() == Some(std::process::id()) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,27 +179,5 @@ mod tests {
         assert_eq!(xxh64(b"", 0), 0xEF46_DB37_51D8_E999);
         assert_eq!(xxh64(b"a", 0), 0xD24E_C4F1_A98C_6E5B);
         assert_eq!(xxh64(b"abc", 0), 0x44BC_2CF5_AD77_0999);
-    }
-
-    #[test]
-    fn temp_files_are_removed_unless_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("sub/out.bin");
-        let (t, f) = TempFile::create(&dest).unwrap();
-        drop(f);
-        drop(t);
-        assert_eq!(
-            std::fs::read_dir(dest.parent().unwrap()).unwrap().count(),
-            0
-        );
-        let (t, f) = TempFile::create(&dest).unwrap();
-        std::io::Write::write_all(&mut &f, b"x").unwrap();
-        drop(f);
-        t.commit().unwrap();
-        assert_eq!(std::fs::read(&dest).unwrap(), b"x");
-        assert_eq!(
-            std::fs::read_dir(dest.parent().unwrap()).unwrap().count(),
-            1
-        );
     }
 }

@@ -37,7 +37,8 @@ pub struct LoadOptions {
     /// Storage type of the large matrices (decoder and LM head).
     pub quant: crate::quant::QuantType,
     /// Where derived files (quantized weights, the PLE cache) are kept; `None` keeps
-    /// quantized weights in memory only.
+    /// quantized weights in memory only. Created if missing; one that cannot be used or
+    /// written costs the files, not the load (see [`EngineState::warnings`]).
     pub cache_dir: Option<PathBuf>,
     /// Context length in tokens; defaults to (and is capped by) the model's
     /// `max_position_embeddings`.

@@ -41,6 +41,10 @@ pub enum EngineError {
     /// The PLE cache file could not be built or used.
     #[error("{path}: PLE cache: {reason}")]
     PleCache { path: PathBuf, reason: String },
+    /// The cache directory of derived files cannot be used (not its contents: those are
+    /// rebuilt when stale).
+    #[error("{path}: cache directory: {reason}")]
+    CacheDir { path: PathBuf, reason: String },
     /// A long operation (e.g. building the PLE cache) was interrupted by its caller.
     #[error("{0} was cancelled")]
     Cancelled(&'static str),

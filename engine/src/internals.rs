@@ -7,6 +7,7 @@
 use crate::engine::Engine;
 
 pub use crate::checkpoint::{Checkpoint, DType, TensorView};
+pub use crate::derived::{CacheDir, Existing};
 pub use crate::kv_cache::{KvCache, KvDType};
 pub use crate::model::{ForwardState, LogitsFor, TextModel};
 pub use crate::ple_cache::PleCache;
@@ -36,7 +37,7 @@ pub mod ple_cache {
     pub use crate::model::ple_build::{build, build_file, BuildReport};
     pub use crate::ple_cache::format::Header;
     pub use crate::ple_cache::reader::PleStats;
-    pub use crate::ple_cache::{cache_key, cache_path, Invalid, PleCache, RowDType};
+    pub use crate::ple_cache::{cache_key, cache_name, Invalid, PleCache, RowDType};
 }
 
 /// Page residency of mapped files and memory.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use gemmad_engine::internals::ple_cache::{self, PleCache};
-use gemmad_engine::internals::{residency, Checkpoint, DType, EngineInternals};
+use gemmad_engine::internals::{residency, CacheDir, Checkpoint, DType, EngineInternals};
 use gemmad_engine::*;
 
 fn opts(cache: Option<&Path>, dtype: RowDType) -> LoadOptions {
@@ -256,7 +256,9 @@ fn key_of(dir: &Path, dt: RowDType) -> [u8; 16] {
 
 fn open_reason(model: &Path, file: &Path, dt: RowDType) -> Option<String> {
     let cfg = ModelConfig::from_dir(model).unwrap();
-    match PleCache::open(file, &cfg.text, dt, DType::BF16, key_of(model, dt), 0).unwrap() {
+    let dir = CacheDir::open(file.parent().unwrap()).unwrap();
+    let name = file.file_name().unwrap().to_str().unwrap();
+    match PleCache::open(&dir, name, &cfg.text, dt, DType::BF16, key_of(model, dt), 0).unwrap() {
         Ok(_) => None,
         Err(ple_cache::Invalid(r)) => Some(r),
     }

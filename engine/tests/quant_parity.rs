@@ -10,7 +10,7 @@
 mod common;
 
 use common::*;
-use gemmad_engine::internals::{Checkpoint, LogitsFor, TextModel};
+use gemmad_engine::internals::{CacheDir, Checkpoint, LogitsFor, TextModel};
 use gemmad_engine::{ModelConfig, QuantType};
 
 /// (max |Δlogit|, top-1 agreements, positions, agreements where the margin > 0.15,
@@ -125,7 +125,10 @@ fn quantized_weights_cache_is_reused_and_rebuilt_when_bad() {
     let run = || {
         let cfg = ModelConfig::from_dir(&model_dir).unwrap();
         let ckpt = Checkpoint::open(&model_dir).unwrap();
-        let m = TextModel::load_full(&cfg, &ckpt, QuantType::Q4_0, None, Some(&cache)).unwrap();
+        let dir = CacheDir::open(&cache).unwrap();
+        let (m, warning) =
+            TextModel::load_full(&cfg, &ckpt, QuantType::Q4_0, None, Some(&dir)).unwrap();
+        assert_eq!(warning, None);
         m.forward(&ids, &mut m.new_cache(64), LogitsFor::All)
             .unwrap()
     };

@@ -349,6 +349,7 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
                          "failed": r.failed, "rejected": r.rejected},
             "governor": s.governor.map(|g| json!({"tier": g.tier,
                 "readings": g.readings.iter().map(|x| json!({"name": x.name, "value": x.value, "unit": x.unit})).collect::<Vec<_>>()})),
+            "warnings": s.warnings,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -394,6 +395,9 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
     match s.governor {
         Some(g) => println!("governor tier {}", g.tier),
         None => println!("governor (none)"),
+    }
+    for w in &s.warnings {
+        println!("warning  {w}");
     }
     Ok(())
 }

@@ -207,6 +207,7 @@ impl Gemmad for GemmadService {
                 rejected: c.rejected,
             }),
             governor: None,
+            warnings: s.engine.warnings.clone(),
         }))
     }
 

@@ -87,6 +87,9 @@ pub struct EngineState {
     /// Parameters of the active text model (decoder and embeddings; not the per-layer
     /// table or the towers).
     pub slice_params: u64,
+    /// What the engine serves without and why (e.g. an unwritable cache directory: no
+    /// PLE cache, weights in memory), for the operator. Empty when all is as configured.
+    pub warnings: Vec<String>,
 }
 
 impl Engine {
@@ -163,6 +166,7 @@ impl Engine {
             generating: self.active.is_some(),
             slice: self.active_slice().into(),
             slice_params: self.mem.groups.decoder.params + self.mem.groups.embeddings.params,
+            warnings: self.mem.warnings.clone(),
         }
     }
 }

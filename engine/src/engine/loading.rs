@@ -3,12 +3,14 @@
 //! report.
 
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::sync::Arc;
 
 use super::control::TowerState;
 use super::{Engine, LoadOptions};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
+use crate::derived::CacheDir;
 use crate::error::{EngineError, Result};
 use crate::memory::{self, MemoryReport, Part, PartMemory, TextGroups};
 use crate::model::TextModel;
@@ -28,7 +30,9 @@ pub enum PleMode {
     Auto,
     /// The checkpoint's `embed_tokens_per_layer`, mapped (the standard path).
     Table,
-    /// The PLE cache file (requires `cache_dir`); built first if missing or stale.
+    /// The PLE cache file (requires `cache_dir`); built first if missing or stale. A
+    /// cache directory that cannot be used or written falls back to the table, with a
+    /// warning in [`super::EngineState::warnings`].
     Cache,
 }
 
@@ -53,6 +57,14 @@ pub(crate) struct MemState {
     pub groups: TextGroups,
     pub towers: Vec<Tower>,
     pub policy: TowerPolicy,
+    /// What the load had to do without (an unusable cache directory), for Status.
+    pub warnings: Vec<String>,
+}
+
+/// Records and logs that loading goes on without a derived file.
+fn degraded(warnings: &mut Vec<String>, cache_dir: &Path, e: &EngineError, warning: String) {
+    tracing::warn!(cache_dir = %cache_dir.display(), error = %e, "{warning}");
+    warnings.push(warning);
 }
 
 /// Loads the text model as `opts` says (PLE source, towers) and returns it with the
@@ -69,15 +81,36 @@ pub(crate) fn load_parts(
     for f in &ckpt.files {
         residency::advise(&f.map, 0, f.map.len(), Advice::Random);
     }
-    let use_cache = match (opts.ple, &opts.cache_dir) {
-        (PleMode::Table, _) => None,
-        (PleMode::Auto, None) => None,
-        (PleMode::Auto | PleMode::Cache, Some(d)) => Some(d.clone()),
-        (PleMode::Cache, None) => {
-            return Err(EngineError::InvalidRequest(
-                "the PLE cache needs a cache directory (cache_dir)".into(),
-            ))
-        }
+    if let (PleMode::Cache, None) = (opts.ple, &opts.cache_dir) {
+        return Err(EngineError::InvalidRequest(
+            "the PLE cache needs a cache directory (cache_dir)".into(),
+        ));
+    }
+    // An unusable cache directory (read-only, full, someone else's) costs RAM and start
+    // time, not the service: everything derived is then computed and kept in memory.
+    let mut warnings = Vec::new();
+    let dir = match &opts.cache_dir {
+        None => None,
+        Some(p) => match CacheDir::open(p) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                degraded(
+                    &mut warnings,
+                    p,
+                    &e,
+                    format!(
+                        "cache_dir {} is unusable ({e}): serving without the PLE cache and \
+                         the quantized-weights cache; expect more RAM use and slower starts",
+                        p.display()
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let use_cache = match opts.ple {
+        PleMode::Table => None,
+        PleMode::Auto | PleMode::Cache => dir.as_ref(),
     };
     let ple = match use_cache {
         None => None,
@@ -92,12 +125,30 @@ pub(crate) fn load_parts(
                 }
                 ControlFlow::Continue(())
             };
-            let c = PleCache::open_or_build(cfg, &ckpt, &dir, opts.ple_dtype, hot, &mut log)?;
-            Some(Arc::new(c))
+            match PleCache::open_or_build(cfg, &ckpt, dir, opts.ple_dtype, hot, &mut log) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e @ EngineError::Cancelled(_)) => return Err(e),
+                // The build's partial file is gone (the writer removes it); a fault in the
+                // checkpoint itself shows again when the table is loaded below.
+                Err(e) => {
+                    degraded(
+                        &mut warnings,
+                        dir.path(),
+                        &e,
+                        format!(
+                            "cache_dir {}: cannot build the PLE cache ({e}); per-layer \
+                             inputs come from the checkpoint's table: expect more RAM use",
+                            dir.path().display()
+                        ),
+                    );
+                    None
+                }
+            }
         }
     };
     let serving_from_cache = ple.is_some();
-    let model = TextModel::load_full(cfg, &ckpt, opts.quant, ple, opts.cache_dir.as_deref())?;
+    let (model, weights_warning) = TextModel::load_full(cfg, &ckpt, opts.quant, ple, dir.as_ref())?;
+    warnings.extend(weights_warning);
     groups.decoder.prefetch();
     groups.embeddings.prefetch();
     if serving_from_cache {
@@ -110,6 +161,7 @@ pub(crate) fn load_parts(
         groups,
         towers: Vec::new(),
         policy: opts.tower_policy,
+        warnings,
     };
     for m in Modality::ALL {
         if !opts.modalities.contains(&m) {

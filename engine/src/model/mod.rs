@@ -14,6 +14,7 @@ use std::path::Path;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{LayerType, ModelConfig, TextConfig};
+use crate::derived::CacheDir;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::ple_cache::PleCache;
@@ -143,47 +144,57 @@ impl TextModel {
         quant: QuantType,
         ple: Option<Arc<PleCache>>,
     ) -> Result<Self> {
-        Self::load_full(cfg, ckpt, quant, ple, None)
+        Ok(Self::load_full(cfg, ckpt, quant, ple, None)?.0)
     }
 
     /// As [`TextModel::load_with_ple`]; with `quant_cache` set and a quantized `quant`,
     /// the quantized weights are mapped from the cache directory when a valid store
-    /// exists there, and written there (atomically) when it does not.
+    /// exists there, and written there (atomically) when it does not. A store that cannot
+    /// be written (read-only or full directory) leaves the weights in memory; the second
+    /// value then says so (a warning for the operator, also logged).
     pub fn load_full(
         cfg: &ModelConfig,
         ckpt: &Checkpoint,
         quant: QuantType,
         ple: Option<Arc<PleCache>>,
-        quant_cache: Option<&Path>,
-    ) -> Result<Self> {
+        quant_cache: Option<&CacheDir>,
+    ) -> Result<(Self, Option<String>)> {
         use crate::weights::store;
         // bf16 stores only what is derived (the transposed sparse down projections), so
         // that it is file-backed rather than anonymous memory.
         let quantized = !matches!(quant, QuantType::F32);
         let target = match quant_cache {
-            Some(dir) if quantized => Some(store::store_path(dir, ckpt, quant)?),
+            Some(dir) if quantized => Some((dir, store::store_name(ckpt, quant)?)),
             _ => None,
         };
         let opened = match &target {
-            Some((path, key)) => store::QuantStore::open(path, key, quant)?,
+            Some((dir, (name, key))) => store::QuantStore::open(dir, name, key, quant),
             None => None,
         };
         if let Some(s) = &opened {
             tracing::info!(path = %s.path.display(), matrices = s.len(), "mapping quantized weights from the cache");
         }
         let model = Self::load_inner(cfg, ckpt, quant, ple, opened.as_ref())?;
-        if let (Some((path, key)), None) = (&target, &opened) {
+        let mut warning = None;
+        if let (Some((dir, (name, key))), None) = (&target, &opened) {
             let t0 = std::time::Instant::now();
-            match store::write(path, key, quant, &model.0) {
+            match store::write(dir, name, key, quant, &model.0) {
                 Ok(()) => {
-                    tracing::info!(path = %path.display(), secs = t0.elapsed().as_secs_f64(), "wrote quantized weights cache")
+                    tracing::info!(path = %dir.path_of(name).display(), secs = t0.elapsed().as_secs_f64(), "wrote quantized weights cache")
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not write the quantized weights cache; continuing")
+                    let w = format!(
+                        "cache_dir {}: cannot write the quantized-weights cache ({e}); \
+                         the {quant} weights are kept in memory instead: expect more RAM \
+                         use and slower starts",
+                        dir.path().display()
+                    );
+                    tracing::warn!(cache_dir = %dir.path().display(), error = %e, "{w}");
+                    warning = Some(w);
                 }
             }
         }
-        Ok(model.1)
+        Ok((model.1, warning))
     }
 
     fn load_inner(

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use super::per_layer::{combine, projection_part, table_part};
 use crate::checkpoint::{Checkpoint, TensorView};
 use crate::config::ModelConfig;
+use crate::derived::CacheDir;
 use crate::error::{EngineError, Result};
 use crate::ple_cache::{
-    cache_key, cache_path, remove_older_versions, Invalid, PleCache, RowDType, Writer,
+    cache_key, cache_name, remove_older_versions, Invalid, PleCache, RowDType, Writer,
 };
 use crate::residency::{Advice, MappedRegion};
 use crate::weights::Matrix;
@@ -44,19 +45,29 @@ pub fn build(
 ) -> Result<BuildReport> {
     let cfg = ModelConfig::from_dir(model_dir)?;
     let ckpt = Checkpoint::open(model_dir)?;
-    let path = cache_path(cache_dir, model_dir, dtype);
-    build_file(&cfg, &ckpt, dtype, &path, progress)
+    let dir = CacheDir::open(cache_dir)?;
+    build_file(
+        &cfg,
+        &ckpt,
+        dtype,
+        &dir,
+        &cache_name(model_dir, dtype),
+        progress,
+    )
 }
 
-/// Builds the cache of an opened checkpoint into `path` (temp file + rename).
+/// Builds the cache of an opened checkpoint into the file `name` of `dir` (temp file +
+/// rename).
 pub fn build_file(
     cfg: &ModelConfig,
     ckpt: &Checkpoint,
     dtype: RowDType,
-    path: &Path,
+    dir: &CacheDir,
+    name: &str,
     progress: &mut dyn FnMut(u64, u64) -> ControlFlow<()>,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
+    let path = &dir.path_of(name);
     let c = &cfg.text;
     let perr = |reason: String| EngineError::PleCache {
         path: path.to_path_buf(),
@@ -77,7 +88,7 @@ pub fn build_file(
         &[c.vocab_size_per_layer_input, lp],
     )?;
     // From here on, a failure or a cancel removes the temp file.
-    let mut file = Writer::create(path, c, dtype, table.dtype, key)?;
+    let mut file = Writer::create(dir, name, c, dtype, table.dtype, key)?;
     let table_row_bytes = lp * table.dtype.size();
     let table_region = |from: usize, to: usize| MappedRegion {
         map: table.map.clone(),
@@ -202,12 +213,13 @@ impl PleCache {
     pub fn open_or_build(
         cfg: &ModelConfig,
         ckpt: &Checkpoint,
-        cache_dir: &Path,
+        dir: &CacheDir,
         dtype: RowDType,
         hot_bytes: usize,
         progress: &mut dyn FnMut(u64, u64) -> ControlFlow<()>,
     ) -> Result<PleCache> {
-        let path = cache_path(cache_dir, &ckpt.dir, dtype);
+        let name = cache_name(&ckpt.dir, dtype);
+        let path = dir.path_of(&name);
         let key = cache_key(ckpt, dtype)?;
         let c = &cfg.text;
         let table_dtype = ckpt
@@ -219,23 +231,22 @@ impl PleCache {
                 ],
             )?
             .dtype;
-        if path.exists() {
-            match PleCache::open(&path, c, dtype, table_dtype, key, hot_bytes)? {
-                Ok(c) => {
-                    tracing::info!(path = %path.display(), %dtype, "PLE cache valid");
-                    return Ok(c);
-                }
-                Err(Invalid(why)) => {
-                    tracing::warn!(path = %path.display(), reason = %why,
-                        "PLE cache is stale or corrupt; rebuilding");
-                }
+        match PleCache::open(dir, &name, c, dtype, table_dtype, key, hot_bytes)? {
+            Ok(c) => {
+                tracing::info!(path = %path.display(), %dtype, "PLE cache valid");
+                return Ok(c);
             }
-        } else {
-            tracing::info!(path = %path.display(), %dtype, "no PLE cache yet; building");
+            Err(why) if why.is_missing() => {
+                tracing::info!(path = %path.display(), %dtype, "no PLE cache yet; building");
+            }
+            Err(Invalid(why)) => {
+                tracing::warn!(path = %path.display(), reason = %why,
+                    "PLE cache is stale, corrupt or untrusted; rebuilding");
+            }
         }
-        remove_older_versions(cache_dir, &ckpt.dir);
-        build_file(cfg, ckpt, dtype, &path, progress)?;
-        match PleCache::open(&path, c, dtype, table_dtype, key, hot_bytes)? {
+        remove_older_versions(dir, &ckpt.dir);
+        build_file(cfg, ckpt, dtype, dir, &name, progress)?;
+        match PleCache::open(dir, &name, c, dtype, table_dtype, key, hot_bytes)? {
             Ok(c) => Ok(c),
             Err(Invalid(why)) => Err(EngineError::PleCache {
                 path,

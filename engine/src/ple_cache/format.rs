@@ -2,12 +2,12 @@
 //! file's name and key.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use crate::checkpoint::{Checkpoint, DType};
 use crate::config::TextConfig;
-use crate::derived::{checkpoint_key, folder_hash, rd64, xxh64};
+use crate::derived::{checkpoint_key, folder_hash, rd64, xxh64, CacheDir, Existing};
 use crate::error::Result;
 
 pub const MAGIC: [u8; 8] = *b"GEMMAPLE";
@@ -380,27 +380,33 @@ pub fn cache_key(ckpt: &Checkpoint, dtype: RowDType) -> Result<[u8; 16]> {
     checkpoint_key(ckpt, &salt)
 }
 
-/// The cache file for the checkpoint in `model_dir` with rows of `dtype`:
-/// `<cache_dir>/ple-<hash of the canonical model path>-<dtype>.gemmaple`. The name is
-/// stable per model folder so that a stale file is replaced rather than left behind.
-pub fn cache_path(cache_dir: &Path, model_dir: &Path, dtype: RowDType) -> PathBuf {
+/// The cache file's name (in the cache directory) for the checkpoint in `model_dir` with
+/// rows of `dtype`: `ple-<hash of the canonical model path>-<dtype>.gemmaple`. The name
+/// is stable per model folder so that a stale file is replaced rather than left behind.
+pub fn cache_name(model_dir: &Path, dtype: RowDType) -> String {
     let h = folder_hash(model_dir);
-    cache_dir.join(format!("ple-{h:016x}-{dtype}.gemmaple"))
+    format!("ple-{h:016x}-{dtype}.gemmaple")
 }
 
 /// Removes the cache files of the model in `model_dir`, of any row type, that an older
 /// format version wrote: this build cannot read them, and since the default row type
 /// changed with version 2 no build would ever replace the old default's file (GBs).
-pub(crate) fn remove_older_versions(cache_dir: &Path, model_dir: &Path) {
+pub(crate) fn remove_older_versions(dir: &CacheDir, model_dir: &Path) {
     for dtype in RowDType::ALL {
-        let path = cache_path(cache_dir, model_dir, dtype);
+        let name = cache_name(model_dir, dtype);
+        let Ok(Existing::File(mut f)) = dir.open_existing(&name) else {
+            continue;
+        };
         let mut head = [0u8; 12];
-        let read = std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head));
-        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-        if read.is_err() || head[..8] != MAGIC || version >= VERSION {
+        if f.read_exact(&mut head).is_err() || head[..8] != MAGIC {
             continue;
         }
-        match std::fs::remove_file(&path) {
+        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        if version >= VERSION {
+            continue;
+        }
+        let path = dir.path_of(&name);
+        match dir.remove(&name) {
             Ok(()) => tracing::info!(path = %path.display(), version,
                 "removed a PLE cache of an older format version"),
             Err(e) => tracing::warn!(path = %path.display(), version, err = %e,

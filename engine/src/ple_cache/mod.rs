@@ -54,6 +54,6 @@ pub(crate) mod reader;
 mod writer;
 
 pub(crate) use format::remove_older_versions;
-pub use format::{cache_key, cache_path, RowDType};
+pub use format::{cache_key, cache_name, RowDType};
 pub use reader::{Invalid, PleCache};
 pub(crate) use writer::Writer;

@@ -1,6 +1,5 @@
 //! Serving rows from an opened, validated cache file.
 
-use std::fs::File;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,7 +11,7 @@ use super::format::{row_sum, Header, RowDType};
 use super::hot::HotRows;
 use crate::checkpoint::DType;
 use crate::config::TextConfig;
-use crate::derived::xxh64;
+use crate::derived::{xxh64, CacheDir, Existing};
 use crate::error::{EngineError, Result};
 use crate::residency::{self, Advice, MappedRegion};
 
@@ -31,6 +30,9 @@ pub struct PleStats {
 /// An opened, validated PLE cache file.
 #[derive(Debug)]
 pub struct PleCache {
+    /// Where it lives (moving a corrupt file aside goes through it).
+    dir: CacheDir,
+    name: String,
     path: PathBuf,
     map: Arc<Mmap>,
     hdr: Header,
@@ -41,29 +43,43 @@ pub struct PleCache {
     quarantined: AtomicBool,
 }
 
-/// Why an existing cache file cannot be used.
+/// Why a cache file cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalid(pub String);
 
+impl Invalid {
+    const MISSING: &'static str = "no such file";
+
+    /// Whether there is no file at all (not yet built, rather than bad).
+    pub fn is_missing(&self) -> bool {
+        self.0 == Self::MISSING
+    }
+}
+
 impl PleCache {
-    /// Opens `path` and checks it against the model (`c`, its table's `table_dtype`),
-    /// the row type and key; `Ok(Err(_))` says why the file is stale or corrupt (it
-    /// should then be rebuilt).
+    /// Opens `name` in `dir` and checks it against the model (`c`, its table's
+    /// `table_dtype`), the row type and key; `Ok(Err(_))` says why the file is missing,
+    /// untrusted, stale or corrupt (it should then be rebuilt).
     pub fn open(
-        path: &Path,
+        dir: &CacheDir,
+        name: &str,
         c: &TextConfig,
         dtype: RowDType,
         table_dtype: DType,
         key: [u8; 16],
         hot_bytes: usize,
     ) -> Result<std::result::Result<PleCache, Invalid>> {
-        let file = match File::open(path) {
-            Ok(f) => f,
+        let path = &dir.path_of(name);
+        let file = match dir.open_existing(name) {
+            Ok(Existing::File(f)) => f,
+            Ok(Existing::Missing) => return Ok(Err(Invalid(Invalid::MISSING.into()))),
+            Ok(Existing::Untrusted(why)) => return Ok(Err(Invalid(format!("not trusted: {why}")))),
             Err(e) => return Ok(Err(Invalid(format!("cannot open: {e}")))),
         };
-        // SAFETY: read-only mapping of a file this process wrote via rename; a file
-        // truncated underneath a running engine is outside what mmap can defend against
-        // (the size is checked here).
+        // SAFETY: read-only mapping of a file gemmad wrote via rename, in a directory
+        // writable by nobody else (checked by `CacheDir`); a file truncated underneath a
+        // running engine is outside what mmap can defend against (the size is checked
+        // here).
         let map = match unsafe { Mmap::map(&file) } {
             Ok(m) => m,
             Err(e) => return Ok(Err(Invalid(format!("cannot map: {e}")))),
@@ -126,6 +142,8 @@ impl PleCache {
             .collect();
         let map = Arc::new(map);
         let cache = PleCache {
+            dir: dir.clone(),
+            name: name.to_string(),
             path: path.to_path_buf(),
             map,
             hdr,
@@ -231,9 +249,10 @@ impl PleCache {
         tracing::error!(path = %self.path.display(), row = id, corrupt_rows = n,
             "PLE cache row fails its checksum; using the checkpoint for it");
         if !self.quarantined.swap(true, Ordering::Relaxed) {
-            let mut q = self.path.as_os_str().to_os_string();
-            q.push(".corrupt");
-            match std::fs::rename(&self.path, &q) {
+            match self
+                .dir
+                .rename(&self.name, &format!("{}.corrupt", self.name))
+            {
                 Ok(()) => tracing::warn!(path = %self.path.display(),
                     "PLE cache moved aside to *.corrupt; the next load rebuilds it"),
                 Err(e) => tracing::warn!(path = %self.path.display(), err = %e,

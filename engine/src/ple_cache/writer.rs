@@ -1,14 +1,14 @@
 //! Writing a cache file: rows in id order, then the pad section, the row checksums and
-//! the header, into a temporary file renamed into place when complete.
+//! the header, into a temporary file of the cache directory (`derived::CacheDir`)
+//! renamed into place when complete.
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
-use std::path::Path;
 
 use super::format::{row_sum, Header, RowDType, HEADER_BYTES};
 use crate::checkpoint::DType;
 use crate::config::TextConfig;
-use crate::derived::{xxh64, TempFile};
+use crate::derived::{xxh64, CacheDir, TempFile};
 use crate::error::{EngineError, Result};
 use crate::residency;
 
@@ -28,10 +28,11 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the file at `path` for a model of `c` whose table is of `table_dtype`,
-    /// with rows of `dtype` and `key`.
+    /// Starts the file `name` in `dir` for a model of `c` whose table is of
+    /// `table_dtype`, with rows of `dtype` and `key`.
     pub fn create(
-        path: &Path,
+        dir: &CacheDir,
+        name: &str,
         c: &TextConfig,
         dtype: RowDType,
         table_dtype: DType,
@@ -39,10 +40,10 @@ impl Writer {
     ) -> Result<Writer> {
         let hdr =
             Header::layout(dtype, c, table_dtype, key).map_err(|reason| EngineError::PleCache {
-                path: path.to_path_buf(),
+                path: dir.path_of(name),
                 reason,
             })?;
-        let (tmp, file) = TempFile::create(path)?;
+        let (tmp, file) = dir.create_temp(name)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(&vec![0u8; HEADER_BYTES])
             .map_err(|e| EngineError::io(tmp.path(), e))?;
@@ -133,8 +134,7 @@ impl Writer {
         file.write_all(&hdr.to_bytes()).map_err(werr)?;
         file.sync_all().map_err(werr)?;
         residency::fadvise_file(&file, 0, hdr.file_bytes as usize);
-        drop(file);
-        tmp.commit()?;
+        tmp.commit(file)?;
         Ok(hdr.file_bytes)
     }
 }

@@ -15,15 +15,15 @@
 //! Keyed by the checkpoint key (`derived`: config, index, shard names, sizes, mtimes and
 //! safetensors headers) plus the quant type, the layout and this format's version. The
 //! header carries XXH64 checksums of the index and of the data; a file whose key,
-//! version or checksums do not match is rebuilt, never used. Written to a temp file and
-//! renamed into place.
+//! version or checksums do not match is rebuilt, never used, and so is one the cache
+//! directory does not trust (`derived::CacheDir`: a symlink, someone else's file).
+//! Written and opened through `CacheDir` only (temp file renamed into place).
 //!
 //! Layout: a 4096-byte header page (magic, version, quant, key, entry count, index and
 //! data extents and checksums), the index (per entry: name, storage code, rows, cols,
 //! offset, length), then the data, each entry 64-byte aligned.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,7 +32,7 @@ use memmap2::Mmap;
 
 use super::Matrix;
 use crate::checkpoint::Checkpoint;
-use crate::derived::{checkpoint_key, folder_hash, rd64, xxh64, xxh64_128, TempFile};
+use crate::derived::{checkpoint_key, folder_hash, rd64, xxh64, xxh64_128, CacheDir, Existing};
 use crate::error::{EngineError, Result};
 use crate::quant::{packed, QuantType};
 use crate::residency::{advise_huge, ensure_huge};
@@ -47,12 +47,9 @@ const ALIGN: usize = 64;
 /// same bytes keep existing stores valid.
 const CKPT_SALT: &[u8] = b"gemmad-ple\0\x01\0\0\0f32";
 
-/// Where the quantized weights of `ckpt` as `quant` live, and their key.
-pub fn store_path(
-    cache_dir: &Path,
-    ckpt: &Checkpoint,
-    quant: QuantType,
-) -> Result<(PathBuf, [u8; 16])> {
+/// The file name (in the cache directory) of the quantized weights of `ckpt` as
+/// `quant`, and their key.
+pub fn store_name(ckpt: &Checkpoint, quant: QuantType) -> Result<(String, [u8; 16])> {
     let base = checkpoint_key(ckpt, CKPT_SALT)?;
     let mut buf = Vec::with_capacity(48);
     buf.extend_from_slice(b"gemmad-quant\0");
@@ -63,10 +60,7 @@ pub fn store_path(
     let key = xxh64_128(&buf, [1, 2]);
     let h = folder_hash(&ckpt.dir);
     Ok((
-        cache_dir.join(format!(
-            "weights-{h:016x}-{quant}-{}.gemmaqw",
-            packed::layout_tag()
-        )),
+        format!("weights-{h:016x}-{quant}-{}.gemmaqw", packed::layout_tag()),
         key,
     ))
 }
@@ -84,29 +78,44 @@ fn rd32(b: &[u8]) -> u32 {
 }
 
 impl QuantStore {
-    /// Opens `path` if it is a complete, uncorrupted store for `key` and `quant`;
-    /// `Ok(None)` when it is missing or must be rebuilt (the reason is logged).
-    pub fn open(path: &Path, key: &[u8; 16], quant: QuantType) -> Result<Option<Self>> {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(EngineError::io(path, e)),
+    /// Opens `name` in `dir` if it is a complete, uncorrupted store for `key` and
+    /// `quant`; `None` when it is missing or must be rebuilt (the reason is logged).
+    pub fn open(dir: &CacheDir, name: &str, key: &[u8; 16], quant: QuantType) -> Option<Self> {
+        let path = &dir.path_of(name);
+        let file = match dir.open_existing(name) {
+            Ok(Existing::File(f)) => f,
+            Ok(Existing::Missing) => return None,
+            Ok(Existing::Untrusted(reason)) => {
+                tracing::warn!(path = %path.display(), %reason, "quantized weights cache is not trusted; rebuilding");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open the quantized weights cache; rebuilding");
+                return None;
+            }
         };
-        // SAFETY: read-only map of a file only gemmad writes (atomically, by rename).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+        // SAFETY: read-only map of a file only gemmad writes (atomically, by rename), and
+        // that the cache directory checked is gemmad's own and writable by nobody else.
+        let map = match unsafe { Mmap::map(&file) } {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot map the quantized weights cache; rebuilding");
+                return None;
+            }
+        };
         advise_huge(&map[..]);
         match Self::parse(path, &map, key, quant) {
             Ok(entries) => {
                 ensure_huge(path, &map, &file);
-                Ok(Some(QuantStore {
+                Some(QuantStore {
                     path: path.to_path_buf(),
                     map: Arc::new(map),
                     entries,
-                }))
+                })
             }
             Err(reason) => {
                 tracing::warn!(path = %path.display(), %reason, "quantized weights cache is stale or corrupt; rebuilding");
-                Ok(None)
+                None
             }
         }
     }
@@ -204,9 +213,11 @@ fn code_of(q: QuantType) -> u8 {
     }
 }
 
-/// Writes `mats` (owned, converted matrices) as a store for `key`, atomically.
+/// Writes `mats` (owned, converted matrices) as the store `name` in `dir` for `key`,
+/// atomically. A failed write (ENOSPC, ...) leaves nothing in `dir`.
 pub fn write(
-    path: &Path,
+    dir: &CacheDir,
+    name: &str,
     key: &[u8; 16],
     quant: QuantType,
     mats: &[(String, Matrix)],
@@ -232,7 +243,7 @@ pub fn write(
     let ioff = HEADER;
     let doff = (ioff + index.len()).div_ceil(4096) * 4096;
     let dlen = off;
-    let (tmp, f) = TempFile::create(path)?;
+    let (tmp, f) = dir.create_temp(name)?;
     let werr = |e: std::io::Error| EngineError::io(tmp.path(), e);
     let write_all = || -> std::io::Result<()> {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
@@ -274,6 +285,5 @@ pub fn write(
     f.sync_all().map_err(werr)?;
     // Clean after the sync, so this drops them (see the module docs).
     crate::residency::fadvise_file(&f, 0, 0);
-    drop(f);
-    tmp.commit()
+    tmp.commit(f)
 }
