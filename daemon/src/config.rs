@@ -125,7 +125,9 @@ impl Default for ServerSection {
             socket_mode: "0660".into(),
             socket_group: String::new(),
             tcp_listen: String::new(),
-            max_request_bytes: 64 << 20,
+            // Two media parts of the largest size (an image and an audio clip) and the
+            // largest prompt text, with room to spare.
+            max_request_bytes: 48 << 20,
         }
     }
 }
@@ -146,6 +148,9 @@ pub struct QueueSection {
     pub depth: usize,
     /// Requests one peer (uid) may have waiting or running.
     pub per_peer: usize,
+    /// Requests (Generate, Tokenize, Detokenize) one peer may have being checked and
+    /// tokenized at once, before they reach the queue.
+    pub per_peer_preparing: usize,
 }
 
 impl Default for QueueSection {
@@ -153,6 +158,7 @@ impl Default for QueueSection {
         QueueSection {
             depth: 64,
             per_peer: 16,
+            per_peer_preparing: 4,
         }
     }
 }
@@ -168,6 +174,11 @@ pub struct LimitsSection {
     pub max_prompt_bytes: usize,
     /// Most messages in one request.
     pub max_messages: usize,
+    /// Most parts in one message, and in all of a request's messages.
+    pub max_parts_per_message: usize,
+    pub max_parts: usize,
+    /// Most image and audio parts in one request.
+    pub max_media_parts: usize,
     /// Most stop strings, and the longest one in bytes.
     pub max_stop_strings: usize,
     pub max_stop_bytes: usize,
@@ -183,6 +194,9 @@ impl Default for LimitsSection {
             max_tokens: 8192,
             max_prompt_bytes: 1 << 20,
             max_messages: 256,
+            max_parts_per_message: 64,
+            max_parts: 1024,
+            max_media_parts: 16,
             max_stop_strings: 16,
             max_stop_bytes: 256,
             max_image_bytes: 20 << 20,
@@ -266,8 +280,8 @@ impl Config {
                 gemmad_engine::MAX_THREADS
             );
         }
-        if self.queue.depth == 0 || self.queue.per_peer == 0 {
-            bail!("queue.depth and queue.per_peer must be at least 1");
+        if self.queue.depth == 0 || self.queue.per_peer == 0 || self.queue.per_peer_preparing == 0 {
+            bail!("queue.depth, queue.per_peer and queue.per_peer_preparing must be at least 1");
         }
         let l = &self.limits;
         if l.max_tokens == 0 || l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens {
@@ -330,9 +344,26 @@ mod tests {
         assert_eq!(c.server.socket, d.server.socket);
         assert_eq!(c.queue.depth, d.queue.depth);
         assert_eq!(c.queue.per_peer, d.queue.per_peer);
-        assert_eq!(c.limits.max_tokens, d.limits.max_tokens);
-        assert_eq!(c.limits.default_max_tokens, d.limits.default_max_tokens);
-        assert_eq!(c.limits.max_image_bytes, d.limits.max_image_bytes);
+        assert_eq!(c.queue.per_peer_preparing, d.queue.per_peer_preparing);
+        assert_eq!(c.server.max_request_bytes, d.server.max_request_bytes);
+        // Every [limits] key states the code's default.
+        let (l, dl) = (&c.limits, &d.limits);
+        assert_eq!(
+            (l.max_tokens, l.default_max_tokens, l.max_prompt_bytes),
+            (dl.max_tokens, dl.default_max_tokens, dl.max_prompt_bytes)
+        );
+        assert_eq!(
+            (l.max_messages, l.max_parts_per_message, l.max_parts),
+            (dl.max_messages, dl.max_parts_per_message, dl.max_parts)
+        );
+        assert_eq!(
+            (l.max_media_parts, l.max_stop_strings, l.max_stop_bytes),
+            (dl.max_media_parts, dl.max_stop_strings, dl.max_stop_bytes)
+        );
+        assert_eq!(
+            (l.max_image_bytes, l.max_audio_bytes),
+            (dl.max_image_bytes, dl.max_audio_bytes)
+        );
         assert_eq!(c.shutdown.grace_period_s, d.shutdown.grace_period_s);
         // Every [model] key states the code's default.
         let (m, dm) = (&c.model, &d.model);

@@ -174,7 +174,11 @@ async fn serve(
         loaded.model,
         cfg.limits.clone(),
         policy,
+        cfg.queue.per_peer_preparing,
     ));
+    // Generate and Tokenize requests are counted on the wire and checked against the
+    // (reloadable) limits before prost decodes them.
+    gemmad_proto::codec::set_request_check(crate::grpc::count_check(&core));
 
     let (unix, socket_file) = listen::bind_unix(&socket, mode, socket_gid)?;
     let tcp = if cfg.server.tcp_listen.is_empty() {
@@ -387,7 +391,8 @@ fn reload(
             return;
         }
     };
-    s.core.reload(new.limits.clone(), policy);
+    s.core
+        .reload(new.limits.clone(), policy, new.queue.per_peer_preparing);
     s.queue.set_limits(new.queue.depth, new.queue.per_peer);
     if log_override.is_none() {
         match EnvFilter::try_new(&new.log.level) {

@@ -2,6 +2,7 @@
 //! tonic/prost code generated from it at build time (no system `protoc` needed).
 
 pub mod codec;
+pub mod wire;
 
 /// Messages, the `Gemmad` client and the `Gemmad` server trait of `gemmad.v1`.
 pub mod v1 {

@@ -433,14 +433,52 @@ impl Daemon {
 
     /// VmRSS of the daemon process, in bytes.
     pub fn rss(&self) -> Result<u64> {
+        self.proc_status_kb("VmRSS").map(|kb| kb * 1024)
+    }
+
+    /// VmHWM of the daemon process (its peak resident set so far), in bytes.
+    pub fn hwm(&self) -> Result<u64> {
+        self.proc_status_kb("VmHWM").map(|kb| kb * 1024)
+    }
+
+    /// Resets the daemon's VmHWM to its current VmRSS (Linux 4.0+), so that a later
+    /// [`Daemon::hwm`] is the peak of what happened in between.
+    pub fn reset_hwm(&self) -> Result<()> {
+        let path = format!("/proc/{}/clear_refs", self.pid);
+        std::fs::write(&path, "5").with_context(|| format!("writing 5 to {path}"))
+    }
+
+    /// CPU time (user + system) the daemon process has used so far.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let rest = s
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("malformed stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<u64> {
+            f.get(i)
+                .and_then(|v| v.parse().ok())
+                .context("malformed stat")
+        };
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        let total = ticks(11)? + ticks(12)?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100)
+            .max(1) as u64;
+        Ok(Duration::from_millis(total * 1000 / hz))
+    }
+
+    fn proc_status_kb(&self, key: &str) -> Result<u64> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let kb: u64 = s
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+        s.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .context("no VmRSS")?;
-        Ok(kb * 1024)
+            .with_context(|| format!("no {key} in /proc/{}/status", self.pid))
     }
 
     /// The exit status, once the process has exited (then it is forgotten).

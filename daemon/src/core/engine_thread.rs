@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use gemmad_engine::{Control, Engine, EngineState, FinishReason, LoadOptions, Prompter, Step};
 
+use super::estimate::JobStats;
 use super::queue::{Command, Counters, Job, Queue, Work};
 use super::types::{Event, Finished, ModelInfo, RequestTimings};
 use super::ServiceError;
@@ -217,6 +218,10 @@ impl EngineThread<'_> {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         self.run(job, seq)
                     }));
+                    let stats = r.as_ref().ok().copied().flatten().map(|s| JobStats {
+                        held: held.elapsed(),
+                        ..s
+                    });
                     if r.is_err() {
                         self.engine.reset();
                         Counters::bump(&self.queue.counters.failed);
@@ -226,7 +231,7 @@ impl EngineThread<'_> {
                         )));
                     }
                     self.stats.publish(self.engine, false);
-                    self.queue.finished(id, &peer, held.elapsed());
+                    self.queue.finished(id, &peer, stats);
                 }
             }
         }
@@ -255,7 +260,8 @@ impl EngineThread<'_> {
         let _ = c.reply.send(r.map(|()| self.stats.state()));
     }
 
-    fn run(&mut self, job: Job, seq: u64) {
+    /// Runs `job`; returns what it measured when it ran to its end.
+    fn run(&mut self, job: Job, seq: u64) -> Option<JobStats> {
         let counters = &self.queue.counters;
         let start = Instant::now();
         let queue_wait = start - job.admitted;
@@ -265,7 +271,7 @@ impl EngineThread<'_> {
                 request_id = job.id,
                 "skipping a request cancelled while queued"
             );
-            return;
+            return None;
         }
         let slice = self.engine.active_slice().to_string();
         let _ = job.tx.send(Event::Started {
@@ -281,7 +287,7 @@ impl EngineThread<'_> {
                 Counters::bump(&counters.failed);
                 tracing::warn!(request_id = job.id, error = %e, "generation failed");
                 let _ = job.tx.send(Event::Failed(ServiceError::from(e)));
-                return;
+                return None;
             }
         };
         if out.finish_reason == FinishReason::Cancelled {
@@ -298,7 +304,7 @@ impl EngineThread<'_> {
                 completion_tokens = out.usage.completion_tokens,
                 "generation cancelled"
             );
-            return;
+            return None;
         }
         let t = out.timings;
         let ttft = first_token.map(|f| f - job.received).unwrap_or_default();
@@ -329,6 +335,15 @@ impl EngineThread<'_> {
             decode_tok_s = t.decode_tokens_per_s,
             "generation finished"
         );
+        Some(JobStats {
+            prompt_tokens: out.usage.prompt_tokens,
+            prefill: t.prefill,
+            completion_tokens: out.usage.completion_tokens,
+            decode: t.decode,
+            max_tokens: job.request.max_tokens,
+            ignore_eos: job.request.ignore_eos,
+            held: Duration::ZERO,
+        })
     }
 
     /// Runs the generation step by step, streaming deltas, and applies the commands that
@@ -346,6 +361,7 @@ impl EngineThread<'_> {
             match self.engine.step(&mut g)? {
                 Step::Token { id, text } => {
                     first_token.get_or_insert_with(Instant::now);
+                    job.generated.fetch_add(1, Ordering::Relaxed);
                     let delta = Event::Delta {
                         text,
                         ids: vec![id],

@@ -5,11 +5,13 @@
 pub mod access;
 pub mod engine_thread;
 mod error;
+pub mod estimate;
+pub mod preparing;
 pub mod queue;
 pub mod types;
 pub mod validate;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -22,6 +24,7 @@ pub use error::ServiceError;
 use crate::config::LimitsSection;
 use access::Policy;
 use engine_thread::EngineHandle;
+use preparing::Preparing;
 use queue::Job;
 use types::{Event, GenerateParams, ModelInfo, Peer, SliceInfo, StatusSnapshot, TokenizeInput};
 
@@ -32,7 +35,37 @@ pub struct Core {
     model: ModelInfo,
     limits: RwLock<LimitsSection>,
     policy: RwLock<Policy>,
+    preparing: Preparing,
     started: Instant,
+}
+
+/// A request that carried at least this many bytes of text and media returns the heap
+/// memory its preparation freed to the OS (glibc keeps it otherwise: a 1 MiB prompt
+/// left ~100 MiB resident after it was refused).
+const TRIM_AFTER_BYTES: usize = 256 << 10;
+
+/// Bytes of text and media in `messages`.
+fn payload_bytes(messages: &[types::Message]) -> usize {
+    messages
+        .iter()
+        .flat_map(|m| &m.parts)
+        .map(|p| match p {
+            types::Part::Text(t) => t.len(),
+            types::Part::Image { data, .. } | types::Part::Audio { data, .. } => data.len(),
+        })
+        .sum()
+}
+
+/// Returns freed heap memory to the OS after a request of `bytes` that was big enough
+/// for that to matter.
+fn trim_after(bytes: usize) {
+    if bytes >= TRIM_AFTER_BYTES {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim has no preconditions and only releases free heap memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
 
 impl Core {
@@ -42,6 +75,7 @@ impl Core {
         model: ModelInfo,
         limits: LimitsSection,
         policy: Policy,
+        per_peer_preparing: usize,
     ) -> Self {
         Core {
             engine,
@@ -49,6 +83,7 @@ impl Core {
             model,
             limits: RwLock::new(limits),
             policy: RwLock::new(policy),
+            preparing: Preparing::new(per_peer_preparing),
             started: Instant::now(),
         }
     }
@@ -62,13 +97,19 @@ impl Core {
     }
 
     /// Applies reloaded settings (SIGHUP).
-    pub fn reload(&self, limits: LimitsSection, policy: Policy) {
+    pub fn reload(&self, limits: LimitsSection, policy: Policy, per_peer_preparing: usize) {
         if let Ok(mut l) = self.limits.write() {
             *l = limits;
         }
         if let Ok(mut p) = self.policy.write() {
             *p = policy;
         }
+        self.preparing.set_limit(per_peer_preparing);
+    }
+
+    /// A request's counts against the limits, before the front end decodes it further.
+    pub fn check_counts(&self, c: &validate::Counts) -> Result<(), ServiceError> {
+        validate::counts(c, &self.limits())
     }
 
     /// Whether `peer` may use the service (and the error to give it if not).
@@ -96,10 +137,18 @@ impl Core {
         received: Instant,
     ) -> Result<Submission, ServiceError> {
         tracing::debug!(op = "generate", via = peer.via, peer = %peer, "core call");
-        let prepared =
-            validate::prepare(params, &self.prompter, &self.limits()).inspect_err(|e| {
-                tracing::info!(peer = %peer, kind = e.kind(), error = %e, "request refused");
-            })?;
+        let refused = |e: &ServiceError| {
+            tracing::info!(peer = %peer, kind = e.kind(), error = %e, "request refused");
+        };
+        let permit = self
+            .preparing
+            .enter(&peer.queue_key())
+            .inspect_err(refused)?;
+        let bytes = payload_bytes(&params.messages);
+        let prepared = validate::prepare(params, &self.prompter, &self.limits());
+        drop(permit);
+        trim_after(bytes);
+        let prepared = prepared.inspect_err(refused)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let mut request = prepared.request;
@@ -114,6 +163,7 @@ impl Core {
             tx,
             received,
             admitted: received,
+            generated: Arc::new(AtomicUsize::new(0)),
         };
         let id = self.engine.submit(job).inspect_err(|e| {
             tracing::info!(peer = %peer_key, error = %e, "request not admitted");
@@ -132,8 +182,12 @@ impl Core {
     pub fn tokenize(&self, peer: &Peer, input: TokenizeInput) -> Result<Vec<u32>, ServiceError> {
         tracing::debug!(op = "tokenize", via = peer.via, peer = %peer, "core call");
         validate::need_tokenizer(&self.prompter)?;
+        let _permit = self.preparing.enter(&peer.queue_key())?;
         let limits = self.limits();
-        match input {
+        // A text or conversation longer than the context still tokenizes (the caller
+        // asked how long it is), up to the most ids Detokenize takes.
+        let max_ids = self.max_ids();
+        let (bytes, r) = match input {
             TokenizeInput::Text { text, add_special } => {
                 if text.len() > limits.max_prompt_bytes {
                     return Err(ServiceError::invalid(format!(
@@ -142,16 +196,27 @@ impl Core {
                         limits.max_prompt_bytes
                     )));
                 }
-                Ok(self.prompter.tokenize(&text, add_special)?)
+                let r = self.prompter.tokenize_within(&text, add_special, max_ids);
+                (text.len(), r)
             }
             TokenizeInput::Conversation(msgs) => {
-                let chat = validate::messages(&msgs, &limits)?;
-                let text = self.prompter.render_chat(&chat, true)?;
-                // The template emits <bos>. A conversation longer than the context still
-                // tokenizes: the caller asked how long it is.
-                Ok(self.prompter.tokenize(&text, false)?)
+                let bytes = payload_bytes(&msgs);
+                let chat = validate::messages(msgs, &limits)?;
+                // The template emits <bos>.
+                let r = self
+                    .prompter
+                    .render_chat(&chat, true)
+                    .and_then(|text| self.prompter.tokenize_within(&text, false, max_ids));
+                (bytes, r)
             }
-        }
+        };
+        trim_after(bytes);
+        Ok(r?)
+    }
+
+    /// The most ids Tokenize returns and Detokenize takes.
+    fn max_ids(&self) -> usize {
+        self.context_tokens().max(self.limits().max_tokens) * 4
     }
 
     /// Text of `ids`. Blocking.
@@ -163,7 +228,8 @@ impl Core {
     ) -> Result<String, ServiceError> {
         tracing::debug!(op = "detokenize", via = peer.via, peer = %peer, "core call");
         validate::need_tokenizer(&self.prompter)?;
-        let max = self.context_tokens().max(self.limits().max_tokens) * 4;
+        let _permit = self.preparing.enter(&peer.queue_key())?;
+        let max = self.max_ids();
         if ids.len() > max {
             return Err(ServiceError::invalid(format!(
                 "{} ids is too many (at most {max})",

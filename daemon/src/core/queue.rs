@@ -4,13 +4,14 @@
 //! commands, which go before any waiting request.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use gemmad_engine::{Control, EngineState};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::estimate::{JobSize, JobStats, Rates};
 use super::types::{CounterSnapshot, Event, Priority as Class, QueueSnapshot};
 use super::ServiceError;
 
@@ -32,6 +33,24 @@ pub struct Job {
     /// When the front-end received the request.
     pub received: Instant,
     pub admitted: Instant,
+    /// Tokens generated so far (the engine thread counts; the retry hint reads).
+    pub generated: Arc<AtomicUsize>,
+}
+
+impl Job {
+    fn size(&self) -> JobSize {
+        let prompt_tokens = match &self.request.prompt {
+            gemmad_engine::Prompt::Prepared(p) => p.len(),
+            gemmad_engine::Prompt::Ids(ids) => ids.len(),
+            // The core queues prepared prompts only.
+            gemmad_engine::Prompt::Text(_) | gemmad_engine::Prompt::Chat(_) => 0,
+        };
+        JobSize {
+            prompt_tokens,
+            max_tokens: self.request.max_tokens,
+            ignore_eos: self.request.ignore_eos,
+        }
+    }
 }
 
 fn queue_full(waiting: usize, retry_after: Duration) -> ServiceError {
@@ -91,7 +110,11 @@ pub enum Work {
 
 struct Running {
     id: u64,
+    peer_key: String,
     cancel: Arc<AtomicBool>,
+    size: JobSize,
+    since: Instant,
+    generated: Arc<AtomicUsize>,
 }
 
 struct Inner {
@@ -106,8 +129,8 @@ struct Inner {
     stopped: bool,
     next_id: u64,
     run_seq: u64,
-    /// Moving average of how long a request holds the inference thread (retry hints).
-    avg_job: Duration,
+    /// What finished jobs measured (retry hints).
+    rates: Rates,
 }
 
 impl Inner {
@@ -124,10 +147,48 @@ impl Inner {
         }
     }
 
-    fn retry_after(&self) -> Duration {
-        let ahead = self.waiting() as u32 + 1;
-        (self.avg_job * ahead).clamp(Duration::from_millis(50), Duration::from_secs(60))
+    /// The jobs in the order they will run: the running one (with what is left of it),
+    /// then interactive, then background ones; each with its peer and expected time.
+    fn schedule(&self, now: Instant) -> impl Iterator<Item = (&str, Class, Duration)> {
+        let running = self.running.as_ref().map(|r| {
+            let left = self.rates.remaining(
+                &r.size,
+                now.saturating_duration_since(r.since),
+                r.generated.load(Ordering::Relaxed),
+            );
+            (r.peer_key.as_str(), Class::Interactive, left)
+        });
+        let waiting = self.interactive.iter().chain(&self.background);
+        running
+            .into_iter()
+            .chain(waiting.map(|j| (j.peer_key.as_str(), j.class, self.rates.job(&j.size()))))
     }
+
+    /// How long a new request of `class` would wait before it starts: what is left of
+    /// the running job and the expected time of every job that runs before it.
+    fn expected_wait(&self, class: Class, now: Instant) -> Duration {
+        self.schedule(now)
+            .filter(|(_, c, _)| class == Class::Background || *c == Class::Interactive)
+            .map(|(.., d)| d)
+            .fold(Duration::ZERO, Duration::saturating_add)
+    }
+
+    /// How long until one of `peer`'s requests ends, freeing one of its slots.
+    fn until_peer_frees(&self, peer: &str, now: Instant) -> Duration {
+        let mut t = Duration::ZERO;
+        for (p, _, d) in self.schedule(now) {
+            t = t.saturating_add(d);
+            if p == peer {
+                return t;
+            }
+        }
+        t
+    }
+}
+
+/// A retry hint in the range a client can act on.
+fn hint(d: Duration) -> Duration {
+    d.clamp(Duration::from_millis(50), Duration::from_secs(30 * 60))
 }
 
 pub struct Queue {
@@ -151,7 +212,7 @@ impl Queue {
                 stopped: false,
                 next_id: 1,
                 run_seq: 0,
-                avg_job: Duration::from_millis(500),
+                rates: Rates::default(),
             }),
             cv: Condvar::new(),
             counters: Counters::default(),
@@ -180,14 +241,16 @@ impl Queue {
         let waiting = g.waiting();
         // The queue is full when `depth` requests wait; a request that can start at once
         // (nothing running, nothing waiting) never waits, so it is always admitted.
+        let now = Instant::now();
         if waiting >= g.depth {
             Counters::bump(&self.counters.rejected);
-            return Err(queue_full(waiting, g.retry_after()));
+            return Err(queue_full(waiting, hint(g.expected_wait(job.class, now))));
         }
         let mine = g.per_peer_count.get(&job.peer_key).copied().unwrap_or(0);
         if mine >= g.per_peer {
             Counters::bump(&self.counters.rejected);
-            return Err(peer_limit(g.per_peer, g.retry_after()));
+            let wait = g.until_peer_frees(&job.peer_key, now);
+            return Err(peer_limit(g.per_peer, hint(wait)));
         }
         let id = g.next_id;
         g.next_id += 1;
@@ -251,7 +314,11 @@ impl Queue {
             if let Some(job) = job {
                 g.running = Some(Running {
                     id: job.id,
+                    peer_key: job.peer_key.clone(),
                     cancel: job.cancel.clone(),
+                    size: job.size(),
+                    since: Instant::now(),
+                    generated: job.generated.clone(),
                 });
                 let seq = g.run_seq;
                 g.run_seq += 1;
@@ -264,14 +331,16 @@ impl Queue {
         }
     }
 
-    /// The worker is done with `job`'s slot.
-    pub fn finished(&self, id: u64, peer_key: &str, held: Duration) {
+    /// The worker is done with `job`'s slot; `stats` when it ran to its end.
+    pub fn finished(&self, id: u64, peer_key: &str, stats: Option<JobStats>) {
         let mut g = self.lock();
         if g.running.as_ref().is_some_and(|r| r.id == id) {
             g.running = None;
         }
         g.release_peer(peer_key);
-        g.avg_job = (g.avg_job * 7 + held) / 8;
+        if let Some(s) = stats {
+            g.rates.update(&s);
+        }
     }
 
     /// The client of request `id` went away: drop it if it is still waiting. (A running
@@ -360,6 +429,7 @@ mod tests {
             tx,
             received: Instant::now(),
             admitted: Instant::now(),
+            generated: Arc::new(AtomicUsize::new(0)),
         };
         (j, rx)
     }
@@ -384,12 +454,86 @@ mod tests {
                 let Some(Work::Job(j, _)) = q.next() else {
                     panic!("expected a job")
                 };
-                q.finished(j.id, &j.peer_key, Duration::ZERO);
+                q.finished(j.id, &j.peer_key, None);
                 j.id
             })
             .collect();
         assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2]]);
         assert!(q.is_idle());
+    }
+
+    fn sized(peer: &str, class: Class, prompt: usize, max_tokens: usize) -> Job {
+        let (mut j, _rx) = job(peer, class);
+        j.request =
+            gemmad_engine::GenerateRequest::new(gemmad_engine::Prompt::Ids(vec![2; prompt]));
+        j.request.max_tokens = max_tokens;
+        j
+    }
+
+    #[test]
+    fn retry_hint_is_the_running_jobs_rest_plus_every_job_ahead() {
+        let q = Queue::new(3, 2);
+        // Measured: prefill 1000 tokens/s, decode 100 tokens/s, half of max_tokens
+        // generated, no overhead.
+        for _ in 0..200 {
+            q.finished(
+                0,
+                "x",
+                Some(JobStats {
+                    prompt_tokens: 1000,
+                    prefill: Duration::from_secs(1),
+                    completion_tokens: 100,
+                    decode: Duration::from_secs(1),
+                    max_tokens: 200,
+                    ignore_eos: false,
+                    held: Duration::from_secs(2),
+                }),
+            );
+        }
+        // Running: 500 prompt tokens, max 400 (0.5 s + 2 s).
+        q.admit(sized("a", Class::Interactive, 500, 400)).unwrap();
+        let Some(Work::Job(running, _)) = q.next() else {
+            panic!("expected a job")
+        };
+        // Waiting: interactive 1000/200 (1 s + 1 s); background 0/1000 (5 s);
+        // interactive 2000/0 (2 s).
+        q.admit(sized("b", Class::Interactive, 1000, 200)).unwrap();
+        q.admit(sized("a", Class::Background, 0, 1000)).unwrap();
+        q.admit(sized("c", Class::Interactive, 2000, 0)).unwrap();
+        let g = q.lock();
+        let since = g.running.as_ref().unwrap().since;
+        let at = |s: f64| since + Duration::from_secs_f64(s);
+        let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
+        // 0.2 s into the running job: 0.3 s of prefill and 2 s of decode left.
+        assert_eq!(
+            secs(g.expected_wait(Class::Interactive, at(0.2))),
+            2.3 + 2.0 + 2.0
+        );
+        // 1 s in, no token yet: prefill is over, the 200 expected tokens are left.
+        assert_eq!(
+            secs(g.expected_wait(Class::Interactive, at(1.0))),
+            2.0 + 2.0 + 2.0
+        );
+        assert_eq!(
+            secs(g.expected_wait(Class::Background, at(1.0))),
+            2.0 + 2.0 + 2.0 + 5.0
+        );
+        // 150 tokens generated: 50 expected left (0.5 s).
+        running.generated.store(150, Ordering::Relaxed);
+        assert_eq!(
+            secs(g.expected_wait(Class::Interactive, at(3.0))),
+            0.5 + 4.0
+        );
+        // Peer "a" runs now; peer "c" is third.
+        assert_eq!(secs(g.until_peer_frees("a", at(3.0))), 0.5);
+        assert_eq!(secs(g.until_peer_frees("c", at(3.0))), 0.5 + 2.0 + 2.0);
+        drop(g);
+        // A full queue's refusal carries the hint: everything, for a background request.
+        let e = q.admit(sized("d", Class::Background, 1, 1)).unwrap_err();
+        let ServiceError::ResourceExhausted { retry_after, .. } = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(secs(retry_after), 0.5 + 2.0 + 2.0 + 5.0);
     }
 
     #[test]

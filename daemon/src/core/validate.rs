@@ -23,23 +23,94 @@ fn bad(msg: impl Into<String>) -> ServiceError {
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "model"];
 
-/// Checks sizes and formats of `messages` and returns them as engine chat messages.
+/// What a request holds, counted before anything is copied: a front end that can count
+/// on the wire (gRPC) checks these before it decodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub messages: usize,
+    pub parts: usize,
+    /// The message with the most parts: (its index, its parts).
+    pub largest_message: (usize, usize),
+    /// Image and audio parts.
+    pub media: usize,
+    pub stop_strings: usize,
+}
+
+impl Counts {
+    pub fn of(messages: &[Message], stop_strings: usize) -> Counts {
+        let mut c = Counts {
+            messages: messages.len(),
+            stop_strings,
+            ..Counts::default()
+        };
+        for (i, m) in messages.iter().enumerate() {
+            c.parts += m.parts.len();
+            if m.parts.len() > c.largest_message.1 {
+                c.largest_message = (i, m.parts.len());
+            }
+            c.media += m
+                .parts
+                .iter()
+                .filter(|p| !matches!(p, Part::Text(_)))
+                .count();
+        }
+        c
+    }
+}
+
+/// Every count of a request against its limit.
+pub fn counts(c: &Counts, limits: &LimitsSection) -> Result<(), ServiceError> {
+    let l = limits;
+    let (i, n) = c.largest_message;
+    let in_message = format!("parts in messages[{i}]");
+    let over = [
+        (
+            c.messages,
+            l.max_messages,
+            "messages in the request",
+            "max_messages",
+        ),
+        (
+            n,
+            l.max_parts_per_message,
+            &in_message,
+            "max_parts_per_message",
+        ),
+        (c.parts, l.max_parts, "parts in the request", "max_parts"),
+        (
+            c.media,
+            l.max_media_parts,
+            "image and audio parts in the request",
+            "max_media_parts",
+        ),
+        (
+            c.stop_strings,
+            l.max_stop_strings,
+            "stop strings",
+            "max_stop_strings",
+        ),
+    ]
+    .into_iter()
+    .find(|(n, limit, ..)| n > limit);
+    match over {
+        Some((n, limit, what, key)) => Err(bad(format!(
+            "{n} {what} is too many (limits.{key} = {limit})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Checks counts, then sizes and formats of `messages`, and moves them into engine chat
+/// messages (nothing is copied).
 pub fn messages(
-    messages: &[Message],
+    messages: Vec<Message>,
     limits: &LimitsSection,
 ) -> Result<Vec<ChatMessage>, ServiceError> {
     if messages.is_empty() {
         return Err(bad("messages is empty: send at least one message"));
     }
-    if messages.len() > limits.max_messages {
-        return Err(bad(format!(
-            "{} messages is too many (limits.max_messages = {})",
-            messages.len(),
-            limits.max_messages
-        )));
-    }
+    counts(&Counts::of(&messages, 0), limits)?;
     let mut text_bytes = 0usize;
-    let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
             return Err(bad(format!(
@@ -50,35 +121,21 @@ pub fn messages(
         if m.parts.is_empty() {
             return Err(bad(format!("messages[{i}] has no parts")));
         }
-        let mut content = Vec::with_capacity(m.parts.len());
         for (j, p) in m.parts.iter().enumerate() {
-            let at = format!("messages[{i}].parts[{j}]");
-            content.push(match p {
-                Part::Text(t) => {
-                    text_bytes += t.len();
-                    ContentPart::Text(t.clone())
-                }
-                Part::Image { data, mime_type } => {
-                    check_image(data, mime_type, limits)
-                        .map_err(|e| bad(format!("{at}.image: {e}")))?;
-                    ContentPart::Image(data.clone())
-                }
+            let at = || format!("messages[{i}].parts[{j}]");
+            match p {
+                Part::Text(t) => text_bytes += t.len(),
+                Part::Image { data, mime_type } => check_image(data, mime_type, limits)
+                    .map_err(|e| bad(format!("{}.image: {e}", at())))?,
                 Part::Audio {
                     data,
                     format,
                     sample_rate_hz,
                     channels,
-                } => {
-                    check_audio(data, *format, *sample_rate_hz, *channels, limits)
-                        .map_err(|e| bad(format!("{at}.audio: {e}")))?;
-                    ContentPart::Audio(data.clone())
-                }
-            });
+                } => check_audio(data, *format, *sample_rate_hz, *channels, limits)
+                    .map_err(|e| bad(format!("{}.audio: {e}", at())))?,
+            }
         }
-        out.push(ChatMessage {
-            role: m.role.clone(),
-            content,
-        });
     }
     if text_bytes > limits.max_prompt_bytes {
         return Err(bad(format!(
@@ -86,7 +143,21 @@ pub fn messages(
             limits.max_prompt_bytes
         )));
     }
-    Ok(out)
+    Ok(messages
+        .into_iter()
+        .map(|m| ChatMessage {
+            role: m.role,
+            content: m
+                .parts
+                .into_iter()
+                .map(|p| match p {
+                    Part::Text(t) => ContentPart::Text(t),
+                    Part::Image { data, .. } => ContentPart::Image(data),
+                    Part::Audio { data, .. } => ContentPart::Audio(data),
+                })
+                .collect(),
+        })
+        .collect())
 }
 
 fn check_image(d: &[u8], mime_type: &str, limits: &LimitsSection) -> Result<(), String> {
@@ -202,6 +273,8 @@ pub fn prepare(
     prompter: &Prompter,
     limits: &LimitsSection,
 ) -> Result<Prepared, ServiceError> {
+    // Counts first: nothing below walks more items than the limits allow.
+    counts(&Counts::of(&r.messages, r.stop.len()), limits)?;
     let sampling = sampling(&r.sampling)?;
     let max_tokens = match r.max_tokens as usize {
         0 => limits.default_max_tokens,
@@ -213,13 +286,6 @@ pub fn prepare(
         }
         n => n,
     };
-    if r.stop.len() > limits.max_stop_strings {
-        return Err(bad(format!(
-            "{} stop strings is too many (limits.max_stop_strings = {})",
-            r.stop.len(),
-            limits.max_stop_strings
-        )));
-    }
     for (i, s) in r.stop.iter().enumerate() {
         if s.is_empty() {
             return Err(bad(format!("stop[{i}] is empty")));
@@ -240,7 +306,7 @@ pub fn prepare(
             )))
         }
     }
-    let chat = messages(&r.messages, limits)?;
+    let chat = messages(r.messages, limits)?;
     need_tokenizer(prompter)?;
     let prompt = prompter.prepare(&Prompt::Chat(chat))?;
     let mut request = GenerateRequest::new(Prompt::Prepared(prompt));
@@ -279,7 +345,7 @@ mod tests {
     #[test]
     fn checks_messages_and_media() {
         let l = LimitsSection::default();
-        assert!(messages(&[text_msg("user", "hi")], &l).is_ok());
+        assert!(messages(vec![text_msg("user", "hi")], &l).is_ok());
         for bad_msgs in [
             vec![],
             vec![text_msg("robot", "hi")],
@@ -288,7 +354,7 @@ mod tests {
                 parts: vec![],
             }],
         ] {
-            assert!(invalid(messages(&bad_msgs, &l)));
+            assert!(invalid(messages(bad_msgs, &l)));
         }
         // Well-formed media pass this check (the engine's pipeline decides whether it
         // can run them).
@@ -297,14 +363,14 @@ mod tests {
             mime_type: String::new(),
         });
         assert!(matches!(
-            messages(&[png], &l).unwrap()[0].content[0],
+            messages(vec![png], &l).unwrap()[0].content[0],
             ContentPart::Image(_)
         ));
         let gif = media_msg(Part::Image {
             data: b"GIF89a".to_vec(),
             mime_type: String::new(),
         });
-        assert!(invalid(messages(&[gif], &l)));
+        assert!(invalid(messages(vec![gif], &l)));
         let small = LimitsSection {
             max_image_bytes: 4,
             ..LimitsSection::default()
@@ -313,7 +379,7 @@ mod tests {
             data: vec![0xFF, 0xD8, 0xFF, 0, 0],
             mime_type: String::new(),
         });
-        let e = messages(&[big], &small).unwrap_err();
+        let e = messages(vec![big], &small).unwrap_err();
         assert!(e.to_string().contains("max_image_bytes"), "{e:?}");
         let pcm = |len, rate| {
             media_msg(Part::Audio {
@@ -323,9 +389,56 @@ mod tests {
                 channels: 1,
             })
         };
-        assert!(invalid(messages(&[pcm(3, 16000)], &l)));
-        assert!(invalid(messages(&[pcm(4, 100)], &l)));
-        assert!(messages(&[pcm(4, 16000)], &l).is_ok());
+        assert!(invalid(messages(vec![pcm(3, 16000)], &l)));
+        assert!(invalid(messages(vec![pcm(4, 100)], &l)));
+        assert!(messages(vec![pcm(4, 16000)], &l).is_ok());
+    }
+
+    #[test]
+    fn counts_are_checked_before_anything_else() {
+        let l = LimitsSection {
+            max_messages: 3,
+            max_parts_per_message: 2,
+            max_parts: 4,
+            max_media_parts: 1,
+            max_stop_strings: 1,
+            ..LimitsSection::default()
+        };
+        let msg = |parts: Vec<Part>| Message {
+            role: "user".into(),
+            parts,
+        };
+        let t = || Part::Text(String::new());
+        let png = || Part::Image {
+            data: b"\x89PNG\r\n\x1a\n".to_vec(),
+            mime_type: String::new(),
+        };
+        for (msgs, key) in [
+            (vec![msg(vec![t()]); 4], "limits.max_messages = 3"),
+            (
+                vec![msg(vec![t()]), msg(vec![t(); 3])],
+                "3 parts in messages[1] is too many (limits.max_parts_per_message = 2)",
+            ),
+            (vec![msg(vec![t(), t()]); 3], "limits.max_parts = 4"),
+            (vec![msg(vec![png(), png()])], "limits.max_media_parts = 1"),
+        ] {
+            let e = messages(msgs, &l).unwrap_err();
+            assert!(e.to_string().contains(key), "{e} lacks {key}");
+        }
+        assert!(messages(vec![msg(vec![t(), png()]); 1], &l).is_ok());
+        let c = Counts::of(&[msg(vec![t()]), msg(vec![png(), t()])], 2);
+        assert_eq!(
+            c,
+            Counts {
+                messages: 2,
+                parts: 3,
+                largest_message: (1, 2),
+                media: 1,
+                stop_strings: 2
+            }
+        );
+        let e = counts(&c, &l).unwrap_err();
+        assert!(e.to_string().contains("max_stop_strings"), "{e}");
     }
 
     #[test]

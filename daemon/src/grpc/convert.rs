@@ -9,6 +9,7 @@ use tonic::Status;
 use crate::core::types::{
     AudioFormat, Event, GenerateParams, Message, Part, Priority, RequestTimings, Sampling,
 };
+use crate::core::validate::Counts;
 use crate::core::ServiceError;
 
 /// The status a service error becomes; a retry hint travels as `retry-after-ms`.
@@ -29,6 +30,17 @@ pub fn status(e: ServiceError) -> Status {
         ServiceError::Unavailable(m) => Status::unavailable(m),
         ServiceError::PermissionDenied(m) => Status::permission_denied(m),
         ServiceError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// Wire counts as the core's validation counts them.
+pub fn counts(c: &gemmad_proto::wire::RequestCounts) -> Counts {
+    Counts {
+        messages: c.messages,
+        parts: c.parts,
+        largest_message: c.largest_message,
+        media: c.media,
+        stop_strings: c.stop_strings,
     }
 }
 

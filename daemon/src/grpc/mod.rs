@@ -37,6 +37,18 @@ pub fn check_access(
     }
 }
 
+/// The codec's check of a request's wire counts (see `gemmad_proto::codec`): the core's
+/// own count limits, as they are at that moment (a reload applies).
+pub fn count_check(core: &Arc<Core>) -> Arc<gemmad_proto::codec::RequestCheck> {
+    let core = Arc::downgrade(core);
+    Arc::new(move |c| match core.upgrade() {
+        Some(core) => core
+            .check_counts(&convert::counts(c))
+            .map_err(|e| e.to_string()),
+        None => Ok(()),
+    })
+}
+
 pub struct GemmadService {
     pub core: Arc<Core>,
 }

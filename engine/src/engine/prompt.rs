@@ -83,6 +83,68 @@ impl Prompter {
         self.tokenizer()?.encode(text, add_special)
     }
 
+    /// [`Prompter::tokenize`] for text that must come to at most `max_tokens` tokens
+    /// to be of use: a longer text is refused having cost no more than tokenizing about
+    /// twice `max_tokens` tokens (see [`Prompter::clearly_over`]).
+    pub fn tokenize_within(
+        &self,
+        text: &str,
+        add_special: bool,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>> {
+        let too_long = |read: usize, tokens: usize| {
+            EngineError::InvalidRequest(format!(
+                "the text is too long: its first {read} of {} bytes are already about \
+                 {tokens} tokens, and at most {max_tokens} are allowed",
+                text.len()
+            ))
+        };
+        if let Some((read, tokens)) = self.clearly_over(text, max_tokens)? {
+            return Err(too_long(read, tokens));
+        }
+        let ids = self.tokenize(text, add_special)?;
+        if ids.len() > max_tokens {
+            return Err(too_long(text.len(), ids.len()));
+        }
+        Ok(ids)
+    }
+
+    /// Whether `text` is clearly more than `max_tokens` tokens: `Some((bytes read,
+    /// tokens counted))` as soon as that is certain. The tokenizer holds ~200 bytes per
+    /// token while it works, so a megabyte of one-byte tokens costs ~200 MB, only for
+    /// the prompt to be refused as too long. Text over [`COUNT_CHUNK`] bytes is
+    /// therefore counted a piece at a time, stopping once the count is clearly over;
+    /// pieces tokenized apart can differ from the whole by a token or so at each cut,
+    /// so "clearly" is twice `max_tokens`. Shorter text is not counted (`None`).
+    fn clearly_over(&self, text: &str, max_tokens: usize) -> Result<Option<(usize, usize)>> {
+        if text.len() <= COUNT_CHUNK {
+            return Ok(None);
+        }
+        let tok = self.tokenizer()?;
+        let limit = max_tokens.saturating_mul(2).saturating_add(64);
+        let (mut read, mut tokens) = (0, 0);
+        for piece in pieces(text, COUNT_CHUNK) {
+            tokens += tok.encode(piece, false)?.len();
+            read += piece.len();
+            if tokens > limit {
+                return Ok(Some((read, tokens)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Ids of a prompt text, or ContextFull as soon as it is clearly too long.
+    fn tokenize_room(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let max = self.max_context();
+        if let Some((_, tokens)) = self.clearly_over(text, max)? {
+            return Err(EngineError::ContextFull {
+                needed: tokens + 1,
+                max,
+            });
+        }
+        self.tokenize(text, add_special)
+    }
+
     /// Text of `ids`; with `skip_special`, special tokens are left out.
     pub fn detokenize(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.check_vocab(ids)?;
@@ -133,11 +195,11 @@ impl Prompter {
         let ids = match prompt {
             Prompt::Prepared(p) => p.ids.clone(),
             Prompt::Ids(ids) => ids.clone(),
-            Prompt::Text(t) => self.tokenize(t, true)?,
+            Prompt::Text(t) => self.tokenize_room(t, true)?,
             Prompt::Chat(msgs) => {
                 let text = self.render_chat(msgs, true)?;
                 // The template already emits <bos>.
-                self.tokenize(&text, false)?
+                self.tokenize_room(&text, false)?
             }
         };
         if ids.is_empty() {
@@ -155,9 +217,61 @@ impl Prompter {
     }
 }
 
+/// Bytes of text counted at a time by [`Prompter::tokenize_within`].
+const COUNT_CHUNK: usize = 64 << 10;
+
+/// `text` in pieces of about `size` bytes, cut after a newline or a space near the end
+/// of each piece where there is one (cuts inside words change the count most), else at
+/// a character boundary.
+fn pieces(text: &str, size: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = size.min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end < rest.len() {
+            let window = &rest.as_bytes()[end.saturating_sub(1024)..end];
+            if let Some(i) = window.iter().rposition(|&b| b == b'\n' || b == b' ') {
+                end = end - window.len() + i + 1;
+            }
+        }
+        if end == 0 {
+            // Only when size is smaller than one character: take the character.
+            end = rest.chars().next().map_or(rest.len(), char::len_utf8);
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
 fn no_encoder(m: Modality) -> EngineError {
     EngineError::ModalityUnavailable(format!(
         "{m} input is not available: this gemmad has no {m} encoder yet (the {m} tower's \
          weights can be loaded, but not run); send text parts only"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_text_and_cut_after_spaces() {
+        let text = "ab cd\nééé fgh ".repeat(50);
+        for size in [1, 2, 7, 64, 1000, 10_000] {
+            let p: Vec<&str> = pieces(&text, size).collect();
+            assert_eq!(p.concat(), text, "size {size}");
+            assert!(p.iter().all(|s| !s.is_empty() && s.len() <= size.max(2)));
+            if size >= 64 {
+                // All but the last end after a separator.
+                assert!(p[..p.len() - 1].iter().all(|s| s.ends_with([' ', '\n'])));
+            }
+        }
+        assert_eq!(pieces("", 8).count(), 0);
+    }
 }
