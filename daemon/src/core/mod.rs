@@ -3,6 +3,7 @@
 //! access policy, one validation, one queue, one engine thread, one set of errors.
 
 pub mod access;
+pub mod connections;
 pub mod engine_thread;
 mod error;
 pub mod queue;
@@ -21,6 +22,7 @@ pub use error::ServiceError;
 
 use crate::config::LimitsSection;
 use access::Policy;
+use connections::{ConnectionGuard, Connections};
 use engine_thread::EngineHandle;
 use queue::Job;
 use types::{Event, GenerateParams, ModelInfo, Peer, SliceInfo, StatusSnapshot, TokenizeInput};
@@ -32,6 +34,7 @@ pub struct Core {
     model: ModelInfo,
     limits: RwLock<LimitsSection>,
     policy: RwLock<Policy>,
+    connections: Arc<Connections>,
     started: Instant,
 }
 
@@ -42,6 +45,7 @@ impl Core {
         model: ModelInfo,
         limits: LimitsSection,
         policy: Policy,
+        connections: Arc<Connections>,
     ) -> Self {
         Core {
             engine,
@@ -49,6 +53,7 @@ impl Core {
             model,
             limits: RwLock::new(limits),
             policy: RwLock::new(policy),
+            connections,
             started: Instant::now(),
         }
     }
@@ -84,6 +89,24 @@ impl Core {
             )),
             None => ServiceError::PermissionDenied("unidentified connection".into()),
         })
+    }
+
+    /// At accept, before any protocol byte: a slot for a connection of `peer`, or `None`
+    /// when the access policy refuses the peer or its uid (or the service) is at its
+    /// connection cap; the front end then closes the connection at once. Refusals are
+    /// counted and logged, rate-limited. Calls on a connection are still checked one by
+    /// one ([`Core::authorize`]), so a reload that removes a user refuses their open
+    /// connections at the next call.
+    pub fn admit(&self, peer: &Peer) -> Option<ConnectionGuard> {
+        if self.authorize(peer).is_err() {
+            self.connections.refused(peer);
+            return None;
+        }
+        self.connections.open(peer)
+    }
+
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
     }
 
     /// Checks `params`, prepares its prompt and queues it. Blocking (tokenization):
@@ -202,6 +225,7 @@ impl Core {
             memory,
             queue: queue.snapshot(),
             requests: queue.counters.snapshot(),
+            connections: self.connections.snapshot(),
         }
     }
 
