@@ -49,7 +49,11 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot set up the gRPC channel to {path}: {source}")]
+    #[error(
+        "gemmad on {path} closed the connection without serving it: is this user allowed \
+             by [access] in the daemon's config, and under its connection limit? The daemon's \
+             log says which ({source})"
+    )]
     Transport {
         path: PathBuf,
         #[source]

@@ -116,6 +116,12 @@ pub struct ServerSection {
     pub tcp_listen: String,
     /// Largest request message in bytes (images and audio included).
     pub max_request_bytes: usize,
+    /// Connections one uid may have open; more are closed at accept. TCP peers have no
+    /// uid and count only in `max_connections`.
+    pub max_connections_per_uid: usize,
+    /// Connections open in all; more are closed at accept. Lowered at start to what the
+    /// open-file limit leaves room for.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSection {
@@ -128,6 +134,8 @@ impl Default for ServerSection {
             // Two media parts of the largest size (an image and an audio clip) and the
             // largest prompt text, with room to spare.
             max_request_bytes: 48 << 20,
+            max_connections_per_uid: 64,
+            max_connections: 1024,
         }
     }
 }
@@ -306,6 +314,9 @@ impl Config {
         if self.server.max_request_bytes < 1024 {
             bail!("server.max_request_bytes must be at least 1024");
         }
+        if self.server.max_connections_per_uid == 0 || self.server.max_connections == 0 {
+            bail!("server.max_connections_per_uid and server.max_connections must be at least 1");
+        }
         Ok(())
     }
 
@@ -342,10 +353,14 @@ mod tests {
         c.validate().unwrap();
         let d = Config::default();
         assert_eq!(c.server.socket, d.server.socket);
+        assert_eq!(
+            (c.server.max_connections_per_uid, c.server.max_connections),
+            (d.server.max_connections_per_uid, d.server.max_connections)
+        );
+        assert_eq!(c.server.max_request_bytes, d.server.max_request_bytes);
         assert_eq!(c.queue.depth, d.queue.depth);
         assert_eq!(c.queue.per_peer, d.queue.per_peer);
         assert_eq!(c.queue.per_peer_preparing, d.queue.per_peer_preparing);
-        assert_eq!(c.server.max_request_bytes, d.server.max_request_bytes);
         // Every [limits] key states the code's default.
         let (l, dl) = (&c.limits, &d.limits);
         assert_eq!(
@@ -392,6 +407,11 @@ mod tests {
             ("[shutdown]\ngrace_period_s = -1.0", "grace_period_s"),
             ("[model]\nthreads = 100000", "model.threads"),
             ("[model]\nisa = \"sse9\"", "model.isa"),
+            (
+                "[server]\nmax_connections_per_uid = 0",
+                "max_connections_per_uid",
+            ),
+            ("[server]\nmax_connections = 0", "max_connections"),
         ] {
             let c: Config = toml::from_str(bad).unwrap();
             let e = c.validate().unwrap_err();

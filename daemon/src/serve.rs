@@ -18,6 +18,7 @@ use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 use crate::config::{Config, InFlight, DEFAULT_CONFIG};
 use crate::core::access::{own_gid, resolve_group, Policy};
+use crate::core::connections::{self, ConnectionLimits, Connections};
 use crate::core::queue::Queue;
 use crate::core::{engine_thread, Core, ServiceError};
 use crate::grpc::{check_access, listen, GemmadService};
@@ -111,15 +112,88 @@ pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
         .clone()
         .unwrap_or_else(|| cfg.log.level.clone());
     let log = init_logging(&level, cfg.log.format == "json")?;
+    let nofile = raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("gemmad-rpc")
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let r = rt.block_on(serve(cfg, cfg_path, explicit, log, log_override, overrides));
+    let r = rt.block_on(serve(
+        cfg,
+        cfg_path,
+        explicit,
+        log,
+        log_override,
+        overrides,
+        nofile,
+    ));
     rt.shutdown_timeout(Duration::from_secs(1));
     r
+}
+
+/// File descriptors kept out of `server.max_connections`: the model's files, the
+/// runtime's own descriptors, logs, /proc reads, cache files.
+const FD_RESERVE: u64 = 128;
+
+/// Raises the soft open-file limit to the hard one (each connection is a descriptor;
+/// systemd starts services with a soft limit of 1024) and returns the soft limit in
+/// force afterwards, if it could be read.
+fn raise_nofile_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit (RLIMIT_NOFILE)");
+            return None;
+        }
+    };
+    if soft >= hard {
+        tracing::info!(soft, hard, "open-file limit (RLIMIT_NOFILE)");
+        return Some(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::info!(
+                soft = hard,
+                hard,
+                was = soft,
+                "open-file limit (RLIMIT_NOFILE) raised to the hard limit"
+            );
+            Some(hard)
+        }
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE) to the hard limit; keeping the soft one");
+            Some(soft)
+        }
+    }
+}
+
+/// The connection caps of `[server]`, the total lowered to what the open-file limit
+/// `nofile` leaves room for (an accept past it would fail with EMFILE for everyone).
+fn connection_limits(
+    server: &crate::config::ServerSection,
+    nofile: Option<u64>,
+) -> ConnectionLimits {
+    let mut total = server.max_connections;
+    if let Some(n) = nofile {
+        let room = usize::try_from(n.saturating_sub(FD_RESERVE))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if room < total {
+            tracing::warn!(
+                max_connections = total,
+                open_file_limit = n,
+                lowered_to = room,
+                "server.max_connections is more than the open-file limit leaves room for; lowered"
+            );
+            total = room;
+        }
+    }
+    ConnectionLimits {
+        per_uid: server.max_connections_per_uid,
+        total,
+    }
 }
 
 async fn serve(
@@ -129,6 +203,7 @@ async fn serve(
     log: LogHandle,
     log_override: Option<String>,
     overrides: Overrides,
+    nofile: Option<u64>,
 ) -> Result<()> {
     let sig = Signals {
         term: signal(SignalKind::terminate())?,
@@ -175,6 +250,10 @@ async fn serve(
         cfg.limits.clone(),
         policy,
         cfg.queue.per_peer_preparing,
+        Connections::new(connection_limits(&cfg.server, nofile)),
+    ));
+    tokio::spawn(connections::flush_log_every_window(
+        core.connections().clone(),
     ));
     // Generate and Tokenize requests are counted on the wire and checked against the
     // (reloadable) limits before prost decodes them.
@@ -305,10 +384,13 @@ async fn serve_on(
                 let _ = stop_rx.await;
             }),
     );
+    let caps = s.core.connections().limits();
     tracing::info!(
         socket = %cfg.server.socket.display(),
         model = %s.core.model().dir.display(),
         context = s.core.context_tokens(),
+        max_connections = caps.total,
+        max_connections_per_uid = caps.per_uid,
         "gemmad serving"
     );
 
@@ -409,6 +491,8 @@ fn reload(
         || new.server.socket_group != cfg.server.socket_group
         || new.server.tcp_listen != cfg.server.tcp_listen
         || new.server.max_request_bytes != cfg.server.max_request_bytes
+        || new.server.max_connections_per_uid != cfg.server.max_connections_per_uid
+        || new.server.max_connections != cfg.server.max_connections
         || new.model.dir != cfg.model.dir
         || new.model.max_context != cfg.model.max_context
         || new.model.threads != cfg.model.threads

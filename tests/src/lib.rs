@@ -247,6 +247,7 @@ pub struct DaemonBuilder {
     config: String,
     env: Vec<(OsString, OsString)>,
     log: String,
+    nofile_soft: Option<u64>,
 }
 
 impl DaemonBuilder {
@@ -280,6 +281,13 @@ impl DaemonBuilder {
         self
     }
 
+    /// Starts the daemon with this soft open-file limit (RLIMIT_NOFILE; the hard limit
+    /// stays this process's), as a service manager would.
+    pub fn nofile_soft(mut self, soft: u64) -> Self {
+        self.nofile_soft = Some(soft);
+        self
+    }
+
     /// Starts the process and returns at once (see [`Daemon::wait_ready`]).
     pub fn spawn(self) -> Result<Daemon> {
         let gemmad = match self.gemmad {
@@ -297,7 +305,20 @@ impl DaemonBuilder {
             .with_context(|| format!("writing {}", config.display()))?;
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(&gemmad)
+        let mut cmd = Command::new(&gemmad);
+        if let Some(soft) = self.nofile_soft {
+            use nix::sys::resource::{getrlimit, setrlimit, Resource};
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+            let soft = soft.min(hard);
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing
+            // else of the parent's state.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd
             .arg("serve")
             .arg("--model")
             .arg(&self.model)
@@ -351,6 +372,7 @@ impl Daemon {
             config: String::new(),
             env: Vec::new(),
             log: DEFAULT_LOG.to_string(),
+            nofile_soft: None,
         }
     }
 

@@ -329,6 +329,7 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
     let m = s.model.clone().unwrap_or_default();
     let q = s.queue.unwrap_or_default();
     let r = s.requests.unwrap_or_default();
+    let n = s.connections.unwrap_or_default();
     if json_out {
         let v = json!({
             "version": s.version,
@@ -347,6 +348,9 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
                       "depth": q.depth, "per_peer": q.per_peer},
             "requests": {"admitted": r.admitted, "completed": r.completed, "cancelled": r.cancelled,
                          "failed": r.failed, "rejected": r.rejected},
+            "connections": {"open": n.open, "accepted": n.accepted, "refused": n.refused,
+                            "over_limit": n.over_limit, "accept_errors": n.accept_errors,
+                            "max_per_uid": n.max_per_uid, "max_total": n.max_total},
             "governor": s.governor.map(|g| json!({"tier": g.tier,
                 "readings": g.readings.iter().map(|x| json!({"name": x.name, "value": x.value, "unit": x.unit})).collect::<Vec<_>>()})),
             "warnings": s.warnings,
@@ -391,6 +395,10 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
     println!(
         "requests {} admitted, {} completed, {} cancelled, {} failed, {} rejected",
         r.admitted, r.completed, r.cancelled, r.failed, r.rejected
+    );
+    println!(
+        "conns    {} open (at most {}, {} per uid); {} accepted, {} refused, {} over a limit, {} accept errors",
+        n.open, n.max_total, n.max_per_uid, n.accepted, n.refused, n.over_limit, n.accept_errors
     );
     match s.governor {
         Some(g) => println!("governor tier {}", g.tier),

@@ -3,6 +3,7 @@
 //! access policy, one validation, one queue, one engine thread, one set of errors.
 
 pub mod access;
+pub mod connections;
 pub mod engine_thread;
 mod error;
 pub mod estimate;
@@ -23,6 +24,7 @@ pub use error::ServiceError;
 
 use crate::config::LimitsSection;
 use access::Policy;
+use connections::{ConnectionGuard, Connections};
 use engine_thread::EngineHandle;
 use preparing::Preparing;
 use queue::Job;
@@ -36,6 +38,7 @@ pub struct Core {
     limits: RwLock<LimitsSection>,
     policy: RwLock<Policy>,
     preparing: Preparing,
+    connections: Arc<Connections>,
     started: Instant,
 }
 
@@ -76,6 +79,7 @@ impl Core {
         limits: LimitsSection,
         policy: Policy,
         per_peer_preparing: usize,
+        connections: Arc<Connections>,
     ) -> Self {
         Core {
             engine,
@@ -84,6 +88,7 @@ impl Core {
             limits: RwLock::new(limits),
             policy: RwLock::new(policy),
             preparing: Preparing::new(per_peer_preparing),
+            connections,
             started: Instant::now(),
         }
     }
@@ -125,6 +130,24 @@ impl Core {
             )),
             None => ServiceError::PermissionDenied("unidentified connection".into()),
         })
+    }
+
+    /// At accept, before any protocol byte: a slot for a connection of `peer`, or `None`
+    /// when the access policy refuses the peer or its uid (or the service) is at its
+    /// connection cap; the front end then closes the connection at once. Refusals are
+    /// counted and logged, rate-limited. Calls on a connection are still checked one by
+    /// one ([`Core::authorize`]), so a reload that removes a user refuses their open
+    /// connections at the next call.
+    pub fn admit(&self, peer: &Peer) -> Option<ConnectionGuard> {
+        if self.authorize(peer).is_err() {
+            self.connections.refused(peer);
+            return None;
+        }
+        self.connections.open(peer)
+    }
+
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
     }
 
     /// Checks `params`, prepares its prompt and queues it. Blocking (tokenization):
@@ -268,6 +291,7 @@ impl Core {
             memory,
             queue: queue.snapshot(),
             requests: queue.counters.snapshot(),
+            connections: self.connections.snapshot(),
         }
     }
 

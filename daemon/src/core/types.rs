@@ -226,6 +226,22 @@ pub struct CounterSnapshot {
     pub rejected: u64,
 }
 
+/// Connections of every front end, as Status shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionSnapshot {
+    /// Open now.
+    pub open: usize,
+    /// Totals since start: taken, closed at accept by the access policy, closed at
+    /// accept for being over a cap, and failed accepts (such as EMFILE).
+    pub accepted: u64,
+    pub refused: u64,
+    pub over_limit: u64,
+    pub accept_errors: u64,
+    /// The caps in force.
+    pub max_per_uid: usize,
+    pub max_total: usize,
+}
+
 /// Everything Status reports, from the core's point of view.
 #[derive(Clone, Debug)]
 pub struct StatusSnapshot {
@@ -238,4 +254,5 @@ pub struct StatusSnapshot {
     pub memory: Vec<(String, u64)>,
     pub queue: QueueSnapshot,
     pub requests: CounterSnapshot,
+    pub connections: ConnectionSnapshot,
 }

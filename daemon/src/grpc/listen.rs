@@ -1,29 +1,33 @@
 //! The listening sockets: the Unix socket (mode, group, stale-socket handling, removal of
-//! only the socket this process created) and the optional TCP listener, merged into one
-//! stream of connections that carry their peer's identity and access decision.
+//! only the socket this process created) and the optional TCP listener, and the accept
+//! loop over both: peers the access policy refuses, or over their connection cap, are
+//! closed at accept; the others reach the server carrying their peer's identity.
 
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chown, Gid};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
 use super::authority::Rewrite;
 use crate::core::access::peer_of;
+use crate::core::connections::{ConnectionGuard, Connections};
 use crate::core::types::Peer;
 use crate::core::Core;
 
 /// What every accepted connection carries: its peer, as the transport identified it
-/// (the access policy is asked on every call).
+/// (the access policy is asked again on every call).
 #[derive(Clone, Debug)]
 pub struct Connection {
     pub peer: Peer,
@@ -128,10 +132,12 @@ pub fn bind_unix(
     Ok((listener, file))
 }
 
-/// One accepted connection with its peer.
+/// One accepted connection with its peer, holding its slot under the connection caps
+/// until it is dropped (however the connection ends).
 pub struct PeerConn {
     io: Io,
     conn: Connection,
+    _slot: ConnectionGuard,
 }
 
 enum Io {
@@ -204,52 +210,263 @@ impl AsyncWrite for PeerConn {
     }
 }
 
-fn decide(peer: Peer, core: &Core) -> Connection {
-    // Logged once per connection; every call is still checked (grpc::check_access).
-    if core.authorize(&peer).is_ok() {
-        tracing::debug!(peer = %peer, "connection accepted");
-    } else {
-        tracing::warn!(peer = %peer, "connection refused by the access policy ([access] in the config)");
-    }
-    Connection { peer }
-}
-
 pub type Incoming = Pin<Box<dyn Stream<Item = io::Result<PeerConn>> + Send>>;
 
-/// All accepted connections, each with its peer identity and access decision.
+/// How long the accept loop pauses after an accept failed for want of a resource
+/// (EMFILE, ENFILE, ENOBUFS, ENOMEM): the waiting connection stays in the backlog and
+/// the listener stays readable, so retrying at once would spin a core until a
+/// connection closes.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connections handled (refused or failed) in one poll before the accept loop yields,
+/// so a flood of refused connections cannot hold a runtime thread.
+const ACCEPT_BATCH: usize = 64;
+
+/// Decides at accept whether a peer's connection is served: the slot it holds while open,
+/// or `None` to close it at once.
+pub type Admit = Box<dyn Fn(&Peer) -> Option<ConnectionGuard> + Send>;
+
+/// All connections the access policy and the connection caps let through, each with its
+/// peer identity. Refused and over-cap connections are closed at accept, before any
+/// HTTP/2, and never reach the server.
 pub fn incoming(
     unix: tokio::net::UnixListener,
     tcp: Option<tokio::net::TcpListener>,
     core: Arc<Core>,
 ) -> Incoming {
-    let c = core.clone();
-    let unix = tokio_stream::wrappers::UnixListenerStream::new(unix).map(move |r| {
-        r.map(|s| {
-            let conn = decide(peer_of(&s, "grpc"), &c);
-            PeerConn {
-                io: Io::Unix(Box::new(Rewrite::new(s))),
-                conn,
-            }
-        })
-    });
-    match tcp {
-        None => Box::pin(unix),
-        Some(t) => {
-            let tcp = tokio_stream::wrappers::TcpListenerStream::new(t).map(move |r| {
-                r.map(|s| {
+    let conns = core.connections().clone();
+    let admit: Admit = Box::new(move |peer: &Peer| core.admit(peer));
+    Box::pin(Acceptor::new(unix, tcp, conns, admit))
+}
+
+/// The accept loop, as the stream the server polls: accepts on the Unix socket and the
+/// optional TCP listener in turn, closes what [`Admit`] refuses, and backs off on
+/// accept failures instead of spinning (the server would retry an `Err` at once).
+pub struct Acceptor {
+    unix: tokio::net::UnixListener,
+    tcp: Option<tokio::net::TcpListener>,
+    conns: Arc<Connections>,
+    admit: Admit,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    tcp_first: bool,
+}
+
+enum Accepted {
+    Unix(UnixStream),
+    Tcp(TcpStream, std::net::SocketAddr),
+}
+
+impl Acceptor {
+    pub fn new(
+        unix: tokio::net::UnixListener,
+        tcp: Option<tokio::net::TcpListener>,
+        conns: Arc<Connections>,
+        admit: Admit,
+    ) -> Acceptor {
+        Acceptor {
+            unix,
+            tcp,
+            conns,
+            admit,
+            pause: None,
+            tcp_first: false,
+        }
+    }
+
+    /// The next accepted socket of either listener, alternating which goes first.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(io::Result<Accepted>, &'static str)> {
+        self.tcp_first = !self.tcp_first;
+        let poll_unix = |u: &tokio::net::UnixListener, cx: &mut Context<'_>| {
+            u.poll_accept(cx)
+                .map(|r| (r.map(|(s, _)| Accepted::Unix(s)), "unix"))
+        };
+        let poll_tcp = |t: &tokio::net::TcpListener, cx: &mut Context<'_>| {
+            t.poll_accept(cx)
+                .map(|r| (r.map(|(s, a)| Accepted::Tcp(s, a)), "tcp"))
+        };
+        match &self.tcp {
+            None => poll_unix(&self.unix, cx),
+            Some(t) if self.tcp_first => match poll_tcp(t, cx) {
+                Poll::Pending => poll_unix(&self.unix, cx),
+                ready => ready,
+            },
+            Some(t) => match poll_unix(&self.unix, cx) {
+                Poll::Pending => poll_tcp(t, cx),
+                ready => ready,
+            },
+        }
+    }
+}
+
+/// Accept failures that concern only the connection being accepted (it was reset or
+/// aborted before accept took it): the next accept may succeed at once.
+fn only_that_connection(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::ECONNABORTED | Errno::ECONNRESET | Errno::EPROTO | Errno::EPERM | Errno::EINTR)
+    )
+}
+
+impl Stream for Acceptor {
+    type Item = io::Result<PeerConn>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(p) = &mut this.pause {
+            std::task::ready!(p.as_mut().poll(cx));
+            this.pause = None;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            let (got, via) = std::task::ready!(this.poll_accept(cx));
+            let accepted = match got {
+                Ok(a) => a,
+                Err(e) => {
+                    this.conns.accept_failed(&e, via);
+                    if only_that_connection(&e) {
+                        continue;
+                    }
+                    let mut p = Box::pin(tokio::time::sleep(ACCEPT_BACKOFF));
+                    // Registers the wake-up; a zero-length pause is over at once.
+                    if p.as_mut().poll(cx).is_pending() {
+                        this.pause = Some(p);
+                        return Poll::Pending;
+                    }
+                    continue;
+                }
+            };
+            let (io, peer) = match accepted {
+                Accepted::Unix(s) => {
+                    let peer = peer_of(&s, "grpc");
+                    (Io::Unix(Box::new(Rewrite::new(s))), peer)
+                }
+                Accepted::Tcp(s, addr) => {
                     let _ = s.set_nodelay(true);
                     let peer = Peer {
-                        tcp: s.peer_addr().ok(),
+                        tcp: Some(addr),
                         ..Peer::unknown("grpc")
                     };
-                    let conn = decide(peer, &core);
-                    PeerConn {
-                        io: Io::Tcp(s),
-                        conn,
-                    }
-                })
-            });
-            Box::pin(unix.merge(tcp))
+                    (Io::Tcp(s), peer)
+                }
+            };
+            // A refused connection is dropped here, which closes it: the peer reads EOF.
+            let Some(guard) = (this.admit)(&peer) else {
+                continue;
+            };
+            tracing::debug!(peer = %peer, "connection accepted");
+            return Poll::Ready(Some(Ok(PeerConn {
+                io,
+                conn: Connection { peer },
+                _slot: guard,
+            })));
         }
+        // A batch of refusals: let other tasks run, then carry on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::connections::ConnectionLimits;
+    use std::time::Instant;
+    use tokio_stream::StreamExt;
+
+    const CHILD_ENV: &str = "GEMMAD_TEST_EMFILE_CHILD";
+
+    /// Out of file descriptors, the accept loop backs off instead of spinning, and
+    /// serves the waiting connection once descriptors are free again. The open-file
+    /// limit is the whole process's, so this runs in a child process of its own.
+    #[test]
+    fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "grpc::listen::tests::emfile_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("EMFILE-CHILD: ok"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    #[ignore = "helper: runs only as a child of out_of_descriptors_the_accept_loop_..."]
+    async fn emfile_child() {
+        assert_eq!(
+            std::env::var(CHILD_ENV).as_deref(),
+            Ok("1"),
+            "run by its parent only"
+        );
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let conns = Connections::new(ConnectionLimits {
+            per_uid: 8,
+            total: 8,
+        });
+        let c = conns.clone();
+        let admit: Admit = Box::new(move |p: &Peer| c.open(p));
+        let mut acceptor = Acceptor::new(listener, None, conns.clone(), admit);
+        // Fill the descriptor table, then spend the last free one on a client: the
+        // daemon side of its connection has no descriptor to be accepted into.
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, 128.min(hard), hard).unwrap();
+        let mut filler = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            filler.push(f);
+        }
+        filler.pop();
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let task = tokio::spawn(async move {
+            let got = acceptor.next().await;
+            (got, acceptor)
+        });
+        let t0 = Instant::now();
+        while conns.snapshot().accept_errors == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "accept never failed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Over half a second, a loop that backs off retries a handful of times; one that
+        // spins retries tens of thousands of times.
+        let before = conns.snapshot().accept_errors;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let retries = conns.snapshot().accept_errors - before;
+        assert!(
+            retries <= 50,
+            "{retries} accept retries in 0.5 s: the loop spins"
+        );
+        assert!(!task.is_finished(), "nothing can be accepted yet");
+        filler.truncate(filler.len().saturating_sub(16));
+        let (got, _acceptor) = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the waiting connection is accepted once descriptors are free")
+            .unwrap();
+        let conn = got
+            .expect("the stream goes on")
+            .expect("an accepted connection");
+        let uid = nix::unistd::Uid::effective().as_raw();
+        assert_eq!(conn.conn.peer.uid, Some(uid));
+        assert_eq!(conns.snapshot().open, 1);
+        drop(conn);
+        assert_eq!(
+            conns.snapshot().open,
+            0,
+            "the slot is freed with the connection"
+        );
+        println!("EMFILE-CHILD: ok retries={retries}");
     }
 }

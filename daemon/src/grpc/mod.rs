@@ -105,6 +105,10 @@ impl Stream for EventStream {
     }
 }
 
+fn sat_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn blocking_err(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("request handler failed: {e}"))
 }
@@ -176,7 +180,7 @@ impl Gemmad for GemmadService {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let s = self.core.status(&peer(&req));
-        let (q, c, m) = (&s.queue, &s.requests, &s.model);
+        let (q, c, m, n) = (&s.queue, &s.requests, &s.model, &s.connections);
         Ok(Response::new(pb::StatusResponse {
             version: s.version.into(),
             uptime_s: s.uptime.as_secs_f64(),
@@ -220,6 +224,15 @@ impl Gemmad for GemmadService {
             }),
             governor: None,
             warnings: s.engine.warnings.clone(),
+            connections: Some(pb::ConnectionCounters {
+                open: sat_u32(n.open),
+                accepted: n.accepted,
+                refused: n.refused,
+                over_limit: n.over_limit,
+                accept_errors: n.accept_errors,
+                max_per_uid: sat_u32(n.max_per_uid),
+                max_total: sat_u32(n.max_total),
+            }),
         }))
     }
 
