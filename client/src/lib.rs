@@ -60,9 +60,26 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     #[error("{}", describe(.0))]
-    Rpc(#[from] Status),
+    Rpc(Status),
     #[error("the stream ended without a Finished message")]
     Truncated,
+}
+
+impl From<Status> for ClientError {
+    /// A call on a connection the daemon closed fails in tonic as UNKNOWN "transport
+    /// error" (or UNAVAILABLE, depending on when the close is seen); both read as
+    /// UNAVAILABLE with the likely reasons.
+    fn from(s: Status) -> Self {
+        if s.code() == Code::Unknown && s.message() == "transport error" {
+            let why = std::error::Error::source(&s).map_or(String::new(), |e| format!(" ({e})"));
+            return ClientError::Rpc(Status::unavailable(format!(
+                "gemmad closed the connection without serving it: is this user allowed by \
+                 [access] in the daemon's config, and under its connection limit? The \
+                 daemon's log says which{why}"
+            )));
+        }
+        ClientError::Rpc(s)
+    }
 }
 
 impl ClientError {
