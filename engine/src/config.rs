@@ -188,24 +188,42 @@ impl ModelConfig {
     /// Reads `dir/config.json` and, when present, `dir/generation_config.json` (EOS ids).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
-        let root: Value = serde_json::from_str(&text).map_err(|e| EngineError::Config {
-            path: path.clone(),
+        let text = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
+        let gen_path = dir.join("generation_config.json");
+        let gen_text = match std::fs::read(&gen_path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(EngineError::io(&gen_path, e)),
+        };
+        Self::from_bytes(
+            &path,
+            &text,
+            gen_text.as_deref().map(|t| (gen_path.as_path(), t)),
+        )
+    }
+
+    /// Parses the bytes of `config.json` (`path`, for error messages) and of
+    /// `generation_config.json` when there is one.
+    pub fn from_bytes(
+        path: &Path,
+        text: &[u8],
+        generation: Option<(&Path, &[u8])>,
+    ) -> Result<Self> {
+        let root: Value = serde_json::from_slice(text).map_err(|e| EngineError::Config {
+            path: path.to_path_buf(),
             reason: format!("not valid JSON: {e}"),
         })?;
-        let gen_path = dir.join("generation_config.json");
-        let gen_eos = match std::fs::read_to_string(&gen_path) {
-            Ok(t) => {
-                let g: Value = serde_json::from_str(&t).map_err(|e| EngineError::Config {
-                    path: gen_path.clone(),
+        let gen_eos = match generation {
+            Some((gen_path, t)) => {
+                let g: Value = serde_json::from_slice(t).map_err(|e| EngineError::Config {
+                    path: gen_path.to_path_buf(),
                     reason: format!("not valid JSON: {e}"),
                 })?;
                 field(&g, "eos_token_id").cloned()
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(EngineError::io(&gen_path, e)),
+            None => None,
         };
-        Self::from_json(&path, &root, gen_eos.as_ref())
+        Self::from_json(path, &root, gen_eos.as_ref())
     }
 
     /// Parses an already-read config (`path` is used in error messages only).

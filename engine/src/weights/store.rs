@@ -95,7 +95,7 @@ impl QuantStore {
         // SAFETY: read-only map of a file only gemmad writes (atomically, by rename).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
         advise_huge(&map[..]);
-        match Self::parse(path, &map, key, quant) {
+        match Self::parse(&map, key, quant) {
             Ok(entries) => {
                 ensure_huge(path, &map, &file);
                 Ok(Some(QuantStore {
@@ -112,13 +112,11 @@ impl QuantStore {
     }
 
     #[allow(clippy::type_complexity)]
-    fn parse(
-        path: &Path,
+    pub(crate) fn parse(
         m: &[u8],
         key: &[u8; 16],
         quant: QuantType,
     ) -> std::result::Result<HashMap<String, (u8, usize, usize, usize, usize)>, String> {
-        let _ = path; // reasons are logged by the caller with the path
         if m.len() < HEADER || &m[..8] != MAGIC {
             return Err("bad magic or short file".into());
         }
@@ -178,6 +176,29 @@ impl QuantStore {
             entries.insert(name, (code, rows, cols, doff + off, len));
         }
         Ok(entries)
+    }
+
+    /// A store over an already-mapped file, with [`QuantStore::open`]'s checks; the
+    /// reason when it must not be used.
+    pub(crate) fn from_map(
+        path: &Path,
+        map: Mmap,
+        key: &[u8; 16],
+        quant: QuantType,
+    ) -> std::result::Result<Self, String> {
+        let entries = Self::parse(&map, key, quant)?;
+        Ok(QuantStore {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            entries,
+        })
+    }
+
+    /// Name, rows and columns of every stored matrix.
+    pub(crate) fn shapes(&self) -> impl Iterator<Item = (&str, usize, usize)> {
+        self.entries
+            .iter()
+            .map(|(n, &(_, r, c, _, _))| (n.as_str(), r, c))
     }
 
     /// The stored matrix `name` if it has the expected shape.
