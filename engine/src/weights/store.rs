@@ -145,7 +145,9 @@ impl QuantStore {
         if xxh64(&m[doff..], 0) != dxx {
             return Err("data checksum mismatch".into());
         }
-        let mut entries = HashMap::with_capacity(count);
+        // The count is not covered by a checksum: size the table by what the index can
+        // hold (an entry takes at least 35 bytes), not by the count.
+        let mut entries = HashMap::with_capacity(count.min(index.len() / 35));
         let mut p = 0usize;
         for _ in 0..count {
             let need = |p: usize, n: usize| {
@@ -297,4 +299,35 @@ pub fn write(
     crate::residency::fadvise_file(&f, 0, 0);
     drop(f);
     tmp.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of a store of one f32 matrix, as the real writer writes it.
+    fn written(key: &[u8; 16]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.gemmaqw");
+        let m = Matrix::from_f32(2, 4, (0..8).map(|i| i as f32).collect());
+        write(&path, key, QuantType::F32, &[("w".into(), m)]).unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    #[test]
+    fn a_huge_entry_count_is_refused_not_allocated() {
+        // Found by fuzz/weights_cache_header: the count (outside the checksums) sized
+        // the entry table before any entry was read; u64::MAX overflowed the capacity.
+        let key = [7u8; 16];
+        let mut b = written(&key);
+        assert_eq!(
+            QuantStore::parse(&b, &key, QuantType::F32).unwrap().len(),
+            1
+        );
+        for count in [u64::MAX, 1 << 40, 2] {
+            b[32..40].copy_from_slice(&count.to_le_bytes());
+            let e = QuantStore::parse(&b, &key, QuantType::F32).unwrap_err();
+            assert!(e.contains("index truncated"), "{count}: {e}");
+        }
+    }
 }
