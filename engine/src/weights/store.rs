@@ -330,4 +330,35 @@ mod tests {
             assert!(e.contains("index truncated"), "{count}: {e}");
         }
     }
+
+    #[test]
+    fn stored_dimensions_whose_product_overflows_are_refused() {
+        // Found by fuzz/weights_cache_header: an entry's rows × cols (read from the
+        // file) overflowed in Matrix::from_mapped when a caller asked for that shape.
+        let key = [7u8; 16];
+        let mut b = written(&key);
+        let huge = 1u64 << 62;
+        // The index starts at the header's end: name length (2), name "w", code, rows.
+        let rows_at = HEADER + 2 + 1 + 1;
+        b[rows_at..rows_at + 8].copy_from_slice(&huge.to_le_bytes());
+        let ixx = xxh64(&b[HEADER..HEADER + rd64(&b[48..]) as usize], 0);
+        b[72..80].copy_from_slice(&ixx.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.gemmaqw");
+        std::fs::write(&path, &b).unwrap();
+        let store = QuantStore::open(&path, &key, QuantType::F32)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.shapes().collect::<Vec<_>>(),
+            [("w", huge as usize, 4)]
+        );
+        assert!(store.get("w", huge as usize, 4).is_none());
+        // Packed codes multiply differently.
+        for code in 1..=8 {
+            let m = memmap2::MmapMut::map_anon(8192 + 32).unwrap();
+            let m = Arc::new(m.make_read_only().unwrap());
+            assert!(Matrix::from_mapped(code, usize::MAX, 256, m, 8192, 32).is_none());
+        }
+    }
 }
