@@ -38,6 +38,10 @@ impl Layout {
 /// any context a device could hold, and keeps sizes computed from it in range).
 pub const MAX_POSITIONS: usize = 1 << 24;
 
+/// The most decoder layers a config may declare (Gemma 3n has 30 or 35): the per-layer
+/// lists are sized by the count before anything else bounds it.
+pub const MAX_LAYERS: usize = 1024;
+
 /// The text decoder's configuration, validated.
 #[derive(Clone, Debug)]
 pub struct TextConfig {
@@ -271,6 +275,12 @@ fn parse_text(p: &Parser, root: &Value, gen_eos: Option<&Value>) -> Result<TextC
     let num_hidden_layers = p.usize("num_hidden_layers")?;
     if num_hidden_layers == 0 || hidden_size == 0 {
         return Err(p.err("hidden_size and num_hidden_layers must be positive"));
+    }
+    if num_hidden_layers > MAX_LAYERS {
+        return Err(p.err(format!(
+            "`{}num_hidden_layers` is {num_hidden_layers}; it must be at most {MAX_LAYERS}",
+            p.prefix
+        )));
     }
     let intermediate_size = match field(p.obj, "intermediate_size") {
         None => return Err(p.err(format!("missing field `{}intermediate_size`", p.prefix))),
@@ -558,5 +568,17 @@ mod tests {
             assert!(msg.contains(needle), "{msg}");
             assert!(msg.contains("/m/config.json"), "{msg}");
         }
+    }
+
+    #[test]
+    fn a_huge_layer_count_is_refused_before_allocating() {
+        // A layer count sized the per-layer lists (intermediate sizes, layer types,
+        // sparsity) before anything bounded it: 2^40 layers asked for terabytes.
+        let mut t = base();
+        t["num_hidden_layers"] = json!(1u64 << 40);
+        let e = ModelConfig::from_json(Path::new("c.json"), &t, None).unwrap_err();
+        assert!(e.to_string().contains("num_hidden_layers"), "{e}");
+        t["num_hidden_layers"] = json!(MAX_LAYERS + 1);
+        assert!(ModelConfig::from_json(Path::new("c.json"), &t, None).is_err());
     }
 }
