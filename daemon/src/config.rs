@@ -269,10 +269,13 @@ impl Config {
                 return Err(e).with_context(|| format!("cannot read config {}", path.display()))
             }
         };
-        let cfg: Config =
-            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
-        cfg.validate()
-            .with_context(|| format!("invalid config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Parses and validates the text of a config file.
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
         Ok(cfg)
     }
 

@@ -2,13 +2,8 @@
 //! socket); `generate` and `logits` are one-shot tools that run the engine in-process on a
 //! checkpoint folder.
 
-mod config;
-mod core;
-mod grpc;
-mod oneshot;
-mod serve;
-
 use clap::{Parser, Subcommand};
+use gemmad::{oneshot, serve};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -37,14 +37,16 @@ pub struct MappedFile {
     pub map: Arc<Mmap>,
 }
 
+/// One tensor of a safetensors header.
 #[derive(Clone, Debug)]
-struct Entry {
-    file: usize,
-    dtype: Result<DType, String>,
-    shape: Vec<usize>,
+pub(crate) struct Entry {
+    pub(crate) file: usize,
+    /// An unsupported dtype is an error only when the tensor is asked for.
+    pub(crate) dtype: Result<DType, String>,
+    pub(crate) shape: Vec<usize>,
     /// Absolute byte range in the file.
-    start: usize,
-    end: usize,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
 /// A tensor inside a mapped file. Cheap to clone; keeps the mapping alive.
@@ -119,31 +121,9 @@ impl Checkpoint {
         let mut names: Vec<String> = Vec::new();
         let mut index_map: Option<HashMap<String, String>> = None;
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| EngineError::io(&index_path, e))?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| st_err(&index_path, format!("index is not valid JSON: {e}")))?;
-            let wm = v
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| st_err(&index_path, "index has no `weight_map` object"))?;
-            let mut m = HashMap::new();
-            for (k, f) in wm {
-                let f = f.as_str().ok_or_else(|| {
-                    st_err(&index_path, format!("`weight_map.{k}` is not a file name"))
-                })?;
-                if f.contains('/') || f.contains("..") {
-                    return Err(st_err(
-                        &index_path,
-                        format!("shard name `{f}` must be a plain file name"),
-                    ));
-                }
-                if !names.iter().any(|n| n == f) {
-                    names.push(f.to_string());
-                }
-                m.insert(k.clone(), f.to_string());
-            }
-            names.sort();
+            let text = std::fs::read(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
+            let (shards, m) = parse_index(&index_path, &text)?;
+            names = shards;
             index_map = Some(m);
         } else if dir.join("model.safetensors").exists() {
             names.push("model.safetensors".into());
@@ -254,7 +234,42 @@ impl Checkpoint {
     }
 }
 
-fn parse_header(path: &Path, buf: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
+/// The shard names (sorted, each once) and tensor → shard map of a
+/// `model.safetensors.index.json` (`path` is used in error messages only).
+pub(crate) fn parse_index(
+    path: &Path,
+    text: &[u8],
+) -> Result<(Vec<String>, HashMap<String, String>)> {
+    let v: Value = serde_json::from_slice(text)
+        .map_err(|e| st_err(path, format!("index is not valid JSON: {e}")))?;
+    let wm = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| st_err(path, "index has no `weight_map` object"))?;
+    let mut names: Vec<String> = Vec::new();
+    let mut m = HashMap::new();
+    for (k, f) in wm {
+        let f = f
+            .as_str()
+            .ok_or_else(|| st_err(path, format!("`weight_map.{k}` is not a file name")))?;
+        if f.contains('/') || f.contains("..") {
+            return Err(st_err(
+                path,
+                format!("shard name `{f}` must be a plain file name"),
+            ));
+        }
+        if !names.iter().any(|n| n == f) {
+            names.push(f.to_string());
+        }
+        m.insert(k.clone(), f.to_string());
+    }
+    names.sort();
+    Ok((names, m))
+}
+
+/// The tensors a safetensors file's header lists, checked against the file's length
+/// (`buf` is the whole file; `path` is used in error messages only).
+pub(crate) fn parse_header(path: &Path, buf: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
     if buf.len() < 8 {
         return Err(st_err(
             path,

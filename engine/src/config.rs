@@ -38,6 +38,10 @@ impl Layout {
 /// any context a device could hold, and keeps sizes computed from it in range).
 pub const MAX_POSITIONS: usize = 1 << 24;
 
+/// The most decoder layers a config may declare (Gemma 3n has 30 or 35): the per-layer
+/// lists are sized by the count before anything else bounds it.
+pub const MAX_LAYERS: usize = 1024;
+
 /// The text decoder's configuration, validated.
 #[derive(Clone, Debug)]
 pub struct TextConfig {
@@ -188,24 +192,42 @@ impl ModelConfig {
     /// Reads `dir/config.json` and, when present, `dir/generation_config.json` (EOS ids).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
-        let root: Value = serde_json::from_str(&text).map_err(|e| EngineError::Config {
-            path: path.clone(),
+        let text = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
+        let gen_path = dir.join("generation_config.json");
+        let gen_text = match std::fs::read(&gen_path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(EngineError::io(&gen_path, e)),
+        };
+        Self::from_bytes(
+            &path,
+            &text,
+            gen_text.as_deref().map(|t| (gen_path.as_path(), t)),
+        )
+    }
+
+    /// Parses the bytes of `config.json` (`path`, for error messages) and of
+    /// `generation_config.json` when there is one.
+    pub fn from_bytes(
+        path: &Path,
+        text: &[u8],
+        generation: Option<(&Path, &[u8])>,
+    ) -> Result<Self> {
+        let root: Value = serde_json::from_slice(text).map_err(|e| EngineError::Config {
+            path: path.to_path_buf(),
             reason: format!("not valid JSON: {e}"),
         })?;
-        let gen_path = dir.join("generation_config.json");
-        let gen_eos = match std::fs::read_to_string(&gen_path) {
-            Ok(t) => {
-                let g: Value = serde_json::from_str(&t).map_err(|e| EngineError::Config {
-                    path: gen_path.clone(),
+        let gen_eos = match generation {
+            Some((gen_path, t)) => {
+                let g: Value = serde_json::from_slice(t).map_err(|e| EngineError::Config {
+                    path: gen_path.to_path_buf(),
                     reason: format!("not valid JSON: {e}"),
                 })?;
                 field(&g, "eos_token_id").cloned()
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(EngineError::io(&gen_path, e)),
+            None => None,
         };
-        Self::from_json(&path, &root, gen_eos.as_ref())
+        Self::from_json(path, &root, gen_eos.as_ref())
     }
 
     /// Parses an already-read config (`path` is used in error messages only).
@@ -253,6 +275,12 @@ fn parse_text(p: &Parser, root: &Value, gen_eos: Option<&Value>) -> Result<TextC
     let num_hidden_layers = p.usize("num_hidden_layers")?;
     if num_hidden_layers == 0 || hidden_size == 0 {
         return Err(p.err("hidden_size and num_hidden_layers must be positive"));
+    }
+    if num_hidden_layers > MAX_LAYERS {
+        return Err(p.err(format!(
+            "`{}num_hidden_layers` is {num_hidden_layers}; it must be at most {MAX_LAYERS}",
+            p.prefix
+        )));
     }
     let intermediate_size = match field(p.obj, "intermediate_size") {
         None => return Err(p.err(format!("missing field `{}intermediate_size`", p.prefix))),
@@ -540,5 +568,17 @@ mod tests {
             assert!(msg.contains(needle), "{msg}");
             assert!(msg.contains("/m/config.json"), "{msg}");
         }
+    }
+
+    #[test]
+    fn a_huge_layer_count_is_refused_before_allocating() {
+        // A layer count sized the per-layer lists (intermediate sizes, layer types,
+        // sparsity) before anything bounded it: 2^40 layers asked for terabytes.
+        let mut t = base();
+        t["num_hidden_layers"] = json!(1u64 << 40);
+        let e = ModelConfig::from_json(Path::new("c.json"), &t, None).unwrap_err();
+        assert!(e.to_string().contains("num_hidden_layers"), "{e}");
+        t["num_hidden_layers"] = json!(MAX_LAYERS + 1);
+        assert!(ModelConfig::from_json(Path::new("c.json"), &t, None).is_err());
     }
 }

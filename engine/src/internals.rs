@@ -69,3 +69,123 @@ impl EngineInternals for Engine {
         self.weight_group(name)
     }
 }
+
+/// A read-only anonymous mapping holding `bytes`: the in-memory stand-in for a mapped
+/// file, so the fuzz targets run the very checks `open` runs on a file's mapping.
+fn map_bytes(bytes: &[u8]) -> std::io::Result<memmap2::Mmap> {
+    let mut m = memmap2::MmapMut::map_anon(bytes.len())?;
+    m.copy_from_slice(bytes);
+    m.make_read_only()
+}
+
+/// The parsers of outside input, from bytes (the fuzz targets' entry points). Each is
+/// the function the file-reading code calls, not a copy of it.
+pub mod parse {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+
+    use crate::checkpoint::DType;
+    use crate::config::TextConfig;
+    use crate::error::{EngineError, Result};
+    use crate::ple_cache::{Invalid, PleCache, RowDType};
+    use crate::quant::QuantType;
+    use crate::tokenizer::TextTokenizer;
+    use crate::weights::store::QuantStore;
+    use crate::{ModelConfig, Prompter};
+
+    pub use crate::derived::xxh64;
+    pub use crate::ple_cache::format::HEADER_BYTES as PLE_HEADER_BYTES;
+
+    /// One tensor of a safetensors header.
+    #[derive(Clone, Debug)]
+    pub struct HeaderTensor {
+        pub name: String,
+        pub dtype: std::result::Result<DType, String>,
+        pub shape: Vec<usize>,
+        pub start: usize,
+        pub end: usize,
+    }
+
+    /// The tensors of a safetensors file (`file` is the whole file), checked against its
+    /// length, as [`crate::internals::Checkpoint::open`] checks each shard.
+    pub fn safetensors_header(file: &[u8]) -> Result<Vec<HeaderTensor>> {
+        let path = Path::new("model.safetensors");
+        Ok(crate::checkpoint::parse_header(path, file, 0)?
+            .into_iter()
+            .map(|(name, e)| HeaderTensor {
+                name,
+                dtype: e.dtype,
+                shape: e.shape,
+                start: e.start,
+                end: e.end,
+            })
+            .collect())
+    }
+
+    /// Shard names and the tensor → shard map of `model.safetensors.index.json`.
+    pub fn safetensors_index(text: &[u8]) -> Result<(Vec<String>, HashMap<String, String>)> {
+        crate::checkpoint::parse_index(Path::new("model.safetensors.index.json"), text)
+    }
+
+    /// `config.json` (and `generation_config.json`) as [`ModelConfig::from_dir`] reads them.
+    pub fn model_config(config: &[u8], generation: Option<&[u8]>) -> Result<ModelConfig> {
+        ModelConfig::from_bytes(
+            Path::new("config.json"),
+            config,
+            generation.map(|g| (Path::new("generation_config.json"), g)),
+        )
+    }
+
+    /// A tokenizer as [`TextTokenizer::from_dir`] builds it from its files' contents.
+    pub fn tokenizer(
+        tok: tokenizers::Tokenizer,
+        tokenizer_config: Option<&[u8]>,
+        chat_template_jinja: Option<String>,
+    ) -> Result<TextTokenizer> {
+        TextTokenizer::from_parts(
+            PathBuf::from("tokenizer.json"),
+            tok,
+            tokenizer_config.map(|t| (Path::new("tokenizer_config.json"), t)),
+            chat_template_jinja,
+        )
+    }
+
+    /// The prompt pipeline an engine with this tokenizer and context would use.
+    pub fn prompter(tokenizer: TextTokenizer, vocab_size: usize, max_context: usize) -> Prompter {
+        Prompter::new(
+            Some(std::sync::Arc::new(tokenizer)),
+            vocab_size,
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(max_context)),
+        )
+    }
+
+    /// [`PleCache::open`] of a file whose contents are `file`.
+    pub fn ple_cache(
+        file: &[u8],
+        c: &TextConfig,
+        dtype: RowDType,
+        key: [u8; 16],
+    ) -> Result<std::result::Result<PleCache, Invalid>> {
+        // A path nothing can exist at: a corrupt row makes the cache rename its file.
+        let path = Path::new("/dev/null/ple.gemmaple");
+        let map = super::map_bytes(file).map_err(|e| EngineError::io(path, e))?;
+        PleCache::from_map(path, map, c, dtype, key, 0)
+    }
+
+    /// The quantized-weights store of a file whose contents are `file`, as its loader
+    /// opens it; then every stored matrix is taken with its own shape, as a model of
+    /// that shape would take it. Returns how many matrices were usable.
+    pub fn weights_cache(
+        file: &[u8],
+        key: &[u8; 16],
+        quant: QuantType,
+    ) -> std::result::Result<usize, String> {
+        let path = Path::new("weights.gemmaqw");
+        let map = super::map_bytes(file).map_err(|e| format!("cannot map: {e}"))?;
+        let store = QuantStore::from_map(path, map, key, quant)?;
+        Ok(store
+            .shapes()
+            .filter(|&(n, r, c)| store.get(n, r, c).is_some())
+            .count())
+    }
+}

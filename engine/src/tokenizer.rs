@@ -60,18 +60,42 @@ impl TextTokenizer {
             reason: e.to_string(),
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| EngineError::Tokenizer {
-                path: cfg_path.clone(),
-                reason: format!("not valid JSON: {e}"),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
+        let cfg_text = match std::fs::read(&cfg_path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(EngineError::io(&cfg_path, e)),
         };
         let jinja_path = dir.join("chat_template.jinja");
-        let template_src = match std::fs::read_to_string(&jinja_path) {
+        let jinja = match std::fs::read_to_string(&jinja_path) {
             Ok(t) => Some(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match cfg.get("chat_template") {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(EngineError::io(&jinja_path, e)),
+        };
+        let cfg = cfg_text.as_deref().map(|t| (cfg_path.as_path(), t));
+        Self::from_parts(path, tok, cfg, jinja)
+    }
+
+    /// A tokenizer from its already-read parts: the loaded `tokenizer.json` (`path`, for
+    /// error messages), the bytes of `tokenizer_config.json` and the text of
+    /// `chat_template.jinja` when they exist (the latter wins over the config's template).
+    pub fn from_parts(
+        path: PathBuf,
+        tok: tokenizers::Tokenizer,
+        config: Option<(&Path, &[u8])>,
+        chat_template_jinja: Option<String>,
+    ) -> Result<Self> {
+        let cfg: Value = match config {
+            Some((cfg_path, t)) => {
+                serde_json::from_slice(t).map_err(|e| EngineError::Tokenizer {
+                    path: cfg_path.to_path_buf(),
+                    reason: format!("not valid JSON: {e}"),
+                })?
+            }
+            None => Value::Null,
+        };
+        let template_src = match chat_template_jinja {
+            Some(t) => Some(t),
+            None => match cfg.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
                 // A list of named templates: take "default".
                 Some(Value::Array(a)) => a
@@ -81,7 +105,6 @@ impl TextTokenizer {
                     .map(str::to_string),
                 _ => None,
             },
-            Err(e) => return Err(EngineError::io(&jinja_path, e)),
         };
         let template = match template_src {
             Some(src) => Some(build_env(src)?),

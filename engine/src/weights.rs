@@ -228,9 +228,10 @@ impl Matrix {
         len: usize,
     ) -> Option<Matrix> {
         fn slab<T: Copy>(map: Arc<Mmap>, offset: usize, len: usize, n: usize) -> Option<Slab<T>> {
-            let ok = len == n * std::mem::size_of::<T>()
+            // The dimensions come from the file: checked arithmetic throughout.
+            let ok = n.checked_mul(std::mem::size_of::<T>()) == Some(len)
                 && offset.is_multiple_of(std::mem::align_of::<T>())
-                && offset + len <= map.len();
+                && offset.checked_add(len).is_some_and(|e| e <= map.len());
             // Mapped, not copied: file-backed pages the kernel (and the governor) can
             // drop and re-read, and no second copy at load. (Copying into huge-page
             // memory measured no better decode here and raised peak RSS.)
@@ -240,7 +241,7 @@ impl Matrix {
                 len: n,
             })
         }
-        let el = rows * cols;
+        let el = rows.checked_mul(cols)?;
         let data = match code {
             1 if cols.is_multiple_of(QK8_0) => Data::Q8_0(slab(map, offset, len, el / QK8_0)?),
             2 if cols.is_multiple_of(QK4_0) => Data::Q4_0(slab(map, offset, len, el / QK4_0)?),
@@ -254,10 +255,8 @@ impl Matrix {
                 if !cols.is_multiple_of(bs) {
                     return None;
                 }
-                Data::Packed(
-                    q,
-                    slab(map, offset, len, rows / packed::ROWS * cols / bs * gbb)?,
-                )
+                let n = ((rows / packed::ROWS).checked_mul(cols)? / bs).checked_mul(gbb)?;
+                Data::Packed(q, slab(map, offset, len, n)?)
             }
             _ => return None,
         };

@@ -84,6 +84,18 @@ impl PleCache {
             Ok(m) => m,
             Err(e) => return Ok(Err(Invalid(format!("cannot map: {e}")))),
         };
+        Self::from_map(path, map, c, dtype, key, hot_bytes)
+    }
+
+    /// [`PleCache::open`] of an already-mapped file (`path`, for messages).
+    pub(crate) fn from_map(
+        path: &Path,
+        map: Mmap,
+        c: &TextConfig,
+        dtype: RowDType,
+        key: [u8; 16],
+        hot_bytes: usize,
+    ) -> Result<std::result::Result<PleCache, Invalid>> {
         let hdr = match Header::parse(&map) {
             Ok(h) => h,
             Err(r) => return Ok(Err(Invalid(r))),

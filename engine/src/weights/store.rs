@@ -104,7 +104,7 @@ impl QuantStore {
             }
         };
         advise_huge(&map[..]);
-        match Self::parse(path, &map, key, quant) {
+        match Self::parse(&map, key, quant) {
             Ok(entries) => {
                 ensure_huge(path, &map, &file);
                 Some(QuantStore {
@@ -121,13 +121,11 @@ impl QuantStore {
     }
 
     #[allow(clippy::type_complexity)]
-    fn parse(
-        path: &Path,
+    pub(crate) fn parse(
         m: &[u8],
         key: &[u8; 16],
         quant: QuantType,
     ) -> std::result::Result<HashMap<String, (u8, usize, usize, usize, usize)>, String> {
-        let _ = path; // reasons are logged by the caller with the path
         if m.len() < HEADER || &m[..8] != MAGIC {
             return Err("bad magic or short file".into());
         }
@@ -156,7 +154,9 @@ impl QuantStore {
         if xxh64(&m[doff..], 0) != dxx {
             return Err("data checksum mismatch".into());
         }
-        let mut entries = HashMap::with_capacity(count);
+        // The count is not covered by a checksum: size the table by what the index can
+        // hold (an entry takes at least 35 bytes), not by the count.
+        let mut entries = HashMap::with_capacity(count.min(index.len() / 35));
         let mut p = 0usize;
         for _ in 0..count {
             let need = |p: usize, n: usize| {
@@ -187,6 +187,29 @@ impl QuantStore {
             entries.insert(name, (code, rows, cols, doff + off, len));
         }
         Ok(entries)
+    }
+
+    /// A store over an already-mapped file, with [`QuantStore::open`]'s checks; the
+    /// reason when it must not be used.
+    pub(crate) fn from_map(
+        path: &Path,
+        map: Mmap,
+        key: &[u8; 16],
+        quant: QuantType,
+    ) -> std::result::Result<Self, String> {
+        let entries = Self::parse(&map, key, quant)?;
+        Ok(QuantStore {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            entries,
+        })
+    }
+
+    /// Name, rows and columns of every stored matrix.
+    pub(crate) fn shapes(&self) -> impl Iterator<Item = (&str, usize, usize)> {
+        self.entries
+            .iter()
+            .map(|(n, &(_, r, c, _, _))| (n.as_str(), r, c))
     }
 
     /// The stored matrix `name` if it has the expected shape.
@@ -286,4 +309,66 @@ pub fn write(
     // Clean after the sync, so this drops them (see the module docs).
     crate::residency::fadvise_file(&f, 0, 0);
     tmp.commit(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of a store of one f32 matrix, as the real writer writes it.
+    fn written(key: &[u8; 16]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.gemmaqw");
+        let m = Matrix::from_f32(2, 4, (0..8).map(|i| i as f32).collect());
+        write(&path, key, QuantType::F32, &[("w".into(), m)]).unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    #[test]
+    fn a_huge_entry_count_is_refused_not_allocated() {
+        // Found by fuzz/weights_cache_header: the count (outside the checksums) sized
+        // the entry table before any entry was read; u64::MAX overflowed the capacity.
+        let key = [7u8; 16];
+        let mut b = written(&key);
+        assert_eq!(
+            QuantStore::parse(&b, &key, QuantType::F32).unwrap().len(),
+            1
+        );
+        for count in [u64::MAX, 1 << 40, 2] {
+            b[32..40].copy_from_slice(&count.to_le_bytes());
+            let e = QuantStore::parse(&b, &key, QuantType::F32).unwrap_err();
+            assert!(e.contains("index truncated"), "{count}: {e}");
+        }
+    }
+
+    #[test]
+    fn stored_dimensions_whose_product_overflows_are_refused() {
+        // Found by fuzz/weights_cache_header: an entry's rows × cols (read from the
+        // file) overflowed in Matrix::from_mapped when a caller asked for that shape.
+        let key = [7u8; 16];
+        let mut b = written(&key);
+        let huge = 1u64 << 62;
+        // The index starts at the header's end: name length (2), name "w", code, rows.
+        let rows_at = HEADER + 2 + 1 + 1;
+        b[rows_at..rows_at + 8].copy_from_slice(&huge.to_le_bytes());
+        let ixx = xxh64(&b[HEADER..HEADER + rd64(&b[48..]) as usize], 0);
+        b[72..80].copy_from_slice(&ixx.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.gemmaqw");
+        std::fs::write(&path, &b).unwrap();
+        let store = QuantStore::open(&path, &key, QuantType::F32)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.shapes().collect::<Vec<_>>(),
+            [("w", huge as usize, 4)]
+        );
+        assert!(store.get("w", huge as usize, 4).is_none());
+        // Packed codes multiply differently.
+        for code in 1..=8 {
+            let m = memmap2::MmapMut::map_anon(8192 + 32).unwrap();
+            let m = Arc::new(m.make_read_only().unwrap());
+            assert!(Matrix::from_mapped(code, usize::MAX, 256, m, 8192, 32).is_none());
+        }
+    }
 }
