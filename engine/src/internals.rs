@@ -86,6 +86,7 @@ pub mod parse {
 
     use crate::checkpoint::DType;
     use crate::config::TextConfig;
+    use crate::derived::CacheDir;
     use crate::error::{EngineError, Result};
     use crate::ple_cache::{Invalid, PleCache, RowDType};
     use crate::quant::QuantType;
@@ -159,17 +160,20 @@ pub mod parse {
         )
     }
 
-    /// [`PleCache::open`] of a file whose contents are `file`.
+    /// [`PleCache::open`] of a file whose contents are `file`, as `name` in `dir` (an
+    /// empty directory of the caller's: a corrupt row makes the cache move its file
+    /// aside, which fails harmlessly there).
     pub fn ple_cache(
+        dir: &CacheDir,
         file: &[u8],
         c: &TextConfig,
         dtype: RowDType,
+        table_dtype: DType,
         key: [u8; 16],
     ) -> Result<std::result::Result<PleCache, Invalid>> {
-        // A path nothing can exist at: a corrupt row makes the cache rename its file.
-        let path = Path::new("/dev/null/ple.gemmaple");
-        let map = super::map_bytes(file).map_err(|e| EngineError::io(path, e))?;
-        PleCache::from_map(path, map, c, dtype, key, 0)
+        let name = "fuzzed.gemmaple";
+        let map = super::map_bytes(file).map_err(|e| EngineError::io(dir.path_of(name), e))?;
+        PleCache::from_map(dir, name, map, c, dtype, table_dtype, key, 0)
     }
 
     /// The quantized-weights store of a file whose contents are `file`, as its loader

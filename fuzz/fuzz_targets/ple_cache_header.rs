@@ -8,6 +8,7 @@
 use std::sync::OnceLock;
 
 use gemmad_engine::internals::parse::{self, xxh64, PLE_HEADER_BYTES};
+use gemmad_engine::internals::{CacheDir, DType};
 use gemmad_engine::{RowDType, TextConfig};
 use libfuzzer_sys::fuzz_target;
 
@@ -19,6 +20,15 @@ fn config() -> &'static TextConfig {
         parse::model_config(CONFIG, None)
             .expect("fixture config")
             .text
+    })
+}
+
+/// An empty directory of this process's: where a corrupt row's file would be moved aside.
+fn dir() -> &'static CacheDir {
+    static D: OnceLock<CacheDir> = OnceLock::new();
+    D.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("gemmad-fuzz-ple-{}", std::process::id()));
+        CacheDir::open(&p).expect("a scratch cache directory")
     })
 }
 
@@ -50,10 +60,16 @@ fuzz_target!(|data: &[u8]| {
     let dtype = match data.get(16) {
         Some(0) => RowDType::F32,
         Some(2) => RowDType::Q8_0,
+        Some(1) => RowDType::Bf16,
         Some(3) => RowDType::F16,
-        _ => RowDType::Bf16,
+        _ => RowDType::Raw,
     };
-    if let Ok(Ok(cache)) = parse::ple_cache(&file, config(), dtype, key) {
+    let table_dtype = match data.get(128) {
+        Some(0) => DType::F32,
+        Some(2) => DType::F16,
+        _ => DType::BF16,
+    };
+    if let Ok(Ok(cache)) = parse::ple_cache(dir(), &file, config(), dtype, table_dtype, key) {
         // An opened cache serves every row it declares (or reports it corrupt).
         let mut row = vec![0f32; cache.row_len()];
         for id in 0..cache.rows().min(4) {

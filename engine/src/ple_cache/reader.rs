@@ -69,7 +69,6 @@ impl PleCache {
         key: [u8; 16],
         hot_bytes: usize,
     ) -> Result<std::result::Result<PleCache, Invalid>> {
-        let path = &dir.path_of(name);
         let file = match dir.open_existing(name) {
             Ok(Existing::File(f)) => f,
             Ok(Existing::Missing) => return Ok(Err(Invalid(Invalid::MISSING.into()))),
@@ -84,18 +83,23 @@ impl PleCache {
             Ok(m) => m,
             Err(e) => return Ok(Err(Invalid(format!("cannot map: {e}")))),
         };
-        Self::from_map(path, map, c, dtype, key, hot_bytes)
+        Self::from_map(dir, name, map, c, dtype, table_dtype, key, hot_bytes)
     }
 
-    /// [`PleCache::open`] of an already-mapped file (`path`, for messages).
+    /// [`PleCache::open`] of an already-mapped file (`name` in `dir`, where a corrupt
+    /// file is moved aside).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_map(
-        path: &Path,
+        dir: &CacheDir,
+        name: &str,
         map: Mmap,
         c: &TextConfig,
         dtype: RowDType,
+        table_dtype: DType,
         key: [u8; 16],
         hot_bytes: usize,
     ) -> Result<std::result::Result<PleCache, Invalid>> {
+        let path = &dir.path_of(name);
         let hdr = match Header::parse(&map) {
             Ok(h) => h,
             Err(r) => return Ok(Err(Invalid(r))),

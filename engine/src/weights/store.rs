@@ -317,11 +317,11 @@ mod tests {
 
     /// The bytes of a store of one f32 matrix, as the real writer writes it.
     fn written(key: &[u8; 16]) -> Vec<u8> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.gemmaqw");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CacheDir::open(tmp.path()).unwrap();
         let m = Matrix::from_f32(2, 4, (0..8).map(|i| i as f32).collect());
-        write(&path, key, QuantType::F32, &[("w".into(), m)]).unwrap();
-        std::fs::read(&path).unwrap()
+        write(&dir, "w.gemmaqw", key, QuantType::F32, &[("w".into(), m)]).unwrap();
+        std::fs::read(tmp.path().join("w.gemmaqw")).unwrap()
     }
 
     #[test]
@@ -353,12 +353,10 @@ mod tests {
         b[rows_at..rows_at + 8].copy_from_slice(&huge.to_le_bytes());
         let ixx = xxh64(&b[HEADER..HEADER + rd64(&b[48..]) as usize], 0);
         b[72..80].copy_from_slice(&ixx.to_le_bytes());
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.gemmaqw");
-        std::fs::write(&path, &b).unwrap();
-        let store = QuantStore::open(&path, &key, QuantType::F32)
-            .unwrap()
-            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("w.gemmaqw"), &b).unwrap();
+        let dir = CacheDir::open(tmp.path()).unwrap();
+        let store = QuantStore::open(&dir, "w.gemmaqw", &key, QuantType::F32).unwrap();
         assert_eq!(
             store.shapes().collect::<Vec<_>>(),
             [("w", huge as usize, 4)]
