@@ -80,7 +80,7 @@ impl TextTokenizer {
     /// `chat_template.jinja` when they exist (the latter wins over the config's template).
     pub fn from_parts(
         path: PathBuf,
-        tok: tokenizers::Tokenizer,
+        mut tok: tokenizers::Tokenizer,
         config: Option<(&Path, &[u8])>,
         chat_template_jinja: Option<String>,
     ) -> Result<Self> {
@@ -110,6 +110,13 @@ impl TextTokenizer {
             Some(src) => Some(build_env(src)?),
             None => None,
         };
+        // The BPE model caches every text piece under 256 bytes it has seen, 10,000 per
+        // thread and never evicted: a daemon that tokenizes strangers' text would keep
+        // ~8 KB per distinct piece (tens of MB per thread) for good. Prompts rarely
+        // repeat piece for piece, so the cache buys little here.
+        let mut model = tok.get_model().clone();
+        model.resize_cache(0);
+        tok.with_model(model);
         Ok(TextTokenizer {
             path,
             tok,

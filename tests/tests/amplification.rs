@@ -181,3 +181,52 @@ async fn a_megabyte_tokenize_text_of_one_byte_tokens() {
     let n = r.encoded_len();
     refused(n, Code::InvalidArgument, "too long", |c| tokenize(c, r)).await;
 }
+
+/// `n` distinct 200-byte words of letters, each followed by `<eos>`: the tokenizer splits
+/// text at special tokens and caches each piece under 256 bytes (Gemma's and the
+/// fixture's normalizer turn spaces into `▁` first, so spaces do not split).
+fn unique_words(from: usize, n: usize) -> String {
+    let mut s = String::with_capacity(n * 201);
+    for i in from..from + n {
+        let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.push((b'a' + (x % 26) as u8) as char);
+        }
+        s.push_str("<eos>");
+    }
+    s
+}
+
+/// Text that tokenizes fine, but whose every word is new: the tokenizer's word cache
+/// (10,000 entries of ~7 KB each for such words, per thread) once kept ~70 MB per
+/// thread for good after a few megabytes of it.
+#[tokio::test]
+async fn distinct_words_are_not_kept_after_the_request() {
+    let d = start();
+    let mut c = d.client().await.unwrap();
+    c.status().await.unwrap();
+    let rss0 = d.rss().unwrap();
+    let per = 400;
+    for k in 0..40 {
+        let r = pb::TokenizeRequest {
+            input: Some(pb::tokenize_request::Input::Text(unique_words(
+                k * per,
+                per,
+            ))),
+            add_special_tokens: false,
+        };
+        c.raw().tokenize(r).await.expect("tokenize");
+    }
+    let grew = d.rss().unwrap().saturating_sub(rss0);
+    eprintln!(
+        "16000 distinct words: RSS +{:.1} MiB",
+        grew as f64 / (1 << 20) as f64
+    );
+    assert!(
+        grew < 24 << 20,
+        "3.2 MB of distinct words left the daemon {grew} bytes larger"
+    );
+}

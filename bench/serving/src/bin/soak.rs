@@ -109,6 +109,25 @@ async fn raw_hangup(socket: &std::path::Path, rng: &mut Rng) -> Result<()> {
     Ok(())
 }
 
+/// Connects again after a dropped connection; a refusal (the per-user connection cap
+/// while the old one is still being released) is counted and retried.
+async fn reconnect(socket: &std::path::Path, t: &mut Tally) -> Result<Client> {
+    let mut tries = 0;
+    loop {
+        match Client::connect(socket).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tries < 50 => {
+                tries += 1;
+                *t.errors
+                    .entry(format!("reconnect {:?}", e.code()))
+                    .or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => bail!("reconnecting to {}: {e}", socket.display()),
+        }
+    }
+}
+
 async fn client_loop(
     socket: PathBuf,
     idx: usize,
@@ -183,7 +202,7 @@ async fn client_loop(
                 t.disconnected += 1;
                 // Drop the stream and the connection under it, then reconnect.
                 drop(s);
-                c = Client::connect(&socket).await?;
+                c = reconnect(&socket, &mut t).await?;
                 break;
             }
             match tokio::time::timeout(STALL, s.message()).await {
@@ -223,8 +242,13 @@ async fn main() -> Result<()> {
     let mut d = Daemon::builder()
         .model(&a.model)
         .config(format!(
-            "[model]\nthreads = {}\n[queue]\ndepth = {depth}\nper_peer = {depth}\n[log]\nlevel = \"warn\"\n",
-            a.threads
+            "[model]\nthreads = {}\n[queue]\ndepth = {depth}\nper_peer = {depth}\n\
+             per_peer_preparing = {depth}\n[server]\nmax_connections_per_uid = {conns}\n\
+             [log]\nlevel = \"warn\"\n",
+            a.threads,
+            // One user runs every client here: each holds a connection, and a dropped one
+            // may not be released yet when its client reconnects.
+            conns = depth * 4 + 16,
         ))
         .log_level("warn");
     if let Some(g) = &a.gemmad {
