@@ -13,6 +13,7 @@ mod derived;
 mod engine;
 mod error;
 mod kv_cache;
+pub mod matformer;
 mod memory;
 mod model;
 mod par;
