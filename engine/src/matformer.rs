@@ -281,12 +281,16 @@ fn parse_list(s: &str) -> Result<Vec<usize>, String> {
     Ok(out)
 }
 
-/// The official mix-n-match slices of Gemma 3n E4B (Google's `configs.csv`): each row is
-/// the name, the stated effective parameters, the skipped layers and the runs of FFN
-/// widths (in thousands of 1024) over the kept layers.
 /// Name, stated effective parameters (B), skipped layers, runs of (layers, width / 1024).
-type OfficialRow = (&'static str, f64, &'static [usize], &'static [(usize, usize)]);
+type OfficialRow = (
+    &'static str,
+    f64,
+    &'static [usize],
+    &'static [(usize, usize)],
+);
 
+/// The official mix-n-match slices of Gemma 3n E4B (Google's `configs.csv`), with the
+/// FFN widths of the kept layers as runs.
 const OFFICIAL_E4B: &[OfficialRow] = {
     const E2B_SKIP: &[usize] = &[20, 21, 22, 23, 24];
     &[
