@@ -128,12 +128,12 @@ impl SliceSpec {
                 ));
             };
             // The sliced model's own rule must pick the cache the full model reads.
-            if kept[src] != c.kv_source_layer(old) {
+            let want = c.kv_source_layer(old);
+            if kept[src] != want {
                 return Err(format!(
                     "makes layer {new} (layer {old} of the checkpoint) read the KV cache of \
-                     layer {} instead of layer {}",
-                    kept[src],
-                    c.kv_source_layer(old)
+                     layer {} instead of layer {want}",
+                    kept[src]
                 ));
             }
             kv_source.push(src);
