@@ -10,14 +10,24 @@ Writes (deterministically, seeded, single-threaded) into engine/tests/fixtures/:
   text/  tiny Gemma3nForCausalLM (save_pretrained layout, bf16 weights) + tokenizer + goldens
   full/  tiny Gemma3nForConditionalGeneration (text + MobileNetV5 + audio conformer), same
          text weights as text/, + tokenizer (chat_template.jinja form) + goldens
+  matformer/  tiny E4B-like Gemma3nForCausalLM (15 layers), slices.csv (Google's configs.csv
+         format), exported/<slice>/ checkpoints sliced from it (MatFormer Lab procedure,
+         slice_checkpoint()), goldens of the full model and of each exported slice
+
+    /work/fixture-venv/bin/python tools/make_fixtures.py --matformer-only
+
+rewrites only matformer/ (same bytes as a full run; text/ and full/ are not touched).
 
 All goldens are f32, computed from exactly the bf16-rounded weights that are stored on disk.
 See tools/README.md for the list of files and tensors.
 """
 
+import copy
+import csv
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import zlib
@@ -29,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors  # noqa: E402
 from tokenizers.models import BPE  # noqa: E402
 from tokenizers.trainers import BpeTrainer  # noqa: E402
@@ -651,8 +661,31 @@ def save_goldens(path: Path, tensors: dict):
     save_file(clean, str(path))
 
 
+def golden_input_ids():
+    """The 40 ids of text/ `input_ids` (also used by full/ and matformer/)."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    T = 40
+    ids = torch.randint(3, 480, (T,), generator=g)
+    ids[0] = 2
+    # ids >= vocab_size_per_layer_input (480): per-layer embedding falls back to row 0; in the
+    # multimodal model these are vision/audio "hard" tokens.
+    for pos, tid in [(7, 490), (15, 500), (23, 511), (33, 481), (37, 505)]:
+        ids[pos] = tid
+    ids[11] = 106
+    return ids
+
+
 def main():
     check_versions()
+    if "--matformer-only" in sys.argv[1:]:
+        # Rewrites only matformer/ (text/ and full/ untouched). Its output is identical to that
+        # of a full run: the matformer part has its own seeds and depends on text/ only through
+        # the tokenizer and the input ids, both rebuilt here deterministically.
+        print("tokenizer")
+        raw = build_tokenizer()
+        build_matformer(raw, golden_input_ids())
+        print("done")
+        return
     for d in (TEXT_DIR, FULL_DIR):
         if d.exists():
             shutil.rmtree(d)
@@ -694,15 +727,7 @@ def main():
     assert all(dt == "BF16" for _, dt in names.values())
     print(f"  {len(names)} tensors, {sum(np.prod(s) for s, _ in names.values())} params")
 
-    g = torch.Generator().manual_seed(SEED + 1)
-    T = 40
-    ids = torch.randint(3, 480, (T,), generator=g)
-    ids[0] = 2
-    # ids >= vocab_size_per_layer_input (480): per-layer embedding falls back to row 0; in the
-    # multimodal model these are vision/audio "hard" tokens.
-    for pos, tid in [(7, 490), (15, 500), (23, 511), (33, 481), (37, 505)]:
-        ids[pos] = tid
-    ids[11] = 106
+    ids = golden_input_ids()
     text_g = text_goldens(text_model, ids)
 
     # reload check: stored bf16 checkpoint -> f32 must reproduce the goldens bit-exactly
@@ -717,6 +742,9 @@ def main():
     print("full model")
     full_done = build_full(text_model, ids, text_g, hf_tok_full)
     print("full model multimodal goldens:", "yes" if full_done else "NO")
+
+    # ---------------- MatFormer (runs last, own seeds: cannot perturb text/ or full/) --------
+    build_matformer(raw, ids)
     print("done")
 
 
@@ -884,6 +912,323 @@ def synthetic_image():
     img[:, 48:, :48] = img[:, 48:, :48].flip(-1) * 0.5  # bottom-left quadrant: mirrored and darker
     img = img + 0.05 * torch.randn(img.shape, generator=g)
     return img.clamp(0, 1)[None].contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# MatFormer: a tiny E4B-like model, sub-models sliced from it (MatFormer Lab procedure), goldens
+# --------------------------------------------------------------------------------------------
+
+MATFORMER_DIR = OUT / "matformer"
+MF_SEED = SEED + 1000  # own seeds: the matformer part never touches text/ or full/ RNG streams
+MF_LAYERS = 15
+MF_LAYER_TYPES = (["sliding_attention"] * 4 + ["full_attention"]) * 3  # 4 sliding : 1 full, like E4B
+MF_FFN = 256
+MF_FFN_UNIT = 32  # slices.csv writes every width as `32 * n` (Google's file writes `2_048 * 4`)
+
+# (name, layers skipped (original indices), FFN width of each kept layer (new indices)).
+MATFORMER_SLICES = [
+    # Like the official E2B (E4B minus layers 20-24, every FFN at half): a block of 5 KV-shared
+    # layers skipped, so num_kv_shared_layers 10 -> 5 and the first shared layer stays 5.
+    ("e2b-like", [5, 6, 7, 8, 9], [128] * 10),
+    # Like Google's layer-level mixes: half width, full width at the full-attention layers.
+    ("layer-mix", [], [256 if i in (4, 9, 14) else 128 for i in range(MF_LAYERS)]),
+    # Skips a non-shared, activation-sparse layer (renumbers the KV sources: 3 -> 2, 4 -> 3, and
+    # the first shared layer 5 -> 4); widths that are neither half nor full, including the
+    # sparse layers (Gaussian top-k statistics over the sliced width).
+    ("skip-one", [1], [224, 96, 160, 256, 96, 224, 160, 256, 96, 160, 224, 96, 256, 160]),
+]
+SLICES_CSV_HEADER = ["name", "# Layers", "# Effective Params (B)", "MMLU PT accuracy", "FFN Hidden Dims", "Layers Skipped"]
+
+
+def matformer_config_kwargs():
+    kw = tiny_text_config_kwargs()
+    kw.update(
+        num_hidden_layers=MF_LAYERS,
+        intermediate_size=[MF_FFN] * MF_LAYERS,
+        layer_types=list(MF_LAYER_TYPES),
+        num_kv_shared_layers=10,
+        activation_sparsity_pattern=[0.95] * 4 + [0.0] * (MF_LAYERS - 4),
+    )
+    return kw
+
+
+def kv_sources(cfg):
+    """HF's KV-sharing rule: layer l >= first_shared reads the cache of the last layer before
+    first_shared with the same layer type; every other layer reads its own."""
+    first = cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    src = []
+    for l, ty in enumerate(cfg.layer_types):
+        src.append(l if l < first else max(i for i in range(first) if cfg.layer_types[i] == ty))
+    return src
+
+
+def kv_kinds(model):
+    return [
+        ("reuse" if l.self_attn.is_kv_shared_layer else "store" if l.self_attn.store_full_length_kv else "none")
+        for l in model.model.layers
+    ]
+
+
+LAYER_RE = re.compile(r"^(model\.(?:language_model\.)?layers\.)(\d+)\.(.+)$")
+
+
+def slice_checkpoint(state_dict, config, layers_skipped, ffn_hidden_dims):
+    """MatFormer Lab slicing (docs/gemma3n-architecture.md §4.1) of a Gemma 3n text checkpoint.
+
+    state_dict: tensor name -> tensor (`model.*` or `model.language_model.*` names); config: the
+    Gemma3nTextConfig it belongs to; layers_skipped: original layer indices to drop;
+    ffn_hidden_dims: FFN width of each kept layer, in new-index order. Returns (state_dict, config)
+    of the sliced model: kept layers renumbered consecutively and keeping the first k FFN neurons
+    (gate/up rows, down columns), the kept layers' blocks of embed_tokens_per_layer (columns) and
+    per_layer_model_projection (rows), everything else unchanged. Config: num_hidden_layers,
+    intermediate_size, layer_types (filtered by the kept layers, unlike the notebook),
+    activation_sparsity_pattern (filtered) and num_kv_shared_layers (minus the skipped shared
+    layers) replaced.
+    """
+    L = config.num_hidden_layers
+    P = config.hidden_size_per_layer_input
+    skip = sorted(set(int(l) for l in layers_skipped))
+    assert len(skip) == len(layers_skipped) and all(0 <= l < L for l in skip), layers_skipped
+    kept = [i for i in range(L) if i not in skip]
+    assert len(ffn_hidden_dims) == len(kept), (len(ffn_hidden_dims), len(kept))
+    for new, old in enumerate(kept):
+        assert 0 < ffn_hidden_dims[new] <= config.intermediate_size[old], (new, old, ffn_hidden_dims[new])
+    first_shared = L - config.num_kv_shared_layers
+    old_src = kv_sources(config)
+    # The notebook reserves layers first_shared-2 / -1 (E4B's KV sources 18, 19); in general: no
+    # kept layer may read the cache of a skipped one.
+    assert not any(old_src[l] in skip for l in kept), "a kept KV-shared layer would read a skipped layer's cache"
+    if config.num_kv_shared_layers:
+        assert first_shared - 2 not in skip and first_shared - 1 not in skip
+
+    new_of = {old: new for new, old in enumerate(kept)}
+    out = {}
+    for name, t in state_dict.items():
+        m = LAYER_RE.match(name)
+        if m:
+            old = int(m.group(2))
+            if old in skip:
+                continue
+            new, rest = new_of[old], m.group(3)
+            k = ffn_hidden_dims[new]
+            if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                t = t[:k, :]
+            elif rest == "mlp.down_proj.weight":
+                t = t[:, :k]
+            name = f"{m.group(1)}{new}.{rest}"
+        elif name.endswith("embed_tokens_per_layer.weight"):  # [V, L*P] -> kept column blocks
+            t = t.reshape(t.shape[0], L, P)[:, kept, :].reshape(t.shape[0], len(kept) * P)
+        elif name.endswith("per_layer_model_projection.weight"):  # [L*P, H] -> kept row blocks
+            t = t.reshape(L, P, t.shape[1])[kept].reshape(len(kept) * P, t.shape[1])
+        assert name not in out, name
+        out[name] = t.contiguous().clone()
+
+    d = config.to_dict()
+    d.update(
+        num_hidden_layers=len(kept),
+        intermediate_size=[int(k) for k in ffn_hidden_dims],
+        layer_types=[config.layer_types[i] for i in kept],
+        activation_sparsity_pattern=[config.activation_sparsity_pattern[i] for i in kept],
+        num_kv_shared_layers=config.num_kv_shared_layers - sum(1 for l in skip if l >= first_shared),
+    )
+    new_cfg = Gemma3nTextConfig.from_dict(d)
+    # The sliced model's KV sharing must read the same caches as the full model did.
+    new_src = kv_sources(new_cfg)
+    assert new_cfg.num_hidden_layers - new_cfg.num_kv_shared_layers == first_shared - sum(1 for l in skip if l < first_shared)
+    assert [kept[s] for s in new_src] == [old_src[o] for o in kept], (new_src, kept)
+    return out, new_cfg
+
+
+def ffn_expr_list(widths):
+    assert all(w % MF_FFN_UNIT == 0 for w in widths), widths
+    return "[" + ", ".join(f"{MF_FFN_UNIT} * {w // MF_FFN_UNIT}" for w in widths) + "]"
+
+
+def parse_csv_list(s):
+    s = s.strip()
+    assert s.startswith("[") and s.endswith("]"), s
+    inner = s[1:-1].strip()
+    return [math.prod(int(f.strip().replace("_", "")) for f in item.split("*")) for item in inner.split(",")] if inner else []
+
+
+def effective_params(st_names):
+    """Parameters of the stored text checkpoint without embed_tokens and embed_tokens_per_layer
+    (as in Google's "effective" counts), in billions."""
+    n = sum(int(np.prod(s)) for k, (s, _) in st_names.items() if not k.endswith(("embed_tokens.weight", "embed_tokens_per_layer.weight")))
+    return n / 1e9
+
+
+def prefill_and_decode(model, ids, P=30, K=10):
+    """Returns prefill logits [T, V], decode logits [K, V] (prefill ids[:P], then one id at a time)
+    and accuracy figures: decode vs prefill, and both vs the same weights run in f64."""
+    with torch.no_grad():
+        prefill = model(input_ids=ids[None], use_cache=True).logits[0].clone()
+        out = model(input_ids=ids[None, :P], use_cache=True)
+        assert maxdiff(out.logits[0], prefill[:P]) <= 1e-4
+        cache = out.cache
+        steps = []
+        for i in range(K):
+            out = model(input_ids=ids[None, P + i : P + i + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits[0, -1])
+        # Reference accuracy: the same weights in f64.
+        m64 = copy.deepcopy(model).double()
+        ref = m64(input_ids=ids[None], use_cache=True).logits[0]
+        del m64
+    dec = torch.stack(steps).clone()
+    stats = {
+        "decode_vs_prefill": maxdiff(dec, prefill[P : P + K]),
+        "prefill_vs_f64": maxdiff(prefill.double(), ref),
+        "decode_vs_f64": maxdiff(dec.double(), ref[P : P + K]),
+        "std": prefill.std().item(),
+        "amax": prefill.abs().max().item(),
+    }
+    assert stats["decode_vs_prefill"] <= 1e-4 and stats["prefill_vs_f64"] <= 1e-4 and stats["decode_vs_f64"] <= 1e-4, stats
+    assert 0.5 < stats["std"] < 3.0 and stats["amax"] < 20.0, ("logits saturated by softcap or degenerate", stats)
+    return prefill, dec, stats
+
+
+def fmt_stats(s):
+    return (
+        f"logits std {s['std']:.3f}, max|.| {s['amax']:.3f}; decode vs prefill {s['decode_vs_prefill']:.2e}; "
+        f"f32 vs f64: prefill {s['prefill_vs_f64']:.2e}, decode {s['decode_vs_f64']:.2e}"
+    )
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+
+
+def load_exported(path: Path):
+    model, info = Gemma3nForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, (path.name, bad)
+    return model.eval()
+
+
+def build_matformer(raw_tok, ids):
+    print("matformer")
+    if MATFORMER_DIR.exists():
+        shutil.rmtree(MATFORMER_DIR)
+    MATFORMER_DIR.mkdir(parents=True)
+    save_tokenizer(raw_tok, MATFORMER_DIR, template_inline=True)
+    verify_tokenizer(MATFORMER_DIR)
+
+    cfg = Gemma3nTextConfig(**matformer_config_kwargs())
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(MF_SEED)
+    big = Gemma3nForCausalLM(cfg).eval()
+    big.config._attn_implementation = "eager"
+    randomize_(big, MF_SEED)
+    # Attention temperature. Gemma 3n scales q.k by 1 (q and k are RMS-normed); with q_norm and
+    # k_norm both ~U(0.5, 1.5) the attention logits have std ~6 and the 15-layer model amplifies
+    # f32 rounding ~60x (HF's own f32 logits were 1e-4 off its f64 ones, decode vs prefill 1.3e-4).
+    # Halving both (exact in bf16) gives softer attention and ~1e-5, as for text/.
+    with torch.no_grad():
+        for n, p in big.named_parameters():
+            if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+                p.mul_(0.5)
+    assert big.lm_head.weight is big.model.embed_tokens.weight
+    assert_bf16_exact(big)
+    kinds = kv_kinds(big)
+    print("  kv sharing:", kinds)
+    # First shared layer 15 - 10 = 5; sources: layer 3 (last sliding before 5), layer 4 (full).
+    assert kinds == ["none"] * 3 + ["store", "store"] + ["reuse"] * 10, kinds
+    assert kv_sources(cfg) == [0, 1, 2, 3, 4] + [4 if t == "full_attention" else 3 for t in MF_LAYER_TYPES[5:]]
+    save_bf16(big, MATFORMER_DIR)
+    make_generation_config().save_pretrained(str(MATFORMER_DIR))  # after save_pretrained, which writes its own
+    names = safetensors_names(MATFORMER_DIR / "model.safetensors")
+    assert all(dt == "BF16" for _, dt in names.values())
+    print(f"  {len(names)} tensors, {sum(np.prod(s) for s, _ in names.values())} params")
+    for f in TOKENIZER_FILES:  # same tokenizer / generation config as text/
+        assert (MATFORMER_DIR / f).read_bytes() == (TEXT_DIR / f).read_bytes() or not (TEXT_DIR / f).exists(), f
+
+    text_gold = TEXT_DIR / "goldens.safetensors"
+    if text_gold.exists():
+        assert torch.equal(load_file(str(text_gold))["input_ids"], ids), "input_ids differ from text/"
+    gold = {"input_ids": ids.clone()}
+    full_pre, full_dec, st = prefill_and_decode(big, ids)
+    print(f"  full: {fmt_stats(st)}")
+    reloaded = load_exported(MATFORMER_DIR)
+    with torch.no_grad():
+        rl = reloaded(input_ids=ids[None], use_cache=True).logits[0]
+    assert torch.equal(rl, full_pre), maxdiff(rl, full_pre)
+    del reloaded
+    gold["full_prefill_logits"] = full_pre
+    gold["full_decode_logits"] = full_dec
+    gold["decode_prompt_len"] = torch.tensor([30], dtype=torch.int64)
+
+    big_sd = big.state_dict()
+    big_cfg_json = json.loads((MATFORMER_DIR / "config.json").read_text())
+    changed = {"num_hidden_layers", "intermediate_size", "layer_types", "activation_sparsity_pattern", "num_kv_shared_layers"}
+    rows = []
+    for name, skip, widths in MATFORMER_SLICES:
+        sd, scfg = slice_checkpoint(big_sd, cfg, skip, widths)
+        out_dir = MATFORMER_DIR / "exported" / name
+        out_dir.mkdir(parents=True)
+        scfg._attn_implementation = "eager"
+        m = Gemma3nForCausalLM(scfg).eval()
+        m.load_state_dict(sd, strict=True)
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+        save_bf16(m, out_dir)
+        for f in TOKENIZER_FILES:
+            shutil.copyfile(MATFORMER_DIR / f, out_dir / f)
+        del m
+        # The stored tensors are exactly the sliced ones (names, shapes, bf16 values); the config
+        # differs from the full one only in the five sliced fields.
+        st = load_file(str(out_dir / "model.safetensors"))
+        assert set(st) == set(sd) - {"lm_head.weight"}, set(st) ^ (set(sd) - {"lm_head.weight"})
+        for k, v in st.items():
+            assert v.dtype == torch.bfloat16 and torch.equal(v.float(), sd[k]), k
+        ecfg = json.loads((out_dir / "config.json").read_text())
+        assert {k: v for k, v in ecfg.items() if k not in changed} == {k: v for k, v in big_cfg_json.items() if k not in changed}
+        assert ecfg["layer_types"] == [MF_LAYER_TYPES[i] for i in range(MF_LAYERS) if i not in skip]
+
+        model = load_exported(out_dir)
+        kinds = kv_kinds(model)
+        # Independent check of the PLE slicing: what new layer j receives equals what the full
+        # model's layer kept[j] receives (embed_tokens_per_layer column blocks and
+        # per_layer_model_projection row blocks taken from the right layers).
+        kept = [i for i in range(MF_LAYERS) if i not in skip]
+        with torch.no_grad():
+            pli = {}
+            for key_, mm in (("full", big), ("slice", model)):
+                emb = mm.model.embed_tokens(ids[None])
+                pli[key_] = mm.model.project_per_layer_inputs(emb, mm.model.get_per_layer_inputs(ids[None]))[0]
+        assert pli["slice"].shape[1] == len(kept) and maxdiff(pli["slice"], pli["full"][:, kept]) < 1e-6
+        first = model.config.num_hidden_layers - model.config.num_kv_shared_layers
+        pre, dec, st = prefill_and_decode(model, ids)
+        diff = maxdiff(pre, full_pre)
+        mean = (pre - full_pre).abs().mean().item()
+        print(
+            f"  {name}: {model.config.num_hidden_layers} layers, skip {skip}, ffn {widths}, kv shared "
+            f"{model.config.num_kv_shared_layers} (first {first}, stores at {[i for i, k in enumerate(kinds) if k == 'store']})\n"
+            f"    {fmt_stats(st)}; vs full: max {diff:.3f}, mean {mean:.3f}"
+        )
+        assert diff > 1e-2 and mean > 1e-3, (name, diff, mean)
+        key = name.replace("-", "_")
+        gold[f"{key}_prefill_logits"] = pre
+        gold[f"{key}_decode_logits"] = dec
+        del model
+        eff = effective_params(safetensors_names(out_dir / "model.safetensors"))
+        rows.append([name, str(len(widths)), f"{eff:.6f}", "-", ffn_expr_list(widths), "[" + ", ".join(map(str, skip)) + "]"])
+
+    with open(MATFORMER_DIR / "slices.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(SLICES_CSV_HEADER)
+        w.writerows(rows)
+    # Round trip: the file reads back as the slices above.
+    with open(MATFORMER_DIR / "slices.csv", encoding="utf-8", newline="") as f:
+        back = list(csv.reader(f))
+    assert back[0] == SLICES_CSV_HEADER
+    for (name, skip, widths), r in zip(MATFORMER_SLICES, back[1:], strict=True):
+        assert r[0] == name and int(r[1]) == MF_LAYERS - len(skip), r
+        assert parse_csv_list(r[4]) == widths and parse_csv_list(r[5]) == skip, r
+
+    save_goldens(MATFORMER_DIR / "goldens.safetensors", gold)
+    size = sum(p.stat().st_size for p in MATFORMER_DIR.rglob("*") if p.is_file())
+    print(f"  matformer/: {size / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":

@@ -290,6 +290,19 @@ impl Client {
             .slices)
     }
 
+    /// Makes `name` the active slice (`force`: also the running generation's, which
+    /// re-prefills); returns the slice active afterwards.
+    pub async fn set_slice(&mut self, name: &str, force: bool) -> Result<pb::Slice, ClientError> {
+        let r = self
+            .rpc
+            .set_slice(pb::SetSliceRequest {
+                name: name.to_string(),
+                force,
+            })
+            .await?;
+        Ok(r.into_inner().slice.unwrap_or_default())
+    }
+
     pub async fn load_modality(&mut self, m: pb::Modality) -> Result<pb::Tower, ClientError> {
         let r = self
             .rpc

@@ -47,6 +47,13 @@ pub struct ModelSection {
     /// Repack quantized matrices for the fast kernels (false: ggml's row layout, for
     /// comparisons). `--pack`/GEMMAD_PACK override.
     pub pack: bool,
+    /// MatFormer slicing file (Google's configs.csv format) whose slices are offered
+    /// besides `full` and, for E4B-shaped checkpoints, the official table.
+    /// `--matformer-config` overrides.
+    pub matformer_config: Option<PathBuf>,
+    /// The slice to serve from the start ("" = `full`, the whole checkpoint). `--slice`
+    /// overrides.
+    pub slice: String,
 }
 
 impl Default for ModelSection {
@@ -60,6 +67,8 @@ impl Default for ModelSection {
             ple: String::new(),
             isa: String::new(),
             pack: true,
+            matformer_config: None,
+            slice: String::new(),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod core;
+pub mod export;
 pub mod grpc;
 pub mod oneshot;
 pub mod serve;

@@ -1,9 +1,9 @@
 //! `gemmad`: the Gemma 3n service binary. `gemmad serve` runs the service (gRPC on a Unix
 //! socket); `generate` and `logits` are one-shot tools that run the engine in-process on a
-//! checkpoint folder.
+//! checkpoint folder, and `export-slice` writes a MatFormer slice as a checkpoint.
 
 use clap::{Parser, Subcommand};
-use gemmad::{oneshot, serve};
+use gemmad::{export, oneshot, serve};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +30,8 @@ enum Command {
     Logits(oneshot::LogitsArgs),
     /// Build the PLE cache file of a checkpoint (with a progress bar).
     PleCache(oneshot::PleCacheArgs),
+    /// Write one MatFormer slice of a checkpoint as a checkpoint of its own.
+    ExportSlice(export::ExportSliceArgs),
 }
 
 fn init_oneshot_logging(level: Option<&str>) {
@@ -56,6 +58,10 @@ fn main() -> std::process::ExitCode {
         Command::PleCache(a) => {
             init_oneshot_logging(cli.log.as_deref());
             oneshot::ple_cache(a)
+        }
+        Command::ExportSlice(a) => {
+            init_oneshot_logging(cli.log.as_deref());
+            export::export_slice(a)
         }
     };
     match r {

@@ -34,6 +34,13 @@ pub struct ModelArgs {
     /// Repack quantized matrices for the fast kernels; 0 keeps the row layout.
     #[arg(long, env = "GEMMAD_PACK", default_value_t = 1, value_name = "0|1")]
     pub pack: u8,
+    /// MatFormer slicing file (Google's configs.csv format): its slices are offered
+    /// besides the whole checkpoint and, for E4B-shaped checkpoints, the official table.
+    #[arg(long, value_name = "FILE")]
+    pub matformer_config: Option<PathBuf>,
+    /// The MatFormer slice to run (default: the whole checkpoint, `full`).
+    #[arg(long, value_name = "NAME")]
+    pub slice: Option<String>,
 }
 
 impl ModelArgs {
@@ -47,6 +54,8 @@ impl ModelArgs {
                 cache_dir: self.cache_dir.clone(),
                 isa: self.isa,
                 pack: self.pack != 0,
+                matformer_config: self.matformer_config.clone(),
+                slice: self.slice.clone(),
                 ..Default::default()
             },
         )
@@ -119,6 +128,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         },
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
+        slice: None,
         ignore_eos: a.ignore_eos,
         cancel: None,
     };

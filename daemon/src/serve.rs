@@ -42,6 +42,12 @@ pub struct ServeArgs {
     /// the row layout.
     #[arg(long, env = "GEMMAD_PACK", value_name = "0|1")]
     pub pack: Option<u8>,
+    /// MatFormer slicing file, configs.csv format (overrides [model].matformer_config).
+    #[arg(long, value_name = "FILE")]
+    pub matformer_config: Option<PathBuf>,
+    /// MatFormer slice to serve from the start (overrides [model].slice).
+    #[arg(long, value_name = "NAME")]
+    pub slice: Option<String>,
 }
 
 type LogHandle = reload::Handle<EnvFilter, Registry>;
@@ -75,6 +81,8 @@ struct Overrides {
     socket: Option<PathBuf>,
     isa: Option<gemmad_engine::IsaChoice>,
     pack: Option<u8>,
+    matformer_config: Option<PathBuf>,
+    slice: Option<String>,
 }
 
 impl Overrides {
@@ -91,6 +99,12 @@ impl Overrides {
         if let Some(p) = self.pack {
             cfg.model.pack = p != 0;
         }
+        if let Some(f) = &self.matformer_config {
+            cfg.model.matformer_config = Some(f.clone());
+        }
+        if let Some(s) = &self.slice {
+            cfg.model.slice = s.clone();
+        }
     }
 }
 
@@ -106,6 +120,8 @@ pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
         socket: args.socket.clone(),
         isa: args.isa,
         pack: args.pack,
+        matformer_config: args.matformer_config.clone(),
+        slice: args.slice.clone(),
     };
     overrides.apply(&mut cfg);
     let level = log_override
@@ -236,6 +252,8 @@ async fn serve(
         ple: cfg.model.ple_mode()?,
         isa: cfg.model.isa()?,
         pack: cfg.model.pack,
+        matformer_config: cfg.model.matformer_config.clone(),
+        slice: (!cfg.model.slice.is_empty()).then(|| cfg.model.slice.clone()),
         ..Default::default()
     };
     let (q, sd, d) = (queue.clone(), shutting_down.clone(), dir.clone());
@@ -501,6 +519,7 @@ fn reload(
         || new.model.ple != cfg.model.ple
         || new.model.isa != cfg.model.isa
         || new.model.pack != cfg.model.pack
+        || new.model.matformer_config != cfg.model.matformer_config
         || new.log.format != cfg.log.format
     {
         tracing::warn!("[server], [model] and log.format changes take effect at the next start");

@@ -19,6 +19,7 @@ mod generation;
 mod loading;
 mod prompt;
 mod request;
+mod slices;
 mod text_stream;
 
 pub use control::{Control, EngineState, TowerState, FULL_SLICE};
@@ -30,6 +31,7 @@ pub use request::{
     ChatMessage, ContentPart, FinishReason, GenerateOutput, GenerateRequest, Prompt, Timings,
     TokenEvent, Usage,
 };
+pub use slices::SliceInfo;
 
 /// How to load a checkpoint.
 #[derive(Clone, Debug)]
@@ -68,6 +70,11 @@ pub struct LoadOptions {
     /// Repack quantized matrices 16 rows at a time for the fast kernels (default); `false`
     /// keeps ggml's row layout, for comparisons.
     pub pack: bool,
+    /// A MatFormer slicing file (Google's `configs.csv` format) whose rows are offered
+    /// besides the whole checkpoint and, for E4B-shaped checkpoints, the official table.
+    pub matformer_config: Option<PathBuf>,
+    /// The slice to run from the start (default: the whole checkpoint).
+    pub slice: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -85,6 +92,8 @@ impl Default for LoadOptions {
             prefill_chunk: 0,
             isa: Default::default(),
             pack: true,
+            matformer_config: None,
+            slice: None,
         }
     }
 }
@@ -109,6 +118,11 @@ pub struct Engine {
     /// The generation in flight, by its number; `None` between requests.
     active: Option<u64>,
     next_generation: u64,
+    /// The MatFormer slices on offer, and the one requests run by default.
+    slices: Vec<slices::Offered>,
+    slice: Arc<crate::matformer::SlicePlan>,
+    /// A forced slice switch happened mid-generation: its next step re-prefills.
+    reprefill: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -142,6 +156,20 @@ impl Engine {
             .max(1);
         let pool = new_pool(threads)?;
         let cache = model.new_cache(max_context);
+        let offered = slices::catalogue(&model, &cfg.path, opts.matformer_config.as_deref())?;
+        let slice = match opts.slice.as_deref() {
+            None | Some("") | Some("auto") => offered[0].plan.clone(),
+            Some(name) => match offered.iter().find(|o| o.spec.name == name) {
+                Some(o) => o.plan.clone(),
+                None => {
+                    let names: Vec<&str> = offered.iter().map(|o| o.spec.name.as_str()).collect();
+                    return Err(EngineError::InvalidRequest(format!(
+                        "`{name}` is not a slice of this model; it offers: {}",
+                        names.join(", ")
+                    )));
+                }
+            },
+        };
         tracing::info!(
             dir = %dir.display(),
             layout = ?cfg.layout,
@@ -170,6 +198,15 @@ impl Engine {
             mem,
             active: None,
             next_generation: 0,
+            slices: offered,
+            slice,
+            reprefill: false,
+        })
+        .inspect(|e: &Engine| {
+            if e.slice.name != crate::matformer::FULL {
+                tracing::info!(slice = %e.slice.name, layers = e.slice.kept.len(), "running a MatFormer slice");
+                e.release_unused_async();
+            }
         })
     }
 
@@ -232,12 +269,12 @@ impl Engine {
         self.active = None;
         self.cache.clear();
         let chunk = self.prefill_chunk;
-        let (model, cache) = (&self.model, &mut self.cache);
+        let (model, cache, slice) = (&self.model, &mut self.cache, &*self.slice);
         let r = crate::par::install(&self.pool, || {
             let mut all = Vec::with_capacity(ids.len() * model.cfg.vocab_size);
             let mut part = Vec::new();
             for c in ids.chunks(chunk) {
-                model.forward_into(c, cache, LogitsFor::All, &mut part)?;
+                model.forward_slice_into(c, cache, LogitsFor::All, &mut part, slice)?;
                 all.extend_from_slice(&part);
             }
             Ok(all)

@@ -48,6 +48,13 @@ pub enum EngineError {
     /// A long operation (e.g. building the PLE cache) was interrupted by its caller.
     #[error("{0} was cancelled")]
     Cancelled(&'static str),
+    /// A MatFormer slice that is not offered or does not fit the checkpoint; `path` is
+    /// the slicing file or the checkpoint's `config.json`.
+    #[error("{path}: MatFormer slice: {reason}")]
+    Slice { path: PathBuf, reason: String },
+    /// An export's destination cannot be used (it exists and is not empty, ...).
+    #[error("{path}: {reason}")]
+    Export { path: PathBuf, reason: String },
     /// A request needs a modality (vision/audio) that cannot serve it now; the message says
     /// why and what to do.
     #[error("{0}")]

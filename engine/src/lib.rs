@@ -21,6 +21,7 @@ mod ple_cache;
 mod quant;
 mod residency;
 mod sampling;
+pub mod slice_export;
 mod tokenizer;
 mod towers;
 mod weights;
@@ -31,8 +32,8 @@ pub mod internals;
 pub use config::{LayerType, Layout, ModelConfig, TextConfig};
 pub use engine::{
     ChatMessage, ContentPart, Control, Engine, EngineState, FinishReason, GenerateOutput,
-    GenerateRequest, Generation, LoadOptions, PleMode, PreparedPrompt, Prompt, Prompter, Step,
-    Timings, TokenEvent, TowerState, Usage, DEFAULT_PLE_HOT_BYTES, FULL_SLICE, MAX_THREADS,
+    GenerateRequest, Generation, LoadOptions, PleMode, PreparedPrompt, Prompt, Prompter, SliceInfo,
+    Step, Timings, TokenEvent, TowerState, Usage, DEFAULT_PLE_HOT_BYTES, FULL_SLICE, MAX_THREADS,
 };
 pub use error::{EngineError, Result};
 pub use memory::{MemoryReport, Part, PartMemory};

@@ -505,6 +505,79 @@ impl Matrix {
         });
     }
 
+    /// The file mapping the storage lies in and the byte offset of element 0, when the
+    /// storage is mapped (checkpoint pages or the quantized-weights cache).
+    fn mapped_base(&self) -> Option<(&Arc<Mmap>, usize)> {
+        let r = match &self.data {
+            Data::F32(s) => s.mapped_range(),
+            Data::Bf16(s) | Data::F16(s) => s.mapped_range(),
+            Data::Q8_0(s) => s.mapped_range(),
+            Data::Q4_0(s) => s.mapped_range(),
+            Data::Q4K(s) => s.mapped_range(),
+            Data::Packed(_, s) => s.mapped_range(),
+        };
+        r.map(|(m, o, _)| (m, o))
+    }
+
+    /// Applies `advice` to the whole pages of the storage outside the `[..rows, ..cols]`
+    /// prefix (a MatFormer slice's view), when the storage is a file mapping: what a
+    /// smaller slice no longer reads. Owned storage is left alone (dropping anonymous
+    /// pages would lose them). Row tails are one range; column tails are one range per
+    /// row, or per 16-row group in the packed layout, where a group's blocks for the
+    /// dropped columns are contiguous (E4B Q4_0 `down_proj` at half width: 72 KiB per
+    /// group, against 4.5 KiB per row in ggml's row layout).
+    pub(crate) fn advise_outside(
+        &self,
+        rows: usize,
+        cols: usize,
+        advice: crate::residency::Advice,
+    ) {
+        let Some((map, base)) = self.mapped_base() else {
+            return;
+        };
+        let (rows, cols) = (rows.min(self.rows), cols.min(self.cols));
+        let bs = self.data.block();
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        match &self.data {
+            Data::Packed(q, _) => {
+                let Some(gbb) = packed::group_block_bytes(*q) else {
+                    return;
+                };
+                let nbs = self.stride / bs;
+                let group = nbs * gbb;
+                let (all, kept) = (
+                    self.rows.div_ceil(packed::ROWS),
+                    rows.div_ceil(packed::ROWS),
+                );
+                let b0 = cols.div_ceil(bs);
+                if b0 < nbs {
+                    ranges
+                        .extend((0..kept).map(|g| (base + g * group + b0 * gbb, (nbs - b0) * gbb)));
+                }
+                if kept < all {
+                    ranges.push((base + kept * group, (all - kept) * group));
+                }
+            }
+            _ => {
+                let bb = self.data.block_bytes();
+                let rb = self.stride / bs * bb;
+                let keep = cols.div_ceil(bs) * bb;
+                if keep < rb {
+                    ranges.extend((0..rows).map(|r| (base + r * rb + keep, rb - keep)));
+                }
+                if rows < self.rows {
+                    ranges.push((base + rows * rb, (self.rows - rows) * rb));
+                }
+            }
+        }
+        for (off, len) in ranges {
+            let (s, l) = crate::residency::page_span(off, len, map.len(), true);
+            if l > 0 {
+                crate::residency::advise(map, s, l, advice);
+            }
+        }
+    }
+
     /// Elements per storage block (1 for plain floats).
     pub fn block_size(&self) -> usize {
         self.data.block()

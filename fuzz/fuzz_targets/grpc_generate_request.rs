@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let limits = LimitsSection::default();
-    if let Ok(p) = validate::prepare(params, prompter(), &limits) {
+    if let Ok(p) = validate::prepare(params, prompter(), &limits, &["full".to_string()]) {
         assert!(p.request.max_tokens >= 1 && p.request.max_tokens <= limits.max_tokens);
     }
 });

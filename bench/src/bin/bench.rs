@@ -74,6 +74,21 @@ struct Args {
     /// 0: keep ggml's row layout instead of packing quantized matrices (for comparisons).
     #[arg(long, env = "GEMMAD_PACK", default_value_t = 1)]
     pack: u8,
+    /// MatFormer slicing file (configs.csv format) offered besides `full` and, for
+    /// E4B-shaped checkpoints, the official table.
+    #[arg(long, value_name = "FILE")]
+    matformer_config: Option<PathBuf>,
+    /// MatFormer slice to measure (default: the whole checkpoint).
+    #[arg(long, value_name = "NAME")]
+    slice: Option<String>,
+    /// Load on this slice, run it, then switch to --slice (between requests) and measure
+    /// RSS before and after: what switching down gives back.
+    #[arg(long, value_name = "NAME")]
+    switch_from: Option<String>,
+    /// Time this many switches between --slice and --switch-from (or `full`), each
+    /// between requests, and one forced switch in the middle of a generation.
+    #[arg(long, default_value_t = 0)]
+    switches: usize,
     /// Internal: run only the bandwidth probe and print its JSON (used as a child process
     /// so that its buffer does not count in the benchmark's peak RSS).
     #[arg(long, hide = true)]
@@ -351,6 +366,8 @@ fn load(dir: &Path, a: &Args, max_context: usize) -> Result<(Engine, f64)> {
             ple: a.ple,
             isa: a.isa,
             pack: a.pack != 0,
+            matformer_config: a.matformer_config.clone(),
+            slice: a.switch_from.clone().or_else(|| a.slice.clone()),
             ..LoadOptions::default()
         },
     )
@@ -408,7 +425,11 @@ fn main() -> Result<()> {
     };
     let mem_after_load = procfs::mem_status()?;
     let huge_after_load = procfs::huge_pages().unwrap_or_default();
-    let decode_weight_bytes = engine.text_model().decode_weight_bytes();
+    let switch_down = match &a.switch_from {
+        Some(from) => Some(switch_down(&mut engine, &a, from)?),
+        None => None,
+    };
+    let decode_weight_bytes = engine.decode_weight_bytes();
 
     // Warm-up: a short forward pass (thread pool, allocations) and a sanity check that the
     // weights produce finite logits.
@@ -465,6 +486,11 @@ fn main() -> Result<()> {
         let g = run_generation(&mut engine, ids, a.ctx_gen + 1, None)?;
         ctx_rows.push((c, g));
     }
+    let switching = if a.switches > 0 {
+        Some(switch_latency(&mut engine, &a)?)
+    } else {
+        None
+    };
     let mem_end = procfs::mem_status()?;
     let run = run_start.until(&CpuSnapshot::now()?);
 
@@ -473,6 +499,26 @@ fn main() -> Result<()> {
     let mut table = String::new();
     let mut line = |k: &str, v: String| table.push_str(&format!("{k:<34} {v}\n"));
     line("model", dir.display().to_string());
+    line(
+        "MatFormer slice",
+        format!(
+            "{} ({} parameters without embeddings)",
+            engine.active_slice(),
+            engine.state().slice_params
+        ),
+    );
+    if let Some(sd) = &switch_down {
+        line(
+            "switched down",
+            sd["summary"].as_str().unwrap_or("").to_string(),
+        );
+    }
+    if let Some(sw) = &switching {
+        line(
+            "slice switches",
+            sw["summary"].as_str().unwrap_or("").to_string(),
+        );
+    }
     line(
         "quant / threads",
         format!("{} / {} (machine: {ncpu} CPUs)", a.quant, a.threads),
@@ -635,6 +681,10 @@ fn main() -> Result<()> {
 
     let report = json!({
         "model": dir.display().to_string(),
+        "slice": engine.active_slice(),
+        "slice_params": engine.state().slice_params,
+        "switch_down": switch_down,
+        "switching": switching,
         "quant": a.quant.as_str(),
         "ple": format!("{:?}", a.ple).to_lowercase(),
         "threads": a.threads,
@@ -714,4 +764,119 @@ fn main() -> Result<()> {
         std::fs::write(p, format!("{js}\n")).with_context(|| format!("write {}", p.display()))?;
     }
     Ok(())
+}
+
+/// RSS (whole process, anonymous + file) once the page-release thread has finished:
+/// sampled until two readings 100 ms apart agree within 1 MiB (at most 10 s).
+fn settled_rss() -> Result<procfs::MemStatus> {
+    let mut last = procfs::mem_status()?;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = procfs::mem_status()?;
+        if now.vm_rss.abs_diff(last.vm_rss) < 1 << 20 {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// Runs the slice loaded (`from`) so its weights are resident, switches to `--slice`
+/// between requests and reports RSS before and after.
+fn switch_down(engine: &mut Engine, a: &Args, from: &str) -> Result<Value> {
+    let to = a.slice.clone().unwrap_or_else(|| "full".into());
+    eprintln!("[bench] running {from}, then switching to {to}");
+    run_generation(engine, random_prompt(64, a.seed, 7), 8, None)?;
+    let before = settled_rss()?;
+    let t = Instant::now();
+    engine.control(&gemmad_engine::Control::SetSlice {
+        name: to.clone(),
+        force: false,
+    })?;
+    let switch_s = t.elapsed().as_secs_f64();
+    let after = settled_rss()?;
+    let summary = format!(
+        "{from} -> {to} in {:.2} ms; RSS {:.2} -> {:.2} GiB (anon {:.2}, file {:.2} -> {:.2})",
+        switch_s * 1e3,
+        gib(before.vm_rss),
+        gib(after.vm_rss),
+        gib(after.rss_anon),
+        gib(before.rss_file),
+        gib(after.rss_file)
+    );
+    Ok(json!({
+        "from": from, "to": to, "switch_s": switch_s,
+        "rss_before_bytes": before.vm_rss, "rss_after_bytes": after.vm_rss,
+        "file_before_bytes": before.rss_file, "file_after_bytes": after.rss_file,
+        "anon_after_bytes": after.rss_anon, "summary": summary,
+    }))
+}
+
+/// `--switches` switches between requests (median and max of the switch itself; the
+/// next request's prefill is not counted), then one forced switch in the middle of a
+/// generation (the re-prefill of its tokens so far on the new slice).
+fn switch_latency(engine: &mut Engine, a: &Args) -> Result<Value> {
+    let one = a.slice.clone().unwrap_or_else(|| "full".into());
+    let other = a
+        .switch_from
+        .clone()
+        .filter(|f| *f != one)
+        .unwrap_or_else(|| "full".into());
+    eprintln!("[bench] {} switches between {one} and {other}", a.switches);
+    let mut times = Vec::with_capacity(a.switches);
+    for i in 0..a.switches {
+        let name = if i % 2 == 0 { &other } else { &one };
+        let t = Instant::now();
+        engine.control(&gemmad_engine::Control::SetSlice {
+            name: name.clone(),
+            force: false,
+        })?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let max = times[times.len() - 1];
+    // Forced: a generation on `one`, switched to `other` after 8 tokens.
+    engine.control(&gemmad_engine::Control::SetSlice {
+        name: one.clone(),
+        force: false,
+    })?;
+    let mut req = GenerateRequest::new(Prompt::Ids(random_prompt(a.prompt, a.seed, 9)));
+    req.sampling = SamplingParams::greedy();
+    req.max_tokens = 16;
+    req.ignore_eos = true;
+    let mut g = engine.start(&req)?;
+    for _ in 0..8 {
+        engine.step(&mut g)?;
+    }
+    let t = Instant::now();
+    engine.control(&gemmad_engine::Control::SetSlice {
+        name: other.clone(),
+        force: true,
+    })?;
+    engine.step(&mut g)?;
+    let forced_step_s = t.elapsed().as_secs_f64();
+    let out = loop {
+        if let gemmad_engine::Step::Done { output, .. } = engine.step(&mut g)? {
+            break output;
+        }
+    };
+    let reprefill_s = out.timings.reprefill.as_secs_f64();
+    let summary = format!(
+        "{} between requests: median {:.3} ms, max {:.3} ms; forced mid-generation \
+         {one} -> {other}: {:.2} s to the next token (re-prefill of {} tokens {:.2} s)",
+        times.len(),
+        median * 1e3,
+        max * 1e3,
+        forced_step_s,
+        a.prompt + 8,
+        reprefill_s
+    );
+    Ok(json!({
+        "count": times.len(), "median_s": median, "max_s": max,
+        "forced": {"from": one, "to": other, "next_token_s": forced_step_s,
+                   "reprefill_s": reprefill_s, "reprefill_tokens": a.prompt + 8,
+                   "slice_at_end": out.slice},
+        "summary": summary,
+    }))
 }

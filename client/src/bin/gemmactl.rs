@@ -41,12 +41,24 @@ enum Command {
     Detokenize(DetokenizeArgs),
     /// The model sizes (MatFormer slices) on offer.
     Slices(JsonFlag),
+    /// Switch the model size (MatFormer slice) requests run on.
+    SetSlice(SetSliceArgs),
     /// Load a tower (vision or audio) and page its weights in.
     Load(ModalityArgs),
     /// Unload a tower and drop its pages.
     Unload(ModalityArgs),
     /// The gRPC health check; exit status 0 when serving.
     Health,
+}
+
+#[derive(Args, Debug)]
+struct SetSliceArgs {
+    /// A slice name from `gemmactl slices`.
+    name: String,
+    /// Switch the running generation too (it re-prefills on the new slice) instead of
+    /// waiting for it to end.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -447,6 +459,13 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                     );
                 }
             }
+        }
+        Command::SetSlice(a) => {
+            let s = c.set_slice(&a.name, a.force).await?;
+            println!(
+                "active slice: {} ({} layers, {} parameters)",
+                s.name, s.layers, s.params
+            );
         }
         Command::Load(a) => print_tower(&c.load_modality(a.modality).await?, a.json),
         Command::Unload(a) => print_tower(&c.unload_modality(a.modality).await?, a.json),

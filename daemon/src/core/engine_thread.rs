@@ -216,7 +216,7 @@ impl EngineThread<'_> {
                     // An engine bug must not take the service down: fail this request,
                     // keep serving (the next generation starts from a cleared cache).
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        self.run(job, seq)
+                        self.run(*job, seq)
                     }));
                     let stats = r.as_ref().ok().copied().flatten().map(|s| JobStats {
                         held: held.elapsed(),
@@ -273,7 +273,10 @@ impl EngineThread<'_> {
             );
             return None;
         }
-        let slice = self.engine.active_slice().to_string();
+        let slice = match job.request.slice.as_deref() {
+            None | Some("") | Some("auto") => self.engine.active_slice().to_string(),
+            Some(name) => name.to_string(),
+        };
         let _ = job.tx.send(Event::Started {
             request_id: job.id,
             run_seq: seq,
@@ -322,7 +325,7 @@ impl EngineThread<'_> {
                 decode: t.decode,
                 decode_tokens_per_s: t.decode_tokens_per_s,
             },
-            active_slice: slice,
+            active_slice: out.slice.clone(),
         }));
         tracing::info!(
             request_id = job.id,

@@ -168,7 +168,10 @@ impl Core {
             .enter(&peer.queue_key())
             .inspect_err(refused)?;
         let bytes = payload_bytes(&params.messages);
-        let prepared = validate::prepare(params, &self.prompter, &self.limits());
+        let slices: Vec<String> = (self.engine.stats().state().slices.into_iter())
+            .map(|s| s.name)
+            .collect();
+        let prepared = validate::prepare(params, &self.prompter, &self.limits(), &slices);
         drop(permit);
         trim_after(bytes);
         let prepared = prepared.inspect_err(refused)?;
@@ -297,14 +300,49 @@ impl Core {
 
     pub fn list_slices(&self, peer: &Peer) -> Vec<SliceInfo> {
         tracing::debug!(op = "list_slices", via = peer.via, peer = %peer, "core call");
-        let st = self.engine.stats().state();
-        vec![SliceInfo {
-            name: st.slice.clone(),
-            active: true,
-            layers: self.model.layers,
-            ffn_widths: self.model.ffn_widths.clone(),
-            params: st.slice_params,
-        }]
+        self.engine
+            .stats()
+            .state()
+            .slices
+            .into_iter()
+            .map(|s| SliceInfo {
+                name: s.name,
+                active: s.active,
+                layers: s.layers,
+                ffn_widths: s.ffn_widths,
+                params: s.params,
+            })
+            .collect()
+    }
+
+    /// Switches the MatFormer slice through the engine thread: between requests, or
+    /// with `force` at the running generation's next step (it re-prefills on the new
+    /// slice). Returns the slice active afterwards.
+    pub async fn set_slice(
+        &self,
+        peer: &Peer,
+        name: &str,
+        force: bool,
+    ) -> Result<SliceInfo, ServiceError> {
+        tracing::debug!(op = "set_slice", via = peer.via, peer = %peer, slice = name, force, "core call");
+        let st = self
+            .engine
+            .control(Control::SetSlice {
+                name: name.to_string(),
+                force,
+            })
+            .await?;
+        st.slices
+            .into_iter()
+            .find(|s| s.active)
+            .map(|s| SliceInfo {
+                name: s.name,
+                active: true,
+                layers: s.layers,
+                ffn_widths: s.ffn_widths,
+                params: s.params,
+            })
+            .ok_or_else(|| ServiceError::Internal("the engine reports no active slice".into()))
     }
 
     /// Loads (`load`) or unloads a tower through the engine thread; returns its state

@@ -105,7 +105,7 @@ impl Counters {
 pub enum Work {
     Command(Command),
     /// A request, with its run sequence number.
-    Job(Job, u64),
+    Job(Box<Job>, u64),
 }
 
 struct Running {
@@ -322,7 +322,7 @@ impl Queue {
                 });
                 let seq = g.run_seq;
                 g.run_seq += 1;
-                return Some(Work::Job(job, seq));
+                return Some(Work::Job(Box::new(job), seq));
             }
             if g.stopped {
                 return None;

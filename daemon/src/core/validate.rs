@@ -267,11 +267,13 @@ pub fn need_tokenizer(prompter: &Prompter) -> Result<(), ServiceError> {
     }
 }
 
-/// Validates `r` and prepares its prompt with the engine's pipeline.
+/// Validates `r` and prepares its prompt with the engine's pipeline. `slices` are the
+/// names of the MatFormer slices the engine offers (a request may ask for one by name).
 pub fn prepare(
     r: GenerateParams,
     prompter: &Prompter,
     limits: &LimitsSection,
+    slices: &[String],
 ) -> Result<Prepared, ServiceError> {
     // Counts first: nothing below walks more items than the limits allow.
     counts(&Counts::of(&r.messages, r.stop.len()), limits)?;
@@ -298,14 +300,20 @@ pub fn prepare(
             )));
         }
     }
-    match r.size.as_str() {
-        "" | "auto" | FULL_SLICE => {}
+    let slice = match r.size.as_str() {
+        "" | "auto" => None,
+        name if slices.iter().any(|s| s == name) => Some(name.to_string()),
         other => {
+            let mut offered = slices.join(", ");
+            if offered.is_empty() {
+                offered = FULL_SLICE.to_string();
+            }
             return Err(bad(format!(
-                "size {other:?} is not a slice of this model; use \"auto\" or one of: {FULL_SLICE}"
-            )))
+                "size {:?} is not a slice of this model; use \"auto\" or one of: {offered}",
+                truncate_for_error(other)
+            )));
         }
-    }
+    };
     let chat = messages(r.messages, limits)?;
     need_tokenizer(prompter)?;
     let prompt = prompter.prepare(&Prompt::Chat(chat))?;
@@ -314,10 +322,19 @@ pub fn prepare(
     request.max_tokens = max_tokens;
     request.stop = r.stop;
     request.ignore_eos = r.ignore_eos;
+    request.slice = slice;
     Ok(Prepared {
         request,
         class: r.priority,
     })
+}
+
+/// At most 64 characters of a client's string, for an error message.
+fn truncate_for_error(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 #[cfg(test)]

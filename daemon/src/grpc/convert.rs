@@ -203,3 +203,18 @@ pub fn tower(t: &TowerState) -> pb::Tower {
         bytes: t.bytes,
     }
 }
+
+/// A slice on offer, as the wire carries it.
+pub fn slice(s: crate::core::types::SliceInfo) -> pb::Slice {
+    pb::Slice {
+        name: s.name,
+        active: s.active,
+        layers: u32::try_from(s.layers).unwrap_or(u32::MAX),
+        ffn_widths: s
+            .ffn_widths
+            .iter()
+            .map(|&w| u32::try_from(w).unwrap_or(u32::MAX))
+            .collect(),
+        params: s.params,
+    }
+}

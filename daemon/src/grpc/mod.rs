@@ -242,16 +242,22 @@ impl Gemmad for GemmadService {
     ) -> Result<Response<pb::ListSlicesResponse>, Status> {
         let slices = self.core.list_slices(&peer(&req));
         Ok(Response::new(pb::ListSlicesResponse {
-            slices: slices
-                .into_iter()
-                .map(|s| pb::Slice {
-                    name: s.name,
-                    active: s.active,
-                    layers: s.layers as u32,
-                    ffn_widths: s.ffn_widths.iter().map(|&w| w as u32).collect(),
-                    params: s.params,
-                })
-                .collect(),
+            slices: slices.into_iter().map(convert::slice).collect(),
+        }))
+    }
+
+    async fn set_slice(
+        &self,
+        req: Request<pb::SetSliceRequest>,
+    ) -> Result<Response<pb::SetSliceResponse>, Status> {
+        let r = req.get_ref();
+        let s = self
+            .core
+            .set_slice(&peer(&req), &r.name, r.force)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::SetSliceResponse {
+            slice: Some(convert::slice(s)),
         }))
     }
 

@@ -9,8 +9,8 @@ use crate::error::{EngineError, Result};
 use crate::quant::QuantType;
 use crate::towers::Modality;
 
-/// The name of the model as loaded, while there is no MatFormer slicing.
-pub const FULL_SLICE: &str = "full";
+/// The name of the slice that is the whole checkpoint.
+pub const FULL_SLICE: &str = crate::matformer::FULL;
 
 /// A change to the running engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +28,10 @@ pub enum Control {
     LimitContext(usize),
     /// Compute threads of the forward pass (between requests).
     LimitThreads(usize),
+    /// Run the MatFormer slice of this name from now on. Between requests unless
+    /// `force` (memory critical): then a running generation re-prefills on the new slice
+    /// at its next step and goes on.
+    SetSlice { name: String, force: bool },
 }
 
 impl Control {
@@ -36,7 +40,10 @@ impl Control {
     pub fn safe_mid_request(&self) -> bool {
         matches!(
             self,
-            Control::UnloadTower(_) | Control::ReleasePlePages | Control::SetPleHotBytes(_)
+            Control::UnloadTower(_)
+                | Control::ReleasePlePages
+                | Control::SetPleHotBytes(_)
+                | Control::SetSlice { force: true, .. }
         )
     }
 }
@@ -50,6 +57,13 @@ impl fmt::Display for Control {
             Control::SetPleHotBytes(b) => write!(f, "set the PLE hot-row budget to {b} bytes"),
             Control::LimitContext(n) => write!(f, "limit the context to {n} tokens"),
             Control::LimitThreads(n) => write!(f, "limit compute threads to {n}"),
+            Control::SetSlice { name, force } => {
+                write!(f, "switch to slice `{name}`")?;
+                if *force {
+                    f.write_str(" (forced)")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -66,7 +80,7 @@ pub struct TowerState {
 }
 
 /// What can change while the engine serves, as it is now.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct EngineState {
     pub towers: Vec<TowerState>,
     pub max_context: usize,
@@ -81,12 +95,13 @@ pub struct EngineState {
     pub ple_hot_bytes: Option<usize>,
     /// A generation is in flight (between its start and its last step).
     pub generating: bool,
-    /// The active model size: `full` (the checkpoint as loaded) until MatFormer slicing
-    /// lands.
+    /// The active MatFormer slice (`full`: the checkpoint as loaded).
     pub slice: String,
-    /// Parameters of the active text model (decoder and embeddings; not the per-layer
-    /// table or the towers).
+    /// Parameters the active slice runs, embeddings left out (see
+    /// [`crate::SliceInfo::params`]).
     pub slice_params: u64,
+    /// Every slice on offer, the active one marked.
+    pub slices: Vec<crate::SliceInfo>,
     /// What the engine serves without and why (e.g. an unwritable cache directory: no
     /// PLE cache, weights in memory), for the operator. Empty when all is as configured.
     pub warnings: Vec<String>,
@@ -101,10 +116,10 @@ impl Engine {
                 "cannot {c} while a generation runs; it applies between requests"
             )));
         }
-        match *c {
-            Control::LoadTower(m) => self.mem.load(m)?,
+        match c {
+            Control::LoadTower(m) => self.mem.load(*m)?,
             Control::UnloadTower(m) => {
-                self.mem.unload(m);
+                self.mem.unload(*m);
             }
             Control::ReleasePlePages => {
                 if let Some(p) = self.ple() {
@@ -112,7 +127,7 @@ impl Engine {
                 }
             }
             Control::SetPleHotBytes(b) => match self.ple() {
-                Some(p) => p.set_hot_capacity(b),
+                Some(p) => p.set_hot_capacity(*b),
                 None => {
                     return Err(EngineError::InvalidRequest(
                         "there is no PLE hot-row cache: per-layer inputs come from the \
@@ -122,13 +137,14 @@ impl Engine {
                 }
             },
             Control::LimitContext(n) => {
-                let n = check_context(&self.cfg, Some(n), self.model.kv_dtype())?;
+                let n = check_context(&self.cfg, Some(*n), self.model.kv_dtype())?;
                 if n != self.cache.max_len() {
                     self.cache = self.model.new_cache(n);
                     self.max_context.store(n, Ordering::Relaxed);
                 }
             }
             Control::LimitThreads(n) => {
+                let n = *n;
                 if n == 0 {
                     return Err(EngineError::InvalidRequest(
                         "threads must be at least 1".into(),
@@ -139,14 +155,10 @@ impl Engine {
                     self.threads = n;
                 }
             }
+            Control::SetSlice { name, force } => self.switch_slice(name, *force)?,
         }
         tracing::info!(command = %c, "engine control applied");
         Ok(())
-    }
-
-    /// The active model size (see [`EngineState::slice`]).
-    pub fn active_slice(&self) -> &'static str {
-        FULL_SLICE
     }
 
     /// The engine's state now (tower bytes are counted from page residency).
@@ -165,7 +177,8 @@ impl Engine {
             ple_hot_bytes: self.ple().map(|p| p.stats().hot_capacity as usize),
             generating: self.active.is_some(),
             slice: self.active_slice().into(),
-            slice_params: self.mem.groups.decoder.params + self.mem.groups.embeddings.params,
+            slice_params: self.slice.effective_params(&self.cfg.text),
+            slices: self.slices(),
             warnings: self.mem.warnings.clone(),
         }
     }

@@ -35,6 +35,8 @@ pub struct Generation {
     /// Set once the generation has decided to end.
     finish: Option<FinishReason>,
     done: bool,
+    /// The MatFormer slice it runs on.
+    slice: std::sync::Arc<crate::matformer::SlicePlan>,
 }
 
 impl Generation {
@@ -87,6 +89,7 @@ impl Engine {
                 "stop strings must not be empty".into(),
             ));
         }
+        let slice = self.find_slice(req.slice.as_deref().unwrap_or(""))?;
         let prompt = self.prompter().prepare(&req.prompt)?.into_ids();
         self.prefetch_prompt(&prompt);
         self.active = None;
@@ -111,6 +114,7 @@ impl Engine {
             pending: None,
             finish: None,
             done: false,
+            slice,
         };
         if g.cancelled() {
             g.finish = Some(FinishReason::Cancelled);
@@ -118,23 +122,10 @@ impl Engine {
             return Ok(g);
         }
 
-        self.cache.clear();
-        let (model, cache, pool) = (&self.model, &mut self.cache, &self.pool);
+        self.reprefill = false;
         let tp = Instant::now();
-        let logits = &mut self.logits;
-        let chunk = self.prefill_chunk;
-        crate::par::install(pool, || -> Result<()> {
-            let n = prompt.len().div_ceil(chunk);
-            for (i, c) in prompt.chunks(chunk).enumerate() {
-                let want = if i + 1 == n {
-                    LogitsFor::Last
-                } else {
-                    LogitsFor::None
-                };
-                model.forward_into(c, cache, want, logits)?;
-            }
-            Ok(())
-        })?;
+        self.prefill(&prompt, &g.slice)?;
+        let cache = &mut self.cache;
         g.timings.prefill = tp.elapsed();
         g.timings.prefill_tokens_per_s =
             prompt.len() as f64 / g.timings.prefill.as_secs_f64().max(1e-9);
@@ -149,6 +140,26 @@ impl Engine {
         }
         self.active = Some(g.number);
         Ok(g)
+    }
+
+    /// Runs `ids` from an empty cache on `slice`, leaving the last position's logits.
+    fn prefill(&mut self, ids: &[u32], slice: &crate::matformer::SlicePlan) -> Result<()> {
+        self.cache.clear();
+        let (model, cache, pool) = (&self.model, &mut self.cache, &self.pool);
+        let logits = &mut self.logits;
+        let chunk = self.prefill_chunk;
+        crate::par::install(pool, || -> Result<()> {
+            let n = ids.len().div_ceil(chunk);
+            for (i, c) in ids.chunks(chunk).enumerate() {
+                let want = if i + 1 == n {
+                    LogitsFor::Last
+                } else {
+                    LogitsFor::None
+                };
+                model.forward_slice_into(c, cache, want, logits, slice)?;
+            }
+            Ok(())
+        })
     }
 
     /// Decodes one token of `g` (or ends it).
@@ -170,10 +181,26 @@ impl Engine {
         if let Some(reason) = g.finish {
             return self.finish(g, reason);
         }
+        if self.reprefill {
+            // A forced slice switch: the tokens so far (the prompt, and the sampled ones,
+            // the last of which is still pending) again, on the new slice.
+            self.reprefill = false;
+            g.slice = self.slice.clone();
+            g.pending = None;
+            let t0 = Instant::now();
+            let history = std::mem::take(&mut g.history);
+            let r = self.prefill(&history, &g.slice);
+            g.history = history;
+            r?;
+            g.timings.reprefills += 1;
+            g.timings.reprefill += t0.elapsed();
+            tracing::info!(slice = %g.slice.name, tokens = g.history.len(), secs = t0.elapsed().as_secs_f64(), "generation re-prefilled on the new slice");
+        }
         if let Some(id) = g.pending.take() {
             let (model, cache, logits) = (&self.model, &mut self.cache, &mut self.logits);
+            let slice = &*g.slice;
             crate::par::install(&self.pool, || {
-                model.forward_into(&[id], cache, LogitsFor::Last, logits)
+                model.forward_slice_into(&[id], cache, LogitsFor::Last, logits, slice)
             })?;
         }
         g.decode_start.get_or_insert_with(Instant::now);
@@ -207,6 +234,10 @@ impl Engine {
     fn finish(&mut self, g: &mut Generation, reason: FinishReason) -> Result<Step> {
         g.done = true;
         self.active = None;
+        if g.slice.name != self.slice.name {
+            // The request ran a slice of its own: back to the active one's footprint.
+            self.release_unused_async();
+        }
         let mut tail = String::new();
         if reason != FinishReason::Stop && reason != FinishReason::Cancelled {
             tail = g.stream.flush()?;
@@ -226,6 +257,7 @@ impl Engine {
                 finish_reason: reason,
                 usage: g.usage,
                 timings: g.timings,
+                slice: g.slice.name.clone(),
             },
             tail,
         })

@@ -58,6 +58,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Set from another thread to stop at the next step.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The MatFormer slice to run it on; `None` (or `auto`): the engine's active one.
+    pub slice: Option<String>,
 }
 
 impl GenerateRequest {
@@ -69,6 +71,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             cancel: None,
+            slice: None,
         }
     }
 }
@@ -124,6 +127,9 @@ pub struct Timings {
     pub decode: Duration,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
+    /// Re-prefills after forced slice switches, and the time they took.
+    pub reprefills: u32,
+    pub reprefill: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -133,4 +139,7 @@ pub struct GenerateOutput {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
+    /// The MatFormer slice that produced the output (the last one, after a forced
+    /// switch).
+    pub slice: String,
 }

@@ -57,6 +57,12 @@ pub struct Mlp {
 
 #[derive(Debug)]
 pub struct DecoderLayer {
+    /// This layer's index in the checkpoint (also its KV-cache slot and its block of the
+    /// per-layer inputs; a MatFormer slice that skips layers does not renumber them).
+    pub layer_idx: usize,
+    pub attention_type: LayerType,
+    /// The layer whose KV cache this one reads (itself unless KV-shared).
+    pub kv_source: usize,
     pub input_layernorm: Vec<f32>,
     pub post_attention_layernorm: Vec<f32>,
     pub pre_feedforward_layernorm: Vec<f32>,
@@ -87,6 +93,9 @@ impl DecoderLayer {
         }
         let sparsity = c.activation_sparsity_pattern[i];
         Ok(DecoderLayer {
+            layer_idx: i,
+            attention_type: c.layer_types[i],
+            kv_source: c.kv_source_layer(i),
             input_layernorm: ld.vector(&n("input_layernorm.weight"), h)?,
             post_attention_layernorm: ld.vector(&n("post_attention_layernorm.weight"), h)?,
             pre_feedforward_layernorm: ld.vector(&n("pre_feedforward_layernorm.weight"), h)?,
@@ -171,12 +180,13 @@ impl DecoderLayer {
     }
 
     /// Runs the layer on `t` tokens whose AltUp streams are `streams` (`A × [t, H]`),
-    /// updating them in place.
+    /// updating them in place, with the first `ffn` FFN neurons (the active MatFormer
+    /// slice's width for this layer).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         m: &TextModel,
-        li: usize,
+        ffn: usize,
         streams: &mut [Vec<f32>],
         pli: &[f32],
         t: usize,
@@ -190,6 +200,7 @@ impl DecoderLayer {
         let a = c.altup_num_inputs;
         let act = c.altup_active_idx;
         let eps = m.eps;
+        let li = self.layer_idx;
 
         // AltUp predict: pred[i] = S[i] + Σ_j coef[4i + j] · S[j].
         let modalities = self.router_modalities(m, &streams[act], t, sc);
@@ -245,7 +256,7 @@ impl DecoderLayer {
         ops::rms_norm_into(active, &mut xn, h, Some(&self.input_layernorm), eps);
 
         // LAuReL: xn + norm(right(left(xn))); its left product goes with Q, K and V.
-        let (q, lr) = self.project_qkv(m, li, &xn, t, rope, cache, sc);
+        let (q, lr) = self.project_qkv(m, &xn, t, rope, cache, sc);
         let mut laurel = sc.take_for_write(t * h);
         self.laurel.linear_right.matmul(&lr, t, &mut laurel);
         sc.give(lr);
@@ -261,7 +272,7 @@ impl DecoderLayer {
             },
         );
 
-        let mut attn = self.attention(m, li, q, t, pos0, cache, sc);
+        let mut attn = self.attention(m, q, t, pos0, cache, sc);
         ops::rms_norm(&mut attn, h, Some(&self.post_attention_layernorm), eps);
 
         // attn_laurel = (active + attn + laurel) / sqrt(2)
@@ -281,7 +292,7 @@ impl DecoderLayer {
         sc.give(attn);
         sc.give(laurel);
         ops::rms_norm_into(&x, &mut xn, h, Some(&self.pre_feedforward_layernorm), eps);
-        let mut ffw = self.mlp.forward(&xn, t, sc);
+        let mut ffw = self.mlp.forward(&xn, t, ffn, sc);
         ops::rms_norm(&mut ffw, h, Some(&self.post_feedforward_layernorm), eps);
         ops::for_rows(
             &mut x,
@@ -405,7 +416,6 @@ impl DecoderLayer {
     fn project_qkv(
         &self,
         m: &TextModel,
-        li: usize,
         xn: &[f32],
         t: usize,
         rope: &[f32],
@@ -424,7 +434,7 @@ impl DecoderLayer {
         let mut lr = sc.take_for_write(t * c.laurel_rank);
         if let (Some(kp), Some(vp)) = (&sa.k_proj, &sa.v_proj) {
             let f16 = cache.dtype() == crate::kv_cache::KvDType::F16;
-            let (k, v) = cache.pending_mut(li, t * kvd);
+            let (k, v) = cache.pending_mut(self.layer_idx, t * kvd);
             Matrix::matmul_many(
                 &[&sa.q_proj, kp, vp, left],
                 xn,
@@ -472,7 +482,6 @@ impl DecoderLayer {
     fn attention(
         &self,
         m: &TextModel,
-        li: usize,
         q: Vec<f32>,
         t: usize,
         pos0: usize,
@@ -483,8 +492,8 @@ impl DecoderLayer {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qd = nh * hd;
         let sa = &self.self_attn;
-        let src = c.kv_source_layer(li);
-        let window = match c.layer_types[li] {
+        let src = self.kv_source;
+        let window = match self.attention_type {
             LayerType::Sliding => Some(c.sliding_window),
             LayerType::Full => None,
         };
@@ -545,17 +554,33 @@ fn gelu_gate(g_row: &mut [f32], u_row: &[f32], std_multiplier: Option<f32>) {
 }
 
 impl Mlp {
-    fn forward(&self, x: &[f32], t: usize, sc: &mut Scratch) -> Vec<f32> {
-        let inter = self.gate_proj.rows;
+    /// The MLP on `t` rows of `x` with its first `width` neurons (a MatFormer slice
+    /// narrows the views; the statistics of the Gaussian top-k are over those neurons,
+    /// as in the sliced checkpoint).
+    fn forward(&self, x: &[f32], t: usize, width: usize, sc: &mut Scratch) -> Vec<f32> {
+        let full = self.gate_proj.rows;
+        let inter = width.clamp(1, full);
         let h = self.gate_proj.cols;
+        let narrowed;
+        let (gate_proj, up_proj, down_proj, down_proj_t) = if inter < full {
+            narrowed = (
+                self.gate_proj.narrow_rows(inter),
+                self.up_proj.narrow_rows(inter),
+                self.down_proj.narrow_cols(inter),
+                self.down_proj_t.as_ref().map(|d| d.narrow_rows(inter)),
+            );
+            (&narrowed.0, &narrowed.1, &narrowed.2, narrowed.3.as_ref())
+        } else {
+            (
+                &self.gate_proj,
+                &self.up_proj,
+                &self.down_proj,
+                self.down_proj_t.as_ref(),
+            )
+        };
         let mut gate = sc.take_for_write(t * inter);
         let mut up = sc.take_for_write(t * inter);
-        Matrix::matmul_many(
-            &[&self.gate_proj, &self.up_proj],
-            x,
-            t,
-            &mut [&mut gate, &mut up],
-        );
+        Matrix::matmul_many(&[gate_proj, up_proj], x, t, &mut [&mut gate, &mut up]);
         let z = self.std_multiplier;
         ops::for_rows(
             &mut gate,
@@ -565,7 +590,7 @@ impl Mlp {
         );
         sc.give(up);
         let mut y = sc.take(t * h);
-        match &self.down_proj_t {
+        match down_proj_t {
             // Sparse: y = Σ over surviving neurons i of a_i · down_proj[:, i].
             Some(dt) => {
                 if t > 1 {
@@ -591,7 +616,7 @@ impl Mlp {
                     }
                 }
             }
-            None => self.down_proj.matmul(&gate, t, &mut y),
+            None => down_proj.matmul(&gate, t, &mut y),
         }
         sc.give(gate);
         y
@@ -622,15 +647,27 @@ impl DecoderLayer {
     /// Bytes of this layer's weights read for one token: the matrices read whole and the
     /// surviving share of a sparse down projection.
     pub fn weight_bytes_per_token(&self) -> usize {
+        self.weight_bytes_per_token_at(self.mlp.gate_proj.rows)
+    }
+
+    /// As [`weight_bytes_per_token`](Self::weight_bytes_per_token) with the first `ffn`
+    /// FFN neurons (a MatFormer slice's width).
+    pub fn weight_bytes_per_token_at(&self, ffn: usize) -> usize {
+        let mlp = &self.mlp;
+        let ffn_mats = [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj];
         let dense: usize = self
             .dense_decode_matrices()
             .iter()
+            .filter(|m| !ffn_mats.iter().any(|f| std::ptr::eq(*f, **m)))
             .map(|m| m.storage_bytes())
             .sum();
-        let sparse = self.mlp.down_proj_t.as_ref().map_or(0, |dt| {
-            (dt.storage_bytes() as f64 * self.mlp.density) as usize
-        });
-        dense + sparse
+        let gate_up = mlp.gate_proj.narrow_rows(ffn).storage_bytes()
+            + mlp.up_proj.narrow_rows(ffn).storage_bytes();
+        let down = match &mlp.down_proj_t {
+            Some(dt) => (dt.narrow_rows(ffn).storage_bytes() as f64 * mlp.density) as usize,
+            None => mlp.down_proj.narrow_cols(ffn).storage_bytes(),
+        };
+        dense + gate_up + down
     }
 }
 

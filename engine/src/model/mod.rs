@@ -17,6 +17,7 @@ use crate::config::{LayerType, ModelConfig, TextConfig};
 use crate::derived::CacheDir;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
+use crate::matformer::{SlicePlan, SliceSpec};
 use crate::ple_cache::PleCache;
 use crate::quant::QuantType;
 use crate::weights::Matrix;
@@ -49,6 +50,8 @@ pub struct TextModel {
     pub altup_unembed_projections: Vec<Matrix>,
     pub norm: Vec<f32>,
     pub layers: Vec<DecoderLayer>,
+    /// The whole checkpoint as a MatFormer slice (what `forward` runs).
+    pub(crate) full_slice: SlicePlan,
     pub(crate) rope_full: Vec<f32>,
     pub(crate) rope_sliding: Vec<f32>,
     pub(crate) eps: f32,
@@ -268,6 +271,12 @@ impl TextModel {
         let layers = (0..l)
             .map(|i| DecoderLayer::load(&ld, c, i))
             .collect::<Result<Vec<_>>>()?;
+        let full_slice = SliceSpec::full(c)
+            .plan(c, 0)
+            .map_err(|reason| EngineError::Config {
+                path: cfg.path.clone(),
+                reason: format!("the checkpoint's own layer layout is inconsistent: {reason}"),
+            })?;
         Ok((
             ld.built.take(),
             TextModel {
@@ -280,6 +289,7 @@ impl TextModel {
                 altup_unembed_projections,
                 norm,
                 layers,
+                full_slice,
                 rope_full: ops::rope_inv_freq(c.rope_theta_full, c.head_dim),
                 rope_sliding: ops::rope_inv_freq(c.rope_theta_sliding, c.head_dim),
                 eps: c.rms_norm_eps as f32,
@@ -483,6 +493,20 @@ impl TextModel {
         want: LogitsFor,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        self.forward_slice_into(ids, state, want, logits, &self.full_slice)
+    }
+
+    /// As [`forward_into`](Self::forward_into), running the MatFormer slice `slice` (a
+    /// plan made for this model's config): its layers, with its FFN widths. A cache must
+    /// see one slice only, from its first position on.
+    pub fn forward_slice_into(
+        &self,
+        ids: &[u32],
+        state: &mut ForwardState,
+        want: LogitsFor,
+        logits: &mut Vec<f32>,
+        slice: &SlicePlan,
+    ) -> Result<()> {
         let c = &self.cfg;
         let t = ids.len();
         if t == 0 {
@@ -508,7 +532,7 @@ impl TextModel {
             .scratch
             .take(t * c.num_hidden_layers * c.hidden_size_per_layer_input);
         self.per_layer_inputs(ids, &embeds, &mut pli);
-        let r = self.forward_embeds_into(&embeds, &pli, state, want, logits);
+        let r = self.forward_embeds_into(&embeds, &pli, state, want, logits, slice);
         state.scratch.give(embeds);
         state.scratch.give(pli);
         r
@@ -524,7 +548,7 @@ impl TextModel {
         want: LogitsFor,
     ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.forward_embeds_into(&embeds, pli, state, want, &mut out)?;
+        self.forward_embeds_into(&embeds, pli, state, want, &mut out, &self.full_slice)?;
         Ok(out)
     }
 
@@ -535,6 +559,7 @@ impl TextModel {
         state: &mut ForwardState,
         want: LogitsFor,
         logits: &mut Vec<f32>,
+        slice: &SlicePlan,
     ) -> Result<()> {
         let ForwardState { cache, scratch: sc } = state;
         let c = &self.cfg;
@@ -565,12 +590,20 @@ impl TextModel {
             table
         });
         let mut result = Ok(());
-        for (li, layer) in self.layers.iter().enumerate() {
-            let rope = match c.layer_types[li] {
+        for (&li, &ffn) in slice.kept.iter().zip(&slice.ffn) {
+            let Some(layer) = self.layers.get(li) else {
+                result = Err(EngineError::InvalidRequest(format!(
+                    "slice `{}` runs layer {li}, but the model has {} layers",
+                    slice.name,
+                    self.layers.len()
+                )));
+                break;
+            };
+            let rope = match layer.attention_type {
                 LayerType::Full => &ropes[0],
                 LayerType::Sliding => &ropes[1],
             };
-            result = layer.forward(self, li, &mut streams[..a], pli, t, pos0, rope, cache, sc);
+            result = layer.forward(self, ffn, &mut streams[..a], pli, t, pos0, rope, cache, sc);
             if result.is_err() {
                 break;
             }
@@ -683,12 +716,90 @@ impl TextModel {
     /// skip k/v), the matrices outside the layers, one embedding row and one PLE row.
     /// The benchmark's roofline figure divides by this.
     pub fn decode_weight_bytes(&self) -> usize {
-        let layers: usize = self.layers.iter().map(|l| l.weight_bytes_per_token()).sum();
+        self.decode_weight_bytes_slice(&self.full_slice)
+    }
+
+    /// As [`decode_weight_bytes`](Self::decode_weight_bytes) for a MatFormer slice: its
+    /// layers at its FFN widths.
+    pub fn decode_weight_bytes_slice(&self, slice: &SlicePlan) -> usize {
+        let layers: usize = slice
+            .kept
+            .iter()
+            .zip(&slice.ffn)
+            .filter_map(|(&l, &w)| self.layers.get(l).map(|x| x.weight_bytes_per_token_at(w)))
+            .sum();
         let outside: usize = self
             .decode_matrices_outside_layers()
             .iter()
             .map(|m| m.storage_bytes())
             .sum();
         layers + outside + self.embed_tokens.row_bytes() + self.embed_tokens_per_layer.row_bytes()
+    }
+}
+
+impl TextModel {
+    /// The whole checkpoint as a slice.
+    pub fn full_slice(&self) -> &SlicePlan {
+        &self.full_slice
+    }
+
+    /// The FFN width granularity of a slice of these weights: 32 (a block of Q8_0/Q4_0
+    /// and a multiple of the packed layout's 16-row groups), 256 where a dense
+    /// `down_proj` is stored as Q4_K (its column prefix must be whole super-blocks).
+    pub fn slice_block(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.mlp.down_proj_t.is_none())
+            .map(|l| l.mlp.down_proj.block_size())
+            .fold(32, usize::max)
+    }
+
+    /// Checks `spec` against this model and derives its plan.
+    pub fn plan_slice(&self, spec: &SliceSpec) -> std::result::Result<SlicePlan, String> {
+        spec.plan(&self.cfg, self.slice_block())
+    }
+
+    /// Drops from this process the mapped weight pages that `slice` does not read:
+    /// skipped layers whole, and the FFN neurons past each kept layer's width. The page
+    /// cache keeps them (a clean, reclaimable copy), so a larger slice faults them back
+    /// in on first use. Weights held in owned memory (no cache directory for quantized
+    /// weights) stay.
+    pub fn release_outside(&self, slice: &SlicePlan) {
+        for (m, rows, cols) in self.release_jobs(slice) {
+            m.advise_outside(rows, cols, crate::residency::Advice::Unmap);
+        }
+    }
+
+    /// The matrices `slice` reads less of than they hold, each with the prefix
+    /// (`rows`, `cols`) it reads (views share the storage; cloning is cheap).
+    pub(crate) fn release_jobs(&self, slice: &SlicePlan) -> Vec<(Matrix, usize, usize)> {
+        let mut jobs = Vec::new();
+        for layer in &self.layers {
+            let width = slice
+                .kept
+                .iter()
+                .position(|&l| l == layer.layer_idx)
+                .map(|i| slice.ffn[i]);
+            let Some(w) = width else {
+                for m in layer.dense_decode_matrices() {
+                    jobs.push((m.clone(), 0, 0));
+                }
+                if let Some(dt) = &layer.mlp.down_proj_t {
+                    jobs.push((dt.clone(), 0, 0));
+                }
+                continue;
+            };
+            let mlp = &layer.mlp;
+            if w >= mlp.gate_proj.rows {
+                continue;
+            }
+            jobs.push((mlp.gate_proj.clone(), w, mlp.gate_proj.cols));
+            jobs.push((mlp.up_proj.clone(), w, mlp.up_proj.cols));
+            match &mlp.down_proj_t {
+                Some(dt) => jobs.push((dt.clone(), w, dt.cols)),
+                None => jobs.push((mlp.down_proj.clone(), mlp.down_proj.rows, w)),
+            }
+        }
+        jobs
     }
 }
