@@ -191,6 +191,7 @@ pub fn export_slice(
         write_json(&tmp.path.join("model.safetensors.index.json"), &index)?;
     }
     verify(&tmp.path, &tensors, &plan)?;
+    sync_files(&tmp.path)?;
     tmp.finish(out)?;
     Ok(report)
 }
@@ -221,7 +222,9 @@ fn check_destination(out: &Path) -> Result<()> {
 }
 
 /// The source config with the slice's values in the text config (top level for a
-/// text-only checkpoint, `text_config` for a multimodal one); other keys untouched.
+/// text-only checkpoint, `text_config` for a multimodal one); other keys untouched. Keys
+/// come out in `serde_json`'s map order: sorted (as `save_pretrained` writes them) unless
+/// the workspace turns on its `preserve_order` feature.
 fn sliced_config(path: &Path, root: &Value, cfg: &ModelConfig, plan: &SlicePlan) -> Result<Value> {
     let layers = cfg.text.num_hidden_layers;
     let mut root = root.clone();
@@ -693,6 +696,18 @@ fn verify(dir: &Path, tensors: &[OutTensor], plan: &SlicePlan) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Flushes every file of `dir`, and `dir` itself, to disk, so that the folder renamed
+/// into place is complete even after a crash.
+fn sync_files(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))? {
+        let path = e.map_err(|e| EngineError::io(dir, e))?.path();
+        let f = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
+        f.sync_all().map_err(|e| EngineError::io(&path, e))?;
+    }
+    let d = File::open(dir).map_err(|e| EngineError::io(dir, e))?;
+    d.sync_all().map_err(|e| EngineError::io(dir, e))
 }
 
 /// The folder an export is written into, next to its destination; removed on drop

@@ -259,6 +259,7 @@ fn a_hand_written_slice_keeps_the_first_neurons_and_the_kept_layers() {
     let csv = slicing_file(tmp.path(), &[SMALL]);
     let spec = find_slice(&src, Some(&csv), "small").unwrap();
     assert_eq!(spec.ffn_hidden_dims, SMALL_FFN);
+    assert_eq!(spec.layers_skipped, [1, 5]);
     let out = tmp.path().join("nested/small");
     let r = export(&src, &spec, &out);
     assert_eq!((r.slice.as_str(), r.layers), ("small", 4));
@@ -471,17 +472,6 @@ fn invalid_slices_are_refused_before_anything_is_written() {
     }
     // Nothing but the slicing file was left behind.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
-}
-
-/// A slicing file parses as the engine's own parser reads it (the helper above writes
-/// what the tests mean).
-#[test]
-fn the_test_slicing_file_parses() {
-    let tmp = tempfile::tempdir().unwrap();
-    let csv = slicing_file(tmp.path(), &[SMALL]);
-    let s = parse_configs_csv(&std::fs::read_to_string(csv).unwrap()).unwrap();
-    assert_eq!(s[0].layers_skipped, [1, 5]);
-    assert_eq!(s[0].ffn_hidden_dims, SMALL_FFN);
 }
 
 /// Every slice of the MatFormer fixture's slicing file, exported here, is byte for byte

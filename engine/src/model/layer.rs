@@ -2,32 +2,16 @@
 //! self-attention with q/k/v norms and KV sharing, the MLP with Gaussian top-k sparsity,
 //! and the per-layer-input injection. Names follow modeling_gemma3n.py.
 
+use super::altup::AltUp;
 use super::attention::{attention_forward, Heads, KvView, TILING};
+use super::laurel::Laurel;
+use super::mlp::Mlp;
 use super::scratch::Scratch;
 use super::{ops, Loader, TextModel};
 use crate::config::{LayerType, TextConfig};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::weights::Matrix;
-use std::ops::Range;
-
-#[derive(Debug)]
-pub struct AltUp {
-    pub correct_output_scale: Vec<f32>,
-    /// `[4, 4]` row-major, clamped to ±altup_coef_clip at load.
-    pub correction_coefs: Vec<f32>,
-    /// `[16, 4]` row-major.
-    pub prediction_coefs: Vec<f32>,
-    pub modality_router: Matrix,
-    pub router_norm: Vec<f32>,
-}
-
-#[derive(Debug)]
-pub struct Laurel {
-    pub linear_left: Matrix,
-    pub linear_right: Matrix,
-    pub post_laurel_norm: Vec<f32>,
-}
 
 #[derive(Debug)]
 pub struct Attention {
@@ -38,21 +22,6 @@ pub struct Attention {
     pub o_proj: Matrix,
     pub q_norm: Vec<f32>,
     pub k_norm: Option<Vec<f32>>,
-}
-
-#[derive(Debug)]
-pub struct Mlp {
-    pub gate_proj: Matrix,
-    pub up_proj: Matrix,
-    pub down_proj: Matrix,
-    /// `down_proj` transposed (`[I, H]`, one contiguous row per FFN neuron) for
-    /// activation-sparse layers: only the ~5% of neurons that survive the Gaussian top-k
-    /// are read. `down_proj` itself is then left mapped and untouched.
-    pub down_proj_t: Option<Matrix>,
-    /// Fraction of FFN activations expected to be non-zero (1 for dense layers).
-    pub density: f64,
-    /// Φ⁻¹(p) of the layer's activation sparsity, `None` for dense layers.
-    pub std_multiplier: Option<f32>,
 }
 
 #[derive(Debug)]
@@ -82,7 +51,6 @@ impl DecoderLayer {
         let p = format!("layers.{i}.");
         let n = |s: &str| format!("{p}{s}");
         let a = c.altup_num_inputs;
-        let inter = c.intermediate_size[i];
         let owns_kv = i < c.first_kv_shared_layer();
         let clip = c.altup_coef_clip.map(|x| x as f32);
         let mut correction_coefs = ld.vector_2d(&n("altup.correction_coefs.weight"), a, a)?;
@@ -91,7 +59,6 @@ impl DecoderLayer {
                 *v = v.clamp(-clip, clip);
             }
         }
-        let sparsity = c.activation_sparsity_pattern[i];
         Ok(DecoderLayer {
             layer_idx: i,
             attention_type: c.layer_types[i],
@@ -114,23 +81,7 @@ impl DecoderLayer {
                     .then(|| ld.vector(&n("self_attn.k_norm.weight"), c.head_dim))
                     .transpose()?,
             },
-            mlp: Mlp {
-                gate_proj: ld.matrix(&n("mlp.gate_proj.weight"), inter, h)?,
-                up_proj: ld.matrix(&n("mlp.up_proj.weight"), inter, h)?,
-                down_proj_t: if sparsity > 0.0 {
-                    Some(ld.matrix_t(&n("mlp.down_proj.weight"), h, inter)?)
-                } else {
-                    None
-                },
-                density: 1.0 - sparsity,
-                down_proj: if sparsity > 0.0 {
-                    ld.raw_matrix(&n("mlp.down_proj.weight"), h, inter)?
-                } else {
-                    ld.matrix(&n("mlp.down_proj.weight"), h, inter)?
-                },
-                // transformers computes Φ⁻¹(p) in f32 and casts to the activation dtype.
-                std_multiplier: (sparsity > 0.0).then(|| ops::normal_icdf(sparsity) as f32),
-            },
+            mlp: Mlp::load(ld, c, i)?,
             altup: AltUp {
                 correct_output_scale: ld.vector(&n("altup.correct_output_scale"), h)?,
                 correction_coefs,
@@ -157,28 +108,6 @@ impl DecoderLayer {
         })
     }
 
-    /// `tanh(modality_router(router_norm(x) / H))` for each of `t` rows of `x`: `[t, A]`.
-    fn router_modalities(&self, m: &TextModel, x: &[f32], t: usize, sc: &mut Scratch) -> Vec<f32> {
-        let h = m.cfg.hidden_size;
-        let mut xn = sc.copy_of(x);
-        ops::rms_norm(&mut xn, h, Some(&self.altup.router_norm), m.eps);
-        let scale = 1.0 / h as f32;
-        ops::for_rows(
-            &mut xn,
-            h,
-            #[inline(always)]
-            |_, row| row.iter_mut().for_each(|v| *v *= scale),
-        );
-        let a = m.cfg.altup_num_inputs;
-        let mut out = sc.take(t * a);
-        self.altup.modality_router.matmul(&xn, t, &mut out);
-        for v in out.iter_mut() {
-            *v = v.tanh();
-        }
-        sc.give(xn);
-        out
-    }
-
     /// Runs the layer on `t` tokens whose AltUp streams are `streams` (`A × [t, H]`),
     /// updating them in place, with the first `ffn` FFN neurons (the active MatFormer
     /// slice's width for this layer).
@@ -202,54 +131,9 @@ impl DecoderLayer {
         let eps = m.eps;
         let li = self.layer_idx;
 
-        // AltUp predict: pred[i] = S[i] + Σ_j coef[4i + j] · S[j].
-        let modalities = self.router_modalities(m, &streams[act], t, sc);
-        let mut coefs = sc.take(t * a * a);
-        for ti in 0..t {
-            let md = &modalities[ti * a..(ti + 1) * a];
-            for k in 0..a * a {
-                let w = &self.altup.prediction_coefs[k * a..(k + 1) * a];
-                coefs[ti * a * a + k] = w.iter().zip(md).map(|(x, y)| x * y).sum();
-            }
-        }
-        sc.give(modalities);
-        // All of a token's streams in one pass, each read once per 256-wide piece:
-        // per element s = 0 + S0·c0 + S1·c1 + …, then pred = S[i] + s, in that order.
-        let mut pred_arr: [Vec<f32>; ops::MAX_ROW_SETS] = Default::default();
-        for p in pred_arr.iter_mut().take(a) {
-            *p = sc.take_for_write(t * h);
-        }
+        // AltUp predict.
+        let mut pred_arr = self.altup.predict(streams, t, h, act, eps, sc);
         let pred_s = &mut pred_arr[..a];
-        {
-            let streams = &*streams;
-            ops::for_rows_of(
-                pred_s,
-                h,
-                #[inline(always)]
-                |ti, rows| {
-                    let mut s = [0.0f32; PIECE];
-                    for (piece, at) in pieces(ti, h) {
-                        for (i, row) in rows.iter_mut().enumerate() {
-                            let cf = &coefs[ti * a * a + i * a..ti * a * a + (i + 1) * a];
-                            let s = &mut s[..piece.len()];
-                            s.fill(0.0);
-                            for (sj, &c) in streams.iter().zip(cf) {
-                                for (sv, &x) in s.iter_mut().zip(&sj[at.clone()]) {
-                                    *sv += x * c;
-                                }
-                            }
-                            let own = &streams[i][at.clone()];
-                            for ((pv, &sv), &x) in
-                                row[piece.clone()].iter_mut().zip(s.iter()).zip(own)
-                            {
-                                *pv = x + sv;
-                            }
-                        }
-                    }
-                },
-            );
-        }
-        sc.give(coefs);
         let active = &pred_s[act];
 
         let mut xn = sc.take_for_write(t * h);
@@ -257,20 +141,7 @@ impl DecoderLayer {
 
         // LAuReL: xn + norm(right(left(xn))); its left product goes with Q, K and V.
         let (q, lr) = self.project_qkv(m, &xn, t, rope, cache, sc);
-        let mut laurel = sc.take_for_write(t * h);
-        self.laurel.linear_right.matmul(&lr, t, &mut laurel);
-        sc.give(lr);
-        ops::rms_norm(&mut laurel, h, Some(&self.laurel.post_laurel_norm), eps);
-        ops::for_rows(
-            &mut laurel,
-            h,
-            #[inline(always)]
-            |ti, row| {
-                for (o, &x) in row.iter_mut().zip(&xn[ti * h..]) {
-                    *o += x;
-                }
-            },
-        );
+        let laurel = self.laurel.forward(&xn, lr, t, h, eps, sc);
 
         let mut attn = self.attention(m, q, t, pos0, cache, sc);
         ops::rms_norm(&mut attn, h, Some(&self.post_attention_layernorm), eps);
@@ -308,50 +179,9 @@ impl DecoderLayer {
         sc.give(xn);
         let activated = x;
 
-        // AltUp correct: C[i] = pred[i] + (coef(router(activated))[i] + 1) · (activated - pred[act]).
-        let modalities = self.router_modalities(m, &activated, t, sc);
-        let mut k = sc.take(t * a);
-        for ti in 0..t {
-            let md = &modalities[ti * a..(ti + 1) * a];
-            for (i, kv) in k[ti * a..(ti + 1) * a].iter_mut().enumerate() {
-                let w = &self.altup.correction_coefs[i * a..(i + 1) * a];
-                *kv = w.iter().zip(md).map(|(x, y)| x * y).sum::<f32>() + 1.0;
-            }
-        }
-        {
-            let (pred_s, k, activated) = (&*pred_s, &k, &activated);
-            ops::for_rows_of(
-                streams,
-                h,
-                #[inline(always)]
-                |ti, rows| {
-                    let mut innov = [0.0f32; PIECE];
-                    for (piece, at) in pieces(ti, h) {
-                        let innov = &mut innov[..piece.len()];
-                        for ((d, &x), &p) in innov
-                            .iter_mut()
-                            .zip(&activated[at.clone()])
-                            .zip(&pred_s[act][at.clone()])
-                        {
-                            *d = x - p;
-                        }
-                        for (i, row) in rows.iter_mut().enumerate() {
-                            let ki = k[ti * a + i];
-                            for ((v, &p), &d) in row[piece.clone()]
-                                .iter_mut()
-                                .zip(&pred_s[i][at.clone()])
-                                .zip(innov.iter())
-                            {
-                                *v = p + d * ki;
-                            }
-                        }
-                    }
-                },
-            );
-        }
-        sc.give(k);
-        sc.give(modalities);
-        sc.give(activated);
+        // AltUp correct: the streams become the corrected predictions.
+        self.altup
+            .correct(&pred_arr[..a], activated, streams, t, h, act, eps, sc);
         for p in pred_arr.iter_mut().take(a) {
             sc.give(std::mem::take(p));
         }
@@ -360,16 +190,7 @@ impl DecoderLayer {
         let pdim = c.hidden_size_per_layer_input;
         let mut first = sc.copy_of(&streams[act]);
         if c.altup_correct_scale {
-            ops::for_rows(
-                &mut first,
-                h,
-                #[inline(always)]
-                |_, row| {
-                    for (v, &s) in row.iter_mut().zip(&self.altup.correct_output_scale) {
-                        *v *= s;
-                    }
-                },
-            );
+            self.altup.scale_corrected_output(&mut first, h);
         }
         let mut gate = sc.take_for_write(t * pdim);
         self.per_layer_input_gate.matmul(&first, t, &mut gate);
@@ -520,109 +341,6 @@ impl DecoderLayer {
     }
 }
 
-/// Width of the pieces AltUp walks a token's streams in (their partial sums stay in
-/// registers and L1).
-const PIECE: usize = 256;
-
-/// Token `ti`'s row of width `h` in [`PIECE`]-wide pieces: each piece's range in the row
-/// and in the `[t, h]` arrays.
-#[inline(always)]
-fn pieces(ti: usize, h: usize) -> impl Iterator<Item = (Range<usize>, Range<usize>)> {
-    (0..h).step_by(PIECE).map(move |lo| {
-        let n = (h - lo).min(PIECE);
-        (lo..lo + n, ti * h + lo..ti * h + lo + n)
-    })
-}
-
-/// `gelu(gate) · up` in place over one token's FFN row, after the Gaussian top-k (keep
-/// what lies above mean + z·std, population std) where the layer is sparse. Inlined into
-/// [`ops::for_rows`]'s wide-vector context.
-#[inline(always)]
-fn gelu_gate(g_row: &mut [f32], u_row: &[f32], std_multiplier: Option<f32>) {
-    if let Some(z) = std_multiplier {
-        let n = g_row.len() as f64;
-        let mean = ops::sum_f64(g_row) / n;
-        let var = ops::sum_sq_dev_f64(g_row, mean) / n;
-        let cutoff = mean as f32 + (var.sqrt() as f32) * z;
-        for g in g_row.iter_mut() {
-            *g = (*g - cutoff).max(0.0);
-        }
-    }
-    for (g, &u) in g_row.iter_mut().zip(u_row) {
-        *g = ops::gelu_tanh(*g) * u;
-    }
-}
-
-impl Mlp {
-    /// The MLP on `t` rows of `x` with its first `width` neurons (a MatFormer slice
-    /// narrows the views; the statistics of the Gaussian top-k are over those neurons,
-    /// as in the sliced checkpoint).
-    fn forward(&self, x: &[f32], t: usize, width: usize, sc: &mut Scratch) -> Vec<f32> {
-        let full = self.gate_proj.rows;
-        let inter = width.clamp(1, full);
-        let h = self.gate_proj.cols;
-        let narrowed;
-        let (gate_proj, up_proj, down_proj, down_proj_t) = if inter < full {
-            narrowed = (
-                self.gate_proj.narrow_rows(inter),
-                self.up_proj.narrow_rows(inter),
-                self.down_proj.narrow_cols(inter),
-                self.down_proj_t.as_ref().map(|d| d.narrow_rows(inter)),
-            );
-            (&narrowed.0, &narrowed.1, &narrowed.2, narrowed.3.as_ref())
-        } else {
-            (
-                &self.gate_proj,
-                &self.up_proj,
-                &self.down_proj,
-                self.down_proj_t.as_ref(),
-            )
-        };
-        let mut gate = sc.take_for_write(t * inter);
-        let mut up = sc.take_for_write(t * inter);
-        Matrix::matmul_many(&[gate_proj, up_proj], x, t, &mut [&mut gate, &mut up]);
-        let z = self.std_multiplier;
-        ops::for_rows(
-            &mut gate,
-            inter,
-            #[inline(always)]
-            |ti, g| gelu_gate(g, &up[ti * inter..(ti + 1) * inter], z),
-        );
-        sc.give(up);
-        let mut y = sc.take(t * h);
-        match down_proj_t {
-            // Sparse: y = Σ over surviving neurons i of a_i · down_proj[:, i].
-            Some(dt) => {
-                if t > 1 {
-                    // Prefill: one row of tokens per task (same arithmetic per output
-                    // element as the column split below, so prefill and decode agree).
-                    ops::for_rows(
-                        &mut y,
-                        h,
-                        #[inline(always)]
-                        |ti, y_row| dt.sparse_axpy(&gate[ti * inter..(ti + 1) * inter], 0, y_row),
-                    );
-                } else {
-                    // Decode: threads split the output columns; each reads only its part
-                    // of the surviving rows.
-                    let threads = crate::par::threads().max(1);
-                    let bs = dt.block_size().max(32);
-                    let part = h.div_ceil(threads).div_ceil(bs) * bs;
-                    let run = |pi: usize, yp: &mut [f32]| dt.sparse_axpy(&gate, pi * part, yp);
-                    if threads > 1 && h >= 1024 && h.is_multiple_of(bs) {
-                        crate::par::chunks_mut(&mut y, part, run);
-                    } else {
-                        dt.sparse_axpy(&gate, 0, &mut y);
-                    }
-                }
-            }
-            None => down_proj.matmul(&gate, t, &mut y),
-        }
-        sc.give(gate);
-        y
-    }
-}
-
 impl DecoderLayer {
     /// The matrices one decode step reads whole (the sparse down projection, read a few
     /// rows at a time, is left out).
@@ -668,34 +386,5 @@ impl DecoderLayer {
             None => mlp.down_proj.narrow_cols(ffn).storage_bytes(),
         };
         dense + gate_up + down
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The FFN activation gives the same bits compiled for the wide-vector context (as
-    /// `ops::for_rows` runs it) and for the x86-64 baseline, dense and sparse.
-    #[test]
-    fn gelu_gate_is_the_same_bits_wide_and_baseline() {
-        let n = 8192 + 7;
-        let g = crate::test_util::data(n, 11);
-        let u = crate::test_util::data(n, 12);
-        for z in [None, Some(ops::normal_icdf(0.95) as f32)] {
-            let mut base = g.clone();
-            gelu_gate(&mut base, &u, z);
-            let mut wide = g.clone();
-            ops::wide(|| gelu_gate(&mut wide, &u, z));
-            let mut rows = g.clone();
-            ops::for_rows(&mut rows, n, |_, r| gelu_gate(r, &u, z));
-            assert!(base.iter().any(|&v| v != 0.0));
-            for other in [&wide, &rows] {
-                assert!(base
-                    .iter()
-                    .zip(other.iter())
-                    .all(|(a, b)| a.to_bits() == b.to_bits()));
-            }
-        }
     }
 }

@@ -2,8 +2,11 @@
 //! weights from a checkpoint and running prefill/decode over a [`KvCache`].
 //! Per-layer pieces (AltUp, Laurel, attention, MLP) live in `layer.rs`.
 
+mod altup;
 mod attention;
+mod laurel;
 mod layer;
+mod mlp;
 pub mod ops;
 pub mod per_layer;
 pub mod ple_build;
