@@ -7,8 +7,9 @@ strings and test code (`#[cfg(test)]` items). A module's `pub use` of its own ch
 is its namespace, not a use: a path through it counts as a use of that child.
 
 The nodes are the crate's top-level modules, and one level down inside `quant` and
-`model` (the decoder and its layers, `model::layer`, refer to each other by design and
-count as one node: `model`). Neither that graph nor the one of the top-level modules
+`model` (the decoder, its layers and their MLP, `model::layer` and `model::mlp`, which
+loads through the decoder's `Loader`, refer to each other by design and count as one
+node: `model`). Neither that graph nor the one of the top-level modules
 alone may have a cycle. The crate root (`lib.rs`) only declares and re-exports, and is
 left out.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 # Folders whose children are nodes of their own.
 DEEP = {"quant", "model"}
 # Nodes counted as another.
-MERGE = {"model::layer": "model"}
+MERGE = {"model::layer": "model", "model::mlp": "model"}
 
 
 def module_path(src: Path, f: Path):

@@ -522,10 +522,28 @@ fn reload(
         || new.model.matformer_config != cfg.model.matformer_config
         || new.log.format != cfg.log.format
     {
-        tracing::warn!("[server], [model] and log.format changes take effect at the next start");
+        tracing::warn!("[server], [model] (but model.slice) and log.format changes take effect at the next start");
+    }
+    let mut keep_model = cfg.model.clone();
+    if new.model.slice != cfg.model.slice {
+        // Switched through the engine thread between requests, as `SetSlice` does.
+        let (core, name) = (s.core.clone(), new.model.slice.clone());
+        tokio::spawn(async move {
+            let target = if name.is_empty() {
+                "full"
+            } else {
+                name.as_str()
+            };
+            match core.set_default_slice(target).await {
+                Ok(()) => tracing::info!(slice = target, "model.slice reloaded"),
+                Err(e) => {
+                    tracing::error!(slice = target, error = %e, "model.slice: cannot switch; keeping the current slice")
+                }
+            }
+        });
+        keep_model.slice = new.model.slice.clone();
     }
     let keep_server = cfg.server.clone();
-    let keep_model = cfg.model.clone();
     let keep_format = cfg.log.format.clone();
     *cfg = new;
     cfg.server = keep_server;

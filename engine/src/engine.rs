@@ -123,6 +123,7 @@ pub struct Engine {
     slice: Arc<crate::matformer::SlicePlan>,
     /// A forced slice switch happened mid-generation: its next step re-prefills.
     reprefill: bool,
+    releaser: slices::Releaser,
 }
 
 impl std::fmt::Debug for Engine {
@@ -201,12 +202,14 @@ impl Engine {
             slices: offered,
             slice,
             reprefill: false,
+            releaser: slices::Releaser::new(),
         })
-        .inspect(|e: &Engine| {
+        .map(|mut e: Engine| {
             if e.slice.name != crate::matformer::FULL {
                 tracing::info!(slice = %e.slice.name, layers = e.slice.kept.len(), "running a MatFormer slice");
                 e.release_unused_async();
             }
+            e
         })
     }
 

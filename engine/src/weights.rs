@@ -570,10 +570,16 @@ impl Matrix {
                 }
             }
         }
+        // At most 16 MiB per call: a call holds the mm lock, which an allocation that
+        // maps memory (the engine's next prefill) waits for.
+        const STEP: usize = 16 << 20;
         for (off, len) in ranges {
             let (s, l) = crate::residency::page_span(off, len, map.len(), true);
-            if l > 0 {
-                crate::residency::advise(map, s, l, advice);
+            let mut at = s;
+            while at < s + l {
+                let n = STEP.min(s + l - at);
+                crate::residency::advise(map, at, n, advice);
+                at += n;
             }
         }
     }

@@ -133,6 +133,25 @@ async fn slices_are_listed_switched_and_chosen_per_request() {
     // The daemon kept serving through all of it.
     let got = c.generate_text(seeded("hi", "")).await.unwrap();
     assert_eq!(got.token_ids, in_process("hi", "full"));
+
+    // A reload that changes model.slice switches (the rest of [model] waits for a restart).
+    let cfg = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(
+        d.config_path(),
+        cfg.replace("slice = \"layer-mix\"", "slice = \"skip-one\""),
+    )
+    .unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    let t0 = std::time::Instant::now();
+    while c.status().await.unwrap().active_slice != "skip-one" {
+        assert!(t0.elapsed() < gemmad_e2e::HANG, "{}", d.log());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        !d.log().contains("take effect at the next start"),
+        "{}",
+        d.log()
+    );
 }
 
 /// A forced switch while a long generation streams: the stream goes on (re-prefilled on
@@ -171,4 +190,90 @@ async fn a_forced_switch_applies_to_the_running_generation() {
         "{}",
         d.log()
     );
+}
+
+/// The f32 data of a .npy file as `gemmad logits` writes it (C order, little-endian).
+fn npy_f32(path: &Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let header = u16::from_le_bytes([b[8], b[9]]) as usize;
+    b[10 + header..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// `gemmad logits --slice` on the big checkpoint and `gemmad logits` on what
+/// `gemmad export-slice` wrote for that slice give the same logits as the engine
+/// in-process (which the engine's tests hold to transformers' goldens).
+#[test]
+fn the_command_line_tools_run_and_export_slices() {
+    let gemmad = gemmad_e2e::gemmad().expect("the gemmad binary");
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = fixture().join("slices.csv");
+    let ids = [2u32, 105, 2364 % 512, 107, 490, 17, 33, 250, 106, 9];
+    let ids_arg: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let ids_arg = ids_arg.join(",");
+    let mut e = gemmad_engine::Engine::load(
+        &fixture(),
+        gemmad_engine::LoadOptions {
+            threads: Some(1),
+            matformer_config: Some(csv.clone()),
+            slice: Some("skip-one".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let want = e.logits(&ids).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&gemmad)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let big = tmp.path().join("big.npy");
+    run(&[
+        "logits",
+        "--model",
+        fixture().to_str().unwrap(),
+        "--matformer-config",
+        csv.to_str().unwrap(),
+        "--slice",
+        "skip-one",
+        "--ids",
+        &ids_arg,
+        "--out",
+        big.to_str().unwrap(),
+    ]);
+    assert_eq!(npy_f32(&big), want);
+    let out_dir = tmp.path().join("skip-one");
+    let said = run(&[
+        "export-slice",
+        "--model",
+        fixture().to_str().unwrap(),
+        "--matformer-config",
+        csv.to_str().unwrap(),
+        "--slice",
+        "skip-one",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(said.contains("14 layers"), "{said}");
+    let small = tmp.path().join("small.npy");
+    run(&[
+        "logits",
+        "--model",
+        out_dir.to_str().unwrap(),
+        "--ids",
+        &ids_arg,
+        "--out",
+        small.to_str().unwrap(),
+    ]);
+    assert_eq!(npy_f32(&small), want);
 }

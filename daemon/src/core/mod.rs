@@ -345,6 +345,17 @@ impl Core {
             .ok_or_else(|| ServiceError::Internal("the engine reports no active slice".into()))
     }
 
+    /// Switches the slice requests run by default (a config reload), between requests.
+    pub async fn set_default_slice(&self, name: &str) -> Result<(), ServiceError> {
+        self.engine
+            .control(Control::SetSlice {
+                name: name.to_string(),
+                force: false,
+            })
+            .await
+            .map(drop)
+    }
+
     /// Loads (`load`) or unloads a tower through the engine thread; returns its state
     /// afterwards.
     pub async fn set_modality(

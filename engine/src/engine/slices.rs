@@ -4,12 +4,14 @@
 //! smaller slice no longer reads.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::Engine;
 use crate::error::{EngineError, Result};
 use crate::matformer::{self, SlicePlan, SliceSpec, FULL};
 use crate::model::TextModel;
+use crate::weights::Matrix;
 
 /// One slice on offer, checked against the loaded model.
 #[derive(Clone, Debug)]
@@ -156,29 +158,78 @@ impl Engine {
         Ok(())
     }
 
-    /// Gives back, on a background thread, the mapped weight pages the active slice does
-    /// not read (see [`TextModel::release_outside`]).
-    pub(crate) fn release_unused_async(&self) {
+    /// Gives back now the mapped weight pages the active slice does not read (something
+    /// else read them: a benchmark's bandwidth probe, a request on a larger slice).
+    pub fn release_unused(&self) {
+        self.model.release_outside(&self.slice);
+    }
+
+    /// Gives back, on the page-release thread, the mapped weight pages the active slice
+    /// does not read (see [`TextModel::release_outside`]).
+    pub(crate) fn release_unused_async(&mut self) {
         let jobs = self.model.release_jobs(&self.slice);
+        let epoch = self.releaser.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         if jobs.is_empty() {
             return;
         }
-        let spawned = std::thread::Builder::new()
-            .name("gemmad-slice-release".into())
-            .spawn(move || {
-                let t0 = std::time::Instant::now();
-                for (m, rows, cols) in &jobs {
-                    m.advise_outside(*rows, *cols, crate::residency::Advice::Unmap);
-                }
-                tracing::debug!(
-                    matrices = jobs.len(),
-                    secs = t0.elapsed().as_secs_f64(),
-                    "released pages outside the slice"
-                );
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the page-release thread; releasing inline");
+        if let Err(e) = self.releaser.send(epoch, jobs) {
+            tracing::warn!(error = %e, "no page-release thread; releasing inline");
             self.model.release_outside(&self.slice);
+        }
+    }
+}
+
+type ReleaseJobs = Vec<(Matrix, usize, usize)>;
+
+/// The page-release thread: started once, so that a switch only sends it a message.
+/// (Starting a thread per switch maps its stack, which waits for the mm lock that a
+/// running release holds: measured up to 75 ms for a switch.) A newer switch supersedes
+/// a release in progress, which stops at its next matrix.
+pub(crate) struct Releaser {
+    epoch: Arc<AtomicU64>,
+    tx: Option<std::sync::mpsc::Sender<(u64, ReleaseJobs)>>,
+}
+
+impl Releaser {
+    pub(crate) fn new() -> Self {
+        Releaser {
+            epoch: Arc::new(AtomicU64::new(0)),
+            tx: None,
+        }
+    }
+
+    fn send(&mut self, epoch: u64, jobs: ReleaseJobs) -> std::io::Result<()> {
+        if self.tx.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<(u64, ReleaseJobs)>();
+            let current = self.epoch.clone();
+            std::thread::Builder::new()
+                .name("gemmad-release".into())
+                .spawn(move || {
+                    while let Ok((epoch, jobs)) = rx.recv() {
+                        let t0 = std::time::Instant::now();
+                        let mut done = 0;
+                        for (m, rows, cols) in &jobs {
+                            if current.load(Ordering::Relaxed) != epoch {
+                                break;
+                            }
+                            m.advise_outside(*rows, *cols, crate::residency::Advice::Unmap);
+                            done += 1;
+                        }
+                        tracing::debug!(
+                            matrices = done,
+                            of = jobs.len(),
+                            secs = t0.elapsed().as_secs_f64(),
+                            "released weight pages outside the slice"
+                        );
+                    }
+                })?;
+            self.tx = Some(tx);
+        }
+        match &self.tx {
+            Some(tx) => tx
+                .send((epoch, jobs))
+                .map_err(|_| std::io::Error::other("the page-release thread has ended")),
+            None => Err(std::io::Error::other("no page-release thread")),
         }
     }
 }
