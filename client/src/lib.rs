@@ -303,6 +303,16 @@ impl Client {
         Ok(r.into_inner().slice.unwrap_or_default())
     }
 
+    /// Pins the governor to `tier`, or unpins it (`None`).
+    pub async fn governor_pin(&mut self, tier: Option<&str>) -> Result<(), ClientError> {
+        self.rpc
+            .governor_pin(pb::GovernorPinRequest {
+                tier: tier.unwrap_or("").to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
     pub async fn load_modality(&mut self, m: pb::Modality) -> Result<pb::Tower, ClientError> {
         let r = self
             .rpc

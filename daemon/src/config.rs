@@ -24,6 +24,7 @@ pub struct Config {
     pub limits: LimitsSection,
     pub shutdown: ShutdownSection,
     pub log: LogSection,
+    pub governor: gemmad_governor::GovernorConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -156,6 +157,9 @@ pub struct AccessSection {
     pub allowed_uids: Option<Vec<u32>>,
     /// Groups (names or numeric gids) whose members may call; unset = the socket's group.
     pub allowed_groups: Option<Vec<String>>,
+    /// Groups whose members may administer (pin the governor's tier); uid 0 and gemmad's
+    /// own user always may.
+    pub admin_groups: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -290,6 +294,10 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         self.socket_mode()?;
+        self.governor
+            .policy
+            .validate()
+            .map_err(|e| anyhow::anyhow!("governor.policy: {e}"))?;
         self.model.quant()?;
         self.model.ple_mode()?;
         self.model.isa()?;
@@ -364,6 +372,7 @@ mod tests {
         let c: Config = toml::from_str(text).unwrap();
         c.validate().unwrap();
         let d = Config::default();
+        assert_eq!(c.governor, d.governor);
         assert_eq!(c.server.socket, d.server.socket);
         assert_eq!(
             (c.server.max_connections_per_uid, c.server.max_connections),

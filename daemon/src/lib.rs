@@ -5,6 +5,7 @@
 pub mod config;
 pub mod core;
 pub mod export;
+pub mod governor;
 pub mod grpc;
 pub mod oneshot;
 pub mod serve;

@@ -276,6 +276,24 @@ async fn serve(
     // Generate and Tokenize requests are counted on the wire and checked against the
     // (reloadable) limits before prost decodes them.
     gemmad_proto::codec::set_request_check(crate::grpc::count_check(&core));
+    let governor_stop = Arc::new(AtomicBool::new(false));
+    let governor = if cfg.governor.enabled {
+        match crate::governor::spawn(
+            cfg.governor.clone(),
+            core.clone(),
+            tokio::runtime::Handle::current(),
+            governor_stop.clone(),
+        ) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the governor thread; serving without it");
+                None
+            }
+        }
+    } else {
+        tracing::info!("governor disabled (governor.enabled = false)");
+        None
+    };
 
     let (unix, socket_file) = listen::bind_unix(&socket, mode, socket_gid)?;
     let tcp = if cfg.server.tcp_listen.is_empty() {
@@ -307,7 +325,17 @@ async fn serve(
     )
     .await;
     socket_file.remove();
+    governor_stop.store(true, Ordering::Relaxed);
     queue.stop();
+    if let Some(g) = governor {
+        let joined = tokio::task::spawn_blocking(move || g.join());
+        if tokio::time::timeout(Duration::from_secs(5), joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the governor thread did not stop in time");
+        }
+    }
     let joined = tokio::task::spawn_blocking(move || worker.join());
     if tokio::time::timeout(Duration::from_secs(10), joined)
         .await

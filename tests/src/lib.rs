@@ -301,8 +301,13 @@ impl DaemonBuilder {
         let socket = dir.path().join("gemmad.sock");
         let config = dir.path().join("gemmad.toml");
         let log = dir.path().join("log");
-        std::fs::write(&config, &self.config)
-            .with_context(|| format!("writing {}", config.display()))?;
+        // The governor watches the real machine: a test that does not configure it turns
+        // it off, so the CI machine's load cannot change its daemon's tier mid-test.
+        let mut text = self.config.clone();
+        if !text.contains("[governor") {
+            text.push_str("\n[governor]\nenabled = false\n");
+        }
+        std::fs::write(&config, &text).with_context(|| format!("writing {}", config.display()))?;
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new(&gemmad);

@@ -43,12 +43,26 @@ enum Command {
     Slices(JsonFlag),
     /// Switch the model size (MatFormer slice) requests run on.
     SetSlice(SetSliceArgs),
+    /// The governor: `pin TIER` (full, balanced, saver, critical) or `unpin`.
+    #[command(subcommand)]
+    Governor(GovernorCmd),
     /// Load a tower (vision or audio) and page its weights in.
     Load(ModalityArgs),
     /// Unload a tower and drop its pages.
     Unload(ModalityArgs),
     /// The gRPC health check; exit status 0 when serving.
     Health,
+}
+
+#[derive(Subcommand, Debug)]
+enum GovernorCmd {
+    /// Hold the governor at a tier (admins), for diagnosis.
+    Pin {
+        /// full, balanced, saver or critical.
+        tier: String,
+    },
+    /// Let the readings decide again.
+    Unpin,
 }
 
 #[derive(Args, Debug)]
@@ -363,7 +377,9 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
             "connections": {"open": n.open, "accepted": n.accepted, "refused": n.refused,
                             "over_limit": n.over_limit, "accept_errors": n.accept_errors,
                             "max_per_uid": n.max_per_uid, "max_total": n.max_total},
-            "governor": s.governor.map(|g| json!({"tier": g.tier,
+            "governor": s.governor.map(|g| json!({"tier": g.tier, "pinned": g.pinned,
+                "transitions": g.transitions, "actions_applied": g.actions_applied,
+                "last_actions": g.last_actions,
                 "readings": g.readings.iter().map(|x| json!({"name": x.name, "value": x.value, "unit": x.unit})).collect::<Vec<_>>()})),
             "warnings": s.warnings,
         });
@@ -413,7 +429,20 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
         n.open, n.max_total, n.max_per_uid, n.accepted, n.refused, n.over_limit, n.accept_errors
     );
     match s.governor {
-        Some(g) => println!("governor tier {}", g.tier),
+        Some(g) => {
+            let pinned = if g.pinned.is_empty() {
+                String::new()
+            } else {
+                format!(" (pinned {})", g.pinned)
+            };
+            println!(
+                "governor tier {}{pinned}; {} transitions, {} actions",
+                g.tier, g.transitions, g.actions_applied
+            );
+            for a in &g.last_actions {
+                println!("         {a}");
+            }
+        }
         None => println!("governor (none)"),
     }
     for w in &s.warnings {
@@ -458,6 +487,24 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                         s.name, s.layers, s.ffn_widths, s.params
                     );
                 }
+            }
+        }
+        Command::Governor(g) => {
+            match &g {
+                GovernorCmd::Pin { tier } => c.governor_pin(Some(tier)).await?,
+                GovernorCmd::Unpin => c.governor_pin(None).await?,
+            }
+            let st = c.status().await?;
+            if let Some(gov) = st.governor {
+                println!(
+                    "governor tier: {}{}",
+                    gov.tier,
+                    if gov.pinned.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pinned: {})", gov.pinned)
+                    }
+                );
             }
         }
         Command::SetSlice(a) => {

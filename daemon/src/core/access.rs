@@ -58,6 +58,9 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 pub struct Policy {
     pub uids: HashSet<u32>,
     pub gids: HashSet<u32>,
+    /// Groups whose members may administer (pin the governor); uid 0 and gemmad's own
+    /// uid always may.
+    pub admin_gids: HashSet<u32>,
 }
 
 impl Policy {
@@ -80,7 +83,29 @@ impl Policy {
                 .map(|g| resolve_group(g))
                 .collect::<anyhow::Result<_>>()?,
         };
-        Ok(Policy { uids, gids })
+        let admin_gids = access
+            .admin_groups
+            .iter()
+            .map(|g| resolve_group(g))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Policy {
+            uids,
+            gids,
+            admin_gids,
+        })
+    }
+
+    /// Whether `peer` may administer: uid 0, gemmad's own uid, or a member of an admin
+    /// group. Peers without credentials (TCP) never may.
+    pub fn is_admin(&self, peer: &Peer) -> bool {
+        match peer.uid {
+            Some(uid) => {
+                uid == 0
+                    || uid == nix::unistd::Uid::effective().as_raw()
+                    || peer.gids.iter().any(|g| self.admin_gids.contains(g))
+            }
+            None => false,
+        }
     }
 
     /// The decision for one peer. TCP peers are allowed (enabling TCP is the opt-in);
@@ -153,8 +178,12 @@ mod tests {
         let a = AccessSection {
             allowed_uids: Some(vec![1000]),
             allowed_groups: Some(vec!["4242".into()]),
+            admin_groups: vec!["4343".into()],
         };
         let p = Policy::from_config(&a, 990).unwrap();
+        assert!(p.is_admin(&local(0, 0, &[])));
+        assert!(p.is_admin(&local(7, 7, &[4343])));
+        assert!(!p.is_admin(&local(7, 7, &[4242])) || nix::unistd::Uid::effective().as_raw() == 7);
         assert!(
             !p.allows(&local(0, 0, &[0])),
             "root is not implicitly allowed"
@@ -165,6 +194,7 @@ mod tests {
         let bad = AccessSection {
             allowed_uids: None,
             allowed_groups: Some(vec!["no-such-group-gemmad-test".into()]),
+            admin_groups: Vec::new(),
         };
         assert!(Policy::from_config(&bad, 0).is_err());
     }

@@ -28,7 +28,10 @@ use connections::{ConnectionGuard, Connections};
 use engine_thread::EngineHandle;
 use preparing::Preparing;
 use queue::Job;
-use types::{Event, GenerateParams, ModelInfo, Peer, SliceInfo, StatusSnapshot, TokenizeInput};
+use types::{
+    Event, GenerateParams, GovernorSnapshot, ModelInfo, Peer, SliceInfo, StatusSnapshot,
+    TokenizeInput,
+};
 
 /// The service behind every front end.
 pub struct Core {
@@ -40,6 +43,16 @@ pub struct Core {
     preparing: Preparing,
     connections: Arc<Connections>,
     started: Instant,
+    /// The governor's published state and its pin request, once it runs.
+    governor: std::sync::OnceLock<Arc<GovernorShared>>,
+}
+
+/// What the governor loop and the front ends share.
+#[derive(Debug, Default)]
+pub struct GovernorShared {
+    pub snapshot: std::sync::Mutex<GovernorSnapshot>,
+    /// A pin (`Some(Some(tier))`), an unpin (`Some(None)`) for the loop to take.
+    pub pin: std::sync::Mutex<Option<Option<String>>>,
 }
 
 /// A request that carried at least this many bytes of text and media returns the heap
@@ -90,6 +103,7 @@ impl Core {
             preparing: Preparing::new(per_peer_preparing),
             connections,
             started: Instant::now(),
+            governor: std::sync::OnceLock::new(),
         }
     }
 
@@ -295,7 +309,69 @@ impl Core {
             queue: queue.snapshot(),
             requests: queue.counters.snapshot(),
             connections: self.connections.snapshot(),
+            governor: self.governor.get().map(|g| {
+                g.snapshot
+                    .lock()
+                    .map(|s| s.clone())
+                    .unwrap_or_else(|p| p.into_inner().clone())
+            }),
         }
+    }
+
+    /// Hands the front ends the governor's state (once, when the loop starts).
+    pub fn attach_governor(&self, g: Arc<GovernorShared>) {
+        let _ = self.governor.set(g);
+    }
+
+    /// The queue, for the governor's admission switch.
+    pub fn queue(&self) -> &Arc<queue::Queue> {
+        self.engine.queue()
+    }
+
+    /// Applies an engine control command for the governor (no peer: the service itself).
+    pub async fn governor_control(
+        &self,
+        c: Control,
+    ) -> Result<gemmad_engine::EngineState, ServiceError> {
+        self.engine.control(c).await
+    }
+
+    /// The engine's state as last published.
+    pub fn engine_state(&self) -> gemmad_engine::EngineState {
+        self.engine.stats().state()
+    }
+
+    /// Pins the governor to a tier (`None`: unpins). Admins only: uid 0, the daemon's
+    /// own uid, or a member of `access.admin_groups`.
+    pub fn governor_pin(&self, peer: &Peer, tier: Option<&str>) -> Result<(), ServiceError> {
+        tracing::debug!(op = "governor_pin", via = peer.via, peer = %peer, tier = ?tier, "core call");
+        let admin = self
+            .policy
+            .read()
+            .map(|p| p.is_admin(peer))
+            .unwrap_or(false);
+        if !admin {
+            return Err(ServiceError::PermissionDenied(format!(
+                "{peer} may not pin the governor: it takes uid 0, gemmad's own user or a \
+                 member of access.admin_groups"
+            )));
+        }
+        let Some(g) = self.governor.get() else {
+            return Err(ServiceError::FailedPrecondition(
+                "the governor is not running (governor.enabled = false)".into(),
+            ));
+        };
+        if let Some(t) = tier {
+            if !["full", "balanced", "saver", "critical"].contains(&t) {
+                return Err(ServiceError::invalid(format!(
+                    "tier {t:?} is not one of full, balanced, saver, critical"
+                )));
+            }
+        }
+        if let Ok(mut p) = g.pin.lock() {
+            *p = Some(tier.map(str::to_string));
+        }
+        Ok(())
     }
 
     pub fn list_slices(&self, peer: &Peer) -> Vec<SliceInfo> {

@@ -126,6 +126,8 @@ struct Inner {
     depth: usize,
     per_peer: usize,
     accepting: bool,
+    /// Why background requests are refused now (the governor's tier), if they are.
+    background_paused: Option<String>,
     stopped: bool,
     next_id: u64,
     run_seq: u64,
@@ -209,6 +211,7 @@ impl Queue {
                 depth,
                 per_peer,
                 accepting: true,
+                background_paused: None,
                 stopped: false,
                 next_id: 1,
                 run_seq: 0,
@@ -230,6 +233,13 @@ impl Queue {
         g.per_peer = per_peer;
     }
 
+    /// Whether background requests are admitted (the governor pauses them in
+    /// constrained tiers; `reason` says which).
+    pub fn set_background_admission(&self, admit: bool, reason: &str) {
+        let mut g = self.lock();
+        g.background_paused = (!admit).then(|| reason.to_string());
+    }
+
     /// Admits `job` (assigning its id) and sends it its `Queued` event, or says why not.
     pub fn admit(&self, mut job: Job) -> Result<u64, ServiceError> {
         let mut g = self.lock();
@@ -237,6 +247,16 @@ impl Queue {
             return Err(ServiceError::Unavailable(
                 "gemmad is shutting down; retry when it is back".into(),
             ));
+        }
+        if let (Class::Background, Some(why)) = (job.class, &g.background_paused) {
+            Counters::bump(&self.counters.rejected);
+            return Err(ServiceError::ResourceExhausted {
+                message: format!(
+                    "background requests are paused by the governor ({why}); retry later \
+                     or send the request as interactive"
+                ),
+                retry_after: std::time::Duration::from_secs(30),
+            });
         }
         let waiting = g.waiting();
         // The queue is full when `depth` requests wait; a request that can start at once

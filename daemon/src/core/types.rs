@@ -255,4 +255,20 @@ pub struct StatusSnapshot {
     pub queue: QueueSnapshot,
     pub requests: CounterSnapshot,
     pub connections: ConnectionSnapshot,
+    /// The governor's state, when it runs.
+    pub governor: Option<GovernorSnapshot>,
+}
+
+/// What the governor is doing, as Status shows it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GovernorSnapshot {
+    pub tier: String,
+    /// The tier an admin pinned, if any.
+    pub pinned: Option<String>,
+    /// The last readings: (name, value, unit).
+    pub readings: Vec<(String, f64, String)>,
+    /// The most recent actions applied, newest last, with their reasons.
+    pub last_actions: Vec<String>,
+    pub transitions: u64,
+    pub actions_applied: u64,
 }

@@ -222,7 +222,22 @@ impl Gemmad for GemmadService {
                 failed: c.failed,
                 rejected: c.rejected,
             }),
-            governor: None,
+            governor: s.governor.as_ref().map(|g| pb::GovernorInfo {
+                tier: g.tier.clone(),
+                readings: g
+                    .readings
+                    .iter()
+                    .map(|(name, value, unit)| pb::Reading {
+                        name: name.clone(),
+                        value: *value,
+                        unit: unit.clone(),
+                    })
+                    .collect(),
+                pinned: g.pinned.clone().unwrap_or_default(),
+                last_actions: g.last_actions.clone(),
+                transitions: g.transitions,
+                actions_applied: g.actions_applied,
+            }),
             warnings: s.engine.warnings.clone(),
             connections: Some(pb::ConnectionCounters {
                 open: sat_u32(n.open),
@@ -259,6 +274,18 @@ impl Gemmad for GemmadService {
         Ok(Response::new(pb::SetSliceResponse {
             slice: Some(convert::slice(s)),
         }))
+    }
+
+    async fn governor_pin(
+        &self,
+        req: Request<pb::GovernorPinRequest>,
+    ) -> Result<Response<pb::GovernorPinResponse>, Status> {
+        let tier = req.get_ref().tier.clone();
+        let tier = (!tier.is_empty()).then_some(tier.as_str());
+        self.core
+            .governor_pin(&peer(&req), tier)
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::GovernorPinResponse {}))
     }
 
     async fn load_modality(
