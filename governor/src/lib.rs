@@ -26,7 +26,8 @@ pub struct GovernorConfig {
     pub sysfs_root: PathBuf,
     /// The daemon's cgroup directory; default: its own, from `/proc/self/cgroup`.
     pub cgroup_dir: Option<PathBuf>,
-    /// Poll interval of the sensors, milliseconds (PSI triggers wake it earlier).
+    /// Poll interval of the sensors, milliseconds (PSI triggers wake it earlier). 500:
+    /// a cgroup `memory.high` event is acted on within half a second.
     pub interval_ms: u64,
     /// Tiers, thresholds and what each tier does.
     pub policy: PolicyConfig,
@@ -39,7 +40,7 @@ impl Default for GovernorConfig {
             procfs_root: PathBuf::from("/proc"),
             sysfs_root: PathBuf::from("/sys"),
             cgroup_dir: None,
-            interval_ms: 1000,
+            interval_ms: 500,
             policy: PolicyConfig::default(),
         }
     }

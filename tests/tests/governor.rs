@@ -243,6 +243,12 @@ async fn an_admin_pin_holds_a_tier_until_unpinned() {
     );
     wait_for(&d, &mut c, "critical", "e2b-like").await;
     assert_eq!(governor(&mut c).await.governor.unwrap().pinned, "critical");
+    // A request's own size is honoured within the tier: `full` runs on the tier's slice.
+    let mut big = user_prompt("hi");
+    big.max_tokens = 4;
+    big.size = "full".into();
+    let got = c.generate_text(big).await.unwrap();
+    assert_eq!(got.started.unwrap().active_slice, "e2b-like");
     let err = c
         .governor_pin(Some("lukewarm"))
         .await

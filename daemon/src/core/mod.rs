@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use gemmad_engine::{Control, Modality, Prompter, TowerState};
+use gemmad_engine::{Control, GenerateRequest, Modality, Prompter, TowerState};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use error::ServiceError;
@@ -182,9 +182,8 @@ impl Core {
             .enter(&peer.queue_key())
             .inspect_err(refused)?;
         let bytes = payload_bytes(&params.messages);
-        let slices: Vec<String> = (self.engine.stats().state().slices.into_iter())
-            .map(|s| s.name)
-            .collect();
+        let engine = self.engine.stats().state();
+        let slices: Vec<String> = engine.slices.iter().map(|s| s.name.clone()).collect();
         let prepared = validate::prepare(params, &self.prompter, &self.limits(), &slices);
         drop(permit);
         trim_after(bytes);
@@ -192,6 +191,7 @@ impl Core {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let mut request = prepared.request;
+        self.within_tier(&mut request, &engine);
         request.cancel = Some(cancel.clone());
         let peer_key = peer.queue_key();
         let job = Job {
@@ -315,6 +315,35 @@ impl Core {
                     .map(|s| s.clone())
                     .unwrap_or_else(|p| p.into_inner().clone())
             }),
+        }
+    }
+
+    /// A request's own size is honoured within the governor's tier: while the tier is not
+    /// `full`, a slice larger than the one the governor chose runs as the active one.
+    fn within_tier(&self, request: &mut GenerateRequest, engine: &gemmad_engine::EngineState) {
+        let Some(g) = self.governor.get() else {
+            return;
+        };
+        let tier = g
+            .snapshot
+            .lock()
+            .map(|s| s.tier.clone())
+            .unwrap_or_default();
+        if tier.is_empty() || tier == "full" {
+            return;
+        }
+        let params = |name: &str| {
+            engine
+                .slices
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.params)
+        };
+        if let (Some(want), Some(active)) = (request.slice.as_deref(), params(&engine.slice)) {
+            if params(want).is_some_and(|p| p > active) {
+                tracing::info!(requested = want, runs = %engine.slice, tier = %tier, "request size capped by the governor's tier");
+                request.slice = None;
+            }
         }
     }
 
