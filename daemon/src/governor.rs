@@ -102,11 +102,10 @@ impl Loop {
         );
         while !stop.load(Ordering::Relaxed) {
             let pin = self.shared.pin.lock().ok().and_then(|mut p| p.take());
-            if let Some(pin) = pin {
-                let tier = pin.as_deref().and_then(parse_tier);
+            if let Some(tier) = pin {
                 self.policy.pin(tier);
                 tracing::info!(tier = ?tier, "governor pin");
-                self.update(|s| s.pinned = pin.clone());
+                self.update(|s| s.pinned = tier.map(|t| t.to_string()));
             }
             let r = self.sensors.read();
             let now_ms = start.elapsed().as_millis() as u64;
@@ -220,7 +219,7 @@ impl Loop {
             if noop {
                 continue;
             }
-            if let Err(e) = self.rt.block_on(self.core.governor_control(c.clone())) {
+            if let Err(e) = self.rt.block_on(self.core.service_control(c.clone())) {
                 outcome = format!("failed: {e}");
                 tracing::warn!(action = %a, command = %c, error = %e, "governor action failed");
             }
@@ -236,10 +235,6 @@ impl Loop {
             }
         });
     }
-}
-
-fn parse_tier(s: &str) -> Option<Tier> {
-    Tier::ALL.into_iter().find(|t| t.to_string() == s)
 }
 
 /// The readings Status shows, with units.

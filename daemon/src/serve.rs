@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gemmad_engine::LoadOptions;
+use gemmad_engine::{Control, LoadOptions};
 use gemmad_proto::v1::gemmad_server::GemmadServer;
 use tokio::signal::unix::{signal, SignalKind};
 use tonic::service::InterceptorLayer;
@@ -562,8 +562,12 @@ fn reload(
             } else {
                 name.as_str()
             };
-            match core.set_default_slice(target).await {
-                Ok(()) => tracing::info!(slice = target, "model.slice reloaded"),
+            let switch = Control::SetSlice {
+                name: target.to_string(),
+                force: false,
+            };
+            match core.service_control(switch).await {
+                Ok(_) => tracing::info!(slice = target, "model.slice reloaded"),
                 Err(e) => {
                     tracing::error!(slice = target, error = %e, "model.slice: cannot switch; keeping the current slice")
                 }

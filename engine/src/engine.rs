@@ -158,19 +158,9 @@ impl Engine {
         let pool = new_pool(threads)?;
         let cache = model.new_cache(max_context);
         let offered = slices::catalogue(&model, &cfg.path, opts.matformer_config.as_deref())?;
-        let slice = match opts.slice.as_deref() {
-            None | Some("") | Some("auto") => offered[0].plan.clone(),
-            Some(name) => match offered.iter().find(|o| o.spec.name == name) {
-                Some(o) => o.plan.clone(),
-                None => {
-                    let names: Vec<&str> = offered.iter().map(|o| o.spec.name.as_str()).collect();
-                    return Err(EngineError::InvalidRequest(format!(
-                        "`{name}` is not a slice of this model; it offers: {}",
-                        names.join(", ")
-                    )));
-                }
-            },
-        };
+        // The catalogue starts with `full`, the default.
+        let slice = slices::named(&offered, opts.slice.as_deref().unwrap_or(""))?
+            .unwrap_or_else(|| offered[0].plan.clone());
         tracing::info!(
             dir = %dir.display(),
             layout = ?cfg.layout,

@@ -52,6 +52,12 @@ pub use nix::unistd::Pid;
 /// The bundled tiny checkpoint (random weights, real machinery).
 pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../engine/tests/fixtures/text");
 
+/// The tiny E4B-like checkpoint with MatFormer slices (`slices.csv` in it).
+pub const MATFORMER_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../engine/tests/fixtures/matformer"
+);
+
 /// How long a start, an exit or a stream may take before a wait calls it a hang.
 pub const HANG: Duration = Duration::from_secs(60);
 

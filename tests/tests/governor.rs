@@ -10,7 +10,7 @@ use gemmad_client::{pb, user_prompt};
 use gemmad_e2e::{Daemon, HANG};
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/matformer")
+    PathBuf::from(gemmad_e2e::MATFORMER_FIXTURE)
 }
 
 fn write(root: &Path, rel: &str, text: &str) {

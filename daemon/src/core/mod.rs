@@ -52,7 +52,7 @@ pub struct Core {
 pub struct GovernorShared {
     pub snapshot: std::sync::Mutex<GovernorSnapshot>,
     /// A pin (`Some(Some(tier))`), an unpin (`Some(None)`) for the loop to take.
-    pub pin: std::sync::Mutex<Option<Option<String>>>,
+    pub pin: std::sync::Mutex<Option<Option<gemmad_governor::Tier>>>,
 }
 
 /// A request that carried at least this many bytes of text and media returns the heap
@@ -357,8 +357,9 @@ impl Core {
         self.engine.queue()
     }
 
-    /// Applies an engine control command for the governor (no peer: the service itself).
-    pub async fn governor_control(
+    /// Applies an engine control command for the service itself (the governor, a config
+    /// reload): no peer, no access check.
+    pub async fn service_control(
         &self,
         c: Control,
     ) -> Result<gemmad_engine::EngineState, ServiceError> {
@@ -390,34 +391,19 @@ impl Core {
                 "the governor is not running (governor.enabled = false)".into(),
             ));
         };
-        if let Some(t) = tier {
-            if !["full", "balanced", "saver", "critical"].contains(&t) {
-                return Err(ServiceError::invalid(format!(
-                    "tier {t:?} is not one of full, balanced, saver, critical"
-                )));
-            }
-        }
+        let tier = tier
+            .map(str::parse::<gemmad_governor::Tier>)
+            .transpose()
+            .map_err(|e| ServiceError::invalid(e.to_string()))?;
         if let Ok(mut p) = g.pin.lock() {
-            *p = Some(tier.map(str::to_string));
+            *p = Some(tier);
         }
         Ok(())
     }
 
     pub fn list_slices(&self, peer: &Peer) -> Vec<SliceInfo> {
         tracing::debug!(op = "list_slices", via = peer.via, peer = %peer, "core call");
-        self.engine
-            .stats()
-            .state()
-            .slices
-            .into_iter()
-            .map(|s| SliceInfo {
-                name: s.name,
-                active: s.active,
-                layers: s.layers,
-                ffn_widths: s.ffn_widths,
-                params: s.params,
-            })
-            .collect()
+        self.engine.stats().state().slices
     }
 
     /// Switches the MatFormer slice through the engine thread: between requests, or
@@ -440,25 +426,7 @@ impl Core {
         st.slices
             .into_iter()
             .find(|s| s.active)
-            .map(|s| SliceInfo {
-                name: s.name,
-                active: true,
-                layers: s.layers,
-                ffn_widths: s.ffn_widths,
-                params: s.params,
-            })
             .ok_or_else(|| ServiceError::Internal("the engine reports no active slice".into()))
-    }
-
-    /// Switches the slice requests run by default (a config reload), between requests.
-    pub async fn set_default_slice(&self, name: &str) -> Result<(), ServiceError> {
-        self.engine
-            .control(Control::SetSlice {
-                name: name.to_string(),
-                force: false,
-            })
-            .await
-            .map(drop)
     }
 
     /// Loads (`load`) or unloads a tower through the engine thread; returns its state

@@ -196,15 +196,8 @@ pub struct ModelInfo {
     pub ffn_widths: Vec<usize>,
 }
 
-/// A model size on offer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SliceInfo {
-    pub name: String,
-    pub active: bool,
-    pub layers: usize,
-    pub ffn_widths: Vec<usize>,
-    pub params: u64,
-}
+/// A model size on offer: the engine's own description.
+pub use gemmad_engine::SliceInfo;
 
 /// The queue as Status shows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -188,10 +188,7 @@ impl Engine {
             g.slice = self.slice.clone();
             g.pending = None;
             let t0 = Instant::now();
-            let history = std::mem::take(&mut g.history);
-            let r = self.prefill(&history, &g.slice);
-            g.history = history;
-            r?;
+            self.prefill(&g.history, &g.slice)?;
             g.timings.reprefills += 1;
             g.timings.reprefill += t0.elapsed();
             tracing::info!(slice = %g.slice.name, tokens = g.history.len(), secs = t0.elapsed().as_secs_f64(), "generation re-prefilled on the new slice");

@@ -88,6 +88,24 @@ pub(crate) fn catalogue(
         .collect()
 }
 
+/// The plan of the slice named `name` in `offered`; `None` for `auto` or empty (the
+/// caller's default). An unknown name is an error listing the ones on offer.
+pub(crate) fn named(offered: &[Offered], name: &str) -> Result<Option<Arc<SlicePlan>>> {
+    if name.is_empty() || name == "auto" {
+        return Ok(None);
+    }
+    match offered.iter().find(|o| o.spec.name == name) {
+        Some(o) => Ok(Some(o.plan.clone())),
+        None => {
+            let names: Vec<&str> = offered.iter().map(|o| o.spec.name.as_str()).collect();
+            Err(EngineError::InvalidRequest(format!(
+                "`{name}` is not a slice of this model; it offers: {}",
+                names.join(", ")
+            )))
+        }
+    }
+}
+
 impl Engine {
     /// The slices this engine offers, with the active one marked.
     pub fn slices(&self) -> Vec<SliceInfo> {
@@ -118,20 +136,7 @@ impl Engine {
 
     /// The plan of the slice named `name` (`auto` or empty: the active one).
     pub(crate) fn find_slice(&self, name: &str) -> Result<Arc<SlicePlan>> {
-        if name.is_empty() || name == "auto" {
-            return Ok(self.slice.clone());
-        }
-        self.slices
-            .iter()
-            .find(|o| o.spec.name == name)
-            .map(|o| o.plan.clone())
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.slices.iter().map(|o| o.spec.name.as_str()).collect();
-                EngineError::InvalidRequest(format!(
-                    "`{name}` is not a slice of this model; it offers: {}",
-                    names.join(", ")
-                ))
-            })
+        Ok(named(&self.slices, name)?.unwrap_or_else(|| self.slice.clone()))
     }
 
     /// Makes `name` the active slice. The KV cache is dropped (hidden states differ per

@@ -345,13 +345,19 @@ impl DecoderLayer {
     /// The matrices one decode step reads whole (the sparse down projection, read a few
     /// rows at a time, is left out).
     pub fn dense_decode_matrices(&self) -> Vec<&Matrix> {
-        let a = &self.self_attn;
-        let mut v = vec![&a.q_proj, &a.o_proj];
-        v.extend(a.k_proj.iter().chain(a.v_proj.iter()));
+        let mut v = self.decode_matrices_outside_mlp();
         v.extend([&self.mlp.gate_proj, &self.mlp.up_proj]);
         if self.mlp.down_proj_t.is_none() {
             v.push(&self.mlp.down_proj);
         }
+        v
+    }
+
+    /// The matrices besides the MLP's that a decode step reads whole.
+    fn decode_matrices_outside_mlp(&self) -> Vec<&Matrix> {
+        let a = &self.self_attn;
+        let mut v = vec![&a.q_proj, &a.o_proj];
+        v.extend(a.k_proj.iter().chain(a.v_proj.iter()));
         v.extend([
             &self.laurel.linear_left,
             &self.laurel.linear_right,
@@ -371,20 +377,11 @@ impl DecoderLayer {
     /// As [`weight_bytes_per_token`](Self::weight_bytes_per_token) with the first `ffn`
     /// FFN neurons (a MatFormer slice's width).
     pub fn weight_bytes_per_token_at(&self, ffn: usize) -> usize {
-        let mlp = &self.mlp;
-        let ffn_mats = [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj];
-        let dense: usize = self
-            .dense_decode_matrices()
+        let outside: usize = self
+            .decode_matrices_outside_mlp()
             .iter()
-            .filter(|m| !ffn_mats.iter().any(|f| std::ptr::eq(*f, **m)))
             .map(|m| m.storage_bytes())
             .sum();
-        let gate_up = mlp.gate_proj.narrow_rows(ffn).storage_bytes()
-            + mlp.up_proj.narrow_rows(ffn).storage_bytes();
-        let down = match &mlp.down_proj_t {
-            Some(dt) => (dt.narrow_rows(ffn).storage_bytes() as f64 * mlp.density) as usize,
-            None => mlp.down_proj.narrow_cols(ffn).storage_bytes(),
-        };
-        dense + gate_up + down
+        outside + self.mlp.weight_bytes_per_token(ffn)
     }
 }

@@ -69,6 +69,18 @@ fn gelu_gate(g_row: &mut [f32], u_row: &[f32], std_multiplier: Option<f32>) {
 }
 
 impl Mlp {
+    /// Bytes of weights one token reads with the first `width` neurons: gate and up
+    /// whole, the down projection whole or, where sparse, its surviving share.
+    pub(crate) fn weight_bytes_per_token(&self, width: usize) -> usize {
+        let gate_up = self.gate_proj.narrow_rows(width).storage_bytes()
+            + self.up_proj.narrow_rows(width).storage_bytes();
+        let down = match &self.down_proj_t {
+            Some(dt) => (dt.narrow_rows(width).storage_bytes() as f64 * self.density) as usize,
+            None => self.down_proj.narrow_cols(width).storage_bytes(),
+        };
+        gate_up + down
+    }
+
     /// The MLP on `t` rows of `x` with its first `width` neurons (a MatFormer slice
     /// narrows the views; the statistics of the Gaussian top-k are over those neurons,
     /// as in the sliced checkpoint).
