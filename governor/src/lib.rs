@@ -26,9 +26,13 @@ pub struct GovernorConfig {
     pub sysfs_root: PathBuf,
     /// The daemon's cgroup directory; default: its own, from `/proc/self/cgroup`.
     pub cgroup_dir: Option<PathBuf>,
-    /// Poll interval of the sensors, milliseconds (PSI triggers wake it earlier). 500:
-    /// a cgroup `memory.high` event is acted on within half a second.
+    /// Poll interval of the sensors, milliseconds. PSI triggers, `memory.events` changes
+    /// (cgroup2) and UPower signals wake it earlier; 500 bounds the rest (sysfs battery,
+    /// heat, MemAvailable).
     pub interval_ms: u64,
+    /// Read on-battery and the battery warning level from UPower on the system bus when
+    /// it runs there (they then take precedence over sysfs `power_supply`).
+    pub upower: bool,
     /// Tiers, thresholds and what each tier does.
     pub policy: PolicyConfig,
 }
@@ -41,6 +45,7 @@ impl Default for GovernorConfig {
             sysfs_root: PathBuf::from("/sys"),
             cgroup_dir: None,
             interval_ms: 500,
+            upower: true,
             policy: PolicyConfig::default(),
         }
     }

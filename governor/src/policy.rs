@@ -27,13 +27,14 @@
 //! | `MemAvailable` % of `MemTotal` (`memory.available_*_pct`) | < 20 | < 10 | < 5 | +5 points |
 //! | PSI memory `some avg10` (`memory.psi_some_*`) | > 10 | > 20 | > 40 | −5 |
 //! | PSI memory `full avg10` (`memory.psi_full_*`) | > 5 | > 10 | > 20 | −3 |
+//! | a PSI trigger fired and the `some` total grew since the last sample (`memory.psi_event`) | yes | | | (dwell) |
 //! | cgroup `memory.current` / tighter of `memory.high`, `memory.max` (`cgroup.*_ratio`) | ≥ 0.8 | ≥ 0.9 | ≥ 0.97 | −0.05 |
-//! | new `high` / `oom` event in `memory.events` (`cgroup.high_event`, `cgroup.oom_event`) | | | that sample | (dwell) |
+//! | new `high`/`max` / `oom`/`oom_kill` event in `memory.events` (`cgroup.high_event`, `cgroup.oom_event`) | | | that sample | (dwell) |
 //! | trip headroom = trip − temp, °C (`heat.*_headroom_c`) | ≤ 10 | ≤ 3 | ≤ −5 (5 °C over) | +3 °C |
 //! | `cpufreq_ratio` (`heat.cpufreq_*_ratio`) | off (idle cores read low) | off | | +0.1 |
 //! | on battery (`power.on_battery`) | yes | | | (dwell) |
 //! | battery %, on battery only (`power.battery_*_pct`) | | ≤ 20 | ≤ 5 | +5 points |
-//! | battery `capacity_level`, on battery only (`power.level_low`, `power.level_critical`) | | `Low` | `Critical` | (dwell) |
+//! | battery `capacity_level`, on battery only (`power.level_low`, `power.level_critical`); UPower's `WarningLevel` instead when it runs | | `Low` / low | `Critical` / critical, action | (dwell) |
 //!
 //! `min_dwell_ms` = 30000 (per tier: `tiers.<tier>.min_dwell_ms`).
 //!
@@ -220,8 +221,8 @@ impl Policy {
             self.dwell_from_ms = Some(now_ms);
         }
         // Counted every sample, pinned or not: an event is news once.
-        let (new_high, new_oom) = self.events.update(r);
-        let verdicts = signals::evaluate(&self.cfg, r, new_high, new_oom);
+        let new = self.events.update(r);
+        let verdicts = signals::evaluate(&self.cfg, r, new);
         let demand = verdicts
             .iter()
             .filter_map(|v| v.enter.as_ref().map(|e| e.0))

@@ -4,21 +4,28 @@
 //! containers have no thermal zones, batteries or cpufreq, and a kernel may lack PSI or
 //! the v1 memory controller. Each source that yields nothing is logged once, at debug.
 //!
-//! [`PsiTrigger`] arms kernel PSI triggers (and systemd's `MemoryPressureWatch=`) so the
-//! governor loop wakes on memory pressure instead of waiting for its next poll.
+//! [`PsiTrigger`] arms kernel PSI triggers (and systemd's `MemoryPressureWatch=`) and
+//! [`CgroupEventWatch`] watches a cgroup2 `memory.events` with inotify; [`Watches`]
+//! waits on both (and a [`Waker`]) in one `poll(2)`, so the governor loop wakes on memory
+//! pressure instead of waiting for its next poll.
 
 mod cgroup;
+mod cgroup_events;
 mod files;
 mod memory;
 mod power;
 mod psi;
 mod thermal;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use cgroup::{Cgroup, CgroupVersion};
+pub use cgroup_events::{CgroupEventWatch, EventCounts};
+pub use power::{UpowerView, WarningLevel};
 pub use psi::PsiTrigger;
+pub use watch::{Waker, Watches, Woken};
 
 /// One sample of everything the governor watches. `None`: the source is missing here.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -30,11 +37,18 @@ pub struct Readings {
     /// PSI `pressure/memory`: `some avg10` and `full avg10`, percent.
     pub psi_some_avg10: Option<f64>,
     pub psi_full_avg10: Option<f64>,
+    /// PSI `pressure/memory` `some total`: stall time so far, µs. The policy checks that
+    /// it grew before it believes a PSI trigger event (the first event after arming may
+    /// come on an idle machine).
+    pub psi_some_total_us: Option<u64>,
+    /// A PSI trigger (ours or systemd's pressure watch) fired since the last sample. Set
+    /// by whoever waits on the [`PsiTrigger`] (the daemon's loop), not by [`Sensors::read`].
+    pub psi_event: bool,
     /// The service's cgroup: memory in use, its `memory.max` and `memory.high` (`None`:
     /// unlimited or unknown), and the counts of `high`/`max`/`oom` events so far.
     /// v2: `memory.current`, `memory.max`, `memory.high`; `high_events` = `high` + `max`
     /// of `memory.events` (throttled above memory.high or reclaimed at memory.max),
-    /// `oom_events` = its `oom_kill` (`oom` on kernels before 4.13).
+    /// `oom_events` = its `oom` + `oom_kill` (the OOM killer ran; it killed).
     /// v1: `memory.usage_in_bytes`, `memory.limit_in_bytes`; no `high` (v1 has no
     /// throttle limit); `high_events` = `memory.failcnt` (times usage hit the limit),
     /// `oom_events` = `oom_kill` of `memory.oom_control`.
@@ -57,6 +71,9 @@ pub struct Readings {
     /// Battery charge, percent, and its `capacity_level` (`Critical`, `Low`, ...).
     pub battery_percent: Option<u8>,
     pub battery_level: Option<String>,
+    /// UPower's warning level, when UPower runs ([`Readings::merge_upower`]; sysfs
+    /// reading leaves it `None`). The policy prefers it to `battery_level`.
+    pub upower_warning: Option<WarningLevel>,
     /// Battery discharge power, watts.
     pub power_w: Option<f64>,
 }
@@ -140,6 +157,8 @@ impl Sensors {
             swap_free: mem.swap_free,
             psi_some_avg10: psi.some_avg10,
             psi_full_avg10: psi.full_avg10,
+            psi_some_total_us: psi.some_total_us,
+            psi_event: false,
             cgroup_current: cg.current,
             cgroup_max: cg.max,
             cgroup_high: cg.high,
@@ -152,6 +171,7 @@ impl Sensors {
             on_battery: power.on_battery,
             battery_percent: power.battery_percent,
             battery_level: power.battery_level,
+            upower_warning: None,
             power_w: power.power_w,
         }
     }
@@ -277,6 +297,8 @@ mod tests {
                 swap_free: Some(0),
                 psi_some_avg10: Some(12.5),
                 psi_full_avg10: Some(3.25),
+                psi_some_total_us: Some(1),
+                psi_event: false,
                 cgroup_current: Some(1 << 20),
                 cgroup_max: None,
                 cgroup_high: Some(2 << 20),
@@ -289,6 +311,7 @@ mod tests {
                 on_battery: true,
                 battery_percent: Some(15),
                 battery_level: Some("Low".into()),
+                upower_warning: None,
                 power_w: Some(7.0),
             }
         );

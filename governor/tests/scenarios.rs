@@ -4,6 +4,7 @@
 //! prints each trace as a table: trace → tier → transition ⇒ actions.
 
 use gemmad_governor::policy::{Action, Policy, PolicyConfig, Tier, Transition};
+use gemmad_governor::sensors::{UpowerView, WarningLevel};
 use gemmad_governor::Readings;
 
 const GIB: u64 = 1 << 30;
@@ -128,6 +129,13 @@ fn summary(r: &Readings) -> String {
             g(r.cgroup_max)
         ));
     }
+    if r.psi_event {
+        v.push(format!(
+            "PSI trigger (total {} ms)",
+            r.psi_some_total_us
+                .map_or("-".into(), |t| (t / 1000).to_string())
+        ));
+    }
     if let (Some(h), Some(o)) = (r.cgroup_high_events, r.cgroup_oom_events) {
         v.push(format!("ev h{h} o{o}"));
     }
@@ -151,6 +159,9 @@ fn summary(r: &Readings) -> String {
         (false, Some(p), _) if p < 100 => v.push(format!("AC {p}%")),
         (false, Some(_), _) => v.push("AC".into()),
         (false, None, _) => {}
+    }
+    if let Some(w) = r.upower_warning {
+        v.push(format!("UPower {}", w.name()));
     }
     if v.is_empty() {
         "(nothing read)".into()
@@ -519,6 +530,79 @@ fn battery_level_alone() {
         [(0.0, F, B), (10.0, B, Sv), (20.0, Sv, C)]
     );
     assert_eq!(reasons_at(&rows, 20), ["battery level Critical"]);
+}
+
+/// UPower runs: its OnBattery and warning level win over what sysfs says (here a
+/// firmware that reports AC and a Normal level throughout).
+#[test]
+fn upower_on_battery_and_warning_levels() {
+    let mut p = Policy::default();
+    let up = |on_battery: bool, level: u32| {
+        let mut r = R::calm().ac(60);
+        r.0.merge_upower(&UpowerView {
+            on_battery: Some(on_battery),
+            warning_level: WarningLevel::from_dbus(level),
+        });
+        r
+    };
+    let mut steps = seg(0, 10, 1, |_| up(false, 1));
+    steps.extend(seg(10, 20, 1, |_| up(true, 1)));
+    steps.extend(seg(20, 30, 1, |_| up(true, 3)));
+    steps.extend(seg(30, 40, 1, |_| up(true, 5)));
+    // Unknown (0) falls back to the firmware's level (Normal): on battery only.
+    steps.extend(seg(40, 120, 1, |_| up(true, 0)));
+    steps.extend(seg(120, 160, 1, |_| up(false, 1)));
+    let rows = replay(
+        "UPower: on battery, warning low, action; firmware says AC, Normal",
+        &mut p,
+        &steps,
+        &official_slices(),
+    );
+    assert_eq!(
+        transitions(&rows),
+        [
+            (10.0, F, B),
+            (20.0, B, Sv),
+            (30.0, Sv, C),
+            (69.0, C, Sv),
+            (99.0, Sv, B),
+            (149.0, B, F)
+        ]
+    );
+    assert_eq!(reasons_at(&rows, 10), ["on battery"]);
+    assert_eq!(reasons_at(&rows, 20), ["UPower warning level low"]);
+    assert_eq!(reasons_at(&rows, 30), ["UPower warning level action"]);
+    assert_dwell(&rows, 30.0);
+}
+
+/// PSI trigger events: each believed one (the stall total grew) demands balanced for
+/// that sample and restarts the dwell; one with no new stall (the spurious first event
+/// after arming) demands nothing.
+#[test]
+fn psi_trigger_events() {
+    let mut p = Policy::default();
+    let ev = |total_ms: u64, fired: bool| {
+        let mut r = R::calm();
+        r.0.psi_some_total_us = Some(total_ms * 1000);
+        r.0.psi_event = fired;
+        r
+    };
+    // Armed at 0 s: an event with no stall since the last sample.
+    let mut steps = seg(0, 1, 1, |_| ev(5_000, false));
+    steps.extend(seg(1, 2, 1, |_| ev(5_000, true)));
+    steps.extend(seg(2, 10, 1, |_| ev(5_000, false)));
+    // Real stalls: 300 ms at 10 s, again at 20 s.
+    steps.extend(seg(10, 11, 1, |_| ev(5_300, true)));
+    steps.extend(seg(11, 20, 1, |_| ev(5_300, false)));
+    steps.extend(seg(20, 21, 1, |_| ev(5_600, true)));
+    steps.extend(seg(21, 60, 1, |_| ev(5_600, false)));
+    let rows = replay("PSI trigger events", &mut p, &steps, &official_slices());
+    assert_eq!(transitions(&rows), [(10.0, F, B), (50.0, B, F)]);
+    assert_eq!(
+        reasons_at(&rows, 10),
+        ["PSI trigger fired: memory stalled 300 ms since the last sample"]
+    );
+    assert_dwell(&rows, 30.0);
 }
 
 #[test]

@@ -10,6 +10,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! For the D-Bus front end: [`PrivateBus`] runs a test's own `dbus-daemon`, and
+//! [`DaemonBuilder::dbus`] serves on it (`--dbus session`) and waits for the name:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let bus = gemmad_e2e::PrivateBus::session()?;
+//! let d = gemmad_e2e::Daemon::builder().dbus(&bus).start()?;
+//! let conn = bus.connect().await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Where the binaries come from
 //!
 //! `gemmad` and `gemmactl` belong to other packages, so cargo does not build them for this
@@ -254,6 +265,10 @@ pub struct DaemonBuilder {
     env: Vec<(OsString, OsString)>,
     log: String,
     nofile_soft: Option<u64>,
+    args: Vec<OsString>,
+    /// The bus address the D-Bus front end serves on, when set: [`DaemonBuilder::start`]
+    /// then also waits for [`DBUS_NAME`] to have an owner there.
+    dbus: Option<String>,
 }
 
 impl DaemonBuilder {
@@ -292,6 +307,30 @@ impl DaemonBuilder {
     pub fn nofile_soft(mut self, soft: u64) -> Self {
         self.nofile_soft = Some(soft);
         self
+    }
+
+    /// An extra argument to `gemmad serve` (after the harness's own).
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Serves the D-Bus API on `bus` as the session bus: `--dbus session` with
+    /// `DBUS_SESSION_BUS_ADDRESS` set to the bus. [`DaemonBuilder::start`] then returns
+    /// once `org.gemmad.Gemmad1` has an owner on it.
+    pub fn dbus(self, bus: &PrivateBus) -> Self {
+        self.dbus_as(bus, "session", "DBUS_SESSION_BUS_ADDRESS")
+    }
+
+    /// As [`DaemonBuilder::dbus`], but as the system bus: `--dbus system` with
+    /// `DBUS_SYSTEM_BUS_ADDRESS` set (for a bus with a system-like policy).
+    pub fn dbus_system(self, bus: &PrivateBus) -> Self {
+        self.dbus_as(bus, "system", "DBUS_SYSTEM_BUS_ADDRESS")
+    }
+
+    fn dbus_as(mut self, bus: &PrivateBus, which: &str, var: &str) -> Self {
+        self.dbus = Some(bus.address().to_string());
+        self.env(var, bus.address()).arg("--dbus").arg(which)
     }
 
     /// Starts the process and returns at once (see [`Daemon::wait_ready`]).
@@ -337,6 +376,15 @@ impl DaemonBuilder {
             .arg(&config)
             .arg("--socket")
             .arg(&socket)
+            // Only the tests that ask for D-Bus get it: under a service manager
+            // (`INVOCATION_ID` set) `auto` would reach for the machine's system bus.
+            .args(
+                (!self.args.iter().any(|a| a == "--dbus"))
+                    .then_some(["--dbus", "off"])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(&self.args)
             .env("GEMMAD_LOG", &self.log)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -354,10 +402,15 @@ impl DaemonBuilder {
         })
     }
 
-    /// Starts the process and waits until its socket accepts connections.
+    /// Starts the process and waits until its socket accepts connections (and, with
+    /// [`DaemonBuilder::dbus`], until it owns its bus name).
     pub fn start(self) -> Result<Daemon> {
+        let dbus = self.dbus.clone();
         let mut d = self.spawn()?;
         d.wait_ready()?;
+        if let Some(address) = dbus {
+            d.wait_dbus_name(&address)?;
+        }
         Ok(d)
     }
 }
@@ -384,6 +437,8 @@ impl Daemon {
             env: Vec::new(),
             log: DEFAULT_LOG.to_string(),
             nofile_soft: None,
+            args: Vec::new(),
+            dbus: None,
         }
     }
 
@@ -415,6 +470,35 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Waits until [`DBUS_NAME`] has an owner on the bus at `address`; fails with the log
+    /// if the process exits first or [`HANG`] passes.
+    pub fn wait_dbus_name(&mut self, address: &str) -> Result<()> {
+        let waiter = {
+            let address = address.to_string();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(wait_name_owner(&address, DBUS_NAME, HANG))
+            })
+        };
+        loop {
+            if waiter.is_finished() {
+                let r = waiter
+                    .join()
+                    .map_err(|_| anyhow!("the D-Bus name waiter panicked"))?;
+                return r.with_context(|| format!("gemmad's log:\n{}", self.log()));
+            }
+            if let Some(st) = self.poll_exit()? {
+                bail!(
+                    "gemmad exited ({st}) before owning {DBUS_NAME}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -582,5 +666,244 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// The well-known name of gemmad's D-Bus front end (docs/dbus.md).
+pub const DBUS_NAME: &str = "org.gemmad.Gemmad1";
+
+/// The tools the D-Bus tests drive the daemon with besides zbus: the bus itself and two
+/// independent command-line clients.
+pub const DBUS_TOOLS: [&str; 3] = ["dbus-daemon", "busctl", "gdbus"];
+
+/// Whether `program` is an executable file in a folder of `$PATH`.
+pub fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p).any(|d| {
+                std::fs::metadata(d.join(program))
+                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// For a D-Bus test: `true` when [`DBUS_TOOLS`] are all installed; otherwise [`skip`]s
+/// (fails under [`REQUIRE_ENV`]) naming what is missing and returns `false`.
+#[track_caller]
+pub fn dbus_tools_or_skip(test: &str) -> bool {
+    let missing: Vec<&str> = DBUS_TOOLS.into_iter().filter(|t| !on_path(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(&format!(
+        "{test} needs {} on PATH (apt-get install dbus libglib2.0-bin systemd)",
+        missing.join(", ")
+    ));
+    false
+}
+
+/// A session bus's policy: everything may be sent, received and owned. Only this
+/// process's uid may connect (dbus-daemon's default).
+pub const SESSION_POLICY: &str = r#"<type>session</type>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>"#;
+
+/// [`SESSION_POLICY`], and every uid may connect (for clients run under another uid).
+pub const SESSION_POLICY_ANY_USER: &str = r#"<type>session</type>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>"#;
+
+/// A private `dbus-daemon` of one test, listening on a socket in its own temporary
+/// folder (no other test, and no bus of the machine, sees it). Stopped (SIGTERM, then
+/// SIGKILL) and waited for when dropped, so no process is left behind; the folder and
+/// the socket go with it.
+///
+/// Declare it before the [`Daemon`] that serves on it, so that the daemon is dropped
+/// (killed) first.
+pub struct PrivateBus {
+    child: Option<Child>,
+    address: String,
+    config: PathBuf,
+    stderr: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateBus {
+    /// A bus with [`SESSION_POLICY`].
+    pub fn session() -> Result<PrivateBus> {
+        PrivateBus::with_config(SESSION_POLICY)
+    }
+
+    /// A bus with [`SESSION_POLICY_ANY_USER`]; its folder is readable by all, so that
+    /// other uids reach the socket.
+    pub fn session_any_user() -> Result<PrivateBus> {
+        PrivateBus::with_config(SESSION_POLICY_ANY_USER)
+    }
+
+    /// A bus whose configuration is `body` (what goes inside `<busconfig>`: `<type>`,
+    /// `<auth>`, policies, includes) plus a `<listen>` on the bus's own socket. A
+    /// configuration dbus-daemon refuses fails here with its message.
+    pub fn with_config(body: &str) -> Result<PrivateBus> {
+        use std::io::BufRead;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("gemmad-bus.")
+            .tempdir()
+            .context("creating a temporary folder")?;
+        // Other uids (clients run with setpriv) must reach the socket; the bus policy
+        // decides who may connect.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let socket = dir.path().join("bus");
+        let config = dir.path().join("bus.conf");
+        let text = format!(
+            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n \
+             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig>\n  \
+             <listen>unix:path={}</listen>\n  {body}\n</busconfig>\n",
+            socket.display()
+        );
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        let stderr = dir.path().join("stderr");
+        let err_file = std::fs::File::create(&stderr)?;
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--nofork", "--nopidfile", "--print-address=1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err_file)
+            .spawn()
+            .context("starting dbus-daemon (apt-get install dbus)")?;
+        // The address comes on stdout once the bus listens; EOF means it exited.
+        let stdout = child.stdout.take().context("dbus-daemon's stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let r = std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line);
+            let _ = tx.send(r);
+        });
+        let mut bus = PrivateBus {
+            child: Some(child),
+            address: String::new(),
+            config,
+            stderr,
+            dir,
+        };
+        match rx.recv_timeout(HANG) {
+            Ok(Ok(line)) if !line.trim().is_empty() => {
+                bus.address = line.trim().to_string();
+                Ok(bus)
+            }
+            Ok(Ok(_)) => bail!(
+                "dbus-daemon exited at start (config {}):\n{}",
+                bus.config.display(),
+                bus.stderr()
+            ),
+            Ok(Err(e)) => bail!("reading dbus-daemon's address: {e}\n{}", bus.stderr()),
+            Err(_) => bail!(
+                "dbus-daemon printed no address within {} s:\n{}",
+                HANG.as_secs(),
+                bus.stderr()
+            ),
+        }
+    }
+
+    /// The bus's address (`unix:path=...,guid=...`).
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The configuration file the bus runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The bus's temporary folder (readable by every uid).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What dbus-daemon wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// `program` with this bus as both the session and the system bus
+    /// (`DBUS_SESSION_BUS_ADDRESS`, `DBUS_SYSTEM_BUS_ADDRESS`): `busctl --user ...`,
+    /// `gdbus call --session ...`.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        c.env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// A new connection to the bus.
+    pub async fn connect(&self) -> Result<zbus::Connection> {
+        zbus::connection::Builder::address(self.address.as_str())
+            .build()
+            .await
+            .with_context(|| format!("connecting to the bus at {}", self.address))
+    }
+
+    /// Waits (up to [`HANG`]) until `name` has an owner on the bus.
+    pub async fn wait_name_owner(&self, name: &str) -> Result<()> {
+        wait_name_owner(&self.address, name, HANG).await
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let pid = Pid::from_raw(c.id() as i32);
+        if nix::sys::signal::kill(pid, Signal::SIGTERM).is_ok() {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Polls `NameHasOwner(name)` on the bus at `address` until it is true or `limit` passes.
+async fn wait_name_owner(address: &str, name: &str, limit: Duration) -> Result<()> {
+    let conn = zbus::connection::Builder::address(address)
+        .build()
+        .await
+        .with_context(|| format!("connecting to the bus at {address}"))?;
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+    let wanted = zbus::names::BusName::try_from(name)?;
+    let t0 = Instant::now();
+    loop {
+        if dbus.name_has_owner(wanted.clone()).await? {
+            return Ok(());
+        }
+        if t0.elapsed() > limit {
+            bail!(
+                "{name} has no owner on {address} after {} s",
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

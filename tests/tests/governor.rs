@@ -1,7 +1,8 @@
 //! The governor in a real `gemmad serve`: a fake procfs/sysfs/cgroup tree given by the
 //! `[governor]` roots drives the tier, and the tier the model's size (the MatFormer
 //! fixture's slices), as `gemmactl status --json` shows; a generation running across the
-//! change completes; an admin pin holds a tier.
+//! change completes; an admin pin holds a tier; a rise of the cgroup's `memory.events`
+//! counters wakes the governor at once.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -93,6 +94,13 @@ fn plug_in(root: &Path) {
 }
 
 fn start(root: &Path, dwell_ms: u64) -> Daemon {
+    start_with(root, dwell_ms, 50)
+}
+
+/// The daemon on the fake tree, polling every `interval_ms`. UPower is off: the
+/// machine's own UPower (a developer's laptop) must not change the tier
+/// (`governor_upower.rs` tests it on a private bus).
+fn start_with(root: &Path, dwell_ms: u64, interval_ms: u64) -> Daemon {
     let csv = fixture().join("slices.csv");
     Daemon::builder()
         .model(fixture())
@@ -100,7 +108,7 @@ fn start(root: &Path, dwell_ms: u64) -> Daemon {
             "[model]\nthreads = 1\nmax_context = 4096\nmatformer_config = {csv:?}\n\
              [limits]\nmax_tokens = 3000\n\
              [governor]\nenabled = true\nprocfs_root = {proc:?}\nsysfs_root = {sys:?}\n\
-             cgroup_dir = {cg:?}\ninterval_ms = 50\n\
+             cgroup_dir = {cg:?}\ninterval_ms = {interval_ms}\nupower = false\n\
              [governor.policy]\nmin_dwell_ms = {dwell_ms}\n",
             csv = csv.display().to_string(),
             proc = root.join("proc").display().to_string(),
@@ -275,4 +283,47 @@ async fn garbage_sensors_change_nothing() {
     assert_eq!(governor(&mut c).await.governor.unwrap().tier, "full");
     let got = c.generate_text(user_prompt("hi")).await.unwrap();
     assert!(got.finished.is_some());
+}
+
+/// A new `high` event in the cgroup's `memory.events` wakes the governor (inotify) and
+/// takes it to critical at once. The poll interval is 10 minutes, far past the wait's
+/// hang limit: only the wakeup can explain the change, and the log says so.
+#[tokio::test]
+async fn memory_events_rise_wakes_the_governor() {
+    let tree = tempfile::tempdir().unwrap();
+    healthy_tree(tree.path());
+    write(
+        tree.path(),
+        "cgroup/memory.events",
+        "low 0\nhigh 4\nmax 0\noom 0\noom_kill 0\n",
+    );
+    let d = start_with(tree.path(), 0, 600_000);
+    let mut c = d.client().await.unwrap();
+    // The first sample (at start) is the baseline of the counters.
+    wait_for(&d, &mut c, "full", "full").await;
+    assert!(
+        d.log().contains("cgroup_events=true"),
+        "the watch is armed\n{}",
+        d.log()
+    );
+    write(
+        tree.path(),
+        "cgroup/memory.events",
+        "low 3\nhigh 5\nmax 0\noom 0\noom_kill 0\n",
+    );
+    wait_for(&d, &mut c, "critical", "e2b-like").await;
+    let st = governor(&mut c).await.governor.unwrap();
+    assert!(
+        st.last_actions
+            .iter()
+            .any(|a| a.contains("cgroup memory.high exceeded: 1 new high event(s)")),
+        "{:?}",
+        st.last_actions
+    );
+    assert_eq!(st.transitions, 1, "one step, straight to critical");
+    let log = d.log();
+    assert!(
+        log.contains("cgroup memory.events counters rose") && log.contains("woke_by=cgroup"),
+        "{log}"
+    );
 }

@@ -86,6 +86,11 @@ pub struct MemoryThresholds {
     pub psi_full_critical: Option<f64>,
     /// Points below an enter threshold of `full avg10` needed to leave its tier. Default 3.
     pub psi_full_margin: f64,
+    /// The tier a PSI trigger event demands for that sample (the kernel saw 200 ms of
+    /// stall in 2 s, about `some avg10` 10 as a short burst), when the `some` total
+    /// confirms it grew. Default "balanced".
+    #[serde(deserialize_with = "none_or")]
+    pub psi_event: Option<Tier>,
 }
 
 impl Default for MemoryThresholds {
@@ -103,6 +108,7 @@ impl Default for MemoryThresholds {
             psi_full_saver: Some(10.0),
             psi_full_critical: Some(20.0),
             psi_full_margin: 3.0,
+            psi_event: Some(Tier::Balanced),
         }
     }
 }
@@ -123,11 +129,13 @@ pub struct CgroupThresholds {
     pub critical_ratio: Option<f64>,
     /// How far below an enter ratio the ratio must fall to leave its tier. Default 0.05.
     pub margin: f64,
-    /// The tier a new `high` event in `memory.events` (the cgroup went over
-    /// `memory.high` since the last sample) demands for that sample. Default "critical".
+    /// The tier a new `high` or `max` event in `memory.events` (the cgroup went over
+    /// `memory.high` or reclaimed at `memory.max` since the last sample) demands for that
+    /// sample. Default "critical".
     #[serde(deserialize_with = "none_or")]
     pub high_event: Option<Tier>,
-    /// The tier a new `oom` event demands for that sample. Default "critical".
+    /// The tier a new `oom` or `oom_kill` event demands for that sample. Default
+    /// "critical".
     #[serde(deserialize_with = "none_or")]
     pub oom_event: Option<Tier>,
 }

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::sensors::Readings;
+use crate::sensors::{Readings, WarningLevel};
 
 use super::config::PolicyConfig;
 use super::Tier;
@@ -164,30 +164,44 @@ fn flag(tier: Option<Tier>, on: bool, why: impl FnOnce() -> String) -> Verdict {
 }
 
 /// New events since the last sample: counters are baselined at their first reading,
-/// and a counter that went down (a new cgroup) is re-baselined without an event.
+/// and a counter that went down (a new cgroup, a wrapped total) is re-baselined without
+/// an event.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct EventCounters {
     high: Option<u64>,
     oom: Option<u64>,
+    psi_total: Option<u64>,
+}
+
+/// What happened since the last sample, from the counters of this one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NewEvents {
+    /// New cgroup `high`/`max` events.
+    pub high: u64,
+    /// New cgroup `oom`/`oom_kill` events.
+    pub oom: u64,
+    /// Growth of the PSI `some` total, µs; `None` without a total or a baseline.
+    pub psi_stall_us: Option<u64>,
 }
 
 impl EventCounters {
-    /// Returns the new `high` and `oom` events of `r`, and remembers its counts.
-    pub fn update(&mut self, r: &Readings) -> (u64, u64) {
-        fn delta(last: &mut Option<u64>, now: Option<u64>) -> u64 {
+    /// Returns what is new in `r`, and remembers its counts.
+    pub fn update(&mut self, r: &Readings) -> NewEvents {
+        fn delta(last: &mut Option<u64>, now: Option<u64>) -> Option<u64> {
             let d = match (*last, now) {
-                (Some(a), Some(b)) if b > a => b - a,
-                _ => 0,
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
             };
             if now.is_some() {
                 *last = now;
             }
             d
         }
-        (
-            delta(&mut self.high, r.cgroup_high_events),
-            delta(&mut self.oom, r.cgroup_oom_events),
-        )
+        NewEvents {
+            high: delta(&mut self.high, r.cgroup_high_events).unwrap_or(0),
+            oom: delta(&mut self.oom, r.cgroup_oom_events).unwrap_or(0),
+            psi_stall_us: delta(&mut self.psi_total, r.psi_some_total_us),
+        }
     }
 }
 
@@ -195,14 +209,9 @@ fn finite(x: Option<f64>) -> Option<f64> {
     x.filter(|v| v.is_finite())
 }
 
-/// Every signal's verdict on `r`; `new_high`/`new_oom`: the cgroup events since the last
-/// sample.
-pub(crate) fn evaluate(
-    cfg: &PolicyConfig,
-    r: &Readings,
-    new_high: u64,
-    new_oom: u64,
-) -> Vec<Verdict> {
+/// Every signal's verdict on `r`; `new`: the events since the last sample.
+pub(crate) fn evaluate(cfg: &PolicyConfig, r: &Readings, new: NewEvents) -> Vec<Verdict> {
+    let (new_high, new_oom) = (new.high, new.oom);
     let mut v = Vec::new();
     let m = &cfg.memory;
 
@@ -255,6 +264,23 @@ pub(crate) fn evaluate(
             }
             .verdict(),
         );
+    }
+
+    // A PSI trigger event: believed when the stall total grew since the last sample (the
+    // first event after arming may come on an idle machine), or when there is no total
+    // to check against.
+    if r.psi_event {
+        let confirmed = match (r.psi_some_total_us, new.psi_stall_us) {
+            (None, _) => true,
+            (Some(_), growth) => growth.is_some_and(|g| g > 0),
+        };
+        v.push(flag(m.psi_event, confirmed, || match new.psi_stall_us {
+            Some(g) => format!(
+                "PSI trigger fired: memory stalled {} ms since the last sample",
+                num(g as f64 / 1000.0)
+            ),
+            None => "PSI trigger fired".into(),
+        }));
     }
 
     // The cgroup: current over the tighter limit.
@@ -349,7 +375,15 @@ pub(crate) fn evaluate(
                 .verdict(),
             );
         }
-        if let Some(level) = r.battery_level.as_deref() {
+        // UPower's warning level, when it runs, instead of the firmware's level: UPower
+        // applies the administrator's thresholds and knows quirky batteries.
+        if let Some(w) = r.upower_warning {
+            let low = w == WarningLevel::Low;
+            let crit = matches!(w, WarningLevel::Critical | WarningLevel::Action);
+            let why = || format!("UPower warning level {}", w.name());
+            v.push(flag(p.level_low, low, why));
+            v.push(flag(p.level_critical, crit, why));
+        } else if let Some(level) = r.battery_level.as_deref() {
             let low = level.eq_ignore_ascii_case("low");
             let crit = level.eq_ignore_ascii_case("critical");
             v.push(flag(p.level_low, low, || format!("battery level {level}")));
@@ -409,23 +443,120 @@ mod tests {
             cgroup_oom_events: o,
             ..Readings::default()
         };
+        let ho = |e: NewEvents| (e.high, e.oom);
         assert_eq!(
-            c.update(&r(Some(7), Some(1))),
+            ho(c.update(&r(Some(7), Some(1)))),
             (0, 0),
             "first reading is a baseline"
         );
-        assert_eq!(c.update(&r(Some(9), Some(1))), (2, 0));
+        assert_eq!(ho(c.update(&r(Some(9), Some(1)))), (2, 0));
         assert_eq!(
-            c.update(&r(None, None)),
+            ho(c.update(&r(None, None))),
             (0, 0),
             "missing: no event, baseline kept"
         );
-        assert_eq!(c.update(&r(Some(10), Some(2))), (1, 1));
+        assert_eq!(ho(c.update(&r(Some(10), Some(2)))), (1, 1));
         assert_eq!(
-            c.update(&r(Some(0), Some(0))),
+            ho(c.update(&r(Some(0), Some(0)))),
             (0, 0),
             "reset: re-baselined"
         );
-        assert_eq!(c.update(&r(Some(1), Some(0))), (1, 0));
+        assert_eq!(ho(c.update(&r(Some(1), Some(0)))), (1, 0));
+    }
+
+    #[test]
+    fn psi_stall_growth() {
+        let mut c = EventCounters::default();
+        let r = |t: Option<u64>| Readings {
+            psi_some_total_us: t,
+            ..Readings::default()
+        };
+        assert_eq!(c.update(&r(Some(100))).psi_stall_us, None, "baseline");
+        assert_eq!(c.update(&r(Some(100))).psi_stall_us, Some(0));
+        assert_eq!(c.update(&r(Some(350_100))).psi_stall_us, Some(350_000));
+        assert_eq!(c.update(&r(None)).psi_stall_us, None);
+        assert_eq!(c.update(&r(Some(350_200))).psi_stall_us, Some(100));
+        assert_eq!(c.update(&r(Some(5))).psi_stall_us, Some(0), "went down");
+    }
+
+    /// A PSI event demands `memory.psi_event` only when the stall total grew (or cannot
+    /// be checked); the reason says by how much.
+    #[test]
+    fn psi_event_is_confirmed_by_the_total() {
+        let cfg = PolicyConfig::default();
+        let demand = |r: &Readings, stall: Option<u64>| {
+            let new = NewEvents {
+                psi_stall_us: stall,
+                ..NewEvents::default()
+            };
+            evaluate(&cfg, r, new)
+                .into_iter()
+                .filter_map(|v| v.enter)
+                .max_by_key(|e| e.0)
+        };
+        let mut r = Readings {
+            psi_event: true,
+            psi_some_total_us: Some(1),
+            ..Readings::default()
+        };
+        let (tier, why) = demand(&r, Some(250_000)).unwrap();
+        assert_eq!(tier, Tier::Balanced);
+        assert_eq!(
+            why,
+            "PSI trigger fired: memory stalled 250 ms since the last sample"
+        );
+        assert_eq!(demand(&r, Some(0)), None, "no stall: spurious");
+        assert_eq!(demand(&r, None), None, "no baseline yet: unconfirmed");
+        r.psi_some_total_us = None;
+        assert_eq!(
+            demand(&r, None),
+            Some((Tier::Balanced, "PSI trigger fired".into()))
+        );
+        r.psi_event = false;
+        assert_eq!(demand(&r, None), None);
+        let mut off = PolicyConfig::default();
+        off.memory.psi_event = None;
+        r.psi_event = true;
+        assert!(evaluate(&off, &r, NewEvents::default()).is_empty());
+    }
+
+    /// UPower's warning level replaces the firmware's `capacity_level`, on battery only.
+    #[test]
+    fn upower_warning_level_takes_precedence() {
+        let cfg = PolicyConfig::default();
+        let demand = |r: &Readings| {
+            evaluate(&cfg, r, NewEvents::default())
+                .into_iter()
+                .filter_map(|v| v.enter)
+                .max_by_key(|e| e.0)
+        };
+        let mut r = Readings {
+            on_battery: true,
+            battery_level: Some("Critical".into()),
+            ..Readings::default()
+        };
+        assert_eq!(demand(&r).map(|e| e.0), Some(Tier::Critical));
+        r.upower_warning = Some(WarningLevel::None);
+        assert_eq!(
+            demand(&r).map(|e| e.0),
+            Some(Tier::Balanced),
+            "on battery only"
+        );
+        r.upower_warning = Some(WarningLevel::Discharging);
+        assert_eq!(demand(&r).map(|e| e.0), Some(Tier::Balanced));
+        r.upower_warning = Some(WarningLevel::Low);
+        assert_eq!(
+            demand(&r),
+            Some((Tier::Saver, "UPower warning level low".into()))
+        );
+        for w in [WarningLevel::Critical, WarningLevel::Action] {
+            r.upower_warning = Some(w);
+            assert_eq!(
+                demand(&r),
+                Some((Tier::Critical, format!("UPower warning level {}", w.name())))
+            );
+        }
+        r.on_battery = false;
+        assert_eq!(demand(&r), None, "a warning on AC counts for nothing");
     }
 }

@@ -111,9 +111,13 @@ impl Cgroup {
                 let (h, m) = (flat_key(t, "high"), flat_key(t, "max"));
                 (h.is_some() || m.is_some()).then(|| h.unwrap_or(0).saturating_add(m.unwrap_or(0)))
             }),
-            // Processes killed: the same counter v1 exports; `oom` (allocation about to
-            // fail) where the kernel predates `oom_kill` (4.13).
-            oom_events: events.and_then(|t| flat_key(t, "oom_kill").or_else(|| flat_key(t, "oom"))),
+            // `oom`: the OOM killer was invoked (an allocation was about to fail);
+            // `oom_kill`: it killed (4.13+; also kills by the global OOM killer). Summed,
+            // so a rise of either is an event.
+            oom_events: events.and_then(|t| {
+                let (o, k) = (flat_key(t, "oom"), flat_key(t, "oom_kill"));
+                (o.is_some() || k.is_some()).then(|| o.unwrap_or(0).saturating_add(k.unwrap_or(0)))
+            }),
         }
     }
 
@@ -248,7 +252,7 @@ mod tests {
                 max: Some(4 << 30),
                 high: None,
                 high_events: Some(7),
-                oom_events: Some(1),
+                oom_events: Some(2),
             }
         );
     }

@@ -39,11 +39,12 @@ fn parse_kib(field: &str) -> Option<u64> {
     }
 }
 
-/// `some avg10` and `full avg10`, percent.
+/// `some avg10` and `full avg10`, percent, and the `some` total, µs.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct PsiAverages {
     pub some_avg10: Option<f64>,
     pub full_avg10: Option<f64>,
+    pub some_total_us: Option<u64>,
 }
 
 /// Parses a PSI file (`some avg10=0.00 avg60=0.00 avg300=0.05 total=10540107`, then the
@@ -51,17 +52,24 @@ pub(crate) struct PsiAverages {
 pub(crate) fn parse_psi(text: &str) -> PsiAverages {
     let mut p = PsiAverages::default();
     for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let slot = match it.next() {
-            Some("some") => &mut p.some_avg10,
-            Some("full") => &mut p.full_avg10,
-            _ => continue,
+        let kind = line.split_whitespace().next();
+        let value = |key: &str| {
+            line.split_whitespace()
+                .skip(1)
+                .find_map(|kv| kv.strip_prefix(key))
         };
-        *slot = it
-            .find_map(|kv| kv.strip_prefix("avg10="))
+        // A share of wall time: anything outside 0..=100 is not a PSI average.
+        let avg10 = value("avg10=")
             .and_then(|v| v.parse::<f64>().ok())
-            // A share of wall time: anything outside 0..=100 is not a PSI average.
             .filter(|v| (0.0..=100.0).contains(v));
+        match kind {
+            Some("some") => {
+                p.some_avg10 = avg10;
+                p.some_total_us = value("total=").and_then(|v| v.parse().ok());
+            }
+            Some("full") => p.full_avg10 = avg10,
+            _ => {}
+        }
     }
     p
 }
@@ -122,7 +130,8 @@ mod tests {
             p,
             PsiAverages {
                 some_avg10: Some(1.25),
-                full_avg10: Some(0.5)
+                full_avg10: Some(0.5),
+                some_total_us: Some(10540107),
             }
         );
         // Kernels before 5.13 print no `full` line for cpu; memory always has both, but a
@@ -132,12 +141,19 @@ mod tests {
             p,
             PsiAverages {
                 some_avg10: Some(3.0),
-                full_avg10: None
+                full_avg10: None,
+                some_total_us: Some(1),
             }
         );
         let p = parse_psi("some avg10=abc\nfull avg60=1.00\nbogus avg10=5.00\n");
         assert_eq!(p, PsiAverages::default());
         let p = parse_psi("some avg10=250.00\nfull avg10=NaN\n");
         assert_eq!(p, PsiAverages::default());
+        // The total is read on its own: a garbage average does not hide it, and a
+        // negative or fractional total is garbage.
+        let p = parse_psi("some avg10=x total=42\n");
+        assert_eq!((p.some_avg10, p.some_total_us), (None, Some(42)));
+        assert_eq!(parse_psi("some total=-1\n").some_total_us, None);
+        assert_eq!(parse_psi("some total=1.5\n").some_total_us, None);
     }
 }

@@ -1,10 +1,92 @@
 //! Power: AC or battery, charge and discharge power, from
 //! `/sys/class/power_supply/*`. No supply at all (desktops, servers, VMs) is "on AC with
 //! no battery", the normal state there.
+//!
+//! Also UPower's view ([`UpowerView`]) as plain values: the daemon reads it over D-Bus
+//! (this crate does no IPC) and [`Readings::merge_upower`] lets it take precedence.
 
 use std::path::Path;
 
 use super::files::{entries_with_prefix, read_parsed, read_str};
+use super::Readings;
+
+/// UPower's `WarningLevel` of its display device (`org.freedesktop.UPower.Device`, `u`):
+/// UPower's own judgement of the battery against its `PercentageLow`/`Critical`/`Action`
+/// (or `Time*`) settings, computed only while discharging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WarningLevel {
+    /// 1: no warning.
+    None,
+    /// 2: a UPS is discharging (UPSes only).
+    Discharging,
+    /// 3: low.
+    Low,
+    /// 4: critical.
+    Critical,
+    /// 5: UPower is about to take its critical action (hibernate, power off).
+    Action,
+}
+
+impl WarningLevel {
+    /// The D-Bus value; `None` for 0 (Unknown) and values UPower does not define.
+    pub fn from_dbus(v: u32) -> Option<WarningLevel> {
+        match v {
+            1 => Some(WarningLevel::None),
+            2 => Some(WarningLevel::Discharging),
+            3 => Some(WarningLevel::Low),
+            4 => Some(WarningLevel::Critical),
+            5 => Some(WarningLevel::Action),
+            _ => None,
+        }
+    }
+
+    /// The D-Bus value.
+    pub fn to_dbus(self) -> u32 {
+        match self {
+            WarningLevel::None => 1,
+            WarningLevel::Discharging => 2,
+            WarningLevel::Low => 3,
+            WarningLevel::Critical => 4,
+            WarningLevel::Action => 5,
+        }
+    }
+
+    /// Lowercase, for logs and reasons.
+    pub fn name(self) -> &'static str {
+        match self {
+            WarningLevel::None => "none",
+            WarningLevel::Discharging => "discharging",
+            WarningLevel::Low => "low",
+            WarningLevel::Critical => "critical",
+            WarningLevel::Action => "action",
+        }
+    }
+}
+
+/// What UPower says, as far as the governor uses it; `None`: not known (the property
+/// could not be read, or the display device is missing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpowerView {
+    /// `OnBattery` of `/org/freedesktop/UPower`.
+    pub on_battery: Option<bool>,
+    /// `WarningLevel` of `/org/freedesktop/UPower/devices/DisplayDevice`.
+    pub warning_level: Option<WarningLevel>,
+}
+
+impl Readings {
+    /// Lets UPower's view take precedence over sysfs: its `OnBattery` replaces
+    /// `on_battery` (UPower also knows UPSes and quirky firmware), and its warning level
+    /// becomes `upower_warning`, which the policy then uses instead of the firmware's
+    /// `capacity_level`. What UPower does not know leaves the sysfs reading as it is.
+    pub fn merge_upower(&mut self, u: &UpowerView) {
+        if let Some(b) = u.on_battery {
+            self.on_battery = b;
+        }
+        if let Some(w) = u.warning_level {
+            self.upower_warning = Some(w);
+        }
+    }
+}
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Power {
@@ -148,6 +230,54 @@ mod tests {
                 &format!("{v}\n"),
             );
         }
+    }
+
+    #[test]
+    fn warning_levels_from_dbus() {
+        assert_eq!(WarningLevel::from_dbus(0), None, "Unknown");
+        assert_eq!(WarningLevel::from_dbus(6), None);
+        assert_eq!(WarningLevel::from_dbus(u32::MAX), None);
+        for v in 1..=5 {
+            let w = WarningLevel::from_dbus(v).unwrap();
+            assert_eq!(w.to_dbus(), v);
+        }
+        assert_eq!(WarningLevel::from_dbus(3), Some(WarningLevel::Low));
+        assert_eq!(
+            WarningLevel::from_dbus(4).map(WarningLevel::name),
+            Some("critical")
+        );
+    }
+
+    /// UPower wins for on-battery and the warning level; what it does not know leaves the
+    /// sysfs readings alone.
+    #[test]
+    fn upower_view_takes_precedence() {
+        let sysfs = Readings {
+            on_battery: true,
+            battery_percent: Some(50),
+            battery_level: Some("Normal".into()),
+            ..Readings::default()
+        };
+        let mut r = sysfs.clone();
+        r.merge_upower(&UpowerView::default());
+        assert_eq!(r, sysfs, "nothing known: nothing changes");
+        r.merge_upower(&UpowerView {
+            on_battery: Some(false),
+            warning_level: None,
+        });
+        assert!(!r.on_battery);
+        assert_eq!(r.upower_warning, None);
+        r.merge_upower(&UpowerView {
+            on_battery: None,
+            warning_level: Some(WarningLevel::Critical),
+        });
+        assert!(!r.on_battery, "unknown OnBattery keeps the last value");
+        assert_eq!(r.upower_warning, Some(WarningLevel::Critical));
+        assert_eq!(
+            (r.battery_percent, r.battery_level.as_deref()),
+            (Some(50), Some("Normal")),
+            "sysfs charge and level are kept for display"
+        );
     }
 
     #[test]

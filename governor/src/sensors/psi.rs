@@ -91,17 +91,13 @@ impl PsiTrigger {
     /// `Ok(false)`: the timeout passed. An error means the watch is gone for good (its
     /// cgroup was removed, systemd's socket closed): stop waiting on it.
     pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
-        let events = match self.wake {
-            Wake::Priority => PollFlags::POLLPRI,
-            Wake::Readable => PollFlags::POLLIN,
-        };
         // `None`: a timeout too long to represent is "forever".
         let deadline = Instant::now().checked_add(timeout);
         loop {
             let left = deadline.map_or(Duration::MAX, |d| {
                 d.saturating_duration_since(Instant::now())
             });
-            let mut fds = [PollFd::new(self.file.as_fd(), events)];
+            let mut fds = [PollFd::new(self.file.as_fd(), self.poll_flags())];
             match poll(&mut fds, poll_timeout(left)) {
                 // A signal: wait out the rest of the timeout.
                 Err(Errno::EINTR) => continue,
@@ -109,24 +105,40 @@ impl PsiTrigger {
                 Ok(0) => return Ok(false),
                 Ok(_) => {}
             }
-            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
-            // The kernel reports POLLERR (with POLLPRI) once the trigger's source is gone;
-            // for a stream, POLLHUP/POLLERR mean the peer left.
-            if revents.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL) {
-                return Err(io::Error::other(format!(
-                    "memory pressure watch {} is gone ({revents:?})",
-                    self.path.display()
-                )));
-            }
-            return match self.wake {
-                Wake::Priority => Ok(revents.contains(PollFlags::POLLPRI)),
-                Wake::Readable if revents.contains(PollFlags::POLLIN) => self.drain(),
-                Wake::Readable if revents.contains(PollFlags::POLLHUP) => Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    format!("memory pressure watch {} hung up", self.path.display()),
-                )),
-                Wake::Readable => Ok(false),
-            };
+            return self.handle(fds[0].revents().unwrap_or(PollFlags::empty()));
+        }
+    }
+
+    /// The events to `poll(2)` this watch's fd for, to wait on it together with other
+    /// fds; pass what came back to [`PsiTrigger::handle`].
+    pub fn poll_flags(&self) -> PollFlags {
+        match self.wake {
+            Wake::Priority => PollFlags::POLLPRI,
+            Wake::Readable => PollFlags::POLLIN,
+        }
+    }
+
+    /// Consumes what `poll(2)` reported for this watch's fd (`revents`): `Ok(true)` for a
+    /// pressure event (a readable watch is drained), `Ok(false)` for none. An error means
+    /// the watch is gone for good, as for [`PsiTrigger::wait`]. Polling the PSI file
+    /// itself consumed a `POLLPRI` event.
+    pub fn handle(&self, revents: PollFlags) -> io::Result<bool> {
+        // The kernel reports POLLERR (with POLLPRI) once the trigger's source is gone;
+        // for a stream, POLLHUP/POLLERR mean the peer left.
+        if revents.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL) {
+            return Err(io::Error::other(format!(
+                "memory pressure watch {} is gone ({revents:?})",
+                self.path.display()
+            )));
+        }
+        match self.wake {
+            Wake::Priority => Ok(revents.contains(PollFlags::POLLPRI)),
+            Wake::Readable if revents.contains(PollFlags::POLLIN) => self.drain(),
+            Wake::Readable if revents.contains(PollFlags::POLLHUP) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("memory pressure watch {} hung up", self.path.display()),
+            )),
+            Wake::Readable => Ok(false),
         }
     }
 
