@@ -1,4 +1,8 @@
-//! gemmad-client: a typed async client for gemmad's gRPC API over its Unix socket.
+//! gemmad-client: a typed async client for gemmad, over its gRPC API on the Unix socket
+//! ([`Client`]) or its D-Bus API on the system or session bus ([`dbus::DbusClient`],
+//! docs/dbus.md). Both have the same methods and return the same `pb` types and
+//! [`ClientError`]s; gemmad's D-Bus errors arrive as the gRPC statuses its gRPC API gives for
+//! the same failures.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), gemmad_client::ClientError> {
@@ -20,6 +24,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 pub use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+pub mod dbus;
 
 /// The socket a system gemmad listens on.
 pub const DEFAULT_SOCKET: &str = "/run/gemmad/gemmad.sock";
@@ -63,6 +69,15 @@ pub enum ClientError {
     Rpc(Status),
     #[error("the stream ended without a Finished message")]
     Truncated,
+    /// The bus cannot be reached, gemmad is not on it, or the connection failed.
+    #[error("D-Bus ({bus}): {reason}")]
+    Bus { bus: String, reason: String },
+    /// A D-Bus reply or signal that is not as docs/dbus.md has it.
+    #[error("gemmad's D-Bus reply ({what}) is not as expected: {reason} (are gemmad and this client the same version?)")]
+    BadReply { what: String, reason: String },
+    /// A request that gemmad's D-Bus API cannot express; its gRPC API can.
+    #[error("cannot send this request over D-Bus: {0} (gemmad's socket takes it)")]
+    NotOnDbus(String),
 }
 
 impl From<Status> for ClientError {
@@ -218,19 +233,8 @@ impl Client {
         let mut s = self.generate(req).await?;
         let mut out = Generation::default();
         while let Some(msg) = s.message().await? {
-            match msg.event {
-                Some(Event::Queued(q)) => out.request_id = q.request_id,
-                Some(Event::Started(st)) => out.started = Some(st),
-                Some(Event::Delta(d)) => {
-                    on_text(&d.text);
-                    out.text.push_str(&d.text);
-                    out.token_ids.extend(d.token_ids);
-                }
-                Some(Event::Finished(f)) => {
-                    out.finished = Some(f);
-                    return Ok(out);
-                }
-                None => {}
+            if collect_event(&mut out, msg, &mut on_text) {
+                return Ok(out);
             }
         }
         Err(ClientError::Truncated)
@@ -349,6 +353,29 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     pub started: Option<pb::Started>,
     pub finished: Option<pb::Finished>,
+}
+
+/// Adds one event to `out`, passing a delta's text to `on_text`; true at Finished.
+fn collect_event(
+    out: &mut Generation,
+    msg: pb::GenerateResponse,
+    on_text: &mut impl FnMut(&str),
+) -> bool {
+    match msg.event {
+        Some(Event::Queued(q)) => out.request_id = q.request_id,
+        Some(Event::Started(st)) => out.started = Some(st),
+        Some(Event::Delta(d)) => {
+            on_text(&d.text);
+            out.text.push_str(&d.text);
+            out.token_ids.extend(d.token_ids);
+        }
+        Some(Event::Finished(f)) => {
+            out.finished = Some(f);
+            return true;
+        }
+        None => {}
+    }
+    false
 }
 
 /// A one-message text part.

@@ -38,7 +38,8 @@ pub struct ModelSection {
     pub threads: usize,
     /// Weight storage: "bf16" (the checkpoint's own), "q8_0", "q4_0", "q4_k", "f32".
     pub quant: String,
-    /// Derived files (quantized weights, PLE cache); "" keeps them in memory only.
+    /// Derived files (quantized weights, PLE cache); "" = systemd's `CacheDirectory=`
+    /// when it set one, else in memory only.
     pub cache_dir: PathBuf,
     /// Per-layer inputs: "auto" (PLE cache file when cache_dir is set), "cache", "table".
     pub ple: String,
@@ -105,9 +106,19 @@ impl ModelSection {
             .map_err(|e: String| anyhow::anyhow!("model.isa: {e}"))
     }
 
-    /// `model.cache_dir`, if set.
+    /// `model.cache_dir`, if set; else the cache directory systemd made for the service
+    /// (`CacheDirectory=`, passed as `$CACHE_DIRECTORY`), if any.
     pub fn cache_dir(&self) -> Option<PathBuf> {
-        (!self.cache_dir.as_os_str().is_empty()).then(|| self.cache_dir.clone())
+        if !self.cache_dir.as_os_str().is_empty() {
+            return Some(self.cache_dir.clone());
+        }
+        std::env::var_os("CACHE_DIRECTORY")
+            .and_then(|v| {
+                v.to_str()
+                    .and_then(|s| s.split(':').next())
+                    .map(PathBuf::from)
+            })
+            .filter(|p| p.is_absolute())
     }
 }
 
@@ -132,6 +143,45 @@ pub struct ServerSection {
     /// Connections open in all; more are closed at accept. Lowered at start to what the
     /// open-file limit leaves room for.
     pub max_connections: usize,
+    /// The D-Bus front end: `system`, `session`, `off`, or `auto` (the system bus when
+    /// systemd started the daemon, else off); `--dbus` overrides.
+    pub dbus: DbusBus,
+}
+
+/// Which bus the D-Bus front end serves on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DbusBus {
+    #[default]
+    Auto,
+    System,
+    Session,
+    Off,
+}
+
+impl DbusBus {
+    /// The bus to serve on, `auto` resolved (systemd sets `$INVOCATION_ID` for every
+    /// unit it starts), and whether it was asked for explicitly.
+    pub fn resolve(self) -> Option<(DbusBus, bool)> {
+        match self {
+            DbusBus::Off => None,
+            DbusBus::Auto => std::env::var_os("INVOCATION_ID")
+                .filter(|v| !v.is_empty())
+                .map(|_| (DbusBus::System, false)),
+            b => Some((b, true)),
+        }
+    }
+}
+
+impl std::fmt::Display for DbusBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DbusBus::Auto => "auto",
+            DbusBus::System => "system",
+            DbusBus::Session => "session",
+            DbusBus::Off => "off",
+        })
+    }
 }
 
 impl Default for ServerSection {
@@ -146,6 +196,7 @@ impl Default for ServerSection {
             max_request_bytes: 48 << 20,
             max_connections_per_uid: 64,
             max_connections: 1024,
+            dbus: DbusBus::Auto,
         }
     }
 }
@@ -379,6 +430,7 @@ mod tests {
             (d.server.max_connections_per_uid, d.server.max_connections)
         );
         assert_eq!(c.server.max_request_bytes, d.server.max_request_bytes);
+        assert_eq!(c.server.dbus, d.server.dbus);
         assert_eq!(c.queue.depth, d.queue.depth);
         assert_eq!(c.queue.per_peer, d.queue.per_peer);
         assert_eq!(c.queue.per_peer_preparing, d.queue.per_peer_preparing);

@@ -4,8 +4,10 @@
 
 pub mod config;
 pub mod core;
+pub mod dbus;
 pub mod export;
 pub mod governor;
 pub mod grpc;
 pub mod oneshot;
 pub mod serve;
+pub mod systemd;

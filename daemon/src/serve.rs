@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// MatFormer slice to serve from the start (overrides [model].slice).
     #[arg(long, value_name = "NAME")]
     pub slice: Option<String>,
+    /// Serve the D-Bus API on this bus (overrides [server].dbus): system, session, off,
+    /// or auto (the system bus when systemd started gemmad).
+    #[arg(long, value_name = "BUS")]
+    pub dbus: Option<crate::config::DbusBus>,
 }
 
 type LogHandle = reload::Handle<EnvFilter, Registry>;
@@ -56,7 +60,30 @@ fn init_logging(level: &str, json: bool) -> Result<LogHandle> {
     let filter =
         EnvFilter::try_new(level).with_context(|| format!("invalid log filter {level:?}"))?;
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = if json {
+    // Under systemd with stderr on the journal, entries go to the journal natively: the
+    // structured fields stay fields and the level becomes the priority.
+    let journal = if crate::systemd::stderr_is_journal() {
+        match tracing_journald::layer() {
+            // journald's own meaning of the levels: info is 6, debug 7.
+            Ok(l) => Some(
+                l.with_syslog_identifier("gemmad".into())
+                    .with_priority_mappings(tracing_journald::PriorityMappings {
+                        info: tracing_journald::Priority::Informational,
+                        debug: tracing_journald::Priority::Debug,
+                        ..tracing_journald::PriorityMappings::new()
+                    }),
+            ),
+            Err(e) => {
+                eprintln!("gemmad: cannot reach the journal ({e}); logging to stderr");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let fmt = if let Some(j) = journal {
+        j.boxed()
+    } else if json {
         tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
@@ -83,6 +110,7 @@ struct Overrides {
     pack: Option<u8>,
     matformer_config: Option<PathBuf>,
     slice: Option<String>,
+    dbus: Option<crate::config::DbusBus>,
 }
 
 impl Overrides {
@@ -105,6 +133,9 @@ impl Overrides {
         if let Some(s) = &self.slice {
             cfg.model.slice = s.clone();
         }
+        if let Some(b) = self.dbus {
+            cfg.server.dbus = b;
+        }
     }
 }
 
@@ -122,12 +153,18 @@ pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
         pack: args.pack,
         matformer_config: args.matformer_config.clone(),
         slice: args.slice.clone(),
+        dbus: args.dbus,
     };
     overrides.apply(&mut cfg);
     let level = log_override
         .clone()
         .unwrap_or_else(|| cfg.log.level.clone());
     let log = init_logging(&level, cfg.log.format == "json")?;
+    // Before any thread starts: this edits the environment.
+    let activated = crate::systemd::take_listeners().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot take the socket-activated listeners (LISTEN_FDS); binding instead");
+        Vec::new()
+    });
     let nofile = raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,10 +179,18 @@ pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
         log,
         log_override,
         overrides,
-        nofile,
+        Inherited { nofile, activated },
     ));
     rt.shutdown_timeout(Duration::from_secs(1));
     r
+}
+
+/// What the process set up before the runtime started.
+struct Inherited {
+    /// The open-file limit in force.
+    nofile: Option<u64>,
+    /// Listeners systemd passed (socket activation).
+    activated: Vec<crate::systemd::Activated>,
 }
 
 /// File descriptors kept out of `server.max_connections`: the model's files, the
@@ -219,8 +264,9 @@ async fn serve(
     log: LogHandle,
     log_override: Option<String>,
     overrides: Overrides,
-    nofile: Option<u64>,
+    inherited: Inherited,
 ) -> Result<()> {
+    let Inherited { nofile, activated } = inherited;
     let sig = Signals {
         term: signal(SignalKind::terminate())?,
         int: signal(SignalKind::interrupt())?,
@@ -239,10 +285,17 @@ async fn serve(
         resolve_group(&cfg.server.socket_group).context("server.socket_group")?
     };
     let policy = Policy::from_config(&cfg.access, socket_gid)?;
+    let (activated_unix, activated_tcp) = listen::activated(activated)?;
     // Fail fast on a live instance before spending time on the model.
-    listen::preflight(&socket)?;
+    if activated_unix.is_none() {
+        listen::preflight(&socket)?;
+    }
 
     let queue = Arc::new(Queue::new(cfg.queue.depth, cfg.queue.per_peer));
+    let watchdog_timeout = crate::systemd::watchdog_timeout();
+    // The watchdog pings every half timeout if the engine thread moved since the last:
+    // an idle engine thread shows it is alive twice per ping.
+    queue.set_idle_beat(watchdog_timeout.map(|t| t / 4));
     let shutting_down = Arc::new(AtomicBool::new(false));
     let opts = LoadOptions {
         max_context: (cfg.model.max_context > 0).then_some(cfg.model.max_context),
@@ -257,9 +310,11 @@ async fn serve(
         ..Default::default()
     };
     let (q, sd, d) = (queue.clone(), shutting_down.clone(), dir.clone());
-    let loaded = tokio::task::spawn_blocking(move || engine_thread::spawn(d, opts, q, sd))
-        .await
-        .context("model loader")??;
+    let loading = tokio::spawn(extend_while_loading(dir.clone()));
+    let loaded = tokio::task::spawn_blocking(move || engine_thread::spawn(d, opts, q, sd)).await;
+    loading.abort();
+    let loaded = loaded.context("model loader")??;
+    let progress = loaded.progress.clone();
     let worker = loaded.thread;
     let core = Arc::new(Core::new(
         loaded.handle,
@@ -295,8 +350,20 @@ async fn serve(
         None
     };
 
-    let (unix, socket_file) = listen::bind_unix(&socket, mode, socket_gid)?;
-    let tcp = if cfg.server.tcp_listen.is_empty() {
+    let (unix, socket_file) = match activated_unix {
+        // The socket unit owns the socket file: it stays after this process exits.
+        Some(l) => {
+            tracing::info!(socket = %socket.display(), "serving the socket systemd passed (socket activation)");
+            (l, None)
+        }
+        None => {
+            let (l, f) = listen::bind_unix(&socket, mode, socket_gid)?;
+            (l, Some(f))
+        }
+    };
+    let tcp = if let Some(t) = activated_tcp {
+        Some(t)
+    } else if cfg.server.tcp_listen.is_empty() {
         None
     } else {
         let t = tokio::net::TcpListener::bind(&cfg.server.tcp_listen)
@@ -306,6 +373,23 @@ async fn serve(
         tracing::warn!(tcp = %addr, "TCP listener on: every TCP peer is allowed");
         Some(t)
     };
+    let dbus = match cfg.server.dbus.resolve() {
+        None => None,
+        Some((bus, explicit)) => match crate::dbus::start(core.clone(), bus).await {
+            Ok(f) => Some(f),
+            Err(e) if explicit => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot serve {} on the {bus} bus",
+                    crate::dbus::NAME
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(bus = %bus, error = %e, "cannot serve D-Bus (server.dbus = auto); serving gRPC only");
+                None
+            }
+        },
+    };
+    let watchdog = watchdog_timeout.map(|t| tokio::spawn(crate::systemd::watchdog(t, progress)));
     let result = serve_on(
         sig,
         cfg,
@@ -324,7 +408,15 @@ async fn serve(
         },
     )
     .await;
-    socket_file.remove();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    if let Some(f) = socket_file {
+        f.remove();
+    }
+    if let Some(d) = dbus {
+        d.stop().await;
+    }
     governor_stop.store(true, Ordering::Relaxed);
     queue.stop();
     if let Some(g) = governor {
@@ -439,6 +531,8 @@ async fn serve_on(
         max_connections_per_uid = caps.per_uid,
         "gemmad serving"
     );
+    crate::systemd::ready(&serving_status(&s.core));
+    let status_task = tokio::spawn(publish_status(s.core.clone()));
 
     let Signals {
         mut term,
@@ -450,12 +544,16 @@ async fn serve_on(
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
+                crate::systemd::reloading();
                 reload(&mut cfg, &cfg_path, cfg_explicit, &log, log_override.as_deref(), &s);
+                crate::systemd::ready(&serving_status(&s.core));
             }
         }
     };
 
     // Shut down: stop admitting, finish or cancel in-flight work, stop the server.
+    status_task.abort();
+    crate::systemd::stopping(why);
     let sd = &cfg.shutdown;
     tracing::info!(signal = why, in_flight = ?sd.in_flight, grace_s = sd.grace_period_s, "shutting down");
     shutting_down.store(true, Ordering::Relaxed);
@@ -485,6 +583,60 @@ async fn serve_on(
         Err(_) => {
             tracing::warn!("connections did not close within 2 s of shutdown; leaving them");
             Ok(())
+        }
+    }
+}
+
+/// How long each start-up timeout extension asks for, and how often one is sent.
+const EXTEND_BY: Duration = Duration::from_secs(30);
+const EXTEND_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps the service manager's start-up timeout from firing while the model loads (a
+/// first start quantizes weights and builds the PLE cache, which can take minutes).
+async fn extend_while_loading(dir: PathBuf) {
+    let t0 = Instant::now();
+    loop {
+        crate::systemd::extend_timeout(
+            EXTEND_BY,
+            &format!(
+                "loading the model from {} ({} s)",
+                dir.display(),
+                t0.elapsed().as_secs()
+            ),
+        );
+        tokio::time::sleep(EXTEND_EVERY).await;
+    }
+}
+
+/// The one-line status `systemctl status` shows while serving.
+fn serving_status(core: &Core) -> String {
+    let s = core.snapshot();
+    let q = s.queue;
+    let mut line = format!(
+        "serving: slice {}, {} waiting, {}",
+        s.engine.slice,
+        q.waiting_interactive + q.waiting_background,
+        if q.running { "1 running" } else { "idle" }
+    );
+    if let Some(g) = &s.governor {
+        line.push_str(&format!(", tier {}", g.tier));
+    }
+    line.push_str(&format!(", {} requests done", s.requests.completed));
+    line
+}
+
+/// Sends the serving status when it changes (checked every few seconds).
+async fn publish_status(core: Arc<Core>) {
+    if !crate::systemd::managed() {
+        return;
+    }
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let line = serving_status(&core);
+        if line != last {
+            crate::systemd::status(&line);
+            last = line;
         }
     }
 }

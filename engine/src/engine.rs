@@ -124,6 +124,9 @@ pub struct Engine {
     /// A forced slice switch happened mid-generation: its next step re-prefills.
     reprefill: bool,
     releaser: slices::Releaser,
+    /// Counts units of work done (prefill chunks, decode steps): a service's watchdog
+    /// tells a busy engine from a wedged one by it.
+    progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -133,6 +136,14 @@ impl std::fmt::Debug for Engine {
             .field("layout", &self.cfg.layout)
             .field("max_context", &self.cache.max_len())
             .finish()
+    }
+}
+
+impl Engine {
+    /// A counter of work done (prefill chunks and decode steps), shared: it moves while
+    /// the engine makes progress.
+    pub fn progress(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.progress.clone()
     }
 }
 
@@ -193,6 +204,7 @@ impl Engine {
             slice,
             reprefill: false,
             releaser: slices::Releaser::new(),
+            progress: Arc::default(),
         })
         .map(|mut e: Engine| {
             if e.slice.name != crate::matformer::FULL {

@@ -4,6 +4,46 @@
 
 pub use gemmad_e2e::{Daemon, FIXTURE};
 
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Instant;
+
+use gemmad_engine::{ChatMessage, Engine, GenerateRequest, LoadOptions, Prompt};
+
+/// Time to first token in-process (ms), `runs` times after `warmup`: the engine loaded
+/// from `model` with `threads`, one user turn `prompt`, seed 1, one token.
+pub fn in_process_ttft(
+    model: &Path,
+    threads: usize,
+    prompt: &str,
+    warmup: usize,
+    runs: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut engine = Engine::load(
+        model,
+        LoadOptions {
+            threads: Some(threads),
+            ..Default::default()
+        },
+    )?;
+    let mut req = GenerateRequest::new(Prompt::Chat(vec![ChatMessage::text("user", prompt)]));
+    req.sampling.seed = Some(1);
+    req.max_tokens = 1;
+    let mut local = Vec::new();
+    for i in 0..warmup + runs {
+        let t0 = Instant::now();
+        let mut first = None;
+        engine.generate(&req, &mut |_| {
+            first.get_or_insert_with(|| t0.elapsed());
+            ControlFlow::Continue(())
+        })?;
+        if i >= warmup {
+            local.push(first.unwrap_or_default().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(local)
+}
+
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();

@@ -1,4 +1,4 @@
-//! gemmactl: talk to gemmad from the command line.
+//! gemmactl: talk to gemmad from the command line, over its socket (gRPC) or over D-Bus.
 
 use std::io::Write;
 
@@ -7,6 +7,7 @@ use tokio::io::AsyncBufReadExt;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use gemmad_client::dbus::{Bus, DbusClient};
 use gemmad_client::{
     describe, finish_reason_str, image_part, message, pb, text_part, wav_part, Client, ClientError,
     Generation, ServingStatus,
@@ -23,8 +24,103 @@ struct Cli {
     /// gemmad's Unix socket.
     #[arg(long, global = true, env = "GEMMAD_SOCKET", default_value = gemmad_client::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Reach gemmad over D-Bus instead of its socket: `system`, `session`, a D-Bus address
+    /// (unix:path=...), or `off` (the socket, the default).
+    #[arg(long, global = true, env = "GEMMAD_DBUS", value_name = "BUS", value_parser = parse_dbus)]
+    dbus: Option<DbusChoice>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Debug)]
+enum DbusChoice {
+    Off,
+    On(Bus),
+}
+
+fn parse_dbus(s: &str) -> Result<DbusChoice, String> {
+    match s {
+        "off" | "" => Ok(DbusChoice::Off),
+        bus => bus
+            .parse()
+            .map(DbusChoice::On)
+            .map_err(|e| format!("{e}, or off")),
+    }
+}
+
+/// gemmad over either transport, so that each subcommand has one code path.
+enum Conn {
+    Grpc(Box<Client>),
+    Dbus(DbusClient),
+}
+
+/// Runs the same call on whichever client `$conn` holds.
+macro_rules! on_either {
+    ($conn:expr, $c:ident => $call:expr) => {
+        match $conn {
+            Conn::Grpc($c) => $call,
+            Conn::Dbus($c) => $call,
+        }
+    };
+}
+
+impl Conn {
+    async fn connect(cli: &Cli) -> Result<Conn, ClientError> {
+        match &cli.dbus {
+            Some(DbusChoice::On(bus)) => Ok(Conn::Dbus(DbusClient::connect(bus.clone()).await?)),
+            None | Some(DbusChoice::Off) => {
+                Ok(Conn::Grpc(Box::new(Client::connect(&cli.socket).await?)))
+            }
+        }
+    }
+
+    async fn generate_with(
+        &mut self,
+        req: pb::GenerateRequest,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation, ClientError> {
+        on_either!(self, c => c.generate_with(req, on_text).await)
+    }
+
+    async fn status(&mut self) -> Result<pb::StatusResponse, ClientError> {
+        on_either!(self, c => c.status().await)
+    }
+
+    async fn tokenize(
+        &mut self,
+        text: &str,
+        special: bool,
+    ) -> Result<pb::TokenizeResponse, ClientError> {
+        on_either!(self, c => c.tokenize(text, special).await)
+    }
+
+    async fn detokenize(&mut self, ids: Vec<u32>) -> Result<String, ClientError> {
+        on_either!(self, c => c.detokenize(ids).await)
+    }
+
+    async fn list_slices(&mut self) -> Result<Vec<pb::Slice>, ClientError> {
+        on_either!(self, c => c.list_slices().await)
+    }
+
+    async fn set_slice(&mut self, name: &str, force: bool) -> Result<pb::Slice, ClientError> {
+        on_either!(self, c => c.set_slice(name, force).await)
+    }
+
+    async fn governor_pin(&mut self, tier: Option<&str>) -> Result<(), ClientError> {
+        on_either!(self, c => c.governor_pin(tier).await)
+    }
+
+    async fn load_modality(&mut self, m: pb::Modality) -> Result<pb::Tower, ClientError> {
+        on_either!(self, c => c.load_modality(m).await)
+    }
+
+    async fn unload_modality(&mut self, m: pb::Modality) -> Result<pb::Tower, ClientError> {
+        on_either!(self, c => c.unload_modality(m).await)
+    }
+
+    async fn health(&mut self) -> Result<ServingStatus, ClientError> {
+        on_either!(self, c => c.health("").await)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -50,7 +146,7 @@ enum Command {
     Load(ModalityArgs),
     /// Unload a tower and drop its pages.
     Unload(ModalityArgs),
-    /// The gRPC health check; exit status 0 when serving.
+    /// The health check (gRPC's, or over D-Bus a Peer.Ping); exit status 0 when serving.
     Health,
 }
 
@@ -256,7 +352,7 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
+async fn generate(c: &mut Conn, a: GenerateArgs) -> Result<()> {
     let prompt = if a.prompt == "-" {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
@@ -297,7 +393,7 @@ async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-async fn chat(c: &mut Client, a: SamplingArgs) -> Result<()> {
+async fn chat(c: &mut Conn, a: SamplingArgs) -> Result<()> {
     let mut history: Vec<pb::Message> = a.system_message().into_iter().collect();
     // Read stdin asynchronously: the connection keeps answering the daemon meanwhile.
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -350,7 +446,7 @@ fn modality_str(m: i32) -> &'static str {
     }
 }
 
-async fn status(c: &mut Client, json_out: bool) -> Result<()> {
+async fn status(c: &mut Conn, json_out: bool) -> Result<()> {
     let s = c.status().await?;
     let m = s.model.clone().unwrap_or_default();
     let q = s.queue.unwrap_or_default();
@@ -452,7 +548,7 @@ async fn status(c: &mut Client, json_out: bool) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
-    let mut c = Client::connect(&cli.socket).await?;
+    let mut c = Conn::connect(&cli).await?;
     match cli.command {
         Command::Generate(a) => generate(&mut c, a).await?,
         Command::Chat(a) => chat(&mut c, a).await?,
@@ -517,7 +613,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Load(a) => print_tower(&c.load_modality(a.modality).await?, a.json),
         Command::Unload(a) => print_tower(&c.unload_modality(a.modality).await?, a.json),
         Command::Health => {
-            let st = c.health("").await?;
+            let st = c.health().await?;
             println!("{}", st.as_str_name());
             if st != ServingStatus::Serving {
                 return Ok(std::process::ExitCode::FAILURE);

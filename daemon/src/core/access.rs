@@ -10,13 +10,62 @@ use nix::unistd::{Gid, Group};
 
 use super::types::Peer;
 
-/// Reads SO_PEERCRED of a connected Unix socket.
+/// Reads SO_PEERCRED of a connected Unix socket, and the peer's supplementary groups
+/// as the kernel recorded them at connect (SO_PEERGROUPS).
 pub fn peer_of(sock: &impl AsFd, via: &'static str) -> Peer {
     match getsockopt(sock, PeerCredentials) {
-        Ok(c) => local_peer(c.uid(), c.gid(), Some(c.pid()), via),
+        Ok(c) => match peer_groups(sock) {
+            Some(groups) => {
+                let gid = c.gid();
+                let mut gids = vec![gid];
+                gids.extend(groups.into_iter().filter(|&g| g != gid));
+                Peer {
+                    uid: Some(c.uid()),
+                    gids,
+                    pid: Some(c.pid()),
+                    tcp: None,
+                    via,
+                }
+            }
+            // Kernels before 4.13: the groups from /proc (hidden by ProtectProc=invisible).
+            None => local_peer(c.uid(), c.gid(), Some(c.pid()), via),
+        },
         Err(e) => {
             tracing::warn!(error = %e, "cannot read peer credentials (SO_PEERCRED)");
             Peer::unknown(via)
+        }
+    }
+}
+
+/// The peer's supplementary groups from SO_PEERGROUPS (Linux 4.13+); `None` when the
+/// kernel does not have it. Reads the socket, not /proc, so it works where /proc hides
+/// other users' processes (systemd's `ProtectProc=invisible`).
+fn peer_groups(sock: &impl AsFd) -> Option<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_fd().as_raw_fd();
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of writable gid_t slots, and `len` is its
+        // size; the kernel writes at most that many bytes and reports how many.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(n);
+            return Some(groups);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            // Too small: the kernel said how much it needs.
+            Some(libc::ERANGE) if n > groups.len() && n <= 65536 => groups.resize(n, 0),
+            _ => return None,
         }
     }
 }
@@ -209,5 +258,20 @@ mod tests {
             p.gids.first(),
             Some(&nix::unistd::Gid::effective().as_raw())
         );
+    }
+
+    #[test]
+    fn supplementary_groups_come_from_the_socket() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut got = peer_groups(&a).expect("SO_PEERGROUPS (Linux 4.13+)");
+        let mut want: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(got, want);
     }
 }

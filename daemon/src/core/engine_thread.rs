@@ -125,6 +125,8 @@ impl EngineHandle {
 /// What the front ends need to know about the loaded model.
 pub struct Loaded {
     pub handle: EngineHandle,
+    /// Moves while the engine thread works or waits idle; stops if it wedges.
+    pub progress: Arc<AtomicU64>,
     pub prompter: Prompter,
     pub model: ModelInfo,
     pub thread: std::thread::JoinHandle<()>,
@@ -164,7 +166,10 @@ pub fn spawn(
             };
             let stats = Arc::new(EngineStats::new(&engine));
             tracing::info!(dir = %dir.display(), load_ms = t0.elapsed().as_millis() as u64, "engine ready");
-            if tx.send(Ok((model, engine.prompter(), stats.clone()))).is_err() {
+            if tx
+                .send(Ok((model, engine.prompter(), stats.clone(), engine.progress())))
+                .is_err()
+            {
                 return;
             }
             let mut thread = EngineThread {
@@ -177,8 +182,9 @@ pub fn spawn(
             tracing::debug!("inference thread exits");
         })?;
     match rx.recv() {
-        Ok(Ok((model, prompter, stats))) => Ok(Loaded {
+        Ok(Ok((model, prompter, stats, progress))) => Ok(Loaded {
             handle: EngineHandle { queue, stats },
+            progress,
             prompter,
             model,
             thread,
@@ -207,7 +213,11 @@ fn ms(d: Duration) -> f64 {
 
 impl EngineThread<'_> {
     fn serve(&mut self) {
-        while let Some(work) = self.queue.next() {
+        let progress = self.engine.progress();
+        let beat = || {
+            progress.fetch_add(1, Ordering::Relaxed);
+        };
+        while let Some(work) = self.queue.next_beating(&beat) {
             match work {
                 Work::Command(c) => self.apply(c),
                 Work::Job(job, seq) => {

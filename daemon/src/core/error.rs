@@ -14,6 +14,9 @@ pub enum ServiceError {
     /// tokenizer, a tower the checkpoint lacks).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The request needs a tower (vision, audio) the model lacks or cannot load.
+    #[error("{0}")]
+    ModalityUnavailable(String),
     /// Too much waiting already; try again after `retry_after`.
     #[error("{message}")]
     ResourceExhausted {
@@ -41,6 +44,7 @@ impl ServiceError {
         match self {
             ServiceError::InvalidArgument(_) => "invalid_argument",
             ServiceError::FailedPrecondition(_) => "failed_precondition",
+            ServiceError::ModalityUnavailable(_) => "modality_unavailable",
             ServiceError::ResourceExhausted { .. } => "resource_exhausted",
             ServiceError::Unavailable(_) => "unavailable",
             ServiceError::PermissionDenied(_) => "permission_denied",
@@ -62,9 +66,8 @@ impl From<EngineError> for ServiceError {
             EngineError::InvalidRequest(_)
             | EngineError::ContextFull { .. }
             | EngineError::Template(_) => ServiceError::InvalidArgument(e.to_string()),
-            EngineError::Unavailable(_) | EngineError::ModalityUnavailable(_) => {
-                ServiceError::FailedPrecondition(e.to_string())
-            }
+            EngineError::Unavailable(_) => ServiceError::FailedPrecondition(e.to_string()),
+            EngineError::ModalityUnavailable(_) => ServiceError::ModalityUnavailable(e.to_string()),
             _ => ServiceError::Internal(e.to_string()),
         }
     }

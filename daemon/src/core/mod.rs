@@ -285,6 +285,12 @@ impl Core {
 
     pub fn status(&self, peer: &Peer) -> StatusSnapshot {
         tracing::debug!(op = "status", via = peer.via, peer = %peer, "core call");
+        self.snapshot()
+    }
+
+    /// What Status reports, for the service itself (a front end refreshing its
+    /// properties): no peer, no log line.
+    pub fn snapshot(&self) -> StatusSnapshot {
         let stats = self.engine.stats();
         let engine = stats.state();
         let mut memory = vec![
@@ -462,6 +468,11 @@ pub struct Submission {
 }
 
 impl Submission {
+    /// The request's id in the queue.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The next event, or `None` after the last.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         let e = std::task::ready!(self.rx.poll_recv(cx));

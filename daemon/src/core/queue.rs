@@ -118,6 +118,8 @@ struct Running {
 }
 
 struct Inner {
+    /// How often an idle engine thread wakes (for the watchdog); `None`: never.
+    idle_beat: Option<std::time::Duration>,
     commands: VecDeque<Command>,
     interactive: VecDeque<Job>,
     background: VecDeque<Job>,
@@ -216,6 +218,7 @@ impl Queue {
                 next_id: 1,
                 run_seq: 0,
                 rates: Rates::default(),
+                idle_beat: None,
             }),
             cv: Condvar::new(),
             counters: Counters::default(),
@@ -225,6 +228,12 @@ impl Queue {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock would be a bug in this file; keep serving.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How often an idle engine thread wakes to show it is alive; `None` (the default):
+    /// it sleeps until work comes.
+    pub fn set_idle_beat(&self, every: Option<std::time::Duration>) {
+        self.lock().idle_beat = every;
     }
 
     pub fn set_limits(&self, depth: usize, per_peer: usize) {
@@ -322,6 +331,12 @@ impl Queue {
     /// Blocks until a command or a job is due, or the queue is stopped and empty of jobs
     /// (commands left then are answered as refused).
     pub fn next(&self) -> Option<Work> {
+        self.next_beating(&|| ())
+    }
+
+    /// [`Queue::next`], calling `idle` every [`Queue::set_idle_beat`] while nothing is
+    /// due (the engine thread's sign of life for the watchdog).
+    pub fn next_beating(&self, idle: &dyn Fn()) -> Option<Work> {
         let mut g = self.lock();
         loop {
             if let Some(c) = g.commands.pop_front() {
@@ -347,7 +362,16 @@ impl Queue {
             if g.stopped {
                 return None;
             }
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            match g.idle_beat {
+                Some(every) => {
+                    g = match self.cv.wait_timeout(g, every) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    };
+                    idle();
+                }
+                None => g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
+            }
         }
     }
 

@@ -127,6 +127,9 @@ pub struct GenerateParams {
     pub size: String,
     pub priority: Priority,
     pub ignore_eos: bool,
+    /// The one user message's text runs as given: tokenized with its own `<bos>`, no
+    /// chat template.
+    pub raw: bool,
 }
 
 /// Timings of one finished request.

@@ -267,6 +267,27 @@ pub fn need_tokenizer(prompter: &Prompter) -> Result<(), ServiceError> {
     }
 }
 
+/// The text of a raw request: one user message of one text part.
+fn raw_text(mut msgs: Vec<Message>, limits: &LimitsSection) -> Result<String, ServiceError> {
+    let shape = "a raw request takes one user message with one text part (no template, no media)";
+    if msgs.len() != 1 || msgs[0].parts.len() != 1 {
+        return Err(bad(shape));
+    }
+    let Some(Message { parts, .. }) = msgs.pop() else {
+        return Err(bad(shape));
+    };
+    match parts.into_iter().next() {
+        Some(Part::Text(t)) if t.len() > limits.max_prompt_bytes => Err(bad(format!(
+            "the prompt is {} bytes; the limit is {} (limits.max_prompt_bytes)",
+            t.len(),
+            limits.max_prompt_bytes
+        ))),
+        Some(Part::Text(t)) if !t.is_empty() => Ok(t),
+        Some(Part::Text(_)) => Err(bad("the prompt is empty")),
+        _ => Err(bad(shape)),
+    }
+}
+
 /// Validates `r` and prepares its prompt with the engine's pipeline. `slices` are the
 /// names of the MatFormer slices the engine offers (a request may ask for one by name).
 pub fn prepare(
@@ -314,9 +335,15 @@ pub fn prepare(
             )));
         }
     };
-    let chat = messages(r.messages, limits)?;
-    need_tokenizer(prompter)?;
-    let prompt = prompter.prepare(&Prompt::Chat(chat))?;
+    let prompt = if r.raw {
+        let text = raw_text(r.messages, limits)?;
+        need_tokenizer(prompter)?;
+        prompter.prepare(&Prompt::Text(text))?
+    } else {
+        let chat = messages(r.messages, limits)?;
+        need_tokenizer(prompter)?;
+        prompter.prepare(&Prompt::Chat(chat))?
+    };
     let mut request = GenerateRequest::new(Prompt::Prepared(prompt));
     request.sampling = sampling;
     request.max_tokens = max_tokens;

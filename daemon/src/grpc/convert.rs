@@ -16,7 +16,9 @@ use crate::core::ServiceError;
 pub fn status(e: ServiceError) -> Status {
     match e {
         ServiceError::InvalidArgument(m) => Status::invalid_argument(m),
-        ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ServiceError::FailedPrecondition(m) | ServiceError::ModalityUnavailable(m) => {
+            Status::failed_precondition(m)
+        }
         ServiceError::ResourceExhausted {
             message,
             retry_after,
@@ -119,6 +121,7 @@ pub fn generate(r: pb::GenerateRequest) -> Result<GenerateParams, Status> {
         size: r.size,
         priority,
         ignore_eos: r.ignore_eos,
+        raw: false,
     })
 }
 

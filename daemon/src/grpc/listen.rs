@@ -91,6 +91,53 @@ impl SocketFile {
     }
 }
 
+/// The listeners systemd passed (socket activation): the first listening Unix stream
+/// socket serves as the gRPC socket, the first TCP one as the TCP listener. Anything
+/// else passed is an error naming it (a unit misconfiguration).
+pub fn activated(
+    fds: Vec<crate::systemd::Activated>,
+) -> Result<(
+    Option<tokio::net::UnixListener>,
+    Option<tokio::net::TcpListener>,
+)> {
+    use nix::sys::socket::{
+        getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage,
+    };
+    let (mut unix, mut tcp) = (None, None);
+    for a in fds {
+        let what = || format!("the socket systemd passed as {:?}", a.name);
+        let ty = getsockopt(&a.fd, sockopt::SockType).with_context(what)?;
+        let listening = getsockopt(&a.fd, sockopt::AcceptConn).with_context(what)?;
+        if ty != SockType::Stream || !listening {
+            bail!(
+                "{} is not a listening stream socket (ListenStream= in the socket unit)",
+                what()
+            );
+        }
+        let family = getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&a.fd))
+            .with_context(what)?
+            .family();
+        match family {
+            Some(AddressFamily::Unix) if unix.is_none() => {
+                let l = std::os::unix::net::UnixListener::from(a.fd);
+                l.set_nonblocking(true).with_context(what)?;
+                unix = Some(tokio::net::UnixListener::from_std(l).with_context(what)?);
+            }
+            Some(AddressFamily::Inet | AddressFamily::Inet6) if tcp.is_none() => {
+                let l = std::net::TcpListener::from(a.fd);
+                l.set_nonblocking(true).with_context(what)?;
+                tracing::warn!(name = %a.name, "TCP listener passed by systemd: every TCP peer is allowed");
+                tcp = Some(tokio::net::TcpListener::from_std(l).with_context(what)?);
+            }
+            other => bail!(
+                "{} has an unexpected or second address family ({other:?})",
+                what()
+            ),
+        }
+    }
+    Ok((unix, tcp))
+}
+
 /// Binds the Unix socket with `mode` and group `gid` (no window with looser permissions:
 /// the umask is tightened around bind).
 pub fn bind_unix(

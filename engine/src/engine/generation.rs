@@ -148,6 +148,7 @@ impl Engine {
         let (model, cache, pool) = (&self.model, &mut self.cache, &self.pool);
         let logits = &mut self.logits;
         let chunk = self.prefill_chunk;
+        let progress = &self.progress;
         crate::par::install(pool, || -> Result<()> {
             let n = ids.len().div_ceil(chunk);
             for (i, c) in ids.chunks(chunk).enumerate() {
@@ -157,6 +158,7 @@ impl Engine {
                     LogitsFor::None
                 };
                 model.forward_slice_into(c, cache, want, logits, slice)?;
+                progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Ok(())
         })
@@ -164,6 +166,8 @@ impl Engine {
 
     /// Decodes one token of `g` (or ends it).
     pub fn step(&mut self, g: &mut Generation) -> Result<Step> {
+        self.progress
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if g.done {
             return Err(EngineError::InvalidRequest(
                 "this generation has already finished".into(),

@@ -5,16 +5,14 @@
 //! cargo build --release -p gemmad -p gemmad-bench-serving
 //! target/release/ttft-overhead [--runs 20] [--model DIR] [--threads N]
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
-use gemmad_bench_serving::{median, Daemon, FIXTURE};
+use gemmad_bench_serving::{in_process_ttft, median, Daemon, FIXTURE};
 use gemmad_client::pb::generate_response::Event;
 use gemmad_client::{pb, user_prompt};
-use gemmad_engine::{ChatMessage, Engine, GenerateRequest, LoadOptions, Prompt};
 
 #[derive(Parser)]
 struct Args {
@@ -43,29 +41,7 @@ async fn main() -> Result<()> {
     let warmup = 3;
 
     // In-process: from the call to the first token callback.
-    let mut engine = Engine::load(
-        &a.model,
-        LoadOptions {
-            threads: Some(a.threads),
-            ..Default::default()
-        },
-    )?;
-    let mut req = GenerateRequest::new(Prompt::Chat(vec![ChatMessage::text("user", &a.prompt)]));
-    req.sampling.seed = Some(1);
-    req.max_tokens = 1;
-    let mut local = Vec::new();
-    for i in 0..warmup + a.runs {
-        let t0 = Instant::now();
-        let mut first = None;
-        engine.generate(&req, &mut |_| {
-            first.get_or_insert_with(|| t0.elapsed());
-            ControlFlow::Continue(())
-        })?;
-        if i >= warmup {
-            local.push(ms(first.unwrap_or_default()));
-        }
-    }
-    drop(engine);
+    let mut local = in_process_ttft(&a.model, a.threads, &a.prompt, warmup, a.runs)?;
 
     // Through the daemon: from sending the request to receiving the first delta.
     let mut d = Daemon::builder()
