@@ -82,10 +82,15 @@ pub enum ClientError {
 
 impl From<Status> for ClientError {
     /// A call on a connection the daemon closed fails in tonic as UNKNOWN "transport
-    /// error" (or UNAVAILABLE, depending on when the close is seen); both read as
-    /// UNAVAILABLE with the likely reasons.
+    /// error", as CANCELLED (hyper's "operation was canceled" when the close comes while
+    /// the request is being dispatched), or as UNAVAILABLE, depending on when the close
+    /// is seen; all read as UNAVAILABLE with the likely reasons. (gemmad never sends
+    /// CANCELLED itself: one with a transport error behind it is the connection.)
     fn from(s: Status) -> Self {
-        if s.code() == Code::Unknown && s.message() == "transport error" {
+        let transport = std::error::Error::source(&s).is_some();
+        if (s.code() == Code::Unknown && s.message() == "transport error")
+            || (s.code() == Code::Cancelled && transport)
+        {
             let why = std::error::Error::source(&s).map_or(String::new(), |e| format!(" ({e})"));
             return ClientError::Rpc(Status::unavailable(format!(
                 "gemmad closed the connection without serving it: is this user allowed by \
