@@ -199,18 +199,9 @@ fn watchdog_pings_stop_while_the_engine_thread_is_held() -> Result<()> {
     Ok(())
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn socket_activation_serves_the_passed_socket() -> Result<()> {
-    if !have("systemd-socket-activate") {
+    if !gemmad_e2e::on_path("systemd-socket-activate") {
         skip("systemd-socket-activate is not installed (package systemd)");
         return Ok(());
     }
@@ -347,7 +338,7 @@ fn parse_entry(mut b: &[u8]) -> Result<Vec<(String, String)>> {
 #[test]
 fn journal_stream_gets_native_entries_with_fields() -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    if !have("unshare") {
+    if !gemmad_e2e::on_path("unshare") {
         skip("unshare is not installed (package util-linux)");
         return Ok(());
     }

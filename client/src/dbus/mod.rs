@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
-use zbus::names::OwnedUniqueName;
+use zbus::names::{BusName, OwnedUniqueName};
 use zbus::{Connection, DBusError, Message, MessageStream, OwnedObjectPath, OwnedVariant};
 
 use crate::{pb, ClientError, Generation, ServingStatus};
@@ -349,37 +349,36 @@ impl DbusClient {
             .map_err(|e| self.call_error(method, e))
     }
 
+    /// The bus daemon's own interface (zbus's proxy for org.freedesktop.DBus).
+    async fn bus_daemon(&self) -> Result<zbus::fdo::DBusProxy<'_>, ClientError> {
+        zbus::fdo::DBusProxy::new(&self.conn)
+            .await
+            .map_err(|e| self.bus_error("reaching the bus daemon", e))
+    }
+
     async fn name_has_owner(&self) -> Result<bool, ClientError> {
-        let reply = self
-            .conn
-            .call_method(
-                Some(DBUS_NAME),
-                DBUS_PATH,
-                Some(DBUS_NAME),
-                "NameHasOwner",
-                &(BUS_NAME,),
-            )
+        let name = BusName::try_from(BUS_NAME)
+            .map_err(|e| self.bus_error("naming org.gemmad.Gemmad1", e))?;
+        self.bus_daemon()
+            .await?
+            .name_has_owner(name)
             .await
             .map_err(|e| {
-                self.bus_error("asking the bus whether org.gemmad.Gemmad1 has an owner", e)
-            })?;
-        deserialize(&reply, "NameHasOwner")
+                self.bus_error(
+                    "asking the bus whether org.gemmad.Gemmad1 has an owner",
+                    e.into(),
+                )
+            })
     }
 
     async fn name_activatable(&self) -> Result<bool, ClientError> {
-        let reply = self
-            .conn
-            .call_method(
-                Some(DBUS_NAME),
-                DBUS_PATH,
-                Some(DBUS_NAME),
-                "ListActivatableNames",
-                &(),
-            )
+        let names = self
+            .bus_daemon()
+            .await?
+            .list_activatable_names()
             .await
-            .map_err(|e| self.bus_error("asking the bus for its activatable names", e))?;
-        let names: Vec<String> = deserialize(&reply, "ListActivatableNames")?;
-        Ok(names.iter().any(|n| n == BUS_NAME))
+            .map_err(|e| self.bus_error("asking the bus for its activatable names", e.into()))?;
+        Ok(names.iter().any(|n| n.as_str() == BUS_NAME))
     }
 
     fn no_owner(&self) -> ClientError {

@@ -7,8 +7,7 @@ use gemmad_engine::{FinishReason, Modality, TowerState};
 use zbus::{OwnedVariant, Variant};
 
 use crate::core::types::{
-    Finished, GenerateParams, GovernorSnapshot, Message, Part, Priority, Sampling, SliceInfo,
-    StatusSnapshot,
+    Finished, GenerateParams, Message, Part, Priority, Sampling, SliceInfo, StatusSnapshot,
 };
 use crate::core::ServiceError;
 
@@ -297,10 +296,6 @@ pub fn memory(parts: &[(String, u64)]) -> HashMap<String, u64> {
     parts.iter().cloned().collect()
 }
 
-pub fn readings(g: &GovernorSnapshot) -> Vec<(String, f64, String)> {
-    g.readings.clone()
-}
-
 fn dict(d: Dict) -> Variant<'static> {
     Variant::from(d)
 }
@@ -378,7 +373,7 @@ pub fn status(s: &StatusSnapshot) -> Dict {
         let mut gd = Dict::new();
         gd.insert("tier".into(), g.tier.clone().into());
         gd.insert("pinned".into(), g.pinned.clone().unwrap_or_default().into());
-        gd.insert("readings".into(), readings(g).into());
+        gd.insert("readings".into(), g.readings.clone().into());
         gd.insert("last_actions".into(), g.last_actions.clone().into());
         gd.insert("transitions".into(), g.transitions.into());
         gd.insert("actions_applied".into(), g.actions_applied.into());

@@ -51,7 +51,7 @@ impl Props {
         let s = core.snapshot();
         let q = s.queue;
         let (tier, readings) = match &s.governor {
-            Some(g) => (g.tier.clone(), convert::readings(g)),
+            Some(g) => (g.tier.clone(), g.readings.clone()),
             None => (String::new(), Vec::new()),
         };
         Props {
