@@ -131,6 +131,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         slice: None,
         ignore_eos: a.ignore_eos,
         cancel: None,
+        user: None,
+        cache_prompt: true,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -19,6 +19,7 @@ mod generation;
 mod loading;
 mod prompt;
 mod request;
+mod reuse;
 mod slices;
 mod text_stream;
 
@@ -75,6 +76,9 @@ pub struct LoadOptions {
     pub matformer_config: Option<PathBuf>,
     /// The slice to run from the start (default: the whole checkpoint).
     pub slice: Option<String>,
+    /// Reuse of K/V states across requests (see [`crate::PromptCacheOptions`]); the disk
+    /// tier lives in `cache_dir`.
+    pub prompt_cache: crate::PromptCacheOptions,
 }
 
 impl Default for LoadOptions {
@@ -94,6 +98,7 @@ impl Default for LoadOptions {
             pack: true,
             matformer_config: None,
             slice: None,
+            prompt_cache: Default::default(),
         }
     }
 }
@@ -127,6 +132,8 @@ pub struct Engine {
     /// Counts units of work done (prefill chunks, decode steps): a service's watchdog
     /// tells a busy engine from a wedged one by it.
     progress: Arc<std::sync::atomic::AtomicU64>,
+    /// K/V states kept for later requests.
+    prompts: reuse::PromptCache,
 }
 
 impl std::fmt::Debug for Engine {
@@ -154,7 +161,20 @@ impl Engine {
         crate::quant::kernels::configure(opts.isa, opts.pack);
         let cfg = ModelConfig::from_dir(dir)?;
         let ckpt = crate::checkpoint::Checkpoint::open(dir)?;
-        let (model, mem) = loading::load_parts(&cfg, ckpt, &opts)?;
+        let (model, mut mem) = loading::load_parts(&cfg, ckpt, &opts)?;
+        let disk = reuse::open_disk(
+            &opts.prompt_cache,
+            opts.cache_dir.as_deref(),
+            &mem.ckpt,
+            &cfg.text,
+            model.kv_dtype(),
+        )
+        .unwrap_or_else(|w| {
+            tracing::warn!(warning = %w, "prompt cache");
+            mem.warnings.push(w);
+            None
+        });
+        let prompts = reuse::PromptCache::new(opts.prompt_cache.clone(), disk);
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(Arc::new(TextTokenizer::from_dir(dir)?))
         } else {
@@ -205,6 +225,7 @@ impl Engine {
             reprefill: false,
             releaser: slices::Releaser::new(),
             progress: Arc::default(),
+            prompts,
         })
         .map(|mut e: Engine| {
             if e.slice.name != crate::matformer::FULL {
@@ -272,6 +293,7 @@ impl Engine {
     /// Logits of every position of `ids` (`[len, vocab]`), one prefill from an empty cache.
     pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.active = None;
+        self.forget_live();
         self.cache.clear();
         let chunk = self.prefill_chunk;
         let (model, cache, slice) = (&self.model, &mut self.cache, &*self.slice);
@@ -332,6 +354,13 @@ impl Engine {
     pub fn reset(&mut self) {
         self.active = None;
         self.cache.clear();
+        self.forget_live();
+    }
+
+    /// Logits of the last position the engine ran (after [`Engine::start`]: the prompt's
+    /// last token; after a [`Engine::step`]: the token it ran), softcapped.
+    pub fn last_logits(&self) -> &[f32] {
+        &self.logits
     }
 }
 

@@ -27,7 +27,7 @@ impl KvDType {
 }
 
 /// One owner layer's K or V positions (laid out by [`LayerKv`]).
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) enum KvBuf {
     F32(Vec<f32>),
     /// IEEE half bits.
@@ -64,6 +64,64 @@ impl KvBuf {
         match self {
             KvBuf::F32(b) => out.copy_from_slice(&b[at..at + out.len()]),
             KvBuf::F16(b) => crate::quant::kernels::widen_f16(&b[at..at + out.len()], out),
+        }
+    }
+
+    /// A buffer without the huge-page advice (a kept copy, not a streamed cache).
+    pub(crate) fn plain(dtype: KvDType, n: usize) -> Self {
+        match dtype {
+            KvDType::F32 => KvBuf::F32(vec![0.0; n]),
+            KvDType::F16 => KvBuf::F16(vec![0; n]),
+        }
+    }
+
+    pub(crate) fn dtype(&self) -> KvDType {
+        match self {
+            KvBuf::F32(_) => KvDType::F32,
+            KvBuf::F16(_) => KvDType::F16,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            KvBuf::F32(b) => b.len(),
+            KvBuf::F16(b) => b.len(),
+        }
+    }
+
+    /// Copies `n` elements from `src` at `from` to `self` at `to` (same element type).
+    fn copy_from(&mut self, to: usize, src: &KvBuf, from: usize, n: usize) {
+        match (self, src) {
+            (KvBuf::F32(d), KvBuf::F32(s)) => d[to..to + n].copy_from_slice(&s[from..from + n]),
+            (KvBuf::F16(d), KvBuf::F16(s)) => d[to..to + n].copy_from_slice(&s[from..from + n]),
+            // Spans are made by the cache they go back to: one element type.
+            _ => unreachable!("K/V copied between caches of different element types"),
+        }
+    }
+
+    /// Little-endian bytes of every element, appended to `out`.
+    pub(crate) fn write_le(&self, out: &mut Vec<u8>) {
+        match self {
+            KvBuf::F32(b) => b
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            KvBuf::F16(b) => b
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        }
+    }
+
+    /// Fills every element from little-endian `bytes` (exactly `len() * dtype.bytes()`).
+    pub(crate) fn read_le(&mut self, bytes: &[u8]) {
+        match self {
+            KvBuf::F32(b) => b
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(v, c)| *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            KvBuf::F16(b) => b
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(v, c)| *v = u16::from_le_bytes([c[0], c[1]])),
         }
     }
 
@@ -160,6 +218,22 @@ impl LayerKv {
     }
 }
 
+/// K/V of positions `lo..hi` of one owner layer, copied out of a cache (head-major:
+/// `[kv head][position - lo][head_dim]`), to be copied back by [`KvCache::import`].
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct KvSpan {
+    pub lo: usize,
+    pub hi: usize,
+    pub k: KvBuf,
+    pub v: KvBuf,
+}
+
+impl KvSpan {
+    pub fn bytes(&self) -> usize {
+        self.k.bytes() + self.v.bytes()
+    }
+}
+
 /// Per-sequence K/V: that of the owner layers, and the K/V a forward pass is producing
 /// (committed when it ends, so KV-shared layers see "cache after update" as transformers
 /// does). `clear` keeps every buffer.
@@ -238,6 +312,68 @@ impl KvCache {
     /// Forget the sequence (buffers are kept).
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+
+    /// Keeps only the first `len` positions (at most the current length). Sliding rings
+    /// are not touched: the caller knows they still hold the window before `len` (see
+    /// [`crate::prompt_cache`]).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Sets the length after K/V were imported for `0..len`.
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.max_len);
+    }
+
+    /// The sliding window (ring size) of owner layer `l`, `None` for a full layer or a
+    /// KV-shared one.
+    pub(crate) fn window(&self, l: usize) -> Option<usize> {
+        self.layers.get(l)?.as_ref()?.window
+    }
+
+    /// Copies positions `lo..hi` of owner layer `l` out. The positions must be held:
+    /// `hi <= len()`, and on a sliding layer `lo >= len() - window`.
+    pub(crate) fn export(&self, l: usize, lo: usize, hi: usize) -> Option<KvSpan> {
+        let layer = self.layers.get(l)?.as_ref()?;
+        let hd = layer.head_dim;
+        let heads = self.kv_dim / hd;
+        let n = hi.saturating_sub(lo);
+        let (mut k, mut v) = (
+            KvBuf::plain(self.dtype, heads * n * hd),
+            KvBuf::plain(self.dtype, heads * n * hd),
+        );
+        for h in 0..heads {
+            for (i, pos) in (lo..hi).enumerate() {
+                let (to, from) = ((h * n + i) * hd, layer.at(pos, h));
+                k.copy_from(to, &layer.k, from, hd);
+                v.copy_from(to, &layer.v, from, hd);
+            }
+        }
+        Some(KvSpan { lo, hi, k, v })
+    }
+
+    /// Copies the positions of `span` below `upto` into owner layer `l` (their ring slots
+    /// on a sliding layer). The length is not changed: see [`KvCache::set_len`].
+    pub(crate) fn import(&mut self, l: usize, span: &KvSpan, upto: usize) {
+        let kv_dim = self.kv_dim;
+        let Some(layer) = self.layers.get_mut(l).and_then(Option::as_mut) else {
+            return;
+        };
+        let hd = layer.head_dim;
+        let heads = kv_dim / hd;
+        let n = span.hi - span.lo;
+        let hi = span.hi.min(upto).min(match layer.window {
+            Some(_) => usize::MAX,
+            None => layer.cap,
+        });
+        for h in 0..heads {
+            for pos in span.lo..hi {
+                let (to, from) = (layer.at(pos, h), (h * n + pos - span.lo) * hd);
+                layer.k.copy_from(to, &span.k, from, hd);
+                layer.v.copy_from(to, &span.v, from, hd);
+            }
+        }
     }
 
     /// Bytes of K/V actually holding positions (what a memory report should count).

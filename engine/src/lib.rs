@@ -18,6 +18,7 @@ mod memory;
 mod model;
 mod par;
 mod ple_cache;
+mod prompt_cache;
 mod quant;
 mod residency;
 mod sampling;
@@ -39,6 +40,10 @@ pub use error::{EngineError, Result};
 pub use memory::{MemoryReport, Part, PartMemory};
 pub use model::ple_build::{build as build_ple_cache, BuildReport as PleBuildReport};
 pub use ple_cache::RowDType;
+pub use prompt_cache::{
+    default_ram_bytes as default_prompt_cache_bytes, key_of as prompt_key, CacheOwner,
+    PinnedPrompt, PromptCacheOptions, PromptCacheState,
+};
 pub use quant::kernels::{configure as configure_kernels, IsaChoice};
 pub use quant::{kernels_in_use, QuantType};
 pub use sampling::{Sampler, SamplingParams};

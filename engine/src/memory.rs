@@ -27,6 +27,8 @@ pub enum Part {
     KvCache,
     /// Buffers kept between forward passes.
     Scratch,
+    /// K/V states the prompt cache keeps for later requests.
+    PromptCache,
 }
 
 impl Part {
@@ -41,12 +43,16 @@ impl Part {
             Part::Tower(m) => m.as_str(),
             Part::KvCache => "kv_cache",
             Part::Scratch => "scratch",
+            Part::PromptCache => "prompt_cache",
         }
     }
 
     /// Whether the part holds model parameters (the rest are buffers).
     pub fn holds_params(self) -> bool {
-        !matches!(self, Part::PleHot | Part::KvCache | Part::Scratch)
+        !matches!(
+            self,
+            Part::PleHot | Part::KvCache | Part::Scratch | Part::PromptCache
+        )
     }
 }
 

@@ -69,7 +69,11 @@ fn steps_give_what_generate_gives() {
     assert_eq!(text, whole.text);
     assert_eq!(out.text, whole.text);
     assert_eq!(out.finish_reason, FinishReason::Length);
-    assert_eq!(out.usage, whole.usage);
+    assert_eq!(out.usage.prompt_tokens, whole.usage.prompt_tokens);
+    assert_eq!(out.usage.completion_tokens, whole.usage.completion_tokens);
+    // The same prompt again resumes all but its last token from the prompt cache.
+    assert_eq!(whole.usage.cached_tokens, 0);
+    assert_eq!(out.usage.cached_tokens, whole.usage.prompt_tokens - 1);
     // A finished generation takes no more steps.
     assert!(e.step(&mut g).is_err());
 }

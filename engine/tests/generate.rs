@@ -57,7 +57,8 @@ fn greedy_generate_matches_transformers() {
         out.usage,
         Usage {
             prompt_tokens: 12,
-            completion_tokens: 20
+            completion_tokens: 20,
+            cached_tokens: 0,
         }
     );
     assert_eq!(streamed, out.text);

@@ -315,6 +315,8 @@ fn run_generation(
     req.sampling = SamplingParams::greedy();
     req.max_tokens = max_tokens;
     req.ignore_eos = true;
+    // Prefill figures: every run prefills the whole prompt.
+    req.cache_prompt = false;
     let s0 = CpuSnapshot::now()?;
     let mut mid: Option<CpuSnapshot> = None;
     let (mut count, mut paused, mut bw_during) = (0usize, 0.0f64, Vec::new());

@@ -126,6 +126,16 @@ impl CacheDir {
     /// Starts writing the derived file `dest`: a fresh temporary file (read and write,
     /// mode 0644) that [`TempFile::commit`] renames onto `dest`.
     pub fn create_temp(&self, dest: &str) -> Result<(TempFile, File)> {
+        self.create_temp_mode(dest, 0o644)
+    }
+
+    /// As [`CacheDir::create_temp`], readable only by this user (files that hold what
+    /// users sent: the prompt cache).
+    pub fn create_private_temp(&self, dest: &str) -> Result<(TempFile, File)> {
+        self.create_temp_mode(dest, 0o600)
+    }
+
+    fn create_temp_mode(&self, dest: &str, mode: u32) -> Result<(TempFile, File)> {
         check_name(self, dest)?;
         let tmp = format!(
             ".{dest}{TMP_MARK}{}-{:016x}",
@@ -138,7 +148,7 @@ impl CacheDir {
             self.fd(),
             tmp.as_str(),
             flags,
-            Mode::from_bits_truncate(0o644),
+            Mode::from_bits_truncate(mode),
         )
         .map_err(|e| EngineError::io(self.path_of(&tmp), e.into()))?;
         let t = TempFile {
@@ -163,6 +173,18 @@ impl CacheDir {
         check_name(self, name)?;
         unlinkat(self.fd(), name, UnlinkatFlags::NoRemoveDir)
             .map_err(|e| EngineError::io(self.path_of(name), e.into()))
+    }
+
+    /// The names in the directory that start with `prefix` (temporary files excluded).
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut d = Dir::openat(self.fd(), ".", flags, Mode::empty())
+            .map_err(|e| EngineError::io(self.path(), e.into()))?;
+        Ok(d.iter()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| entry_name(e.file_name()))
+            .filter(|n| n.starts_with(prefix) && !n.contains(TMP_MARK))
+            .collect())
     }
 
     /// Removes temporary files whose writer process is gone; returns how many.

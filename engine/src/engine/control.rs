@@ -32,6 +32,25 @@ pub enum Control {
     /// `force` (memory critical): then a running generation re-prefills on the new slice
     /// at its next step and goes on.
     SetSlice { name: String, force: bool },
+    /// Keep the K/V state of the prompt `ids` warm for later requests that start with it
+    /// (a system prompt, a document): prefilled now, pinned in the prompt cache (evicted
+    /// last), owned by `user` or `shared` with every user, and written to the disk tier
+    /// when `persist` (between requests: it prefills).
+    CachePrompt {
+        ids: Vec<u32>,
+        user: Option<u32>,
+        shared: bool,
+        persist: bool,
+    },
+    /// Unpin and drop the pinned prompt `key` (every one when empty) of `user`, or of
+    /// anyone when `admin`, with its file.
+    DropCachedPrompt {
+        key: String,
+        user: Option<u32>,
+        admin: bool,
+    },
+    /// Drop every K/V state the prompt cache keeps in RAM (memory pressure); files stay.
+    DropPromptCache,
 }
 
 impl Control {
@@ -44,6 +63,8 @@ impl Control {
                 | Control::ReleasePlePages
                 | Control::SetPleHotBytes(_)
                 | Control::SetSlice { force: true, .. }
+                | Control::DropCachedPrompt { .. }
+                | Control::DropPromptCache
         )
     }
 }
@@ -64,6 +85,18 @@ impl fmt::Display for Control {
                 }
                 Ok(())
             }
+            Control::CachePrompt { ids, shared, .. } => {
+                write!(f, "cache a prompt of {} tokens", ids.len())?;
+                if *shared {
+                    f.write_str(" (shared)")?;
+                }
+                Ok(())
+            }
+            Control::DropCachedPrompt { key, .. } if key.is_empty() => {
+                f.write_str("drop the cached prompts")
+            }
+            Control::DropCachedPrompt { key, .. } => write!(f, "drop cached prompt {key}"),
+            Control::DropPromptCache => f.write_str("drop the prompt cache"),
         }
     }
 }
@@ -105,6 +138,8 @@ pub struct EngineState {
     /// What the engine serves without and why (e.g. an unwritable cache directory: no
     /// PLE cache, weights in memory), for the operator. Empty when all is as configured.
     pub warnings: Vec<String>,
+    /// The prompt cache: bytes against its budgets, hits, pinned prompts.
+    pub prompt_cache: crate::PromptCacheState,
 }
 
 impl Engine {
@@ -139,6 +174,7 @@ impl Engine {
             Control::LimitContext(n) => {
                 let n = check_context(&self.cfg, Some(*n), self.model.kv_dtype())?;
                 if n != self.cache.max_len() {
+                    self.forget_live();
                     self.cache = self.model.new_cache(n);
                     self.max_context.store(n, Ordering::Relaxed);
                 }
@@ -156,6 +192,21 @@ impl Engine {
                 }
             }
             Control::SetSlice { name, force } => self.switch_slice(name, *force)?,
+            Control::CachePrompt {
+                ids,
+                user,
+                shared,
+                persist,
+            } => self.pin_prompt(ids, *user, *shared, *persist)?,
+            Control::DropCachedPrompt { key, user, admin } => {
+                let n = self.drop_pinned(key, *user, *admin);
+                if n == 0 && !key.is_empty() {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "no cached prompt `{key}` that this caller may drop"
+                    )));
+                }
+            }
+            Control::DropPromptCache => self.drop_prompt_cache(),
         }
         tracing::info!(command = %c, "engine control applied");
         Ok(())
@@ -180,6 +231,7 @@ impl Engine {
             slice_params: self.slice.effective_params(&self.cfg.text),
             slices: self.slices(),
             warnings: self.mem.warnings.clone(),
+            prompt_cache: self.prompt_cache_state(),
         }
     }
 }

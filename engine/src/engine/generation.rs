@@ -37,6 +37,8 @@ pub struct Generation {
     done: bool,
     /// The MatFormer slice it runs on.
     slice: std::sync::Arc<crate::matformer::SlicePlan>,
+    /// Whose request it is (the prompt cache keeps its state for that user).
+    user: Option<u32>,
 }
 
 impl Generation {
@@ -107,6 +109,7 @@ impl Engine {
             usage: Usage {
                 prompt_tokens: prompt.len(),
                 completion_tokens: 0,
+                cached_tokens: 0,
             },
             timings: Timings::default(),
             t0,
@@ -115,6 +118,7 @@ impl Engine {
             finish: None,
             done: false,
             slice,
+            user: req.user,
         };
         if g.cancelled() {
             g.finish = Some(FinishReason::Cancelled);
@@ -124,11 +128,20 @@ impl Engine {
 
         self.reprefill = false;
         let tp = Instant::now();
-        self.prefill(&prompt, &g.slice)?;
+        let cached = self.resume_prefix(&prompt, req.user, req.cache_prompt, &g.slice);
+        g.usage.cached_tokens = cached;
+        // A snapshot at the prompt's end lets a later request resume it even after the
+        // answer has run past the sliding window (a regenerated or edited answer).
+        let marks = if req.cache_prompt {
+            vec![prompt.len()]
+        } else {
+            Vec::new()
+        };
+        self.prefill_from(&prompt, cached, &g.slice, &marks)?;
         let cache = &mut self.cache;
         g.timings.prefill = tp.elapsed();
         g.timings.prefill_tokens_per_s =
-            prompt.len() as f64 / g.timings.prefill.as_secs_f64().max(1e-9);
+            (prompt.len() - cached) as f64 / g.timings.prefill.as_secs_f64().max(1e-9);
         if prompt.len() >= RELEASE_AFTER_PREFILL {
             // A long prefill leaves chunk-sized activation and pending-K/V buffers (~180
             // MiB for a 512-token chunk of E2B) that decode never uses; give them back
@@ -142,26 +155,47 @@ impl Engine {
         Ok(g)
     }
 
-    /// Runs `ids` from an empty cache on `slice`, leaving the last position's logits.
-    fn prefill(&mut self, ids: &[u32], slice: &crate::matformer::SlicePlan) -> Result<()> {
-        self.cache.clear();
-        let (model, cache, pool) = (&self.model, &mut self.cache, &self.pool);
-        let logits = &mut self.logits;
-        let chunk = self.prefill_chunk;
-        let progress = &self.progress;
-        crate::par::install(pool, || -> Result<()> {
-            let n = ids.len().div_ceil(chunk);
-            for (i, c) in ids.chunks(chunk).enumerate() {
-                let want = if i + 1 == n {
-                    LogitsFor::Last
-                } else {
-                    LogitsFor::None
-                };
-                model.forward_slice_into(c, cache, want, logits, slice)?;
-                progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Runs `ids[from..]` on `slice` after the cache's first `from` positions (which hold
+    /// `ids[..from]`), leaving the last position's logits; takes a ring snapshot for the
+    /// prompt cache when the cache reaches a position in `marks`. A failed pass leaves
+    /// the cache empty.
+    pub(super) fn prefill_from(
+        &mut self,
+        ids: &[u32],
+        from: usize,
+        slice: &crate::matformer::SlicePlan,
+        marks: &[usize],
+    ) -> Result<()> {
+        let n = ids.len();
+        let mut pos = from;
+        while pos < n {
+            let mut end = (pos + self.prefill_chunk).min(n);
+            if let Some(&m) = marks.iter().filter(|&&m| m > pos && m < end).min() {
+                end = m;
             }
-            Ok(())
-        })
+            let want = if end == n {
+                LogitsFor::Last
+            } else {
+                LogitsFor::None
+            };
+            let (model, cache, logits) = (&self.model, &mut self.cache, &mut self.logits);
+            let c = &ids[pos..end];
+            let r = crate::par::install(&self.pool, || {
+                model.forward_slice_into(c, cache, want, logits, slice)
+            });
+            if let Err(e) = r {
+                self.cache.clear();
+                self.forget_live();
+                return Err(e);
+            }
+            self.progress.fetch_add(1, Ordering::Relaxed);
+            self.live_push(c);
+            if marks.contains(&end) {
+                self.live_snapshot();
+            }
+            pos = end;
+        }
+        Ok(())
     }
 
     /// Decodes one token of `g` (or ends it).
@@ -192,7 +226,9 @@ impl Engine {
             g.slice = self.slice.clone();
             g.pending = None;
             let t0 = Instant::now();
-            self.prefill(&g.history, &g.slice)?;
+            self.cache.clear();
+            self.start_live(g.user, &g.slice);
+            self.prefill_from(&g.history, 0, &g.slice, &[])?;
             g.timings.reprefills += 1;
             g.timings.reprefill += t0.elapsed();
             tracing::info!(slice = %g.slice.name, tokens = g.history.len(), secs = t0.elapsed().as_secs_f64(), "generation re-prefilled on the new slice");
@@ -200,9 +236,14 @@ impl Engine {
         if let Some(id) = g.pending.take() {
             let (model, cache, logits) = (&self.model, &mut self.cache, &mut self.logits);
             let slice = &*g.slice;
-            crate::par::install(&self.pool, || {
+            let r = crate::par::install(&self.pool, || {
                 model.forward_slice_into(&[id], cache, LogitsFor::Last, logits, slice)
-            })?;
+            });
+            if let Err(e) = r {
+                self.forget_live();
+                return Err(e);
+            }
+            self.live_push(&[id]);
         }
         g.decode_start.get_or_insert_with(Instant::now);
         let id = g.sampler.sample(&mut self.logits, &g.history);

@@ -358,6 +358,11 @@ impl Engine {
             active: true,
             ..PartMemory::empty(Part::KvCache)
         });
+        parts.push(PartMemory {
+            heap_bytes: self.prompt_cache_bytes() as u64,
+            active: self.prompts.opts.enabled,
+            ..PartMemory::empty(Part::PromptCache)
+        });
         // The logits buffer and the activation pool kept between forward passes (the
         // per-thread product scratch is not counted: it is freed after a prefill).
         parts.push(PartMemory {

@@ -60,6 +60,12 @@ pub struct GenerateRequest {
     pub cancel: Option<Arc<AtomicBool>>,
     /// The MatFormer slice to run it on; `None` (or `auto`): the engine's active one.
     pub slice: Option<String>,
+    /// The uid the request came from: kept K/V states are reused only by requests of the
+    /// same user (or shared by an administrator). `None`: an in-process caller.
+    pub user: Option<u32>,
+    /// Start from a kept state sharing a prefix of the prompt, and keep this one for
+    /// later requests (default). Off: prefill from zero and keep nothing.
+    pub cache_prompt: bool,
 }
 
 impl GenerateRequest {
@@ -72,6 +78,8 @@ impl GenerateRequest {
             ignore_eos: false,
             cancel: None,
             slice: None,
+            user: None,
+            cache_prompt: true,
         }
     }
 }
@@ -117,6 +125,9 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens resumed from the prompt cache instead of prefilled (OpenAI's
+    /// `cached_tokens`).
+    pub cached_tokens: usize,
 }
 
 #[derive(Clone, Copy, Debug, Default)]

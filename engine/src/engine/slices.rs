@@ -158,6 +158,7 @@ impl Engine {
             self.reprefill = true;
         }
         self.cache.clear();
+        self.prompt_cache_slice_switched(&plan.name);
         self.slice = plan;
         self.release_unused_async();
         Ok(())
