@@ -322,6 +322,25 @@ impl Client {
         Ok(())
     }
 
+    /// Pins a prompt prefix in the daemon's prompt cache; returns it as pinned.
+    pub async fn cache_prompt(
+        &mut self,
+        req: pb::CachePromptRequest,
+    ) -> Result<pb::CachedPrompt, ClientError> {
+        let r = self.rpc.cache_prompt(req).await?;
+        Ok(r.into_inner().prompt.unwrap_or_default())
+    }
+
+    /// Unpins and drops the cached prompt `key` (all of the caller's when empty).
+    pub async fn drop_cached_prompt(&mut self, key: &str) -> Result<(), ClientError> {
+        self.rpc
+            .drop_cached_prompt(pb::DropCachedPromptRequest {
+                key: key.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
     pub async fn load_modality(&mut self, m: pb::Modality) -> Result<pb::Tower, ClientError> {
         let r = self
             .rpc

@@ -25,6 +25,53 @@ pub struct Config {
     pub shutdown: ShutdownSection,
     pub log: LogSection,
     pub governor: gemmad_governor::GovernorConfig,
+    pub cache: CacheSection,
+}
+
+/// `[cache]`: the prompt cache (K/V states kept for requests that share a prefix).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Reuse prompt prefixes at all.
+    pub enabled: bool,
+    /// Bytes of kept states in RAM; unset: 1/16 of the machine's RAM, between 64 MiB and
+    /// 1 GiB. 0 keeps only the running conversation.
+    pub ram_bytes: Option<u64>,
+    /// Bytes of state files in `<cache_dir>/prompt-cache`; 0 = no disk tier.
+    pub disk_bytes: u64,
+    /// Conversations shorter than this are not kept once another one replaces them.
+    pub min_tokens: usize,
+    /// States at least this long are also written to the disk tier.
+    pub disk_min_tokens: usize,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        let e = gemmad_engine::PromptCacheOptions::default();
+        CacheSection {
+            enabled: e.enabled,
+            ram_bytes: None,
+            disk_bytes: e.disk_bytes,
+            min_tokens: e.min_tokens,
+            disk_min_tokens: e.disk_min_tokens,
+        }
+    }
+}
+
+impl CacheSection {
+    pub fn options(&self) -> gemmad_engine::PromptCacheOptions {
+        gemmad_engine::PromptCacheOptions {
+            enabled: self.enabled,
+            ram_bytes: self
+                .ram_bytes
+                .map_or_else(gemmad_engine::default_prompt_cache_bytes, |b| {
+                    usize::try_from(b).unwrap_or(usize::MAX)
+                }),
+            disk_bytes: self.disk_bytes,
+            min_tokens: self.min_tokens,
+            disk_min_tokens: self.disk_min_tokens,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

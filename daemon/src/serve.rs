@@ -307,6 +307,7 @@ async fn serve(
         pack: cfg.model.pack,
         matformer_config: cfg.model.matformer_config.clone(),
         slice: (!cfg.model.slice.is_empty()).then(|| cfg.model.slice.clone()),
+        prompt_cache: cfg.cache.options(),
         ..Default::default()
     };
     let (q, sd, d) = (queue.clone(), shutting_down.clone(), dir.clone());

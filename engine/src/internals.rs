@@ -160,6 +160,23 @@ pub mod parse {
         )
     }
 
+    /// A prompt-cache state file (`<cache_dir>/prompt-cache/*.kv`) as the disk tier reads
+    /// it, for a model whose K/V rows are `kv_dim` wide in heads of `head_dim`, f16
+    /// elements, checkpoint key all zeros; its token count.
+    pub fn prompt_cache_file(
+        file: &[u8],
+        kv_dim: usize,
+        head_dim: usize,
+    ) -> std::result::Result<usize, String> {
+        let g = crate::prompt_cache::disk::Geometry {
+            checkpoint: "0".repeat(32),
+            dtype: crate::kv_cache::KvDType::F16,
+            kv_dim,
+            head_dim,
+        };
+        crate::prompt_cache::disk::parse(file, &g).map(|e| e.tokens.len())
+    }
+
     /// [`PleCache::open`] of a file whose contents are `file`, as `name` in `dir` (an
     /// empty directory of the caller's: a corrupt row makes the cache move its file
     /// aside, which fails harmlessly there).

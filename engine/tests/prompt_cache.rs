@@ -54,12 +54,16 @@ struct Run {
 }
 
 fn run(e: &mut Engine, prompt: &[u32], n: usize, user: Option<u32>) -> Run {
+    run_prompt(e, Prompt::Ids(prompt.to_vec()), n, user)
+}
+
+fn run_prompt(e: &mut Engine, prompt: Prompt, n: usize, user: Option<u32>) -> Run {
     let req = GenerateRequest {
         sampling: SamplingParams::greedy(),
         max_tokens: n,
         ignore_eos: true,
         user,
-        ..GenerateRequest::new(Prompt::Ids(prompt.to_vec()))
+        ..GenerateRequest::new(prompt)
     };
     let mut g = e.start(&req).unwrap();
     let mut logits = Vec::new();
@@ -329,4 +333,53 @@ fn pinned_prompts_survive_a_restart_and_bad_files_are_ignored() {
         assert!(e.state().prompt_cache.pinned.is_empty());
         assert!(!file.exists(), "the stale file is removed");
     }
+}
+
+/// Runs a chat on `e` (greedy, as `run`), through a prompt prepared as the daemon does.
+fn run_chat(e: &mut Engine, msgs: &[(&str, &str)], user: Option<u32>) -> Run {
+    let chat = || Prompt::Chat(msgs.iter().map(|(r, t)| ChatMessage::text(r, t)).collect());
+    let prepared = e.prompter().prepare(&chat()).unwrap();
+    assert_eq!(prepared.ids(), &e.prompt_ids(&chat()).unwrap()[..]);
+    run_prompt(e, Prompt::Prepared(prepared), 6, user)
+}
+
+#[test]
+fn another_conversation_resumes_the_shared_system_prompt() {
+    let mut warm = load(QuantType::Q4_0, on(64 << 20), None);
+    let mut cold = load(QuantType::Q4_0, off(), None);
+    let system = "you are a careful assistant who answers every question about rivers";
+    let prefix = warm
+        .prompter()
+        .prefix_ids(&[ChatMessage::text("system", system)])
+        .unwrap();
+    assert!(prefix.len() > 8, "past the window: {}", prefix.len());
+    let conv = |q| [("system", system), ("user", q)];
+    let prepared = warm
+        .prompter()
+        .prepare(&Prompt::Chat(
+            conv("where does the nile start?")
+                .iter()
+                .map(|(r, t)| ChatMessage::text(r, t))
+                .collect(),
+        ))
+        .unwrap();
+    let end = prepared
+        .system_end()
+        .expect("a system prompt's end is marked");
+    assert!(
+        end + 2 >= prefix.len() && end <= prefix.len(),
+        "{end} vs {}",
+        prefix.len()
+    );
+    let a = run_chat(&mut warm, &conv("where does the nile start?"), None);
+    assert_eq!(a.cached, 0);
+    // A different question after the same system prompt: resumed where it ends, same bits.
+    let b = run_chat(&mut warm, &conv("how long is the amazon river?"), None);
+    let c = run_chat(&mut cold, &conv("how long is the amazon river?"), None);
+    assert_eq!(b.cached, end, "resumed at the system prompt's end");
+    assert_eq!(b.tokens, c.tokens);
+    assert!(b.logits == c.logits, "logits differ from a cold prefill");
+    // The first conversation was kept when the second left it: its next turn resumes.
+    let st = warm.state().prompt_cache;
+    assert!(st.entries >= 1, "{st:?}");
 }

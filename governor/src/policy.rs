@@ -52,6 +52,7 @@
 //! | `max_context` | none | none | 8192 | 2048 |
 //! | `max_threads` | none | none | 2 | 1 |
 //! | `admit_background` | true | true | false | false |
+//! | `prompt_cache` (keep K/V states in RAM) | true | true | false (drop) | false (drop) |
 //!
 //! `auto` picks the largest slice with at most `auto_fraction` of `full`'s parameters;
 //! with the official E4B table (3.98 B) that is E2.98B for `balanced` (≤ 2.985 B) and

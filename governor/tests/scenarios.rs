@@ -375,6 +375,7 @@ fn memory_squeeze_and_recovery() {
         &[
             Action::AdmitBackground(false),
             Action::UnloadTowers,
+            Action::DropPromptCache,
             Action::SetPleHotBytes(0),
             Action::LimitContext(Some(2048)),
             Action::LimitThreads(Some(1)),
@@ -1065,6 +1066,7 @@ fn display() {
         Action::LimitThreads(None),
         Action::AdmitBackground(false),
         Action::AdmitBackground(true),
+        Action::DropPromptCache,
     ]
     .iter()
     .map(ToString::to_string)
@@ -1083,7 +1085,8 @@ fn display() {
             "threads ≤ 1",
             "threads uncapped",
             "refuse background",
-            "admit background"
+            "admit background",
+            "drop prompt cache"
         ]
     );
     let t = Transition {

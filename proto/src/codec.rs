@@ -41,14 +41,17 @@ fn request_check() -> Option<Arc<RequestCheck>> {
 
 /// Counts `buf` when it holds a request type that has counts, and checks them.
 fn precheck<T: 'static>(buf: &DecodeBuf<'_>) -> Result<(), Status> {
-    let count: fn(&[u8]) -> Option<RequestCounts> =
-        if TypeId::of::<T>() == TypeId::of::<v1::GenerateRequest>() {
-            RequestCounts::generate
-        } else if TypeId::of::<T>() == TypeId::of::<v1::TokenizeRequest>() {
-            RequestCounts::tokenize
-        } else {
-            return Ok(());
-        };
+    let count: fn(&[u8]) -> Option<RequestCounts> = if TypeId::of::<T>()
+        == TypeId::of::<v1::GenerateRequest>()
+        || TypeId::of::<T>() == TypeId::of::<v1::CachePromptRequest>()
+    {
+        // A CachePromptRequest's messages are field 1 too, and it has no field 4.
+        RequestCounts::generate
+    } else if TypeId::of::<T>() == TypeId::of::<v1::TokenizeRequest>() {
+        RequestCounts::tokenize
+    } else {
+        return Ok(());
+    };
     let Some(check) = request_check() else {
         return Ok(());
     };

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use gemmad_client::{pb, user_prompt};
+use gemmad_client::dbus::{Bus, DbusClient};
+use gemmad_client::{message, pb, text_part, user_prompt, Generation};
 use gemmad_e2e::{Daemon, PrivateBus, DBUS_NAME, HANG};
 use tokio_stream::StreamExt;
 use zbus::{DBusError, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
@@ -49,6 +50,11 @@ trait Gemmad1 {
     ) -> zbus::Result<(String, u32, HashMap<String, OwnedVariant>)>;
     fn load_modality(&self, modality: &str) -> zbus::Result<HashMap<String, OwnedVariant>>;
     fn governor_pin(&self, tier: &str) -> zbus::Result<()>;
+    fn cache_prompt(
+        &self,
+        args: HashMap<&str, Variant<'_>>,
+    ) -> zbus::Result<HashMap<String, OwnedVariant>>;
+    fn drop_cached_prompt(&self, key: &str) -> zbus::Result<()>;
     #[zbus(property)]
     fn queue_depth(&self) -> zbus::Result<u32>;
     #[zbus(property)]
@@ -445,6 +451,8 @@ async fn introspection_shows_the_service_and_its_request_objects() {
         (".GetMemory", "-", "a{st}"),
         (".GetStatus", "-", "a{sv}"),
         (".GovernorPin", "s", "-"),
+        (".CachePrompt", "a{sv}", "a{sv}"),
+        (".DropCachedPrompt", "s", "-"),
     ] {
         assert_eq!(row(m)[1..4], ["method", sig, ret], "{out}");
     }
@@ -479,6 +487,9 @@ async fn introspection_shows_the_service_and_its_request_objects() {
         "Generate(in  a{sv} request,",
         "out o request_path);",
         "GovernorPin(in  s tier);",
+        "CachePrompt(in  a{sv} args,",
+        "out a{sv} prompt);",
+        "DropCachedPrompt(in  s key);",
         "readonly u QueueDepth = 0;",
         "readonly s Version = '",
     ] {
@@ -1584,4 +1595,485 @@ async fn gemmactl_over_dbus_matches_the_socket() {
     let bad_dbus = run(over(true, &["set-slice", "nope"])).await;
     assert!(!bad_dbus.status.success());
     assert_eq!(bad_dbus.status.code(), bad_socket.status.code());
+}
+
+// ---------------------------------------------------------------- The prompt cache
+
+/// gemmad-client's D-Bus transport on the test's bus.
+async fn dbus_client(bus: &PrivateBus) -> DbusClient {
+    DbusClient::connect(Bus::Address(bus.address().to_string()))
+        .await
+        .expect("DbusClient on the test's bus")
+}
+
+fn turn(role: &str, t: &str) -> pb::Message {
+    message(role, vec![text_part(t)])
+}
+
+/// A seeded conversation; `cache` is sent as `cache_prompt` when set.
+fn chat(
+    messages: Vec<pb::Message>,
+    seed: u64,
+    max_tokens: u32,
+    cache: Option<bool>,
+) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        messages,
+        sampling: Some(pb::Sampling {
+            seed: Some(seed),
+            ..Default::default()
+        }),
+        max_tokens,
+        cache_prompt: cache,
+        ..Default::default()
+    }
+}
+
+fn usage_of(g: &Generation) -> pb::Usage {
+    g.finished
+        .as_ref()
+        .and_then(|f| f.usage)
+        .expect("a Finished with usage")
+}
+
+/// The request's Finished dict as sent (its Tokens skipped).
+async fn finished_dict(c: &mut Caller, path: &str) -> HashMap<String, OwnedVariant> {
+    loop {
+        match c.next(path).await {
+            Signal::Token(..) => continue,
+            Signal::Finished(_, u) => return u,
+            Signal::Failed(n, m) => panic!("request {path} failed: {n}: {m}"),
+        }
+    }
+}
+
+/// `cached_tokens` of a Finished dict, checked to be a `u`.
+fn cached_tokens(u: &HashMap<String, OwnedVariant>) -> u32 {
+    match u.get("cached_tokens").map(|v| &**v) {
+        Some(Variant::U32(n)) => *n,
+        other => panic!("Finished has no cached_tokens of type u: {other:?} in {u:?}"),
+    }
+}
+
+/// A string entry of a reply dict.
+fn str_entry(d: &HashMap<String, OwnedVariant>, key: &str) -> String {
+    match d.get(key).map(|v| &**v) {
+        Some(Variant::Str(s)) => s.as_str().to_string(),
+        other => panic!("no {key} of type s: {other:?} in {d:?}"),
+    }
+}
+
+/// The keys of GetStatus's `prompt_cache.pinned`, as `p` sees them.
+async fn pinned_keys(p: &Gemmad1Proxy<'_>) -> Vec<String> {
+    let s = p.get_status().await.expect("GetStatus");
+    let pc = s.get("prompt_cache").expect("GetStatus has prompt_cache");
+    assert_eq!(pc.value_signature().to_string(), "a{sv}");
+    let pc = HashMap::<String, OwnedVariant>::try_from(pc.clone()).unwrap();
+    let pinned = pc.get("pinned").expect("prompt_cache has pinned").clone();
+    assert_eq!(pinned.value_signature().to_string(), "aa{sv}");
+    Vec::<HashMap<String, OwnedVariant>>::try_from(pinned)
+        .unwrap()
+        .iter()
+        .map(|d| str_entry(d, "key"))
+        .collect()
+}
+
+fn is_key(k: &str) -> bool {
+    k.len() == 16 && k.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversations_next_turn_resumes_from_the_prompt_cache() {
+    let Some(s) = serve(
+        "a_conversations_next_turn_resumes_from_the_prompt_cache",
+        "",
+    ) else {
+        return;
+    };
+    // On the wire: Finished carries cached_tokens (u); the same prompt again resumes all
+    // but its last token; cache_prompt=false prefills from zero.
+    let mut a = caller(&s.bus).await;
+    let q = "Tell me about the sea and the ships that sail on it.";
+    let asked = |cache: Option<bool>| {
+        let mut r = req(&[
+            ("prompt", q.into()),
+            ("seed", 5u64.into()),
+            ("max_tokens", 4u32.into()),
+        ]);
+        if let Some(c) = cache {
+            r.insert("cache_prompt", c.into());
+        }
+        r
+    };
+    let path = a.generate(asked(None)).await.unwrap();
+    let u = finished_dict(&mut a, path.as_str()).await;
+    assert_eq!(cached_tokens(&u), 0, "nothing kept yet: {u:?}");
+    let prompt = numbers(u)["prompt_tokens"];
+    let path = a.generate(asked(Some(true))).await.unwrap();
+    let u = finished_dict(&mut a, path.as_str()).await;
+    assert_eq!(
+        u64::from(cached_tokens(&u)),
+        prompt - 1,
+        "the prompt again: {u:?}"
+    );
+    let path = a.generate(asked(Some(false))).await.unwrap();
+    let u = finished_dict(&mut a, path.as_str()).await;
+    assert_eq!(cached_tokens(&u), 0, "cache_prompt=false: {u:?}");
+
+    // Through gemmad-client's D-Bus transport: the second turn of a conversation resumes
+    // at least the first turn's prompt (its last token may tokenize differently before
+    // the answer), gives the same tokens as with the cache off, and Status counts it.
+    let c = dbus_client(&s.bus).await;
+    let first = vec![turn("user", "Which birds follow the fishing boats home?")];
+    let one = c
+        .generate_text(chat(first.clone(), 1, 12, None))
+        .await
+        .unwrap();
+    let u1 = usage_of(&one);
+    assert_eq!(u1.cached_tokens, 0, "another prompt: {u1:?}");
+    let mut second = first;
+    second.push(turn("model", &one.text));
+    second.push(turn("user", "And where do they sleep?"));
+    let two = c
+        .generate_text(chat(second.clone(), 2, 8, None))
+        .await
+        .unwrap();
+    let u2 = usage_of(&two);
+    assert!(
+        u2.cached_tokens > 0 && u2.cached_tokens + 1 >= u1.prompt_tokens,
+        "second turn {u2:?} after a first of {u1:?}"
+    );
+    assert!(u2.cached_tokens < u2.prompt_tokens, "{u2:?}");
+    let cold = c
+        .generate_text(chat(second, 2, 8, Some(false)))
+        .await
+        .unwrap();
+    let u3 = usage_of(&cold);
+    assert_eq!(u3.cached_tokens, 0, "cache_prompt=false: {u3:?}");
+    assert_eq!(u3.prompt_tokens, u2.prompt_tokens);
+    assert_eq!(cold.token_ids, two.token_ids, "the cache changes no output");
+    assert_eq!(cold.text, two.text);
+
+    let pc = c
+        .status()
+        .await
+        .unwrap()
+        .prompt_cache
+        .expect("GetStatus has prompt_cache");
+    assert!(pc.enabled, "{pc:?}");
+    assert!(pc.hits >= 2, "{pc:?}");
+    assert!(
+        pc.reused_tokens >= prompt - 1 + u64::from(u2.cached_tokens),
+        "{pc:?}"
+    );
+    assert!(pc.ram_budget > 0 && pc.pinned.is_empty(), "{pc:?}");
+}
+
+/// Long enough that its pinned state is more than the 8 tokens a request may fall short
+/// of at the boundary.
+const SYSTEM: &str = "You are a careful assistant for sailors. Answer in short sentences, \
+                      name the charts you rely on, and say so when you do not know.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_system_prompt_is_listed_resumed_and_dropped() {
+    let Some(s) = serve("a_pinned_system_prompt_is_listed_resumed_and_dropped", "") else {
+        return;
+    };
+    let mut c = dbus_client(&s.bus).await;
+    let p = c
+        .cache_prompt(pb::CachePromptRequest {
+            messages: vec![turn("system", SYSTEM)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(is_key(&p.key), "{p:?}");
+    assert!(p.tokens > 8, "{p:?}");
+    assert!(!p.shared && !p.on_disk, "{p:?}");
+    assert_eq!(p.uid, Some(nix::unistd::Uid::effective().as_raw()), "{p:?}");
+    assert!(p.ram_bytes > 0 && !p.slice.is_empty(), "{p:?}");
+
+    let pc = c.status().await.unwrap().prompt_cache.unwrap();
+    assert_eq!(pc.pinned, std::slice::from_ref(&p), "{pc:?}");
+    assert!(pc.entries >= 1 && pc.ram_bytes >= p.ram_bytes, "{pc:?}");
+
+    // A conversation that starts with the system prompt resumes it.
+    let g = c
+        .generate_text(chat(
+            vec![
+                turn("system", SYSTEM),
+                turn("user", "Where is the nearest harbour?"),
+            ],
+            3,
+            6,
+            None,
+        ))
+        .await
+        .unwrap();
+    let u = usage_of(&g);
+    assert!(
+        u.cached_tokens + 8 >= p.tokens && u.cached_tokens < u.prompt_tokens,
+        "{u:?} after pinning {} tokens",
+        p.tokens
+    );
+
+    // Dropped by key: gone from Status; a second drop has nothing to drop.
+    c.drop_cached_prompt(&p.key).await.unwrap();
+    let pc = c.status().await.unwrap().prompt_cache.unwrap();
+    assert!(pc.pinned.is_empty(), "{pc:?}");
+    let e = c.drop_cached_prompt(&p.key).await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    let a = caller(&s.bus).await;
+    assert_error(
+        a.proxy.drop_cached_prompt(&p.key).await,
+        INVALID,
+        "no cached prompt",
+    );
+
+    // `ids`, straight on the bus: the reply's types are docs/dbus.md's; "" drops all.
+    let ids = a.proxy.tokenize("the sea and the ships").await.unwrap();
+    assert!(ids.len() >= 2, "{ids:?}");
+    let r = a
+        .proxy
+        .cache_prompt(req(&[("ids", ids.clone().into())]))
+        .await
+        .unwrap();
+    let types: HashMap<&str, String> = r
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.value_signature().to_string()))
+        .collect();
+    let want: HashMap<&str, String> = [
+        ("key", "s"),
+        ("tokens", "u"),
+        ("shared", "b"),
+        ("uid", "u"),
+        ("slice", "s"),
+        ("ram_bytes", "t"),
+        ("on_disk", "b"),
+    ]
+    .into_iter()
+    .map(|(k, t)| (k, t.to_string()))
+    .collect();
+    assert_eq!(types, want, "{r:?}");
+    assert_eq!(numbers(r.clone())["tokens"], ids.len() as u64);
+    let ids_key = str_entry(&r, "key");
+    assert!(is_key(&ids_key) && ids_key != p.key, "{ids_key}");
+    let again = c
+        .cache_prompt(pb::CachePromptRequest {
+            messages: vec![turn("system", SYSTEM)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.key, p.key, "the same prompt, the same key");
+    let mut keys = pinned_keys(&a.proxy).await;
+    keys.sort();
+    let mut want = vec![p.key.clone(), ids_key];
+    want.sort();
+    assert_eq!(keys, want);
+    a.proxy.drop_cached_prompt("").await.unwrap();
+    assert!(pinned_keys(&a.proxy).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharing_a_cached_prompt_takes_an_admin() {
+    let test = "sharing_a_cached_prompt_takes_an_admin";
+    if !can_switch_uid(test) {
+        return;
+    }
+    let Some(s) = serve_on(
+        test,
+        Path::new(gemmad_e2e::FIXTURE),
+        &format!("[access]\nallowed_uids = [0, {OTHER_UID}]\n"),
+        true,
+    ) else {
+        return;
+    };
+    // A gdbus call of `method` as the other uid (allowed, not an admin).
+    let other = |method: &str, args: &[&str]| {
+        let mut c = as_other_uid(&s.bus, "gdbus");
+        c.args(["call", "--address", s.bus.address(), "--dest", DBUS_NAME])
+            .args(["--object-path", PATH, "--method"])
+            .arg(format!("{IFACE}.{method}"))
+            .args(args);
+        c
+    };
+    let o = run(other(
+        "CachePrompt",
+        &["{'ids': <[uint32 2, 105, 7, 8]>, 'shared': <true>}"],
+    ))
+    .await;
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("{DENIED}: ")) && out.contains("may not share a cached prompt"),
+        "{out}"
+    );
+    // Its own: owned by its uid.
+    let o = run(other("CachePrompt", &["{'ids': <[uint32 2, 105, 7, 8]>}"])).await;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        out.contains(&format!("'uid': <uint32 {OTHER_UID}>")) && out.contains("'shared': <false>"),
+        "{out}"
+    );
+    let at = out.find("'key': <'").expect("a key in the reply") + "'key': <'".len();
+    let its_key = out[at..at + 16].to_string();
+    assert!(is_key(&its_key), "{out}");
+
+    // root is an admin: it may share (no uid in the reply), and it keeps one of its own.
+    let root = caller(&s.bus).await;
+    let shared = root
+        .proxy
+        .cache_prompt(req(&[
+            ("ids", vec![2u32, 105, 9, 10].into()),
+            ("shared", true.into()),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(&*shared["shared"], &Variant::from(true), "{shared:?}");
+    assert!(!shared.contains_key("uid"), "{shared:?}");
+    let shared_key = str_entry(&shared, "key");
+    let own = root
+        .proxy
+        .cache_prompt(req(&[("ids", vec![2u32, 105, 11, 12].into())]))
+        .await
+        .unwrap();
+    assert_eq!(&*own["uid"], &Variant::from(0u32), "{own:?}");
+    let root_key = str_entry(&own, "key");
+
+    // The other uid sees its own and the shared one, not root's; root sees all three.
+    let o = run(other("GetStatus", &[])).await;
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&its_key) && out.contains(&shared_key) && !out.contains(&root_key),
+        "{out}"
+    );
+    let mut keys = pinned_keys(&root.proxy).await;
+    keys.sort();
+    let mut want = vec![its_key.clone(), shared_key.clone(), root_key.clone()];
+    want.sort();
+    assert_eq!(keys, want);
+    // It may not drop root's, nor the shared one; it may drop its own.
+    for key in [&root_key, &shared_key] {
+        let out = text(&run(other("DropCachedPrompt", &[key.as_str()])).await);
+        assert!(
+            out.contains(&format!("{INVALID}: ")) && out.contains("no cached prompt"),
+            "{out}"
+        );
+    }
+    let o = run(other("DropCachedPrompt", &[its_key.as_str()])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let mut keys = pinned_keys(&root.proxy).await;
+    keys.sort();
+    let mut want = vec![shared_key, root_key];
+    want.sort();
+    assert_eq!(keys, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_prompt_bad_arguments_are_invalid_and_gemmad_serves_on() {
+    let Some(s) = serve(
+        "cache_prompt_bad_arguments_are_invalid_and_gemmad_serves_on",
+        "",
+    ) else {
+        return;
+    };
+    let mut a = caller(&s.bus).await;
+    let system = || {
+        let m: HashMap<&str, Variant<'_>> =
+            HashMap::from([("role", "system".into()), ("content", "Be brief.".into())]);
+        Variant::from(vec![m])
+    };
+    let none: HashMap<&str, Variant<'_>> = HashMap::new();
+    for (args, part) in [
+        (
+            req(&[("messages", system()), ("ids", vec![2u32, 105].into())]),
+            "set messages or ids, not both",
+        ),
+        (none, "set messages (aa{sv}) or ids (au)"),
+        (
+            req(&[("ids", vec![2u32, 105].into()), ("keep", true.into())]),
+            "unknown key \"keep\"",
+        ),
+        (
+            req(&[("ids", vec!["2".to_string()].into())]),
+            "ids must be of type au, not as",
+        ),
+        (
+            req(&[("ids", vec![2u32, 105].into()), ("shared", 1u32.into())]),
+            "shared must be of type b, not u",
+        ),
+        (
+            req(&[("ids", vec![2u32, 105].into()), ("persist", "yes".into())]),
+            "persist must be of type b, not s",
+        ),
+        (
+            req(&[("messages", "hi".into())]),
+            "messages must be of type aa{sv}, not s",
+        ),
+        // The core's and the engine's own checks, as gRPC gets them.
+        (
+            req(&[("ids", vec![2u32, 100_000].into())]),
+            "outside the vocabulary",
+        ),
+        (req(&[("ids", vec![2u32].into())]), "at least 2 tokens"),
+    ] {
+        assert_error(a.proxy.cache_prompt(args).await, INVALID, part);
+    }
+    assert_error(
+        a.proxy.drop_cached_prompt("nope").await,
+        INVALID,
+        "16 hex digits",
+    );
+    assert_error(
+        a.proxy.drop_cached_prompt("0123456789abcdef").await,
+        INVALID,
+        "no cached prompt",
+    );
+    assert_error(
+        a.generate(req(&[
+            ("prompt", "hi".into()),
+            ("cache_prompt", 1u32.into()),
+        ]))
+        .await,
+        INVALID,
+        "cache_prompt must be of type b, not u",
+    );
+    let out = busctl_err(
+        &s.bus,
+        &[
+            "call",
+            DBUS_NAME,
+            PATH,
+            IFACE,
+            "CachePrompt",
+            "a{sv}",
+            "1",
+            "ids",
+            "s",
+            "x",
+        ],
+    )
+    .await;
+    assert!(out.contains("ids must be of type au, not s"), "{out}");
+
+    // Nothing was pinned, and gemmad serves on: a generation, a pin, a drop.
+    assert!(pinned_keys(&a.proxy).await.is_empty());
+    let path = a.generate(seeded("hi", 1, 4)).await.unwrap();
+    let (_, ids, reason, usage) = a.until_end(path.as_str()).await;
+    assert!(!ids.is_empty() && reason != "cancelled", "{reason}");
+    assert_eq!(usage["completion_tokens"], ids.len() as u64);
+    let r = a
+        .proxy
+        .cache_prompt(req(&[("ids", vec![2u32, 105, 7].into())]))
+        .await
+        .unwrap();
+    let key = str_entry(&r, "key");
+    assert_eq!(pinned_keys(&a.proxy).await, std::slice::from_ref(&key));
+    a.proxy.drop_cached_prompt(&key).await.unwrap();
+    assert!(pinned_keys(&a.proxy).await.is_empty());
+    let n = counters(&a.proxy).await;
+    assert_eq!((n["admitted"], n["completed"]), (1, 1), "{n:?}");
 }

@@ -114,6 +114,17 @@ impl Conn {
         on_either!(self, c => c.load_modality(m).await)
     }
 
+    async fn cache_prompt(
+        &mut self,
+        req: pb::CachePromptRequest,
+    ) -> Result<pb::CachedPrompt, ClientError> {
+        on_either!(self, c => c.cache_prompt(req).await)
+    }
+
+    async fn drop_cached_prompt(&mut self, key: &str) -> Result<(), ClientError> {
+        on_either!(self, c => c.drop_cached_prompt(key).await)
+    }
+
     async fn unload_modality(&mut self, m: pb::Modality) -> Result<pb::Tower, ClientError> {
         on_either!(self, c => c.unload_modality(m).await)
     }
@@ -148,6 +159,40 @@ enum Command {
     Unload(ModalityArgs),
     /// The health check (gRPC's, or over D-Bus a Peer.Ping); exit status 0 when serving.
     Health,
+    /// Keep a prompt prefix warm in the prompt cache (a system prompt, a document):
+    /// prefilled now, resumed by every later request that starts with it.
+    CachePrompt(CachePromptArgs),
+    /// Unpin and drop a cached prompt by key (`--all`: every one you may drop).
+    DropCachedPrompt(DropCachedPromptArgs),
+}
+
+#[derive(Args, Debug)]
+struct CachePromptArgs {
+    /// The system prompt to keep warm: what every conversation starting with it shares.
+    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    system: Option<String>,
+    /// Read the system prompt from this file ("-": stdin).
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Every user's requests may resume it (admins only).
+    #[arg(long)]
+    shared: bool,
+    /// Also write it to the disk tier, to survive a restart (cache.disk_bytes).
+    #[arg(long)]
+    persist: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DropCachedPromptArgs {
+    /// The key `cache-prompt` or `status` printed.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    key: Option<String>,
+    /// Every pinned prompt you may drop.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -240,6 +285,10 @@ struct SamplingArgs {
     /// Run behind interactive requests.
     #[arg(long)]
     background: bool,
+    /// Prefill the whole prompt and keep nothing in the prompt cache (the output is the
+    /// same; only slower).
+    #[arg(long)]
+    no_prompt_cache: bool,
 }
 
 #[derive(Args, Debug)]
@@ -300,6 +349,7 @@ impl SamplingArgs {
                 pb::Priority::Interactive
             } as i32,
             ignore_eos: false,
+            cache_prompt: self.no_prompt_cache.then_some(false),
         }
     }
 
@@ -319,7 +369,8 @@ fn timings_json(g: &Generation) -> Value {
         "text": g.text,
         "token_ids": g.token_ids,
         "finish_reason": finish_reason_str(f.finish_reason),
-        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens},
+        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                  "cached_tokens": u.cached_tokens},
         "timings": {
             "queue_wait_ms": t.queue_wait_ms,
             "time_to_first_token_ms": t.time_to_first_token_ms,
@@ -337,9 +388,10 @@ fn print_stats(g: &Generation) {
     let u = f.usage.unwrap_or_default();
     let t = f.timings.unwrap_or_default();
     eprintln!(
-        "finish={} prompt_tokens={} completion_tokens={} queue_ms={:.1} ttft_ms={:.1} decode_tok_s={:.1} slice={}",
+        "finish={} prompt_tokens={} cached_tokens={} completion_tokens={} queue_ms={:.1} ttft_ms={:.1} decode_tok_s={:.1} slice={}",
         finish_reason_str(f.finish_reason),
         u.prompt_tokens,
+        u.cached_tokens,
         u.completion_tokens,
         t.queue_wait_ms,
         t.time_to_first_token_ms,
@@ -478,6 +530,12 @@ async fn status(c: &mut Conn, json_out: bool) -> Result<()> {
                 "last_actions": g.last_actions,
                 "readings": g.readings.iter().map(|x| json!({"name": x.name, "value": x.value, "unit": x.unit})).collect::<Vec<_>>()})),
             "warnings": s.warnings,
+            "prompt_cache": s.prompt_cache.as_ref().map(|p| json!({"enabled": p.enabled,
+                "ram_bytes": p.ram_bytes, "ram_budget": p.ram_budget, "entries": p.entries,
+                "disk_bytes": p.disk_bytes, "disk_budget": p.disk_budget,
+                "disk_entries": p.disk_entries, "hits": p.hits,
+                "reused_tokens": p.reused_tokens,
+                "pinned": p.pinned.iter().map(cached_prompt_json).collect::<Vec<_>>()})),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -524,6 +582,33 @@ async fn status(c: &mut Conn, json_out: bool) -> Result<()> {
         "conns    {} open (at most {}, {} per uid); {} accepted, {} refused, {} over a limit, {} accept errors",
         n.open, n.max_total, n.max_per_uid, n.accepted, n.refused, n.over_limit, n.accept_errors
     );
+    if let Some(p) = &s.prompt_cache {
+        if p.enabled {
+            let disk = if p.disk_budget > 0 {
+                format!(
+                    "; disk {} of {} in {} files",
+                    mib(p.disk_bytes),
+                    mib(p.disk_budget),
+                    p.disk_entries
+                )
+            } else {
+                "; no disk tier".into()
+            };
+            println!(
+                "prompts  {} of {} in RAM, {} kept{disk}; {} hits, {} tokens reused",
+                mib(p.ram_bytes),
+                mib(p.ram_budget),
+                p.entries,
+                p.hits,
+                p.reused_tokens
+            );
+            for c in &p.pinned {
+                println!("         {}", cached_prompt_line(c));
+            }
+        } else {
+            println!("prompts  cache off");
+        }
+    }
     match s.governor {
         Some(g) => {
             let pinned = if g.pinned.is_empty() {
@@ -543,6 +628,58 @@ async fn status(c: &mut Conn, json_out: bool) -> Result<()> {
     }
     for w in &s.warnings {
         println!("warning  {w}");
+    }
+    Ok(())
+}
+
+fn cached_prompt_json(c: &pb::CachedPrompt) -> Value {
+    json!({"key": c.key, "tokens": c.tokens, "shared": c.shared, "uid": c.uid,
+           "slice": c.slice, "ram_bytes": c.ram_bytes, "on_disk": c.on_disk})
+}
+
+fn cached_prompt_line(c: &pb::CachedPrompt) -> String {
+    let owner = match (c.shared, c.uid) {
+        (true, _) => "shared".to_string(),
+        (false, Some(u)) => format!("uid {u}"),
+        (false, None) => "local".to_string(),
+    };
+    let place = match (c.ram_bytes > 0, c.on_disk) {
+        (true, true) => format!("{} in RAM, on disk", mib(c.ram_bytes)),
+        (true, false) => format!("{} in RAM", mib(c.ram_bytes)),
+        (false, true) => "on disk".to_string(),
+        (false, false) => "evicted".to_string(),
+    };
+    format!(
+        "pinned {} {} tokens, {owner}, slice {}, {place}",
+        c.key, c.tokens, c.slice
+    )
+}
+
+async fn cache_prompt(c: &mut Conn, a: CachePromptArgs) -> Result<()> {
+    let system = match (&a.system, &a.file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading stdin")?;
+            s
+        }
+        (None, Some(f)) => String::from_utf8(read(f)?)
+            .with_context(|| format!("{} is not UTF-8 text", f.display()))?,
+        (None, None) => anyhow::bail!("give --system TEXT or --file FILE"),
+    };
+    let p = c
+        .cache_prompt(pb::CachePromptRequest {
+            messages: vec![message("system", vec![text_part(&system)])],
+            ids: Vec::new(),
+            shared: a.shared,
+            persist: a.persist,
+        })
+        .await?;
+    if a.json {
+        println!("{}", cached_prompt_json(&p));
+    } else {
+        println!("{}", cached_prompt_line(&p));
     }
     Ok(())
 }
@@ -609,6 +746,10 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 "active slice: {} ({} layers, {} parameters)",
                 s.name, s.layers, s.params
             );
+        }
+        Command::CachePrompt(a) => cache_prompt(&mut c, a).await?,
+        Command::DropCachedPrompt(a) => {
+            c.drop_cached_prompt(a.key.as_deref().unwrap_or("")).await?;
         }
         Command::Load(a) => print_tower(&c.load_modality(a.modality).await?, a.json),
         Command::Unload(a) => print_tower(&c.unload_modality(a.modality).await?, a.json),

@@ -29,9 +29,10 @@ pub use generation::DbusGeneration;
 
 use generation::{drain_while, owner_rule, request_rule};
 use reply::{
-    bad_reply, deserialize, slice_from_args, status_from_dict, tower_from_fields, Fields, SliceArgs,
+    bad_reply, cached_prompt_from_fields, deserialize, slice_from_args, status_from_dict,
+    tower_from_fields, Fields, SliceArgs,
 };
-use request::{message_dicts, modality_name, request_dict, Arg, ArgDict};
+use request::{cache_prompt_dict, message_dicts, modality_name, request_dict, Arg, ArgDict};
 
 /// gemmad's well-known name on the bus.
 pub const BUS_NAME: &str = "org.gemmad.Gemmad1";
@@ -281,6 +282,24 @@ impl DbusClient {
     /// Pins the governor to `tier`, or unpins it (`None`).
     pub async fn governor_pin(&self, tier: Option<&str>) -> Result<(), ClientError> {
         self.call("GovernorPin", &(tier.unwrap_or(""),)).await?;
+        Ok(())
+    }
+
+    /// Pins a prompt prefix in the daemon's prompt cache (`CachePrompt`); returns it as
+    /// pinned.
+    pub async fn cache_prompt(
+        &mut self,
+        req: pb::CachePromptRequest,
+    ) -> Result<pb::CachedPrompt, ClientError> {
+        let args = (cache_prompt_dict(req)?,);
+        let reply = self.call("CachePrompt", &args).await?;
+        let map: HashMap<String, OwnedVariant> = deserialize(&reply, "CachePrompt")?;
+        cached_prompt_from_fields(&Fields::from_map("CachePrompt", &map))
+    }
+
+    /// Unpins and drops the cached prompt `key` (all of the caller's when empty).
+    pub async fn drop_cached_prompt(&mut self, key: &str) -> Result<(), ClientError> {
+        self.call("DropCachedPrompt", &(key,)).await?;
         Ok(())
     }
 

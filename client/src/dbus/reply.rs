@@ -117,6 +117,14 @@ impl<'a> Fields<'a> {
             .unwrap_or_default())
     }
 
+    /// A `u` that may be absent (`None`), as opposed to 0.
+    fn opt_u32(&self, key: &str) -> Result<Option<u32>, ClientError> {
+        self.get(key, "u", |v| match v {
+            Variant::U32(x) => Some(*x),
+            _ => None,
+        })
+    }
+
     fn u64(&self, key: &str) -> Result<u64, ClientError> {
         Ok(self
             .get(key, "t", |v| match v {
@@ -268,6 +276,19 @@ pub(crate) fn slice_from_args(s: &SliceArgs, at: &str) -> Result<pb::Slice, Clie
     })
 }
 
+/// A pinned prompt's dict (CachePrompt's reply, `prompt_cache.pinned`) as pb's.
+pub(crate) fn cached_prompt_from_fields(f: &Fields<'_>) -> Result<pb::CachedPrompt, ClientError> {
+    Ok(pb::CachedPrompt {
+        key: f.str("key")?,
+        tokens: f.u32("tokens")?,
+        shared: f.bool("shared")?,
+        uid: f.opt_u32("uid")?,
+        slice: f.str("slice")?,
+        ram_bytes: f.u64("ram_bytes")?,
+        on_disk: f.bool("on_disk")?,
+    })
+}
+
 /// GetStatus's dict as gRPC's StatusResponse.
 pub(crate) fn status_from_dict(
     map: &HashMap<String, OwnedVariant>,
@@ -344,6 +365,28 @@ pub(crate) fn status_from_dict(
             })
         })
         .transpose()?;
+    // An older gemmad has no prompt cache to report.
+    let prompt_cache = f
+        .dict("prompt_cache")?
+        .map(|c| -> Result<_, ClientError> {
+            Ok(pb::PromptCacheInfo {
+                enabled: c.bool("enabled")?,
+                ram_bytes: c.u64("ram_bytes")?,
+                ram_budget: c.u64("ram_budget")?,
+                entries: c.u32("entries")?,
+                disk_bytes: c.u64("disk_bytes")?,
+                disk_budget: c.u64("disk_budget")?,
+                disk_entries: c.u32("disk_entries")?,
+                hits: c.u64("hits")?,
+                reused_tokens: c.u64("reused_tokens")?,
+                pinned: c
+                    .dicts("pinned")?
+                    .iter()
+                    .map(cached_prompt_from_fields)
+                    .collect::<Result<_, _>>()?,
+            })
+        })
+        .transpose()?;
     Ok(pb::StatusResponse {
         version: f.str("version")?,
         uptime_s: f.f64("uptime_s")?,
@@ -364,6 +407,7 @@ pub(crate) fn status_from_dict(
         governor,
         warnings: f.strs("warnings")?,
         connections,
+        prompt_cache,
     })
 }
 
@@ -388,6 +432,8 @@ pub(crate) fn finished_from_signal(
         usage: Some(pb::Usage {
             prompt_tokens: f.u32("prompt_tokens")?,
             completion_tokens: f.u32("completion_tokens")?,
+            // 0 from an older gemmad, which does not send it.
+            cached_tokens: f.u32("cached_tokens")?,
         }),
         timings: Some(pb::Timings {
             queue_wait_ms: f.f64("queue_wait_ms")?,
@@ -477,6 +523,39 @@ mod tests {
             ("transitions", v(5u64.into())),
             ("actions_applied", v(9u64.into())),
         ]);
+        let pinned = |key: &'static str, shared: bool| -> HashMap<&'static str, Variant<'static>> {
+            let mut p = HashMap::from([
+                ("key", v(key.into())),
+                ("tokens", v(40u32.into())),
+                ("shared", v(shared.into())),
+                ("slice", v("E4B".into())),
+                ("ram_bytes", v(4096u64.into())),
+                ("on_disk", v(shared.into())),
+            ]);
+            if !shared {
+                p.insert("uid", v(1000u32.into()));
+            }
+            p
+        };
+        let prompt_cache: HashMap<&str, Variant> = HashMap::from([
+            ("enabled", v(true.into())),
+            ("ram_bytes", v(1u64.into())),
+            ("ram_budget", v(2u64.into())),
+            ("entries", v(3u32.into())),
+            ("disk_bytes", v(4u64.into())),
+            ("disk_budget", v(5u64.into())),
+            ("disk_entries", v(6u32.into())),
+            ("hits", v(7u64.into())),
+            ("reused_tokens", v(8u64.into())),
+            (
+                "pinned",
+                v(vec![
+                    pinned("0123456789abcdef", false),
+                    pinned("fedcba9876543210", true),
+                ]
+                .into()),
+            ),
+        ]);
         let status: HashMap<&str, Variant> = HashMap::from([
             ("version", v("0.1.0".into())),
             ("uptime_s", v(12.5f64.into())),
@@ -492,6 +571,7 @@ mod tests {
             ("connections", v(connections.into())),
             ("warnings", v(vec!["cache_dir is read-only"].into())),
             ("governor", v(governor.into())),
+            ("prompt_cache", v(prompt_cache.into())),
         ]);
         through_wire(&(status,))
     }
@@ -607,13 +687,64 @@ mod tests {
     }
 
     #[test]
+    fn status_reads_the_prompt_cache() {
+        let s = status_from_dict(&dict_of(&full_status())).unwrap();
+        let mine = pb::CachedPrompt {
+            key: "0123456789abcdef".into(),
+            tokens: 40,
+            shared: false,
+            uid: Some(1000),
+            slice: "E4B".into(),
+            ram_bytes: 4096,
+            on_disk: false,
+        };
+        let shared = pb::CachedPrompt {
+            key: "fedcba9876543210".into(),
+            shared: true,
+            uid: None,
+            on_disk: true,
+            ..mine.clone()
+        };
+        assert_eq!(
+            s.prompt_cache,
+            Some(pb::PromptCacheInfo {
+                enabled: true,
+                ram_bytes: 1,
+                ram_budget: 2,
+                entries: 3,
+                disk_bytes: 4,
+                disk_budget: 5,
+                disk_entries: 6,
+                hits: 7,
+                reused_tokens: 8,
+                pinned: vec![mine, shared],
+            })
+        );
+
+        let bad: HashMap<&str, Variant> = HashMap::from([("uid", Variant::from(1000u64))]);
+        let pc: HashMap<&str, Variant> = HashMap::from([("pinned", Variant::from(vec![bad]))]);
+        let wrong: HashMap<&str, Variant> = HashMap::from([("prompt_cache", Variant::from(pc))]);
+        let e = status_from_dict(&dict_of(&through_wire(&(wrong,)))).unwrap_err();
+        match &e {
+            ClientError::BadReply { what, reason } => {
+                assert_eq!(what, "GetStatus: `prompt_cache`: `pinned`[0]");
+                assert_eq!(reason, "`uid` is t, expected u");
+            }
+            other => panic!("got {other:?}"),
+        }
+    }
+
+    #[test]
     fn status_without_governor_and_with_wrong_types() {
         let mut d = dict_of(&full_status());
         d.remove("governor");
         d.remove("warnings");
+        d.remove("prompt_cache");
         let s = status_from_dict(&d).unwrap();
         assert_eq!(s.governor, None);
         assert!(s.warnings.is_empty());
+        // An older gemmad: no prompt cache reported.
+        assert_eq!(s.prompt_cache, None);
 
         let queue: HashMap<&str, Variant> = HashMap::from([("waiting", Variant::from(3u64))]);
         let wrong: HashMap<&str, Variant> = HashMap::from([("queue", Variant::from(queue))]);
@@ -640,6 +771,7 @@ mod tests {
             ("request_id", Variant::from(42u64)),
             ("prompt_tokens", 12u32.into()),
             ("completion_tokens", 30u32.into()),
+            ("cached_tokens", 9u32.into()),
             ("queue_wait_ms", 1.5f64.into()),
             ("time_to_first_token_ms", 80.0f64.into()),
             ("prefill_ms", 70.0f64.into()),
@@ -659,7 +791,8 @@ mod tests {
                 finish_reason: pb::FinishReason::Stop as i32,
                 usage: Some(pb::Usage {
                     prompt_tokens: 12,
-                    completion_tokens: 30
+                    completion_tokens: 30,
+                    cached_tokens: 9,
                 }),
                 timings: Some(pb::Timings {
                     queue_wait_ms: 1.5,
@@ -686,6 +819,12 @@ mod tests {
             finished_from_signal("cancelled", &fields).unwrap(),
             (None, 42)
         );
+        // An older gemmad sends no cached_tokens: 0.
+        let mut older = map.clone();
+        older.remove("cached_tokens");
+        let (f, _) = finished_from_signal("stop", &Fields::from_map("Finished", &older)).unwrap();
+        let u = f.unwrap().usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.cached_tokens), (12, 0));
     }
 
     /// docs/dbus.md writes SetSlice's and TokenizeWith's replies as `(...)`; whether gemmad

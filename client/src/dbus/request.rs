@@ -18,6 +18,7 @@ pub(crate) enum Arg {
     F64(f64),
     Bool(bool),
     Strs(Vec<String>),
+    U32s(Vec<u32>),
     /// `ay`: serialized byte by byte, never as one variant per byte.
     Bytes(Vec<u8>),
     Dicts(Vec<ArgDict>),
@@ -61,6 +62,7 @@ impl serde::Serialize for Arg {
             Arg::F64(x) => v(x, ser),
             Arg::Bool(x) => v(x, ser),
             Arg::Strs(x) => v(x, ser),
+            Arg::U32s(x) => v(x, ser),
             Arg::Bytes(x) => v(x, ser),
             Arg::Dicts(x) => v(x, ser),
         }
@@ -118,6 +120,28 @@ pub(crate) fn request_dict(r: pb::GenerateRequest) -> Result<ArgDict, ClientErro
     }
     if r.ignore_eos {
         d.push("ignore_eos", Arg::Bool(true));
+    }
+    if let Some(c) = r.cache_prompt {
+        d.push("cache_prompt", Arg::Bool(c));
+    }
+    Ok(d)
+}
+
+/// CachePrompt's argument dict (docs/dbus.md): `messages` or `ids`, whichever is set (the
+/// daemon refuses both or neither, as over gRPC), and `shared`/`persist` when true.
+pub(crate) fn cache_prompt_dict(r: pb::CachePromptRequest) -> Result<ArgDict, ClientError> {
+    let mut d = ArgDict::default();
+    if !r.messages.is_empty() {
+        d.push("messages", Arg::Dicts(message_dicts(r.messages)?));
+    }
+    if !r.ids.is_empty() {
+        d.push("ids", Arg::U32s(r.ids));
+    }
+    if r.shared {
+        d.push("shared", Arg::Bool(true));
+    }
+    if r.persist {
+        d.push("persist", Arg::Bool(true));
     }
     Ok(d)
 }
@@ -291,6 +315,7 @@ mod tests {
             size: "E2B".into(),
             priority: pb::Priority::Background as i32,
             ignore_eos: true,
+            cache_prompt: Some(false),
         }
     }
 
@@ -304,6 +329,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "cache_prompt",
                 "ignore_eos",
                 "max_tokens",
                 "messages",
@@ -332,9 +358,11 @@ mod tests {
             ("priority", "s"),
             ("slice", "s"),
             ("ignore_eos", "b"),
+            ("cache_prompt", "b"),
         ] {
             assert_eq!(types[k], t, "type of {k}");
         }
+        assert!(!bool::try_from(&d["cache_prompt"]).unwrap());
         assert_eq!(u32::try_from(&d["top_k"]).unwrap(), 40);
         assert_eq!(u32::try_from(&d["max_tokens"]).unwrap(), 128);
         assert_eq!(u64::try_from(&d["seed"]).unwrap(), u64::MAX - 1);
@@ -407,6 +435,52 @@ mod tests {
         let msgs = message_dicts_of(&d["messages"]);
         assert!(msgs[0].contains_key("image"));
         assert!(!msgs[0].contains_key("image_mime"));
+        // cache_prompt is sent when set, either way.
+        let mut r = crate::user_prompt("Hi");
+        r.cache_prompt = Some(true);
+        let d = dict_of(&through_wire(&(request_dict(r).unwrap(),)));
+        assert!(bool::try_from(&d["cache_prompt"]).unwrap());
+    }
+
+    #[test]
+    fn cache_prompt_dict_sends_what_is_set() {
+        let r = pb::CachePromptRequest {
+            messages: vec![message("system", vec![text_part("Be brief.")])],
+            shared: true,
+            persist: true,
+            ..Default::default()
+        };
+        let msg = through_wire(&(cache_prompt_dict(r).unwrap(),));
+        assert_eq!(msg.body().signature().to_string(), "a{sv}");
+        let d = dict_of(&msg);
+        let mut keys: Vec<_> = d.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, ["messages", "persist", "shared"]);
+        assert_eq!(sig(&d["messages"]), "aa{sv}");
+        assert_eq!(sig(&d["shared"]), "b");
+        assert!(bool::try_from(&d["shared"]).unwrap() && bool::try_from(&d["persist"]).unwrap());
+        let msgs = message_dicts_of(&d["messages"]);
+        assert_eq!(msgs[0]["role"], "s:system");
+        assert_eq!(msgs[0]["content"], "s:Be brief.");
+
+        let r = pb::CachePromptRequest {
+            ids: vec![2, 105, 7],
+            ..Default::default()
+        };
+        let d = dict_of(&through_wire(&(cache_prompt_dict(r).unwrap(),)));
+        assert_eq!(d.keys().collect::<Vec<_>>(), ["ids"]);
+        assert_eq!(sig(&d["ids"]), "au");
+        let ids: Vec<u32> = match unwrap(&d["ids"]) {
+            Variant::Array(a) => a
+                .iter()
+                .map(|x| match x {
+                    Variant::U32(x) => *x,
+                    other => panic!("expected u, got {other:?}"),
+                })
+                .collect(),
+            other => panic!("ids is {other:?}"),
+        };
+        assert_eq!(ids, [2, 105, 7]);
     }
 
     #[test]

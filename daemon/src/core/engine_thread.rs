@@ -327,6 +327,7 @@ impl EngineThread<'_> {
             reason: out.finish_reason,
             prompt_tokens: out.usage.prompt_tokens,
             completion_tokens: out.usage.completion_tokens,
+            cached_tokens: out.usage.cached_tokens,
             timings: RequestTimings {
                 queue_wait,
                 time_to_first_token: ttft,

@@ -192,6 +192,9 @@ impl Core {
         let cancel = Arc::new(AtomicBool::new(false));
         let mut request = prepared.request;
         self.within_tier(&mut request, &engine);
+        // Kept states are per uid; a peer without one (TCP) neither finds nor leaves any.
+        request.user = peer.uid;
+        request.cache_prompt &= peer.uid.is_some();
         request.cancel = Some(cancel.clone());
         let peer_key = peer.queue_key();
         let job = Job {
@@ -285,7 +288,127 @@ impl Core {
 
     pub fn status(&self, peer: &Peer) -> StatusSnapshot {
         tracing::debug!(op = "status", via = peer.via, peer = %peer, "core call");
-        self.snapshot()
+        let mut s = self.snapshot();
+        // Pinned prompts' keys are hashes of their text: a user sees only its own and the
+        // shared ones (a key is enough to confirm a guess of someone else's prompt).
+        if !self.is_admin(peer) {
+            s.engine
+                .prompt_cache
+                .pinned
+                .retain(|p| p.owner.shared || (p.owner.user.is_some() && p.owner.user == peer.uid));
+        }
+        s
+    }
+
+    fn is_admin(&self, peer: &Peer) -> bool {
+        self.policy
+            .read()
+            .map(|p| p.is_admin(peer))
+            .unwrap_or(false)
+    }
+
+    /// The token ids a CachePrompt request pins: `ids` as given, or the conversation
+    /// prefix `messages` renders to (see [`Prompter::prefix_ids`]). Blocking
+    /// (tokenization).
+    pub fn cache_prompt_ids(
+        &self,
+        peer: &Peer,
+        messages: Vec<types::Message>,
+        ids: Vec<u32>,
+    ) -> Result<Vec<u32>, ServiceError> {
+        tracing::debug!(op = "cache_prompt", via = peer.via, peer = %peer, "core call");
+        let limits = self.limits();
+        let ids = match (messages.is_empty(), ids.is_empty()) {
+            (false, true) => {
+                validate::need_tokenizer(&self.prompter)?;
+                let _permit = self.preparing.enter(&peer.queue_key())?;
+                let bytes = payload_bytes(&messages);
+                let chat = validate::messages(messages, &limits)?;
+                let r = self.prompter.prefix_ids(&chat);
+                trim_after(bytes);
+                r?
+            }
+            (true, false) => ids,
+            _ => {
+                return Err(ServiceError::invalid(
+                    "set either messages or ids (not both) for the prompt to cache",
+                ))
+            }
+        };
+        let vocab = self.model.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ServiceError::invalid(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let max = self.context_tokens();
+        if ids.len() > max {
+            return Err(ServiceError::invalid(format!(
+                "the prompt to cache is {} tokens; the context is {max}",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Pins `ids` in the prompt cache for `peer` (or for everyone when `shared`: admins
+    /// only), through the engine thread; returns the pinned prompt.
+    pub async fn cache_prompt(
+        &self,
+        peer: &Peer,
+        ids: Vec<u32>,
+        shared: bool,
+        persist: bool,
+    ) -> Result<gemmad_engine::PinnedPrompt, ServiceError> {
+        if shared && !self.is_admin(peer) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "{peer} may not share a cached prompt with every user: it takes uid 0,                  gemmad's own user or a member of access.admin_groups"
+            )));
+        }
+        if peer.uid.is_none() && !shared {
+            return Err(ServiceError::invalid(
+                "a connection without a uid (TCP) has no prompt cache of its own",
+            ));
+        }
+        let n = ids.len();
+        let st = self
+            .engine
+            .control(Control::CachePrompt {
+                ids: ids.clone(),
+                user: if shared { None } else { peer.uid },
+                shared,
+                persist,
+            })
+            .await?;
+        let key = gemmad_engine::prompt_key(&st.slice, &ids);
+        tracing::info!(peer = %peer, key, tokens = n, shared, persist, "prompt pinned");
+        st.prompt_cache
+            .pinned
+            .into_iter()
+            .find(|p| p.key == key && (p.owner.shared == shared))
+            .ok_or_else(|| {
+                ServiceError::Internal("the engine reports no such pinned prompt".into())
+            })
+    }
+
+    /// Unpins and drops `key` (all with an empty key) of `peer`'s pinned prompts, or of
+    /// anyone's for an admin.
+    pub async fn drop_cached_prompt(&self, peer: &Peer, key: &str) -> Result<(), ServiceError> {
+        tracing::debug!(op = "drop_cached_prompt", via = peer.via, peer = %peer, key, "core call");
+        if !key.is_empty() && (key.len() != 16 || !key.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(ServiceError::invalid(format!(
+                "{:?} is not a cached prompt's key (16 hex digits)",
+                key.chars().take(40).collect::<String>()
+            )));
+        }
+        self.engine
+            .control(Control::DropCachedPrompt {
+                key: key.to_ascii_lowercase(),
+                user: peer.uid,
+                admin: self.is_admin(peer),
+            })
+            .await?;
+        Ok(())
     }
 
     /// What Status reports, for the service itself (a front end refreshing its

@@ -130,6 +130,8 @@ pub struct GenerateParams {
     /// The one user message's text runs as given: tokenized with its own `<bos>`, no
     /// chat template.
     pub raw: bool,
+    /// Neither resume from nor keep states in the prompt cache (default: use it).
+    pub no_prompt_cache: bool,
 }
 
 /// Timings of one finished request.
@@ -151,6 +153,8 @@ pub struct Finished {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Of `prompt_tokens`, those resumed from the prompt cache.
+    pub cached_tokens: usize,
     pub timings: RequestTimings,
     pub active_slice: String,
 }

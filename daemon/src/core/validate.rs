@@ -350,6 +350,7 @@ pub fn prepare(
     request.stop = r.stop;
     request.ignore_eos = r.ignore_eos;
     request.slice = slice;
+    request.cache_prompt = !r.no_prompt_cache;
     Ok(Prepared {
         request,
         class: r.priority,

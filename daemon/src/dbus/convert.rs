@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use gemmad_engine::{FinishReason, Modality, TowerState};
+use gemmad_engine::{FinishReason, Modality, PinnedPrompt, PromptCacheState, TowerState};
 use zbus::{OwnedVariant, Variant};
 
 use crate::core::types::{
@@ -152,17 +152,65 @@ pub fn generate(mut req: HashMap<String, OwnedVariant>) -> Result<GenerateParams
                 }
             }
             "slice" => p.size = typed(k, "s", v)?,
+            "cache_prompt" => p.no_prompt_cache = !typed::<bool>(k, "b", v)?,
             other => {
                 return Err(bad(format!(
                     "unknown key {other:?}; the keys are prompt, messages, raw, max_tokens, \
                      temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, \
-                     ignore_eos, priority, slice"
+                     ignore_eos, priority, slice, cache_prompt"
                 )))
             }
         }
     }
     p.sampling = s;
     Ok(p)
+}
+
+/// CachePrompt's `a{sv}` arguments.
+#[derive(Debug, Default, PartialEq)]
+pub struct CachePromptArgs {
+    pub messages: Vec<Message>,
+    pub ids: Vec<u32>,
+    pub shared: bool,
+    pub persist: bool,
+}
+
+/// CachePrompt's `a{sv}`: `messages` (aa{sv}) or `ids` (au), `shared` b, `persist` b.
+/// Unknown keys, keys of the wrong type and both or neither of the prompt's forms are
+/// refused, naming the key.
+pub fn cache_prompt(mut args: HashMap<String, OwnedVariant>) -> Result<CachePromptArgs, Error> {
+    let mut a = CachePromptArgs::default();
+    match (args.remove("messages"), args.remove("ids")) {
+        (Some(_), Some(_)) => return Err(bad("set messages or ids, not both".into())),
+        (None, None) => {
+            return Err(bad(
+                "set messages (aa{sv}) or ids (au): the prompt to cache".into(),
+            ))
+        }
+        (Some(m), None) => a.messages = parse_messages(m)?,
+        (None, Some(v)) => {
+            let got = v.value_signature().to_string();
+            if got != "au" {
+                return Err(bad(format!("ids must be of type au, not {got}")));
+            }
+            a.ids = Vec::<u32>::try_from(v).map_err(|e| bad(format!("ids: {e}")))?;
+        }
+    }
+    let mut keys: Vec<(String, OwnedVariant)> = args.into_iter().collect();
+    keys.sort_by(|x, y| x.0.cmp(&y.0));
+    for (key, v) in keys {
+        let k = key.as_str();
+        match k {
+            "shared" => a.shared = typed(k, "b", v)?,
+            "persist" => a.persist = typed(k, "b", v)?,
+            other => {
+                return Err(bad(format!(
+                    "unknown key {other:?}; the keys are messages, ids, shared, persist"
+                )))
+            }
+        }
+    }
+    Ok(a)
 }
 
 /// `messages` (aa{sv}): role, content, image, image_mime, audio per message.
@@ -245,6 +293,7 @@ pub fn usage(request_id: u64, f: &Finished) -> Dict {
         "completion_tokens".into(),
         u32_sat(f.completion_tokens).into(),
     );
+    d.insert("cached_tokens".into(), u32_sat(f.cached_tokens).into());
     d.insert("queue_wait_ms".into(), ms(t.queue_wait).into());
     d.insert(
         "time_to_first_token_ms".into(),
@@ -298,6 +347,40 @@ pub fn memory(parts: &[(String, u64)]) -> HashMap<String, u64> {
 
 fn dict(d: Dict) -> Variant<'static> {
     Variant::from(d)
+}
+
+/// A pinned prompt (CachePrompt's reply, an entry of `prompt_cache.pinned`): `key` s,
+/// `tokens` u, `shared` b, `uid` u (only when not shared), `slice` s, `ram_bytes` t,
+/// `on_disk` b.
+pub fn cached_prompt(p: &PinnedPrompt) -> Dict {
+    let mut d = Dict::new();
+    d.insert("key".into(), p.key.clone().into());
+    d.insert("tokens".into(), u32_sat(p.tokens).into());
+    d.insert("shared".into(), p.owner.shared.into());
+    if let (false, Some(uid)) = (p.owner.shared, p.owner.user) {
+        d.insert("uid".into(), uid.into());
+    }
+    d.insert("slice".into(), p.slice.clone().into());
+    d.insert("ram_bytes".into(), p.ram_bytes.into());
+    d.insert("on_disk".into(), p.on_disk.into());
+    d
+}
+
+/// GetStatus's `prompt_cache`: gRPC's PromptCacheInfo.
+pub fn prompt_cache(c: &PromptCacheState) -> Dict {
+    let mut d = Dict::new();
+    d.insert("enabled".into(), c.enabled.into());
+    d.insert("ram_bytes".into(), c.ram_bytes.into());
+    d.insert("ram_budget".into(), c.ram_budget.into());
+    d.insert("entries".into(), u32_sat(c.entries).into());
+    d.insert("disk_bytes".into(), c.disk_bytes.into());
+    d.insert("disk_budget".into(), c.disk_budget.into());
+    d.insert("disk_entries".into(), u32_sat(c.disk_entries).into());
+    d.insert("hits".into(), c.hits.into());
+    d.insert("reused_tokens".into(), c.reused_tokens.into());
+    let pinned: Vec<Dict> = c.pinned.iter().map(cached_prompt).collect();
+    d.insert("pinned".into(), pinned.into());
+    d
 }
 
 /// GetStatus's `a{sv}`: the fields of gRPC's StatusResponse.
@@ -369,6 +452,10 @@ pub fn status(s: &StatusSnapshot) -> Dict {
     d.insert("requests".into(), requests.into());
     d.insert("connections".into(), dict(conns));
     d.insert("warnings".into(), s.engine.warnings.clone().into());
+    d.insert(
+        "prompt_cache".into(),
+        dict(prompt_cache(&s.engine.prompt_cache)),
+    );
     if let Some(g) = &s.governor {
         let mut gd = Dict::new();
         gd.insert("tier".into(), g.tier.clone().into());
@@ -411,6 +498,7 @@ mod tests {
             ("priority", "background".into()),
             ("slice", "e2b".into()),
             ("ignore_eos", true.into()),
+            ("cache_prompt", false.into()),
         ]))
         .unwrap();
         assert_eq!(p.messages.len(), 1);
@@ -424,6 +512,147 @@ mod tests {
         assert!(p.raw && p.ignore_eos);
         assert_eq!(p.priority, Priority::Background);
         assert_eq!(p.size, "e2b");
+        assert!(p.no_prompt_cache);
+        // Absent or true: the prompt cache is used.
+        let p = generate(req(vec![("prompt", "hi".into())])).unwrap();
+        assert!(!p.no_prompt_cache);
+        let p = generate(req(vec![
+            ("prompt", "hi".into()),
+            ("cache_prompt", true.into()),
+        ]))
+        .unwrap();
+        assert!(!p.no_prompt_cache);
+        let e = generate(req(vec![
+            ("prompt", "hi".into()),
+            ("cache_prompt", 1u32.into()),
+        ]));
+        assert!(
+            matches!(e, Err(Error::InvalidArgument(m)) if m.contains("cache_prompt must be of type b, not u"))
+        );
+    }
+
+    #[test]
+    fn cache_prompt_args_take_one_form_of_the_prompt() {
+        let mut m = Dict::new();
+        m.insert("role".into(), "system".into());
+        m.insert("content".into(), "Be brief.".into());
+        let a = cache_prompt(req(vec![
+            ("messages", vec![m.clone()].into()),
+            ("shared", true.into()),
+            ("persist", true.into()),
+        ]))
+        .unwrap();
+        assert_eq!(a.messages.len(), 1);
+        assert_eq!(a.messages[0].role, "system");
+        assert_eq!(a.messages[0].parts, vec![Part::Text("Be brief.".into())]);
+        assert!(a.ids.is_empty() && a.shared && a.persist);
+        let a = cache_prompt(req(vec![("ids", vec![2u32, 105, 7].into())])).unwrap();
+        assert_eq!(a.ids, [2, 105, 7]);
+        assert!(a.messages.is_empty() && !a.shared && !a.persist);
+
+        for (args, want) in [
+            (
+                vec![
+                    ("messages", Variant::from(vec![m.clone()])),
+                    ("ids", vec![2u32].into()),
+                ],
+                "set messages or ids, not both",
+            ),
+            (
+                vec![("shared", true.into())],
+                "set messages (aa{sv}) or ids",
+            ),
+            (
+                vec![("ids", vec![2u32].into()), ("keep", true.into())],
+                "unknown key \"keep\"",
+            ),
+            (
+                vec![("ids", vec![2i32].into())],
+                "ids must be of type au, not ai",
+            ),
+            (
+                vec![("ids", vec![2u32].into()), ("shared", "yes".into())],
+                "shared must be of type b, not s",
+            ),
+            (
+                vec![("messages", "hi".into())],
+                "messages must be of type aa{sv}, not s",
+            ),
+        ] {
+            match cache_prompt(req(args)) {
+                Err(Error::InvalidArgument(msg)) => assert!(msg.contains(want), "{msg}"),
+                other => panic!("{want}: got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pinned_prompts_and_the_cache_as_dicts() {
+        let mine = PinnedPrompt {
+            key: "0123456789abcdef".into(),
+            tokens: 40,
+            owner: gemmad_engine::CacheOwner::user(Some(1000)),
+            slice: "full".into(),
+            ram_bytes: 4096,
+            on_disk: true,
+        };
+        let d = cached_prompt(&mine);
+        assert_eq!(d["key"], Variant::from("0123456789abcdef"));
+        assert_eq!(d["tokens"], Variant::from(40u32));
+        assert_eq!(d["shared"], Variant::from(false));
+        assert_eq!(d["uid"], Variant::from(1000u32));
+        assert_eq!(d["slice"], Variant::from("full"));
+        assert_eq!(d["ram_bytes"], Variant::from(4096u64));
+        assert_eq!(d["on_disk"], Variant::from(true));
+        let shared = PinnedPrompt {
+            owner: gemmad_engine::CacheOwner {
+                user: None,
+                shared: true,
+            },
+            ..mine.clone()
+        };
+        let d = cached_prompt(&shared);
+        assert_eq!(d["shared"], Variant::from(true));
+        assert!(!d.contains_key("uid"));
+
+        let c = PromptCacheState {
+            enabled: true,
+            ram_bytes: 1,
+            ram_budget: 2,
+            entries: 3,
+            disk_bytes: 4,
+            disk_budget: 5,
+            disk_entries: 6,
+            hits: 7,
+            reused_tokens: 8,
+            pinned: vec![mine, shared],
+        };
+        let d = prompt_cache(&c);
+        let mut keys: Vec<&str> = d.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "disk_budget",
+                "disk_bytes",
+                "disk_entries",
+                "enabled",
+                "entries",
+                "hits",
+                "pinned",
+                "ram_budget",
+                "ram_bytes",
+                "reused_tokens"
+            ]
+        );
+        assert_eq!(d["entries"], Variant::from(3u32));
+        assert_eq!(d["disk_entries"], Variant::from(6u32));
+        assert_eq!(d["hits"], Variant::from(7u64));
+        assert_eq!(d["pinned"].value_signature().to_string(), "aa{sv}");
+        let Variant::Array(a) = &d["pinned"] else {
+            panic!("pinned is {:?}", d["pinned"]);
+        };
+        assert_eq!(a.len(), 2);
     }
 
     #[test]

@@ -282,6 +282,41 @@ impl Gemmad1 {
         Ok(convert::status(&self.core.status(&peer)))
     }
 
+    /// Keeps a prompt prefix warm in the prompt cache: `messages` (aa{sv}) or `ids` (au),
+    /// `shared` b (admins only), `persist` b. Returns the pinned prompt.
+    #[zbus(out_args("prompt"))]
+    async fn cache_prompt(
+        &self,
+        args: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<Dict, Error> {
+        let (_, peer) = self.caller(conn, &hdr).await?;
+        let a = convert::cache_prompt(args)?;
+        let (core, p2) = (self.core.clone(), peer.clone());
+        let ids =
+            tokio::task::spawn_blocking(move || core.cache_prompt_ids(&p2, a.messages, a.ids))
+                .await
+                .map_err(joined)??;
+        let p = self
+            .core
+            .cache_prompt(&peer, ids, a.shared, a.persist)
+            .await?;
+        Ok(convert::cached_prompt(&p))
+    }
+
+    /// Unpins and drops the caller's cached prompt `key` (an admin's: anyone's); `""`
+    /// drops all the caller may drop.
+    async fn drop_cached_prompt(
+        &self,
+        key: String,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(), Error> {
+        let (_, peer) = self.caller(conn, &hdr).await?;
+        Ok(self.core.drop_cached_prompt(&peer, &key).await?)
+    }
+
     /// Pins the governor's tier; `""` unpins. Admins only.
     async fn governor_pin(
         &self,

@@ -264,6 +264,13 @@ impl Loop {
                         .clamp(1, self.base_threads.max(1)),
                 )]
             }
+            Action::DropPromptCache => {
+                if self.core.engine_state().prompt_cache.ram_bytes > 0 {
+                    vec![Control::DropPromptCache]
+                } else {
+                    Vec::new()
+                }
+            }
             Action::AdmitBackground(admit) => {
                 self.core
                     .queue()

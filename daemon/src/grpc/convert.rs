@@ -122,6 +122,7 @@ pub fn generate(r: pb::GenerateRequest) -> Result<GenerateParams, Status> {
         priority,
         ignore_eos: r.ignore_eos,
         raw: false,
+        no_prompt_cache: r.cache_prompt == Some(false),
     })
 }
 
@@ -177,6 +178,7 @@ pub fn event(e: Event) -> Result<pb::GenerateResponse, Status> {
             usage: Some(pb::Usage {
                 prompt_tokens: f.prompt_tokens as u32,
                 completion_tokens: f.completion_tokens as u32,
+                cached_tokens: f.cached_tokens as u32,
             }),
             timings: Some(timings(&f.timings, f.active_slice)),
         }),
@@ -219,5 +221,32 @@ pub fn slice(s: crate::core::types::SliceInfo) -> pb::Slice {
             .map(|&w| u32::try_from(w).unwrap_or(u32::MAX))
             .collect(),
         params: s.params,
+    }
+}
+
+pub fn cached_prompt(p: &gemmad_engine::PinnedPrompt) -> pb::CachedPrompt {
+    pb::CachedPrompt {
+        key: p.key.clone(),
+        tokens: u32::try_from(p.tokens).unwrap_or(u32::MAX),
+        shared: p.owner.shared,
+        uid: if p.owner.shared { None } else { p.owner.user },
+        slice: p.slice.clone(),
+        ram_bytes: p.ram_bytes,
+        on_disk: p.on_disk,
+    }
+}
+
+pub fn prompt_cache(c: &gemmad_engine::PromptCacheState) -> pb::PromptCacheInfo {
+    pb::PromptCacheInfo {
+        enabled: c.enabled,
+        ram_bytes: c.ram_bytes,
+        ram_budget: c.ram_budget,
+        entries: u32::try_from(c.entries).unwrap_or(u32::MAX),
+        disk_bytes: c.disk_bytes,
+        disk_budget: c.disk_budget,
+        disk_entries: u32::try_from(c.disk_entries).unwrap_or(u32::MAX),
+        hits: c.hits,
+        reused_tokens: c.reused_tokens,
+        pinned: c.pinned.iter().map(cached_prompt).collect(),
     }
 }

@@ -239,6 +239,7 @@ impl Gemmad for GemmadService {
                 actions_applied: g.actions_applied,
             }),
             warnings: s.engine.warnings.clone(),
+            prompt_cache: Some(convert::prompt_cache(&s.engine.prompt_cache)),
             connections: Some(pb::ConnectionCounters {
                 open: sat_u32(n.open),
                 accepted: n.accepted,
@@ -274,6 +275,39 @@ impl Gemmad for GemmadService {
         Ok(Response::new(pb::SetSliceResponse {
             slice: Some(convert::slice(s)),
         }))
+    }
+
+    async fn cache_prompt(
+        &self,
+        req: Request<pb::CachePromptRequest>,
+    ) -> Result<Response<pb::CachePromptResponse>, Status> {
+        let peer = peer(&req);
+        let r = req.into_inner();
+        let messages = convert::messages(r.messages)?;
+        let (core, p2) = (self.core.clone(), peer.clone());
+        let ids = tokio::task::spawn_blocking(move || core.cache_prompt_ids(&p2, messages, r.ids))
+            .await
+            .map_err(blocking_err)?
+            .map_err(convert::status)?;
+        let p = self
+            .core
+            .cache_prompt(&peer, ids, r.shared, r.persist)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::CachePromptResponse {
+            prompt: Some(convert::cached_prompt(&p)),
+        }))
+    }
+
+    async fn drop_cached_prompt(
+        &self,
+        req: Request<pb::DropCachedPromptRequest>,
+    ) -> Result<Response<pb::DropCachedPromptResponse>, Status> {
+        self.core
+            .drop_cached_prompt(&peer(&req), &req.get_ref().key)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::DropCachedPromptResponse {}))
     }
 
     async fn governor_pin(

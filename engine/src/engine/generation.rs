@@ -92,7 +92,9 @@ impl Engine {
             ));
         }
         let slice = self.find_slice(req.slice.as_deref().unwrap_or(""))?;
-        let prompt = self.prompter().prepare(&req.prompt)?.into_ids();
+        let prepared = self.prompter().prepare(&req.prompt)?;
+        let system_end = prepared.system_end();
+        let prompt = prepared.into_ids();
         self.prefetch_prompt(&prompt);
         self.active = None;
         self.next_generation += 1;
@@ -131,9 +133,11 @@ impl Engine {
         let cached = self.resume_prefix(&prompt, req.user, req.cache_prompt, &g.slice);
         g.usage.cached_tokens = cached;
         // A snapshot at the prompt's end lets a later request resume it even after the
-        // answer has run past the sliding window (a regenerated or edited answer).
+        // answer has run past the sliding window (the next turn, whose copy of this
+        // answer may tokenize differently; a regenerated answer); one where the system
+        // prompt ends lets other conversations that start with it resume it.
         let marks = if req.cache_prompt {
-            vec![prompt.len()]
+            system_end.into_iter().chain([prompt.len()]).collect()
         } else {
             Vec::new()
         };

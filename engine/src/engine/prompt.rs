@@ -18,11 +18,19 @@ use crate::towers::Modality;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PreparedPrompt {
     ids: Vec<u32>,
+    /// Where a conversation's system prompt ends (tokens every conversation starting
+    /// with it shares): the prompt cache snapshots there so that other conversations
+    /// resume it.
+    system_end: Option<usize>,
 }
 
 impl PreparedPrompt {
     pub fn ids(&self) -> &[u32] {
         &self.ids
+    }
+
+    pub fn system_end(&self) -> Option<usize> {
+        self.system_end
     }
 
     pub fn into_ids(self) -> Vec<u32> {
@@ -189,17 +197,72 @@ impl Prompter {
             .render_chat(&Value::Array(out), add_generation_prompt)
     }
 
+    /// The ids every conversation that starts with `messages` shares, for the prompt
+    /// cache to keep warm: the conversation rendered without a generation prompt. When it
+    /// ends with a system message, the template may put that text inside the next turn
+    /// (Gemma's starts the first user turn with it), so the rendering of `messages` plus
+    /// a placeholder user turn is cut where the placeholder begins.
+    pub fn prefix_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        const MARK: &str = "\u{F8FF}gemmad-prefix\u{F8FF}";
+        let Some(last) = messages.last() else {
+            return Err(EngineError::InvalidRequest(
+                "the prompt to cache has no messages".into(),
+            ));
+        };
+        let text = if last.role == "system" {
+            let mut with = messages.to_vec();
+            with.push(ChatMessage::text("user", MARK));
+            let full = self.render_chat(&with, false)?;
+            let mut found = full.match_indices(MARK);
+            match (found.next(), found.next()) {
+                (Some((i, _)), None) => full[..i].to_string(),
+                _ => {
+                    return Err(EngineError::InvalidRequest(
+                        "the chat template does not render a system message as a prefix of \
+                         the conversation; cache the first turn with it instead"
+                            .into(),
+                    ))
+                }
+            }
+        } else {
+            self.render_chat(messages, false)?
+        };
+        // The template already emits <bos>.
+        let ids = self.tokenize_room(&text, false)?;
+        if ids.len() < 2 {
+            return Err(EngineError::InvalidRequest(
+                "the prompt to cache renders to fewer than 2 tokens".into(),
+            ));
+        }
+        self.check_vocab(&ids)?;
+        Ok(ids)
+    }
+
     /// The ids `prompt` runs as, checked: not empty, inside the vocabulary, and leaving
     /// room in the context for at least one generated token.
     pub fn prepare(&self, prompt: &Prompt) -> Result<PreparedPrompt> {
+        let mut system_end = None;
         let ids = match prompt {
-            Prompt::Prepared(p) => p.ids.clone(),
+            Prompt::Prepared(p) => {
+                system_end = p.system_end;
+                p.ids.clone()
+            }
             Prompt::Ids(ids) => ids.clone(),
             Prompt::Text(t) => self.tokenize_room(t, true)?,
             Prompt::Chat(msgs) => {
                 let text = self.render_chat(msgs, true)?;
                 // The template already emits <bos>.
-                self.tokenize_room(&text, false)?
+                let ids = self.tokenize_room(&text, false)?;
+                if msgs.len() > 1 && msgs[0].role == "system" {
+                    // Where the system prompt's tokens end in this very tokenization
+                    // (the boundary may merge differently than the prefix alone).
+                    system_end = self
+                        .prefix_ids(&msgs[..1])
+                        .ok()
+                        .map(|p| crate::prompt_cache::common_prefix(&p, &ids))
+                        .filter(|&n| n > 1 && n < ids.len());
+                }
+                ids
             }
         };
         if ids.is_empty() {
@@ -213,7 +276,7 @@ impl Prompter {
                 max,
             });
         }
-        Ok(PreparedPrompt { ids })
+        Ok(PreparedPrompt { ids, system_end })
     }
 }
 

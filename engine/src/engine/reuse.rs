@@ -174,8 +174,13 @@ impl Engine {
             Source::Live(snap) => {
                 let min = self.prompts.opts.min_tokens;
                 if let Some(live) = &self.prompts.live {
-                    if live.tokens.len() >= s + min {
-                        // The rest of the running sequence is a branch worth keeping.
+                    // The rest of the running sequence is a branch worth keeping when
+                    // the new prompt leaves it inside its last prompt (another
+                    // conversation with the same start, an edited turn); not when it
+                    // only drops what was generated after that prompt (the next turn of
+                    // a chat whose answer came back tokenized differently).
+                    let last_prompt = live.snaps.last().map_or(0, |x| x.at);
+                    if live.tokens.len() >= s + min && s < last_prompt {
                         self.keep_live();
                     }
                 }
@@ -400,6 +405,8 @@ impl Engine {
             drop(evicted);
         } else {
             self.store_entry(e);
+            // An explicit persist returns once the file is there (and Status says so).
+            self.flush_prompt_cache();
         }
         if !self
             .prompts

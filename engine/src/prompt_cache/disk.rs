@@ -460,86 +460,94 @@ impl Shared {
         // rename, never written in place, so the mapping does not change under us.
         let map = unsafe { memmap2::Mmap::map(&f) }
             .map_err(|e| EngineError::io(self.dir.path_of(name), e))?;
-        let b: &[u8] = &map;
-        if b.len() < 24 || &b[..8] != MAGIC {
-            return Err(bad("not a prompt-cache file".into()));
-        }
-        let (body, tail) = b.split_at(b.len() - 8);
-        let want = u64::from_le_bytes(tail.try_into().map_err(|_| bad("short".into()))?);
-        if xxh64(body, 0) != want {
-            return Err(bad("checksum mismatch (corrupt file)".into()));
-        }
-        let n = u64::from_le_bytes(body[8..16].try_into().map_err(|_| bad("short".into()))?);
-        if n > MAX_HEADER || 16 + n > body.len() as u64 {
-            return Err(bad(format!("header length {n} does not fit the file")));
-        }
-        let n = n as usize;
-        let h: Header = serde_json::from_slice(&body[16..16 + n])
-            .map_err(|e| bad(format!("bad header: {e}")))?;
-        if !matches(&h, &self.geometry) {
-            return Err(bad("made for another checkpoint or format".into()));
-        }
-        let mut data = &body[16 + n..];
-        let eb = self.geometry.dtype.bytes();
-        let mut take = |[l, lo, hi]: [usize; 3]| -> Result<(usize, KvSpan)> {
-            let elems = span_elems(h.kv_dim, h.head_dim, lo, hi)
-                .ok_or_else(|| bad(format!("bad span {lo}..{hi}")))?;
-            let need = elems
-                .checked_mul(2 * eb)
-                .ok_or_else(|| bad("span too large".into()))?;
-            if data.len() < need {
-                return Err(bad("shorter than its header says".into()));
-            }
-            let (mut k, mut v) = (
-                KvBuf::plain(self.geometry.dtype, elems),
-                KvBuf::plain(self.geometry.dtype, elems),
-            );
-            k.read_le(&data[..elems * eb]);
-            v.read_le(&data[elems * eb..need]);
-            data = &data[need..];
-            Ok((l, KvSpan { lo, hi, k, v }))
-        };
-        let full = h
-            .full
-            .iter()
-            .map(|&s| take(s))
-            .collect::<Result<Vec<_>>>()?;
-        let mut snaps = Vec::new();
-        for sh in &h.snaps {
-            let rings = sh
-                .rings
-                .iter()
-                .map(|&s| take(s))
-                .collect::<Result<Vec<_>>>()?;
-            snaps.push(Arc::new(Snapshot { at: sh.at, rings }));
-        }
-        if !data.is_empty() {
-            return Err(bad("longer than its header says".into()));
-        }
-        if snaps.is_empty() || snaps.iter().any(|s| s.at > h.tokens.len()) {
-            return Err(bad("snapshots do not fit its tokens".into()));
-        }
-        if full
-            .iter()
-            .any(|(_, s)| s.lo != 0 || s.hi != h.tokens.len())
-        {
-            return Err(bad("full-layer spans do not cover its tokens".into()));
-        }
-        let mut e = Entry {
-            tokens: h.tokens.into(),
-            full: Arc::new(full),
-            snaps,
-            owner: CacheOwner {
-                user: h.user,
-                shared: h.shared,
-            },
-            slice: h.slice.into(),
-            window: h.window,
-            pinned: h.pinned,
-            last_used: 0,
-            file: Some(name.to_string()),
-        };
-        e.tidy_snaps();
+        let mut e = parse(&map, &self.geometry).map_err(bad)?;
+        e.file = Some(name.to_string());
         Ok(e)
     }
+}
+
+/// A state file's bytes as an [`Entry`], checked: magic, checksum, header, the geometry
+/// it was made for, span sizes against the data, snapshots against the tokens.
+pub(crate) fn parse(b: &[u8], geometry: &Geometry) -> std::result::Result<Entry, String> {
+    if b.len() < 24 || &b[..8] != MAGIC {
+        return Err("not a prompt-cache file".into());
+    }
+    let (body, tail) = b.split_at(b.len() - 8);
+    let want = u64::from_le_bytes(tail.try_into().map_err(|_| "short")?);
+    if xxh64(body, 0) != want {
+        return Err("checksum mismatch (corrupt file)".into());
+    }
+    let n = u64::from_le_bytes(body[8..16].try_into().map_err(|_| "short")?);
+    if n > MAX_HEADER || 16 + n > body.len() as u64 {
+        return Err(format!("header length {n} does not fit the file"));
+    }
+    let n = n as usize;
+    let h: Header =
+        serde_json::from_slice(&body[16..16 + n]).map_err(|e| format!("bad header: {e}"))?;
+    if !matches(&h, geometry) {
+        return Err("made for another checkpoint or format".into());
+    }
+    let mut data = &body[16 + n..];
+    let eb = geometry.dtype.bytes();
+    let mut take = |[l, lo, hi]: [usize; 3]| -> std::result::Result<(usize, KvSpan), String> {
+        let elems = span_elems(h.kv_dim, h.head_dim, lo, hi)
+            .ok_or_else(|| format!("bad span {lo}..{hi}"))?;
+        let need = elems.checked_mul(2 * eb).ok_or("span too large")?;
+        if data.len() < need {
+            return Err("shorter than its header says".into());
+        }
+        let (mut k, mut v) = (
+            KvBuf::plain(geometry.dtype, elems),
+            KvBuf::plain(geometry.dtype, elems),
+        );
+        k.read_le(&data[..elems * eb]);
+        v.read_le(&data[elems * eb..need]);
+        data = &data[need..];
+        Ok((l, KvSpan { lo, hi, k, v }))
+    };
+    let full = h
+        .full
+        .iter()
+        .map(|&s| take(s))
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    let mut snaps = Vec::new();
+    for sh in &h.snaps {
+        let rings = sh
+            .rings
+            .iter()
+            .map(|&s| take(s))
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        snaps.push(Arc::new(Snapshot { at: sh.at, rings }));
+    }
+    if !data.is_empty() {
+        return Err("longer than its header says".into());
+    }
+    if h.tokens.is_empty() {
+        return Err("holds no tokens".into());
+    }
+    if snaps.is_empty() || snaps.iter().any(|s| s.at > h.tokens.len()) {
+        return Err("snapshots do not fit its tokens".into());
+    }
+    if full
+        .iter()
+        .any(|(_, s)| s.lo != 0 || s.hi != h.tokens.len())
+    {
+        return Err("full-layer spans do not cover its tokens".into());
+    }
+    let mut e = Entry {
+        tokens: h.tokens.into(),
+        full: Arc::new(full),
+        snaps,
+        owner: CacheOwner {
+            user: h.user,
+            shared: h.shared,
+        },
+        slice: h.slice.into(),
+        window: h.window,
+        pinned: h.pinned,
+        last_used: 0,
+        file: None,
+    };
+    e.tidy_snaps();
+    Ok(e)
 }

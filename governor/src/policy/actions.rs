@@ -27,6 +27,8 @@ pub enum Action {
     LimitThreads(Option<usize>),
     /// Admit background-priority requests or refuse them.
     AdmitBackground(bool),
+    /// Drop the K/V states the prompt cache keeps in RAM.
+    DropPromptCache,
 }
 
 /// Bytes for people: `8 MiB`, `512 KiB`, `100 B`.
@@ -64,6 +66,7 @@ impl fmt::Display for Action {
             Action::LimitThreads(None) => f.write_str("threads uncapped"),
             Action::AdmitBackground(true) => f.write_str("admit background"),
             Action::AdmitBackground(false) => f.write_str("refuse background"),
+            Action::DropPromptCache => f.write_str("drop prompt cache"),
         }
     }
 }
@@ -117,6 +120,9 @@ pub(crate) fn actions(tier: Tier, s: &TierSettings, slices: &[(String, u64)]) ->
             Action::UnloadTowers
         },
     ];
+    if !s.prompt_cache {
+        v.push(Action::DropPromptCache);
+    }
     if let Some(b) = s.ple_hot_bytes {
         v.push(Action::SetPleHotBytes(b));
     }

@@ -296,6 +296,9 @@ pub struct TierSettings {
     pub max_threads: Option<usize>,
     /// Background-priority requests are admitted.
     pub admit_background: bool,
+    /// The prompt cache may keep K/V states in RAM (false: drop them on entering the
+    /// tier; files on disk stay).
+    pub prompt_cache: bool,
     /// Minimum dwell before relaxing out of this tier, ms ("none": the policy's
     /// `min_dwell_ms`).
     pub min_dwell_ms: Option<u64>,
@@ -316,6 +319,7 @@ impl TierSettings {
                 max_context: None,
                 max_threads: None,
                 admit_background: true,
+                prompt_cache: true,
                 min_dwell_ms: None,
             },
             Tier::Balanced => TierSettings {
@@ -326,6 +330,7 @@ impl TierSettings {
                 max_context: None,
                 max_threads: None,
                 admit_background: true,
+                prompt_cache: true,
                 min_dwell_ms: None,
             },
             Tier::Saver => TierSettings {
@@ -336,6 +341,7 @@ impl TierSettings {
                 max_context: Some(8192),
                 max_threads: Some(2),
                 admit_background: false,
+                prompt_cache: false,
                 min_dwell_ms: None,
             },
             Tier::Critical => TierSettings {
@@ -346,6 +352,7 @@ impl TierSettings {
                 max_context: Some(2048),
                 max_threads: Some(1),
                 admit_background: false,
+                prompt_cache: false,
                 min_dwell_ms: None,
             },
         }
@@ -413,6 +420,7 @@ struct TierPatch {
     #[serde(deserialize_with = "present_none_or")]
     max_threads: Option<Option<usize>>,
     admit_background: Option<bool>,
+    prompt_cache: Option<bool>,
     #[serde(deserialize_with = "present_none_or")]
     min_dwell_ms: Option<Option<u64>>,
 }
@@ -439,6 +447,9 @@ impl TierPatch {
         }
         if let Some(v) = self.admit_background {
             s.admit_background = v;
+        }
+        if let Some(v) = self.prompt_cache {
+            s.prompt_cache = v;
         }
         if let Some(v) = self.min_dwell_ms {
             s.min_dwell_ms = v;
