@@ -193,8 +193,10 @@ fn the_ram_budget_holds_and_the_governor_drop_empties_it() {
     }
     let st = e.state().prompt_cache;
     assert!(st.entries >= 1, "{st:?}");
-    // The most recent users' states are the ones kept.
-    let r = run(&mut e, &ids(0..40, 18), 2, Some(18));
+    // The most recent users' states are the ones kept; resuming one while the running
+    // sequence is kept (evicting the oldest) restores the right one.
+    let mut cold = load(QuantType::Bf16, off(), None);
+    let r = check(&mut e, &mut cold, &ids(0..40, 18), Some(18));
     assert_eq!(r.cached, 39);
     e.control(&Control::DropPromptCache).unwrap();
     let st = e.state().prompt_cache;

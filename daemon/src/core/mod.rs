@@ -382,10 +382,14 @@ impl Core {
             .await?;
         let key = gemmad_engine::prompt_key(&st.slice, &ids);
         tracing::info!(peer = %peer, key, tokens = n, shared, persist, "prompt pinned");
+        let owner = gemmad_engine::CacheOwner {
+            user: if shared { None } else { peer.uid },
+            shared,
+        };
         st.prompt_cache
             .pinned
             .into_iter()
-            .find(|p| p.key == key && (p.owner.shared == shared))
+            .find(|p| p.key == key && p.owner == owner)
             .ok_or_else(|| {
                 ServiceError::Internal("the engine reports no such pinned prompt".into())
             })

@@ -201,10 +201,20 @@ impl Engine {
                 live.saved = live.saved.min(s);
             }
             Source::Ram(i, snap) => {
+                // Keeping the running sequence may merge or evict entries: work on a
+                // copy (its data is shared, not copied) and touch it by identity after.
+                let e = self.prompts.store.entries[i].clone();
                 self.keep_live();
                 let t = self.prompts.store.tick();
-                let e = &mut self.prompts.store.entries[i];
-                e.last_used = t;
+                if let Some(x) = self
+                    .prompts
+                    .store
+                    .entries
+                    .iter_mut()
+                    .find(|x| Arc::ptr_eq(&x.full, &e.full))
+                {
+                    x.last_used = t;
+                }
                 e.restore(&mut self.cache, snap, s);
                 let snaps = e.snaps.iter().filter(|x| x.at <= s).cloned().collect();
                 let mut live = fresh(snaps);
