@@ -87,7 +87,12 @@ async fn a_stateless_chat_resumes_each_turn_with_the_same_tokens() {
     assert_eq!(g.token_ids, a[0].token_ids);
     let s = w.status().await.unwrap();
     let p = s.prompt_cache.expect("Status reports the prompt cache");
-    assert!(p.enabled && p.hits >= 3 && p.reused_tokens > 0, "{p:?}");
+    // Status agrees with the last Finished at once (published before it is sent).
+    let reused: u64 = a.iter().map(|g| u64::from(usage(g).cached_tokens)).sum();
+    assert!(
+        p.enabled && p.hits == 3 && p.reused_tokens == reused,
+        "{p:?}"
+    );
     assert!(p.ram_bytes <= p.ram_budget, "{p:?}");
     assert!(
         s.memory.iter().any(|m| m.part == "prompt_cache"),

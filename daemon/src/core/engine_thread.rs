@@ -39,14 +39,19 @@ impl EngineStats {
         s
     }
 
-    /// Takes the engine's state; the memory report too when `force` or a second has
-    /// passed since the last one.
-    fn publish(&self, engine: &Engine, force: bool) {
+    /// Takes the engine's state (not the memory report).
+    fn publish_state(&self, engine: &Engine) {
         if let Ok(mut st) = self.state.lock() {
             *st = engine.state();
         }
         self.kv_cache_bytes
             .store(engine.kv_cache_bytes() as u64, Ordering::Relaxed);
+    }
+
+    /// Takes the engine's state; the memory report too when `force` or a second has
+    /// passed since the last one.
+    fn publish(&self, engine: &Engine, force: bool) {
+        self.publish_state(engine);
         if let Ok(mut at) = self.memory_at.lock() {
             if !force && at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
                 return;
@@ -321,8 +326,10 @@ impl EngineThread<'_> {
         }
         let t = out.timings;
         let ttft = first_token.map(|f| f - job.received).unwrap_or_default();
-        // Count before telling the client, so a Status call after the last message agrees.
+        // Count (and publish the engine's state: the prompt cache's hits and bytes) before
+        // telling the client, so a Status call after the last message agrees.
         Counters::bump(&counters.completed);
+        self.stats.publish_state(self.engine);
         let _ = job.tx.send(Event::Finished(Finished {
             reason: out.finish_reason,
             prompt_tokens: out.usage.prompt_tokens,

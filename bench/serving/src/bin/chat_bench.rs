@@ -184,8 +184,15 @@ async fn main() -> Result<()> {
     let off = chat(&mut c, &system, users, a.gen_tokens, false).await?;
     let on = chat(&mut c, &system, users, a.gen_tokens, true).await?;
     cache_line(&mut c, "after the chat with the cache on").await?;
-    let other = chat(&mut c, &system, &convs[1][..3], a.gen_tokens, true).await?;
-    cache_line(&mut c, "after 3 turns of another conversation").await?;
+    let other = chat(
+        &mut c,
+        &system,
+        &convs[1][..a.turns.min(3)],
+        a.gen_tokens,
+        true,
+    )
+    .await?;
+    cache_line(&mut c, "after (up to) 3 turns of another conversation").await?;
 
     let t = Instant::now();
     let pinned = c
