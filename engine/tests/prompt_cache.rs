@@ -82,6 +82,16 @@ fn run_prompt(e: &mut Engine, prompt: Prompt, n: usize, user: Option<u32>) -> Ru
     }
 }
 
+fn pin(e: &mut Engine, ids: &[u32], user: Option<u32>, shared: bool, persist: bool) {
+    e.control(&Control::CachePrompt {
+        ids: ids.to_vec(),
+        user,
+        shared,
+        persist,
+    })
+    .unwrap();
+}
+
 fn ids(range: std::ops::Range<u32>, salt: u32) -> Vec<u32> {
     range.map(|i| 3 + (i * 37 + salt * 101) % 500).collect()
 }
@@ -213,13 +223,7 @@ fn pinned_prompts_are_per_user_unless_shared() {
     let system = ids(0..24, 30);
     let mut ask = system.clone();
     ask.extend(ids(0..6, 31));
-    e.control(&Control::CachePrompt {
-        ids: system.clone(),
-        user: Some(1000),
-        shared: false,
-        persist: false,
-    })
-    .unwrap();
+    pin(&mut e, &system, Some(1000), false, false);
     let st = e.state().prompt_cache;
     assert_eq!(st.pinned.len(), 1, "{st:?}");
     assert_eq!(st.pinned[0].tokens, 24);
@@ -246,13 +250,7 @@ fn pinned_prompts_are_per_user_unless_shared() {
     .unwrap();
     assert!(e.state().prompt_cache.pinned.is_empty());
     // Shared by an administrator: everyone resumes it, in one entry.
-    e.control(&Control::CachePrompt {
-        ids: system.clone(),
-        user: None,
-        shared: true,
-        persist: false,
-    })
-    .unwrap();
+    pin(&mut e, &system, None, true, false);
     for user in [2000, 2001] {
         run(&mut e, &ids(0..10, 34 + user), 1, Some(user));
         assert_eq!(check(&mut e, &mut cold, &ask, Some(user)).cached, 24);
@@ -274,13 +272,7 @@ fn pinned_prompts_survive_a_restart_and_bad_files_are_ignored() {
         let mut cold = load(quant, off(), None);
         {
             let mut e = load(quant, opts.clone(), Some(&sub));
-            e.control(&Control::CachePrompt {
-                ids: system.clone(),
-                user: None,
-                shared: true,
-                persist: true,
-            })
-            .unwrap();
+            pin(&mut e, &system, None, true, true);
             e.flush_prompt_cache();
             let st = e.state().prompt_cache;
             assert_eq!(st.pinned.len(), 1, "{st:?}");
@@ -317,13 +309,7 @@ fn pinned_prompts_survive_a_restart_and_bad_files_are_ignored() {
         // A file made by another checkpoint (its key differs): stale, removed at start.
         {
             let mut e = load(quant, opts.clone(), Some(&sub));
-            e.control(&Control::CachePrompt {
-                ids: system.clone(),
-                user: None,
-                shared: true,
-                persist: true,
-            })
-            .unwrap();
+            pin(&mut e, &system, None, true, true);
             e.flush_prompt_cache();
         }
         let mut bytes = std::fs::read(file).unwrap();

@@ -400,15 +400,19 @@ fn print_stats(g: &Generation) {
     );
 }
 
+fn read_stdin() -> Result<String> {
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+    Ok(s)
+}
+
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 async fn generate(c: &mut Conn, a: GenerateArgs) -> Result<()> {
     let prompt = if a.prompt == "-" {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
-        s
+        read_stdin()?
     } else {
         a.prompt.clone()
     };
@@ -658,12 +662,7 @@ fn cached_prompt_line(c: &pb::CachedPrompt) -> String {
 async fn cache_prompt(c: &mut Conn, a: CachePromptArgs) -> Result<()> {
     let system = match (&a.system, &a.file) {
         (Some(s), _) => s.clone(),
-        (None, Some(f)) if f.as_os_str() == "-" => {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                .context("reading stdin")?;
-            s
-        }
+        (None, Some(f)) if f.as_os_str() == "-" => read_stdin()?,
         (None, Some(f)) => String::from_utf8(read(f)?)
             .with_context(|| format!("{} is not UTF-8 text", f.display()))?,
         (None, None) => anyhow::bail!("give --system TEXT or --file FILE"),

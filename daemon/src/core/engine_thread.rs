@@ -52,6 +52,11 @@ impl EngineStats {
     /// passed since the last one.
     fn publish(&self, engine: &Engine, force: bool) {
         self.publish_state(engine);
+        self.publish_memory(engine, force);
+    }
+
+    /// Takes the memory report when `force` or a second has passed since the last one.
+    fn publish_memory(&self, engine: &Engine, force: bool) {
         if let Ok(mut at) = self.memory_at.lock() {
             if !force && at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
                 return;
@@ -245,7 +250,12 @@ impl EngineThread<'_> {
                             "the engine failed on this request (a bug: please report it with the daemon log)".into(),
                         )));
                     }
-                    self.stats.publish(self.engine, false);
+                    // A request that ran to its end published the state before its last
+                    // message; the others publish it now.
+                    if stats.is_none() {
+                        self.stats.publish_state(self.engine);
+                    }
+                    self.stats.publish_memory(self.engine, false);
                     self.queue.finished(id, &peer, stats);
                 }
             }

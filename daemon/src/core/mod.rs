@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use gemmad_engine::{Control, GenerateRequest, Modality, Prompter, TowerState};
+use gemmad_engine::{Control, GenerateRequest, Modality, Prompt, Prompter, TowerState};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use error::ServiceError;
@@ -335,20 +335,8 @@ impl Core {
                 ))
             }
         };
-        let vocab = self.model.vocab_size;
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(ServiceError::invalid(format!(
-                "token id {bad} is outside the vocabulary (size {vocab})"
-            )));
-        }
-        let max = self.context_tokens();
-        if ids.len() > max {
-            return Err(ServiceError::invalid(format!(
-                "the prompt to cache is {} tokens; the context is {max}",
-                ids.len()
-            )));
-        }
-        Ok(ids)
+        // Checked as Generate checks its prompt: inside the vocabulary and the context.
+        Ok(self.prompter.prepare(&Prompt::Ids(ids))?.into_ids())
     }
 
     /// Pins `ids` in the prompt cache for `peer` (or for everyone when `shared`: admins
@@ -508,12 +496,7 @@ impl Core {
     /// own uid, or a member of `access.admin_groups`.
     pub fn governor_pin(&self, peer: &Peer, tier: Option<&str>) -> Result<(), ServiceError> {
         tracing::debug!(op = "governor_pin", via = peer.via, peer = %peer, tier = ?tier, "core call");
-        let admin = self
-            .policy
-            .read()
-            .map(|p| p.is_admin(peer))
-            .unwrap_or(false);
-        if !admin {
+        if !self.is_admin(peer) {
             return Err(ServiceError::PermissionDenied(format!(
                 "{peer} may not pin the governor: it takes uid 0, gemmad's own user or a \
                  member of access.admin_groups"

@@ -177,31 +177,36 @@ impl CacheDir {
 
     /// The names in the directory that start with `prefix` (temporary files excluded).
     pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .names()?
+            .into_iter()
+            .filter(|n| n.starts_with(prefix) && !n.contains(TMP_MARK))
+            .collect())
+    }
+
+    /// Every name in the directory (through its descriptor).
+    fn names(&self) -> Result<Vec<String>> {
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         let mut d = Dir::openat(self.fd(), ".", flags, Mode::empty())
             .map_err(|e| EngineError::io(self.path(), e.into()))?;
         Ok(d.iter()
             .filter_map(|e| e.ok())
             .filter_map(|e| entry_name(e.file_name()))
-            .filter(|n| n.starts_with(prefix) && !n.contains(TMP_MARK))
             .collect())
     }
 
     /// Removes temporary files whose writer process is gone; returns how many.
     fn remove_stale_temps(&self) -> usize {
-        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        let mut d = match Dir::openat(self.fd(), ".", flags, Mode::empty()) {
-            Ok(d) => d,
+        let names = match self.names() {
+            Ok(n) => n,
             Err(e) => {
                 tracing::warn!(cache_dir = %self.path().display(), error = %e,
                     "cannot list the cache directory to remove stale temporary files");
                 return 0;
             }
         };
-        let stale: Vec<String> = d
-            .iter()
-            .filter_map(|e| e.ok())
-            .filter_map(|e| entry_name(e.file_name()))
+        let stale: Vec<String> = names
+            .into_iter()
             .filter(|n| temp_pid(n).is_some_and(|pid| !process_alive(pid)))
             .collect();
         let mut removed = 0;

@@ -114,13 +114,6 @@ impl Engine {
         slice: &SlicePlan,
     ) -> usize {
         let slice_name: Arc<str> = slice.name.as_str().into();
-        let fresh = |snaps| Live {
-            tokens: Vec::new(),
-            user,
-            slice: slice_name.clone(),
-            snaps,
-            saved: 0,
-        };
         if !self.prompts.opts.enabled || !use_cache || prompt.is_empty() {
             self.keep_live();
             self.cache.clear();
@@ -167,7 +160,7 @@ impl Engine {
         let Some(src) = src else {
             self.keep_live();
             self.cache.clear();
-            self.prompts.live = Some(fresh(Vec::new()));
+            self.start_live(user, slice);
             return 0;
         };
         match src {
@@ -215,55 +208,62 @@ impl Engine {
                 {
                     x.last_used = t;
                 }
-                e.restore(&mut self.cache, snap, s);
-                let snaps = e.snaps.iter().filter(|x| x.at <= s).cloned().collect();
-                let mut live = fresh(snaps);
-                live.tokens = e.tokens[..s].to_vec();
-                live.saved = if e.owner == CacheOwner::user(user) {
-                    s
-                } else {
-                    0
-                };
-                self.prompts.live = Some(live);
+                self.resume_entry(&e, snap, s, user, slice_name);
             }
             Source::Disk(name) => {
                 self.keep_live();
-                let loaded = match &self.prompts.disk {
-                    Some(d) => d.load(&name),
-                    None => Err(EngineError::InvalidRequest("no disk tier".into())),
+                let loaded = self.prompts.disk.as_ref().map(|d| d.load(&name));
+                // The file is checked as it is read: one that does not fit, or no longer
+                // resumes this prompt, costs a prefill.
+                let resumed = match loaded {
+                    Some(Ok(e)) if e.fits(&self.cache) => e
+                        .resume_point(common_prefix(&e.tokens, want))
+                        .map(|(s, snap)| (e, s, snap)),
+                    _ => None,
                 };
-                let e = match loaded {
-                    Ok(e) if e.fits(&self.cache) => e,
-                    Ok(_) | Err(_) => {
-                        self.cache.clear();
-                        self.prompts.live = Some(fresh(Vec::new()));
-                        return 0;
-                    }
+                let Some((e, s, snap)) = resumed else {
+                    self.cache.clear();
+                    self.start_live(user, slice);
+                    return 0;
                 };
-                let (s, snap) = match e.resume_point(common_prefix(&e.tokens, want)) {
-                    Some(x) => x,
-                    None => {
-                        self.cache.clear();
-                        self.prompts.live = Some(fresh(Vec::new()));
-                        return 0;
-                    }
-                };
-                e.restore(&mut self.cache, snap, s);
-                let mut live = fresh(e.snaps.iter().filter(|x| x.at <= s).cloned().collect());
-                live.tokens = e.tokens[..s].to_vec();
-                live.saved = if e.owner == CacheOwner::user(user) {
-                    s
-                } else {
-                    0
-                };
-                self.prompts.live = Some(live);
+                self.resume_entry(&e, snap, s, user, slice_name);
                 self.prompts.store.insert(e);
                 tracing::debug!(file = %name, tokens = s, "prompt resumed from the disk tier");
+                self.count_hit(s);
+                return s;
             }
         }
+        self.count_hit(s);
+        s
+    }
+
+    fn count_hit(&mut self, s: usize) {
         self.prompts.store.hits += 1;
         self.prompts.store.reused_tokens += s as u64;
-        s
+    }
+
+    /// Brings the cache to `e`'s first `s` positions (with snapshot `snap`) and makes
+    /// them the running sequence of `user` (already kept when `e` is that user's own).
+    fn resume_entry(
+        &mut self,
+        e: &Entry,
+        snap: usize,
+        s: usize,
+        user: Option<u32>,
+        slice: Arc<str>,
+    ) {
+        e.restore(&mut self.cache, snap, s);
+        self.prompts.live = Some(Live {
+            tokens: e.tokens[..s].to_vec(),
+            user,
+            slice,
+            snaps: e.snaps.iter().filter(|x| x.at <= s).cloned().collect(),
+            saved: if e.owner == CacheOwner::user(user) {
+                s
+            } else {
+                0
+            },
+        });
     }
 
     /// Keeps the running sequence in the store (and the disk tier when it is long) if it
@@ -502,8 +502,8 @@ impl Engine {
     }
 
     /// Waits for queued state files to be written.
-    pub fn flush_prompt_cache(&mut self) {
-        if let Some(d) = self.prompts.disk.as_mut() {
+    pub fn flush_prompt_cache(&self) {
+        if let Some(d) = &self.prompts.disk {
             d.flush();
         }
     }

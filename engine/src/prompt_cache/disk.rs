@@ -94,7 +94,7 @@ struct Shared {
 /// The disk tier: the index of files and the writer thread.
 pub(crate) struct DiskTier {
     shared: Arc<Shared>,
-    writer: Option<mpsc::Sender<(String, Entry)>>,
+    writer: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -187,21 +187,19 @@ impl DiskTier {
             .unwrap_or(false);
         if !known {
             if let Some(tx) = &self.writer {
-                let _ = tx.send((name.clone(), e.clone()));
+                let _ = tx.send(Job::Write(name.clone(), e.clone()));
             }
         }
         name
     }
 
-    /// Waits until every queued write is done (tests, shutdown).
-    pub fn flush(&mut self) {
-        self.writer = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        if let Ok((tx, t)) = spawn_writer(&self.shared) {
-            self.writer = Some(tx);
-            self.thread = Some(t);
+    /// Waits until every queued write is done (an explicit persist, tests).
+    pub fn flush(&self) {
+        let (done, wait) = mpsc::channel();
+        if let Some(tx) = &self.writer {
+            if tx.send(Job::Flush(done)).is_ok() {
+                let _ = wait.recv();
+            }
         }
     }
 
@@ -271,19 +269,33 @@ impl Drop for DiskTier {
     }
 }
 
-type Writer = (mpsc::Sender<(String, Entry)>, std::thread::JoinHandle<()>);
+/// What the writer thread is asked to do, in order.
+enum Job {
+    Write(String, Entry),
+    /// Answer once everything queued before is written.
+    Flush(mpsc::Sender<()>),
+}
+
+type Writer = (mpsc::Sender<Job>, std::thread::JoinHandle<()>);
 
 /// The thread that writes queued states, in order.
 fn spawn_writer(shared: &Arc<Shared>) -> Result<Writer> {
-    let (tx, rx) = mpsc::channel::<(String, Entry)>();
+    let (tx, rx) = mpsc::channel::<Job>();
     let s2 = shared.clone();
     let thread = std::thread::Builder::new()
         .name("gemmad-kv-writer".into())
         .spawn(move || {
-            for (name, e) in rx {
-                if let Err(err) = s2.write(&name, &e) {
-                    tracing::warn!(file = %s2.dir.path_of(&name).display(), error = %err,
-                        "cannot write a prompt-cache file");
+            for job in rx {
+                match job {
+                    Job::Write(name, e) => {
+                        if let Err(err) = s2.write(&name, &e) {
+                            tracing::warn!(file = %s2.dir.path_of(&name).display(), error = %err,
+                                "cannot write a prompt-cache file");
+                        }
+                    }
+                    Job::Flush(done) => {
+                        let _ = done.send(());
+                    }
                 }
             }
         })
