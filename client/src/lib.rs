@@ -322,6 +322,12 @@ impl Client {
         Ok(())
     }
 
+    /// Asks the daemon to stop (admins only); it answers before it begins.
+    pub async fn shutdown(&mut self) -> Result<(), ClientError> {
+        self.rpc.shutdown(pb::ShutdownRequest {}).await?;
+        Ok(())
+    }
+
     /// Pins a prompt prefix in the daemon's prompt cache; returns it as pinned.
     pub async fn cache_prompt(
         &mut self,

@@ -32,6 +32,17 @@ enum Command {
     PleCache(oneshot::PleCacheArgs),
     /// Write one MatFormer slice of a checkpoint as a checkpoint of its own.
     ExportSlice(export::ExportSliceArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (gemmad.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn init_oneshot_logging(level: Option<&str>) {
@@ -41,6 +52,17 @@ fn init_oneshot_logging(level: Option<&str>) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Writes gemmad.1 and a page per subcommand (gemmad-serve.1, ...) into `out`.
+fn write_man_pages(out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, out)
+        .with_context(|| format!("cannot write man pages into {}", out.display()))?;
+    eprintln!("man pages written to {}", out.display());
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +85,12 @@ fn main() -> std::process::ExitCode {
             init_oneshot_logging(cli.log.as_deref());
             export::export_slice(a)
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "gemmad", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out } => write_man_pages(&out),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -70,5 +98,36 @@ fn main() -> std::process::ExitCode {
             eprintln!("gemmad: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand, with the path of subcommands leading to it,
+    /// that has no help line.
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let builtin = matches!(a.get_id().as_str(), "help" | "version");
+            if !builtin && a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} {}", a.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() && sub.get_name() != "help" {
+                out.push(format!("{path} {} (the subcommand)", sub.get_name()));
+            }
+            undocumented(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_subcommand_has_a_help_line() {
+        Cli::command().debug_assert();
+        let mut missing = Vec::new();
+        undocumented(&Cli::command(), "gemmad", &mut missing);
+        assert!(missing.is_empty(), "no help line: {missing:?}");
     }
 }

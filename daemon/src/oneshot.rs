@@ -70,17 +70,20 @@ pub struct GenerateArgs {
     /// Maximum number of tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// 0 = greedy.
+    /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
-    /// 0 disables.
-    #[arg(long, default_value_t = 64)]
+    /// Sample among the K likeliest tokens; 0 disables.
+    #[arg(long, value_name = "K", default_value_t = 64)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
+    /// Sample among the likeliest tokens whose probabilities add up to P.
+    #[arg(long, value_name = "P", default_value_t = 0.95)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 0.0)]
+    /// Drop tokens less likely than P times the likeliest one; 0 disables.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
     pub min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Penalize tokens already in the context; 1 disables.
+    #[arg(long, value_name = "X", default_value_t = 1.0)]
     pub repetition_penalty: f32,
     /// RNG seed (same seed, same output).
     #[arg(long)]

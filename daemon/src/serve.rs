@@ -25,31 +25,34 @@ use crate::grpc::{check_access, listen, GemmadService};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Checkpoint folder (overrides [model].dir of the config).
+    /// Checkpoint folder (overrides [model].dir of the config; no default: one of the two
+    /// is needed).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Config file (TOML). Default: /etc/gemmad/gemmad.toml, if it exists.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Unix socket path (overrides [server].socket).
+    /// Unix socket path (overrides [server].socket) [default: /run/gemmad/gemmad.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Instruction set the kernels may use (overrides [model].isa): auto, avx512,
-    /// avxvnni, avx2, neondot, neon, scalar.
+    /// avxvnni, avx2, neondot, neon, scalar [default: auto, the best this CPU has].
     #[arg(long, env = "GEMMAD_ISA", value_name = "ISA")]
     pub isa: Option<gemmad_engine::IsaChoice>,
     /// Repack quantized matrices for the fast kernels (overrides [model].pack); 0 keeps
-    /// the row layout.
+    /// the row layout [default: 1].
     #[arg(long, env = "GEMMAD_PACK", value_name = "0|1")]
     pub pack: Option<u8>,
-    /// MatFormer slicing file, configs.csv format (overrides [model].matformer_config).
+    /// MatFormer slicing file, configs.csv format (overrides [model].matformer_config)
+    /// [default: none; E4B-shaped checkpoints offer Google's official table anyway].
     #[arg(long, value_name = "FILE")]
     pub matformer_config: Option<PathBuf>,
-    /// MatFormer slice to serve from the start (overrides [model].slice).
+    /// MatFormer slice to serve from the start (overrides [model].slice) [default: full,
+    /// the whole checkpoint].
     #[arg(long, value_name = "NAME")]
     pub slice: Option<String>,
     /// Serve the D-Bus API on this bus (overrides [server].dbus): system, session, off,
-    /// or auto (the system bus when systemd started gemmad).
+    /// or auto (the system bus when systemd started gemmad) [default: auto].
     #[arg(long, value_name = "BUS")]
     pub dbus: Option<crate::config::DbusBus>,
 }
@@ -544,6 +547,7 @@ async fn serve_on(
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
+            _ = s.core.shutdown_requested() => break "Shutdown call",
             _ = hup.recv() => {
                 crate::systemd::reloading();
                 reload(&mut cfg, &cfg_path, cfg_explicit, &log, log_override.as_deref(), &s);

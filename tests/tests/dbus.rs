@@ -451,6 +451,7 @@ async fn introspection_shows_the_service_and_its_request_objects() {
         (".GetMemory", "-", "a{st}"),
         (".GetStatus", "-", "a{sv}"),
         (".GovernorPin", "s", "-"),
+        (".Shutdown", "-", "-"),
         (".CachePrompt", "a{sv}", "a{sv}"),
         (".DropCachedPrompt", "s", "-"),
     ] {
@@ -1170,6 +1171,21 @@ async fn another_uid_is_refused_or_allowed_by_the_list_and_may_not_pin() {
     let out = text(&o);
     assert!(
         out.contains(&format!("{DENIED}: ")) && out.contains("may not pin the governor"),
+        "{out}"
+    );
+    // Nor may it stop the daemon, which goes on serving.
+    let mut c = as_other_uid(&s.bus, "gdbus");
+    c.args(["call", "--address", s.bus.address(), "--dest", DBUS_NAME])
+        .args([
+            "--object-path",
+            PATH,
+            "--method",
+            "org.gemmad.Gemmad1.Shutdown",
+        ]);
+    let o = run(c).await;
+    let out = text(&o);
+    assert!(
+        out.contains(&format!("{DENIED}: ")) && out.contains("may not stop gemmad"),
         "{out}"
     );
     let root = caller(&s.bus).await;

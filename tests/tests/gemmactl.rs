@@ -253,3 +253,89 @@ fn load_and_unload_a_tower_show_in_status() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn chat_answers_its_commands_and_ends_at_end_of_input() {
+    let d = start();
+    let mut child = d
+        .gemmactl()
+        .expect("the gemmactl binary")
+        .args(["chat", "--seed", "1", "--max-tokens", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        // No /quit: the end of input (Ctrl-D) ends the chat.
+        stdin.write_all(b"/help\n/bogus\nhello\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("/reset   forget the conversation"), "{err}");
+    assert!(err.contains("unknown command /bogus"), "{err}");
+    // One answer (for "hello"): the commands were not sent to the model.
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_daemon_and_removes_its_socket() {
+    let mut d = start();
+    let out = ctl(&d, &["shutdown"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let exit = d.wait_exit().await.unwrap();
+    assert!(exit.success(), "{exit:?}; log:\n{}", d.log());
+    assert!(!d.socket().exists(), "socket left behind");
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_cli_definitions() {
+    let bin = gemmactl();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(&bin)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in ["cache-prompt", "set-slice", "max-tokens"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(&bin)
+        .args(["man", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = std::fs::read_to_string(dir.path().join("gemmactl-generate.1")).unwrap();
+    assert!(page.contains(".TH gemmactl-generate 1"), "{page}");
+    assert!(page.contains("RNG seed"), "{page}");
+    let gemmad = gemmad_e2e::gemmad().unwrap();
+    let out = Command::new(&gemmad)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("export-slice"));
+    let out = Command::new(&gemmad)
+        .args(["man", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = std::fs::read_to_string(dir.path().join("gemmad-serve.1")).unwrap();
+    assert!(
+        page.contains("/run/gemmad/gemmad.sock"),
+        "serve's defaults: {page}"
+    );
+}

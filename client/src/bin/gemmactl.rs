@@ -138,7 +138,7 @@ impl Conn {
 enum Command {
     /// Generate a reply to one prompt, streaming it to the terminal.
     Generate(GenerateArgs),
-    /// Interactive multi-turn chat (/reset forgets the conversation, /exit or Ctrl-D quits).
+    /// Interactive multi-turn chat (/help lists its commands; /quit or Ctrl-D ends it).
     Chat(SamplingArgs),
     /// What the daemon is doing: model, slice, memory, queue.
     Status(JsonFlag),
@@ -164,6 +164,19 @@ enum Command {
     CachePrompt(CachePromptArgs),
     /// Unpin and drop a cached prompt by key (`--all`: every one you may drop).
     DropCachedPrompt(DropCachedPromptArgs),
+    /// Stop the daemon as SIGTERM does (admins: root, gemmad's own user, admin groups).
+    Shutdown,
+    /// Print a shell completion script: `gemmactl completions bash > ~/.local/share/bash-completion/completions/gemmactl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (gemmactl.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -265,13 +278,17 @@ struct SamplingArgs {
     /// 0 = greedy (default: the model's, 1.0).
     #[arg(long)]
     temperature: Option<f32>,
-    #[arg(long)]
+    /// Sample among the K likeliest tokens; 0 = no limit (default: the model's, 64).
+    #[arg(long, value_name = "K")]
     top_k: Option<u32>,
-    #[arg(long)]
+    /// Sample among the likeliest tokens whose probabilities add up to P (default 0.95).
+    #[arg(long, value_name = "P")]
     top_p: Option<f32>,
-    #[arg(long)]
+    /// Drop tokens less likely than P times the likeliest one; 0 = off (default).
+    #[arg(long, value_name = "P")]
     min_p: Option<f32>,
-    #[arg(long)]
+    /// Penalize tokens already in the context; 1 = off (default).
+    #[arg(long, value_name = "X")]
     repetition_penalty: Option<f32>,
     /// Stop when this string appears (repeatable).
     #[arg(long = "stop")]
@@ -316,8 +333,10 @@ struct TokenizeArgs {
     /// Add special tokens (a leading <bos>).
     #[arg(long)]
     special: bool,
+    /// Print JSON (ids, count, context) instead of text.
     #[arg(long)]
     json: bool,
+    /// The text to tokenize.
     text: String,
 }
 
@@ -449,13 +468,22 @@ async fn generate(c: &mut Conn, a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+const CHAT_HELP: &str = "\
+/help    this list
+/reset   forget the conversation (keeps --system)
+/quit    end the chat (also /exit, Ctrl-D)
+//text   send a line that starts with a slash";
+
 async fn chat(c: &mut Conn, a: SamplingArgs) -> Result<()> {
     let mut history: Vec<pb::Message> = a.system_message().into_iter().collect();
     // Read stdin asynchronously: the connection keeps answering the daemon meanwhile.
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    eprintln!("Chatting with gemmad. /help lists the commands; Ctrl-D or /quit ends.");
     loop {
         eprint!("> ");
         let Some(line) = lines.next_line().await? else {
+            // Ctrl-D: end the prompt's line so the shell's starts on its own.
+            eprintln!();
             break;
         };
         let line = line.trim();
@@ -467,8 +495,23 @@ async fn chat(c: &mut Conn, a: SamplingArgs) -> Result<()> {
                 eprintln!("(conversation forgotten)");
                 continue;
             }
+            "/help" | "/?" => {
+                eprintln!("{CHAT_HELP}");
+                continue;
+            }
+            cmd if cmd.starts_with('/') && !cmd.starts_with("//") => {
+                eprintln!(
+                    "unknown command {cmd}; /help lists them (start a line with // to send a /)"
+                );
+                continue;
+            }
             _ => {}
         }
+        // "//text" sends "/text".
+        let line = line
+            .strip_prefix('/')
+            .filter(|l| l.starts_with('/'))
+            .unwrap_or(line);
         history.push(message("user", vec![text_part(line)]));
         let stdout = std::io::stdout();
         let r = c
@@ -566,8 +609,9 @@ async fn status(c: &mut Conn, json_out: bool) -> Result<()> {
         };
         println!("tower    {:<7}{state}", modality_str(t.modality));
     }
+    let width = s.memory.iter().map(|p| p.part.len()).max().unwrap_or(0) + 2;
     for p in &s.memory {
-        println!("memory   {:<12}{}", p.part, mib(p.bytes));
+        println!("memory   {:<width$}{:>12}", p.part, mib(p.bytes));
     }
     println!(
         "queue    {} waiting ({} interactive, {} background), {}; depth {}, per peer {}",
@@ -684,6 +728,18 @@ async fn cache_prompt(c: &mut Conn, a: CachePromptArgs) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "gemmactl", &mut std::io::stdout());
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Command::Man { out } => {
+            write_man_pages(out)?;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let mut c = Conn::connect(&cli).await?;
     match cli.command {
         Command::Generate(a) => generate(&mut c, a).await?,
@@ -750,6 +806,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::DropCachedPrompt(a) => {
             c.drop_cached_prompt(a.key.as_deref().unwrap_or("")).await?;
         }
+        Command::Shutdown => {
+            on_either!(&mut c, c => c.shutdown().await)?;
+            eprintln!("gemmad is shutting down");
+        }
+        // Answered above, without a connection.
+        Command::Completions { .. } | Command::Man { .. } => {}
         Command::Load(a) => print_tower(&c.load_modality(a.modality).await?, a.json),
         Command::Unload(a) => print_tower(&c.unload_modality(a.modality).await?, a.json),
         Command::Health => {
@@ -761,6 +823,16 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Writes gemmactl.1 and a page per subcommand (gemmactl-generate.1, ...) into `out`.
+fn write_man_pages(out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, out)
+        .with_context(|| format!("cannot write man pages into {}", out.display()))?;
+    eprintln!("man pages written to {}", out.display());
+    Ok(())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -775,5 +847,36 @@ async fn main() -> std::process::ExitCode {
             }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand, with the path of subcommands leading to it,
+    /// that has no help line.
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let builtin = matches!(a.get_id().as_str(), "help" | "version");
+            if !builtin && a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} {}", a.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() && sub.get_name() != "help" {
+                out.push(format!("{path} {} (the subcommand)", sub.get_name()));
+            }
+            undocumented(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_subcommand_has_a_help_line() {
+        Cli::command().debug_assert();
+        let mut missing = Vec::new();
+        undocumented(&Cli::command(), "gemmactl", &mut missing);
+        assert!(missing.is_empty(), "no help line: {missing:?}");
     }
 }

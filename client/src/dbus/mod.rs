@@ -285,6 +285,12 @@ impl DbusClient {
         Ok(())
     }
 
+    /// Asks the daemon to stop (`Shutdown`, admins only).
+    pub async fn shutdown(&self) -> Result<(), ClientError> {
+        self.call("Shutdown", &()).await?;
+        Ok(())
+    }
+
     /// Pins a prompt prefix in the daemon's prompt cache (`CachePrompt`); returns it as
     /// pinned.
     pub async fn cache_prompt(

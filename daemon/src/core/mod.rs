@@ -45,6 +45,8 @@ pub struct Core {
     started: Instant,
     /// The governor's published state and its pin request, once it runs.
     governor: std::sync::OnceLock<Arc<GovernorShared>>,
+    /// An admin's Shutdown call, for the serve loop to take like SIGTERM.
+    shutdown: tokio::sync::Notify,
 }
 
 /// What the governor loop and the front ends share.
@@ -104,6 +106,7 @@ impl Core {
             connections,
             started: Instant::now(),
             governor: std::sync::OnceLock::new(),
+            shutdown: tokio::sync::Notify::new(),
         }
     }
 
@@ -515,6 +518,26 @@ impl Core {
             *p = Some(tier);
         }
         Ok(())
+    }
+
+    /// Asks the daemon to stop as SIGTERM does. Admins only, like [`Self::governor_pin`].
+    pub fn request_shutdown(&self, peer: &Peer) -> Result<(), ServiceError> {
+        tracing::debug!(op = "shutdown", via = peer.via, peer = %peer, "core call");
+        if !self.is_admin(peer) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "{peer} may not stop gemmad: it takes uid 0, gemmad's own user or a \
+                 member of access.admin_groups (or send the process SIGTERM)"
+            )));
+        }
+        tracing::info!(peer = %peer, "shutdown requested");
+        // notify_one keeps the wake-up when the serve loop is not waiting at this moment.
+        self.shutdown.notify_one();
+        Ok(())
+    }
+
+    /// Resolves once an admin has asked for a shutdown.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.notified().await;
     }
 
     pub fn list_slices(&self, peer: &Peer) -> Vec<SliceInfo> {

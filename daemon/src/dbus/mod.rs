@@ -329,6 +329,16 @@ impl Gemmad1 {
         Ok(self.core.governor_pin(&peer, tier)?)
     }
 
+    /// Stops the daemon as SIGTERM does. Admins only.
+    async fn shutdown(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(), Error> {
+        let (_, peer) = self.caller(conn, &hdr).await?;
+        Ok(self.core.request_shutdown(&peer)?)
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()

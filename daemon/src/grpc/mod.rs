@@ -322,6 +322,16 @@ impl Gemmad for GemmadService {
         Ok(Response::new(pb::GovernorPinResponse {}))
     }
 
+    async fn shutdown(
+        &self,
+        req: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownResponse>, Status> {
+        self.core
+            .request_shutdown(&peer(&req))
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+
     async fn load_modality(
         &self,
         req: Request<pb::ModalityRequest>,
