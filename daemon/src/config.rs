@@ -26,6 +26,82 @@ pub struct Config {
     pub log: LogSection,
     pub governor: gemmad_governor::GovernorConfig,
     pub cache: CacheSection,
+    pub http: HttpSection,
+}
+
+/// `[http]`: the OpenAI-compatible HTTP front end (docs/http.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Serve it at all.
+    pub enabled: bool,
+    /// Its Unix socket; "" = next to the gRPC socket, named after it
+    /// (`gemmad.sock` -> `gemmad-http.sock`). `--http-socket` overrides. Mode and group
+    /// are the gRPC socket's (`server.socket_mode`, `server.socket_group`).
+    pub socket: PathBuf,
+    /// Optional loopback TCP listener, e.g. "127.0.0.1:8080"; "" = off. Needs `api_key`
+    /// or `api_key_file`: TCP peers carry no credentials.
+    pub tcp_listen: String,
+    /// The bearer token TCP clients must send (`Authorization: Bearer <key>`).
+    pub api_key: String,
+    /// A file holding the key (its first line), instead of `api_key`.
+    pub api_key_file: PathBuf,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            enabled: true,
+            socket: PathBuf::new(),
+            tcp_listen: String::new(),
+            api_key: String::new(),
+            api_key_file: PathBuf::new(),
+        }
+    }
+}
+
+impl HttpSection {
+    /// The HTTP socket: `socket`, or derived from the gRPC socket `grpc`.
+    pub fn socket_path(&self, grpc: &Path) -> PathBuf {
+        if !self.socket.as_os_str().is_empty() {
+            return self.socket.clone();
+        }
+        let stem = grpc
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("gemmad");
+        grpc.with_file_name(format!("{stem}-http.sock"))
+    }
+
+    /// Checks the TCP listener's rules: loopback only, and a key.
+    pub fn validate(&self) -> Result<()> {
+        if !self.api_key.is_empty() && !self.api_key_file.as_os_str().is_empty() {
+            bail!("http: set api_key or api_key_file, not both");
+        }
+        if self.tcp_listen.is_empty() {
+            return Ok(());
+        }
+        let addr: std::net::SocketAddr = self
+            .tcp_listen
+            .parse()
+            .with_context(|| format!("http.tcp_listen {:?}", self.tcp_listen))?;
+        if !addr.ip().is_loopback() {
+            bail!(
+                "http.tcp_listen {:?} is not a loopback address: the HTTP API listens on TCP \
+                 only on 127.0.0.1 or ::1 (use the Unix socket, or a reverse proxy, otherwise)",
+                self.tcp_listen
+            );
+        }
+        if self.api_key.is_empty() && self.api_key_file.as_os_str().is_empty() {
+            bail!(
+                "http.tcp_listen is set but neither http.api_key nor http.api_key_file is: \
+                 TCP peers carry no credentials, so the HTTP API on TCP requires a key \
+                 (clients send it as `Authorization: Bearer <key>`)"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[cache]`: the prompt cache (K/V states kept for requests that share a prefix).
@@ -435,6 +511,9 @@ impl Config {
         if self.server.max_connections_per_uid == 0 || self.server.max_connections == 0 {
             bail!("server.max_connections_per_uid and server.max_connections must be at least 1");
         }
+        if self.http.enabled {
+            self.http.validate()?;
+        }
         Ok(())
     }
 
@@ -510,6 +589,61 @@ mod tests {
         assert_eq!(m.quant().unwrap(), dm.quant().unwrap());
         assert_eq!(m.ple_mode().unwrap(), dm.ple_mode().unwrap());
         assert_eq!(m.isa().unwrap(), dm.isa().unwrap());
+        // Every [http] key states the code's default.
+        let (h, dh) = (&c.http, &d.http);
+        assert_eq!(
+            (
+                h.enabled,
+                &h.socket,
+                &h.tcp_listen,
+                &h.api_key,
+                &h.api_key_file
+            ),
+            (
+                dh.enabled,
+                &dh.socket,
+                &dh.tcp_listen,
+                &dh.api_key,
+                &dh.api_key_file
+            )
+        );
+    }
+
+    #[test]
+    fn http_socket_and_tcp_rules() {
+        let d = HttpSection::default();
+        assert_eq!(
+            d.socket_path(Path::new("/run/gemmad/gemmad.sock")),
+            PathBuf::from("/run/gemmad/gemmad-http.sock")
+        );
+        assert_eq!(
+            d.socket_path(Path::new("/tmp/x/a.sock")),
+            PathBuf::from("/tmp/x/a-http.sock")
+        );
+        for (bad, what) in [
+            ("[http]\ntcp_listen = \"127.0.0.1:8080\"", "requires a key"),
+            (
+                "[http]\ntcp_listen = \"0.0.0.0:8080\"\napi_key = \"k\"",
+                "not a loopback",
+            ),
+            (
+                "[http]\ntcp_listen = \"nonsense\"\napi_key = \"k\"",
+                "tcp_listen",
+            ),
+            ("[http]\napi_key = \"k\"\napi_key_file = \"/k\"", "not both"),
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            let e = format!("{:#}", c.validate().unwrap_err());
+            assert!(e.contains(what), "{bad}: {e}");
+        }
+        for ok in [
+            "[http]\ntcp_listen = \"127.0.0.1:8080\"\napi_key = \"k\"",
+            "[http]\ntcp_listen = \"[::1]:8080\"\napi_key_file = \"/etc/gemmad/key\"",
+            "[http]\nenabled = false\ntcp_listen = \"0.0.0.0:1\"",
+        ] {
+            let c: Config = toml::from_str(ok).unwrap();
+            c.validate().unwrap();
+        }
     }
 
     #[test]

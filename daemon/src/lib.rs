@@ -8,6 +8,7 @@ pub mod dbus;
 pub mod export;
 pub mod governor;
 pub mod grpc;
+pub mod http;
 pub mod oneshot;
 pub mod serve;
 pub mod systemd;

@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// Unix socket path (overrides [server].socket) [default: /run/gemmad/gemmad.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Unix socket of the OpenAI-compatible HTTP API (overrides [http].socket).
+    #[arg(long, value_name = "PATH")]
+    pub http_socket: Option<PathBuf>,
     /// Instruction set the kernels may use (overrides [model].isa): auto, avx512,
     /// avxvnni, avx2, neondot, neon, scalar [default: auto, the best this CPU has].
     #[arg(long, env = "GEMMAD_ISA", value_name = "ISA")]
@@ -109,6 +112,7 @@ fn init_logging(level: &str, json: bool) -> Result<LogHandle> {
 struct Overrides {
     model: Option<PathBuf>,
     socket: Option<PathBuf>,
+    http_socket: Option<PathBuf>,
     isa: Option<gemmad_engine::IsaChoice>,
     pack: Option<u8>,
     matformer_config: Option<PathBuf>,
@@ -123,6 +127,9 @@ impl Overrides {
         }
         if let Some(s) = &self.socket {
             cfg.server.socket = s.clone();
+        }
+        if let Some(s) = &self.http_socket {
+            cfg.http.socket = s.clone();
         }
         if let Some(isa) = self.isa {
             cfg.model.isa = isa.to_string();
@@ -152,6 +159,7 @@ pub fn run(args: ServeArgs, log_override: Option<String>) -> Result<()> {
     let overrides = Overrides {
         model: args.model.clone(),
         socket: args.socket.clone(),
+        http_socket: args.http_socket.clone(),
         isa: args.isa,
         pack: args.pack,
         matformer_config: args.matformer_config.clone(),
@@ -293,6 +301,23 @@ async fn serve(
     if activated_unix.is_none() {
         listen::preflight(&socket)?;
     }
+    // The HTTP front end binds its own socket (socket activation covers gRPC only).
+    let http_setup = if cfg.http.enabled {
+        let path = cfg.http.socket_path(&socket);
+        listen::preflight(&path).context("the HTTP socket (http.socket)")?;
+        Some(crate::http::HttpSetup {
+            socket: path,
+            mode,
+            gid: socket_gid,
+            tcp_listen: cfg.http.tcp_listen.clone(),
+            api_key: crate::http::listen::api_key(&cfg.http)?,
+            // Media travel base64-encoded in JSON: a third more than their bytes.
+            body_limit: cfg.server.max_request_bytes.saturating_mul(4) / 3 + (1 << 20),
+        })
+    } else {
+        tracing::info!("HTTP API disabled (http.enabled = false)");
+        None
+    };
 
     let queue = Arc::new(Queue::new(cfg.queue.depth, cfg.queue.per_peer));
     let watchdog_timeout = crate::systemd::watchdog_timeout();
@@ -354,38 +379,45 @@ async fn serve(
         None
     };
 
-    let (unix, socket_file) = match activated_unix {
-        // The socket unit owns the socket file: it stays after this process exits.
-        Some(l) => {
-            tracing::info!(socket = %socket.display(), "serving the socket systemd passed (socket activation)");
-            (l, None)
-        }
-        None => {
-            let (l, f) = listen::bind_unix(&socket, mode, socket_gid)?;
-            (l, Some(f))
-        }
+    // HTTP first: once the gRPC socket answers (what clients and tests wait for), the
+    // HTTP socket does too.
+    let http = match http_setup {
+        Some(s) => Some(crate::http::start(core.clone(), s).await?),
+        None => None,
     };
-    let tcp = if let Some(t) = activated_tcp {
-        Some(t)
-    } else if cfg.server.tcp_listen.is_empty() {
-        None
-    } else {
-        let t = tokio::net::TcpListener::bind(&cfg.server.tcp_listen)
-            .await
-            .with_context(|| format!("cannot listen on tcp {}", cfg.server.tcp_listen))?;
-        let addr = t.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::warn!(tcp = %addr, "TCP listener on: every TCP peer is allowed");
-        Some(t)
+    let bound = bind_grpc(
+        &cfg,
+        &socket,
+        mode,
+        socket_gid,
+        activated_unix,
+        activated_tcp,
+    )
+    .await;
+    let (unix, socket_file, tcp) = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(h) = http {
+                h.stop(Duration::ZERO).await;
+            }
+            return Err(e);
+        }
     };
     let dbus = match cfg.server.dbus.resolve() {
         None => None,
         Some((bus, explicit)) => match crate::dbus::start(core.clone(), bus).await {
             Ok(f) => Some(f),
             Err(e) if explicit => {
+                if let Some(h) = http {
+                    h.stop(Duration::ZERO).await;
+                }
+                if let Some(f) = &socket_file {
+                    f.remove();
+                }
                 return Err(anyhow::Error::new(e).context(format!(
                     "cannot serve {} on the {bus} bus",
                     crate::dbus::NAME
-                )))
+                )));
             }
             Err(e) => {
                 tracing::warn!(bus = %bus, error = %e, "cannot serve D-Bus (server.dbus = auto); serving gRPC only");
@@ -404,6 +436,7 @@ async fn serve(
         Served {
             unix,
             tcp,
+            http,
             socket_gid,
             queue: queue.clone(),
             core,
@@ -443,9 +476,59 @@ async fn serve(
     result
 }
 
+/// The gRPC listeners: the socket systemd passed or our own bound socket (with its file,
+/// removed at exit), and the TCP listener systemd passed or `server.tcp_listen`.
+async fn bind_grpc(
+    cfg: &Config,
+    socket: &std::path::Path,
+    mode: u32,
+    socket_gid: u32,
+    activated_unix: Option<tokio::net::UnixListener>,
+    activated_tcp: Option<tokio::net::TcpListener>,
+) -> Result<(
+    tokio::net::UnixListener,
+    Option<listen::SocketFile>,
+    Option<tokio::net::TcpListener>,
+)> {
+    let (unix, socket_file) = match activated_unix {
+        // The socket unit owns the socket file: it stays after this process exits.
+        Some(l) => {
+            tracing::info!(socket = %socket.display(), "serving the socket systemd passed (socket activation)");
+            (l, None)
+        }
+        None => {
+            let (l, f) = listen::bind_unix(socket, mode, socket_gid)?;
+            (l, Some(f))
+        }
+    };
+    let tcp = if let Some(t) = activated_tcp {
+        Some(t)
+    } else if cfg.server.tcp_listen.is_empty() {
+        None
+    } else {
+        let t = tokio::net::TcpListener::bind(&cfg.server.tcp_listen)
+            .await
+            .with_context(|| format!("cannot listen on tcp {}", cfg.server.tcp_listen));
+        let t = match t {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(f) = &socket_file {
+                    f.remove();
+                }
+                return Err(e);
+            }
+        };
+        let addr = t.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::warn!(tcp = %addr, "TCP listener on: every TCP peer is allowed");
+        Some(t)
+    };
+    Ok((unix, socket_file, tcp))
+}
+
 struct Served {
     unix: tokio::net::UnixListener,
     tcp: Option<tokio::net::TcpListener>,
+    http: Option<crate::http::HttpServer>,
     socket_gid: u32,
     queue: Arc<Queue>,
     core: Arc<Core>,
@@ -502,6 +585,7 @@ async fn serve_on(
     let Served {
         unix,
         tcp,
+        http,
         socket_gid,
         queue,
         core,
@@ -580,8 +664,18 @@ async fn serve_on(
     }
     let _ = stop_tx.send(());
     // Requests are over by now; give connections a moment to close cleanly (a peer that
-    // does not answer the HTTP/2 goaway handshake does not hold the shutdown).
-    match tokio::time::timeout(Duration::from_secs(2), server).await {
+    // does not answer the HTTP/2 goaway handshake does not hold the shutdown). The HTTP
+    // listener stops the same way, and its socket is removed.
+    let http_stopped = async {
+        if let Some(h) = http {
+            h.stop(Duration::from_secs(2)).await;
+        }
+    };
+    let (grpc_stopped, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(2), server),
+        http_stopped
+    );
+    match grpc_stopped {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(anyhow::Error::new(e).context("gRPC server")),
         Ok(Err(e)) => Err(anyhow::Error::new(e).context("gRPC server task")),
@@ -706,8 +800,13 @@ fn reload(
         || new.model.pack != cfg.model.pack
         || new.model.matformer_config != cfg.model.matformer_config
         || new.log.format != cfg.log.format
+        || new.http.enabled != cfg.http.enabled
+        || new.http.socket != cfg.http.socket
+        || new.http.tcp_listen != cfg.http.tcp_listen
+        || new.http.api_key != cfg.http.api_key
+        || new.http.api_key_file != cfg.http.api_key_file
     {
-        tracing::warn!("[server], [model] (but model.slice) and log.format changes take effect at the next start");
+        tracing::warn!("[server], [http], [model] (but model.slice) and log.format changes take effect at the next start");
     }
     let mut keep_model = cfg.model.clone();
     if new.model.slice != cfg.model.slice {
@@ -733,9 +832,11 @@ fn reload(
         keep_model.slice = new.model.slice.clone();
     }
     let keep_server = cfg.server.clone();
+    let keep_http = cfg.http.clone();
     let keep_format = cfg.log.format.clone();
     *cfg = new;
     cfg.server = keep_server;
+    cfg.http = keep_http;
     cfg.model = keep_model;
     cfg.log.format = keep_format;
     tracing::info!(

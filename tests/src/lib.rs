@@ -505,6 +505,12 @@ impl Daemon {
         &self.socket
     }
 
+    /// The socket of the OpenAI-compatible HTTP API (`[http]`, on unless the config turns
+    /// it off): the daemon's default, next to the gRPC socket and named after it.
+    pub fn http_socket(&self) -> PathBuf {
+        self.socket.with_file_name("gemmad-http.sock")
+    }
+
     /// The temporary folder holding the socket, the config and the log.
     pub fn dir(&self) -> &Path {
         self.dir.path()

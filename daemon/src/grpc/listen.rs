@@ -347,7 +347,7 @@ impl Acceptor {
 
 /// Accept failures that concern only the connection being accepted (it was reset or
 /// aborted before accept took it): the next accept may succeed at once.
-fn only_that_connection(e: &io::Error) -> bool {
+pub(crate) fn only_that_connection(e: &io::Error) -> bool {
     use nix::errno::Errno;
     matches!(
         e.raw_os_error().map(Errno::from_raw),
