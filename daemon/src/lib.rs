@@ -9,5 +9,6 @@ pub mod export;
 pub mod governor;
 pub mod grpc;
 pub mod oneshot;
+pub mod pull;
 pub mod serve;
 pub mod systemd;

@@ -1,9 +1,10 @@
 //! `gemmad`: the Gemma 3n service binary. `gemmad serve` runs the service (gRPC on a Unix
 //! socket); `generate` and `logits` are one-shot tools that run the engine in-process on a
-//! checkpoint folder, and `export-slice` writes a MatFormer slice as a checkpoint.
+//! checkpoint folder, `export-slice` writes a MatFormer slice as a checkpoint, and `pull`
+//! downloads a checkpoint from the Hugging Face Hub into the model store.
 
 use clap::{Parser, Subcommand};
-use gemmad::{export, oneshot, serve};
+use gemmad::{export, oneshot, pull, serve};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,6 +33,9 @@ enum Command {
     PleCache(oneshot::PleCacheArgs),
     /// Write one MatFormer slice of a checkpoint as a checkpoint of its own.
     ExportSlice(export::ExportSliceArgs),
+    /// Download a checkpoint from the Hugging Face Hub into the model store
+    /// (resumable, verified, installed atomically); `--model org/name` then finds it.
+    Pull(pull::PullArgs),
 }
 
 fn init_oneshot_logging(level: Option<&str>) {
@@ -62,6 +66,10 @@ fn main() -> std::process::ExitCode {
         Command::ExportSlice(a) => {
             init_oneshot_logging(cli.log.as_deref());
             export::export_slice(a)
+        }
+        Command::Pull(a) => {
+            init_oneshot_logging(cli.log.as_deref());
+            pull::pull(a)
         }
     };
     match r {

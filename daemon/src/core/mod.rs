@@ -8,6 +8,7 @@ pub mod engine_thread;
 mod error;
 pub mod estimate;
 pub mod preparing;
+pub mod pull;
 pub mod queue;
 pub mod types;
 pub mod validate;
@@ -45,6 +46,8 @@ pub struct Core {
     started: Instant,
     /// The governor's published state and its pin request, once it runs.
     governor: std::sync::OnceLock<Arc<GovernorShared>>,
+    /// Where Pull installs checkpoints (`[model] store`).
+    model_store: RwLock<std::path::PathBuf>,
 }
 
 /// What the governor loop and the front ends share.
@@ -104,6 +107,7 @@ impl Core {
             connections,
             started: Instant::now(),
             governor: std::sync::OnceLock::new(),
+            model_store: RwLock::new(std::path::PathBuf::from(gemmad_hub::env::SYSTEM_STORE)),
         }
     }
 
