@@ -127,6 +127,9 @@ pub fn describe(s: &Status) -> String {
         Code::Cancelled => "cancelled",
         Code::DeadlineExceeded => "timed out",
         Code::Unimplemented => "not supported by this gemmad",
+        Code::NotFound => "not found",
+        Code::DataLoss => "download failed verification",
+        Code::Aborted => "busy",
         _ => "gemmad error",
     };
     let mut m = format!("{what}: {}", s.message());
@@ -345,6 +348,39 @@ impl Client {
             })
             .await?;
         Ok(())
+    }
+
+    /// Asks the daemon to pull `repo` (`org/name`) at `revision` ("" = main) from the
+    /// Hugging Face Hub into its model store (admins); the stream yields progress and
+    /// ends with a message whose `installed_dir` is set. Dropping it cancels the pull.
+    pub async fn pull(
+        &mut self,
+        repo: &str,
+        revision: &str,
+    ) -> Result<Streaming<pb::PullProgress>, ClientError> {
+        let req = pb::PullRequest {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        };
+        Ok(self.rpc.pull(req).await?.into_inner())
+    }
+
+    /// Runs a pull to the end, calling `on_progress` for each message; returns the last
+    /// (the installed one).
+    pub async fn pull_with(
+        &mut self,
+        repo: &str,
+        revision: &str,
+        mut on_progress: impl FnMut(&pb::PullProgress),
+    ) -> Result<pb::PullProgress, ClientError> {
+        let mut s = self.pull(repo, revision).await?;
+        while let Some(msg) = s.message().await? {
+            on_progress(&msg);
+            if !msg.installed_dir.is_empty() {
+                return Ok(msg);
+            }
+        }
+        Err(ClientError::Truncated)
     }
 
     pub async fn load_modality(&mut self, m: pb::Modality) -> Result<pb::Tower, ClientError> {

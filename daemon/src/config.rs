@@ -179,6 +179,10 @@ pub struct ModelSection {
     /// The slice to serve from the start ("" = `full`, the whole checkpoint). `--slice`
     /// overrides.
     pub slice: String,
+    /// The model store: where `Pull` installs checkpoints and where a repo id given as
+    /// `dir`/`--model` (`org/name`) is looked up first. "" = `$GEMMAD_MODEL_STORE`, else
+    /// /var/lib/gemmad/models (see docs/models.md).
+    pub store: PathBuf,
 }
 
 impl Default for ModelSection {
@@ -194,6 +198,7 @@ impl Default for ModelSection {
             pack: true,
             matformer_config: None,
             slice: String::new(),
+            store: PathBuf::new(),
         }
     }
 }
@@ -227,6 +232,28 @@ impl ModelSection {
         self.isa
             .parse()
             .map_err(|e: String| anyhow::anyhow!("model.isa: {e}"))
+    }
+
+    /// The store `Pull` installs into: `model.store`, else `$GEMMAD_MODEL_STORE`, else
+    /// the service's store.
+    pub fn store(&self) -> PathBuf {
+        if !self.store.as_os_str().is_empty() {
+            return self.store.clone();
+        }
+        std::env::var_os(gemmad_hub::env::STORE_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(gemmad_hub::env::SYSTEM_STORE))
+    }
+
+    /// The checkpoint folder `dir` names: a folder, or a repo id found in `model.store`
+    /// or the default stores.
+    pub fn resolve_dir(&self, dir: &std::path::Path) -> Result<PathBuf> {
+        let extra = (!self.store.as_os_str().is_empty()).then_some(self.store.as_path());
+        Ok(gemmad_hub::resolve_model(
+            dir,
+            &gemmad_hub::search_stores(extra),
+        )?)
     }
 
     /// `model.cache_dir`, if set; else the cache directory systemd made for the service
@@ -589,6 +616,7 @@ mod tests {
         assert_eq!(m.quant().unwrap(), dm.quant().unwrap());
         assert_eq!(m.ple_mode().unwrap(), dm.ple_mode().unwrap());
         assert_eq!(m.isa().unwrap(), dm.isa().unwrap());
+        assert_eq!(m.store, dm.store);
         // Every [http] key states the code's default.
         let (h, dh) = (&c.http, &d.http);
         assert_eq!(

@@ -10,5 +10,6 @@ pub mod governor;
 pub mod grpc;
 pub mod http;
 pub mod oneshot;
+pub mod pull;
 pub mod serve;
 pub mod systemd;

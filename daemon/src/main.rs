@@ -1,9 +1,10 @@
 //! `gemmad`: the Gemma 3n service binary. `gemmad serve` runs the service (gRPC on a Unix
 //! socket); `generate` and `logits` are one-shot tools that run the engine in-process on a
-//! checkpoint folder, and `export-slice` writes a MatFormer slice as a checkpoint.
+//! checkpoint folder, `export-slice` writes a MatFormer slice as a checkpoint, and `pull`
+//! downloads a checkpoint from the Hugging Face Hub into the model store.
 
 use clap::{Parser, Subcommand};
-use gemmad::{export, oneshot, serve};
+use gemmad::{export, oneshot, pull, serve};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,6 +44,9 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = ".")]
         out: std::path::PathBuf,
     },
+    /// Download a checkpoint from the Hugging Face Hub into the model store
+    /// (resumable, verified, installed atomically); `--model org/name` then finds it.
+    Pull(pull::PullArgs),
 }
 
 fn init_oneshot_logging(level: Option<&str>) {
@@ -91,6 +95,10 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::Man { out } => write_man_pages(&out),
+        Command::Pull(a) => {
+            init_oneshot_logging(cli.log.as_deref());
+            pull::pull(a)
+        }
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

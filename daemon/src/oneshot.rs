@@ -12,8 +12,9 @@ use gemmad_engine::{ChatMessage, Engine, GenerateRequest, LoadOptions, Prompt, S
 /// Options shared by the subcommands that load a model.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Checkpoint folder as downloaded from the Hugging Face Hub.
-    #[arg(long, value_name = "DIR")]
+    /// Checkpoint folder as downloaded from the Hugging Face Hub, or a repo id
+    /// (`google/gemma-3n-E2B-it`) pulled into the model store with `gemmad pull`.
+    #[arg(long, value_name = "DIR|REPO")]
     pub model: PathBuf,
     /// Compute threads (default: all CPUs).
     #[arg(long)]
@@ -45,8 +46,9 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> Result<Engine> {
+        let dir = crate::pull::resolve_model(&self.model)?;
         Engine::load(
-            &self.model,
+            &dir,
             LoadOptions {
                 max_context: self.max_context,
                 threads: self.threads,
@@ -59,7 +61,7 @@ impl ModelArgs {
                 ..Default::default()
             },
         )
-        .with_context(|| format!("cannot load the model from {}", self.model.display()))
+        .with_context(|| format!("cannot load the model from {}", dir.display()))
     }
 }
 
@@ -218,8 +220,8 @@ fn write_npy_f32(path: &std::path::Path, shape: &[usize], data: &[f32]) -> Resul
 
 #[derive(Args, Debug)]
 pub struct PleCacheArgs {
-    /// Checkpoint folder.
-    #[arg(long, value_name = "DIR")]
+    /// Checkpoint folder, or a repo id pulled into the model store.
+    #[arg(long, value_name = "DIR|REPO")]
     pub model: PathBuf,
     /// Cache directory (the daemon's `model.cache_dir`).
     #[arg(long, value_name = "DIR", default_value = "/var/cache/gemmad")]
@@ -244,10 +246,11 @@ pub fn ple_cache(a: PleCacheArgs) -> Result<()> {
             nix::sys::signal::SigHandler::Handler(on_sigint),
         );
     }
+    let model = crate::pull::resolve_model(&a.model)?;
     let t0 = std::time::Instant::now();
     let mut last = 0u64;
     let report =
-        gemmad_engine::build_ple_cache(&a.model, &a.cache_dir, a.dtype, &mut |done, total| {
+        gemmad_engine::build_ple_cache(&model, &a.cache_dir, a.dtype, &mut |done, total| {
             let pct = (done * 100).checked_div(total).unwrap_or(100);
             if pct != last || done == total {
                 last = pct;
@@ -265,7 +268,7 @@ pub fn ple_cache(a: PleCacheArgs) -> Result<()> {
                 ControlFlow::Continue(())
             }
         })
-        .with_context(|| format!("building the PLE cache of {}", a.model.display()))?;
+        .with_context(|| format!("building the PLE cache of {}", model.display()))?;
     eprintln!();
     println!(
         "{} ({} rows, {} bytes, {}) built in {:.1} s",

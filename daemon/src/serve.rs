@@ -25,9 +25,10 @@ use crate::grpc::{check_access, listen, GemmadService};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Checkpoint folder (overrides [model].dir of the config; no default: one of the two
-    /// is needed).
-    #[arg(long, value_name = "DIR")]
+    /// Checkpoint folder, or a repo id pulled into the model store (`gemmad pull`;
+    /// looked up in [model].store, then the default stores). Overrides [model].dir; no
+    /// default: one of the two is needed.
+    #[arg(long, value_name = "DIR|REPO")]
     pub model: Option<PathBuf>,
     /// Config file (TOML). Default: /etc/gemmad/gemmad.toml, if it exists.
     #[arg(long, value_name = "FILE")]
@@ -288,6 +289,8 @@ async fn serve(
         .dir
         .clone()
         .context("no model: pass --model DIR or set [model].dir in the config")?;
+    // A repo id (`org/name`) names a checkpoint pulled into the model store.
+    let dir = cfg.model.resolve_dir(&dir)?;
     let socket = cfg.server.socket.clone();
     let mode = cfg.socket_mode()?;
     let socket_gid = if cfg.server.socket_group.is_empty() {
@@ -354,6 +357,7 @@ async fn serve(
         cfg.queue.per_peer_preparing,
         Connections::new(connection_limits(&cfg.server, nofile)),
     ));
+    core.set_model_store(cfg.model.store());
     tokio::spawn(connections::flush_log_every_window(
         core.connections().clone(),
     ));
@@ -772,6 +776,7 @@ fn reload(
     };
     s.core
         .reload(new.limits.clone(), policy, new.queue.per_peer_preparing);
+    s.core.set_model_store(new.model.store());
     s.queue.set_limits(new.queue.depth, new.queue.per_peer);
     if log_override.is_none() {
         match EnvFilter::try_new(&new.log.level) {

@@ -177,6 +177,18 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = ".")]
         out: PathBuf,
     },
+    /// Have the daemon download a checkpoint from the Hugging Face Hub into its model
+    /// store (admins; gRPC only). Serve it with `gemmad serve --model REPO`.
+    Pull(PullArgs),
+}
+
+#[derive(Args, Debug)]
+struct PullArgs {
+    /// Hugging Face repo id, e.g. google/gemma-3n-E2B-it.
+    repo: String,
+    /// Branch, tag or commit (default: main).
+    #[arg(long, default_value = "")]
+    revision: String,
 }
 
 #[derive(Args, Debug)]
@@ -727,6 +739,46 @@ async fn cache_prompt(c: &mut Conn, a: CachePromptArgs) -> Result<()> {
     Ok(())
 }
 
+/// Pull through the daemon, printing its progress: a line per message when something
+/// happened (a file done, a retry), byte counts at most every 2 s.
+async fn pull(c: &mut Conn, a: PullArgs) -> Result<()> {
+    let Conn::Grpc(c) = c else {
+        return Err(ClientError::NotOnDbus("Pull".into()).into());
+    };
+    let mut last = std::time::Instant::now();
+    let done = c
+        .pull_with(&a.repo, &a.revision, |p| {
+            if !p.message.is_empty() && p.installed_dir.is_empty() {
+                eprintln!("{}", p.message);
+            } else if p.total_bytes > 0 && last.elapsed().as_secs() >= 2 {
+                last = std::time::Instant::now();
+                eprintln!(
+                    "{:3}%  {} of {} bytes ({})",
+                    (p.done_bytes * 100)
+                        .checked_div(p.total_bytes)
+                        .unwrap_or(100),
+                    p.done_bytes,
+                    p.total_bytes,
+                    p.file
+                );
+            }
+        })
+        .await?;
+    println!(
+        "{} {} at {} in {}",
+        if done.already_installed {
+            "already installed:"
+        } else {
+            "installed"
+        },
+        a.repo,
+        done.commit,
+        done.installed_dir
+    );
+    println!("serve it: gemmad serve --model {}", a.repo);
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match &cli.command {
         Command::Completions { shell } => {
@@ -814,6 +866,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Completions { .. } | Command::Man { .. } => {}
         Command::Load(a) => print_tower(&c.load_modality(a.modality).await?, a.json),
         Command::Unload(a) => print_tower(&c.unload_modality(a.modality).await?, a.json),
+        Command::Pull(a) => pull(&mut c, a).await?,
         Command::Health => {
             let st = c.health().await?;
             println!("{}", st.as_str_name());

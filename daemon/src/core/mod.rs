@@ -8,6 +8,7 @@ pub mod engine_thread;
 mod error;
 pub mod estimate;
 pub mod preparing;
+pub mod pull;
 pub mod queue;
 pub mod types;
 pub mod validate;
@@ -47,6 +48,8 @@ pub struct Core {
     governor: std::sync::OnceLock<Arc<GovernorShared>>,
     /// An admin's Shutdown call, for the serve loop to take like SIGTERM.
     shutdown: tokio::sync::Notify,
+    /// Where Pull installs checkpoints (`[model] store`).
+    model_store: RwLock<std::path::PathBuf>,
 }
 
 /// What the governor loop and the front ends share.
@@ -107,6 +110,7 @@ impl Core {
             started: Instant::now(),
             governor: std::sync::OnceLock::new(),
             shutdown: tokio::sync::Notify::new(),
+            model_store: RwLock::new(std::path::PathBuf::from(gemmad_hub::env::SYSTEM_STORE)),
         }
     }
 

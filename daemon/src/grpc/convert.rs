@@ -250,3 +250,40 @@ pub fn prompt_cache(c: &gemmad_engine::PromptCacheState) -> pb::PromptCacheInfo 
         pinned: c.pinned.iter().map(cached_prompt).collect(),
     }
 }
+
+/// A Pull step on the wire.
+pub fn pull_progress(u: crate::core::pull::PullUpdate) -> pb::PullProgress {
+    pb::PullProgress {
+        commit: u.commit,
+        file: u.file,
+        file_bytes: u.file_bytes,
+        file_size: u.file_size,
+        done_bytes: u.done_bytes,
+        total_bytes: u.total_bytes,
+        message: u.message,
+        installed_dir: u
+            .installed_dir
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+        already_installed: u.already_installed,
+    }
+}
+
+/// The status a failed pull ends its stream with (the message is the hub error's, which
+/// names the repo, file or URL and what to do).
+pub fn pull_status(e: gemmad_hub::Error) -> Status {
+    use gemmad_hub::Error as E;
+    let m = e.to_string();
+    match e {
+        E::BadRepoId(_) => Status::invalid_argument(m),
+        E::NotFound { .. } | E::ModelNotFound { .. } => Status::not_found(m),
+        E::Gated { .. } | E::Offline { .. } | E::Incomplete { .. } => {
+            Status::failed_precondition(m)
+        }
+        E::Integrity { .. } => Status::data_loss(m),
+        E::Busy { .. } => Status::aborted(m),
+        E::Cancelled(_) => Status::cancelled(m),
+        E::Network { .. } | E::Status { .. } | E::Protocol { .. } => Status::unavailable(m),
+        E::Io { .. } => Status::internal(m),
+    }
+}

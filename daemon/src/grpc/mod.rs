@@ -105,6 +105,23 @@ impl Stream for EventStream {
     }
 }
 
+/// The progress stream of one Pull; dropping it (the client went away) cancels the
+/// download at its next step.
+pub struct PullStream {
+    rx: crate::core::pull::PullUpdates,
+}
+
+impl Stream for PullStream {
+    type Item = Result<pb::PullProgress, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut()
+            .rx
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(convert::pull_progress).map_err(convert::pull_status)))
+    }
+}
+
 fn sat_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -330,6 +347,18 @@ impl Gemmad for GemmadService {
             .request_shutdown(&peer(&req))
             .map_err(convert::status)?;
         Ok(Response::new(pb::ShutdownResponse {}))
+    }
+
+    type PullStream = PullStream;
+
+    async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<PullStream>, Status> {
+        let peer = peer(&req);
+        let r = req.into_inner();
+        let rx = self
+            .core
+            .pull(&peer, &r.repo, &r.revision)
+            .map_err(convert::status)?;
+        Ok(Response::new(PullStream { rx }))
     }
 
     async fn load_modality(
