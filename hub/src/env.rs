@@ -150,8 +150,9 @@ pub fn search_stores(extra: Option<&Path>) -> Vec<PathBuf> {
 }
 
 /// Resolves a `--model` value: an existing directory is used as it is; a repo id
-/// (`org/name`) is looked up in `stores`; anything else is an error naming what was
-/// searched and suggesting `gemmad pull`.
+/// (`org/name`) is looked up in `stores` (not found: an error naming what was searched
+/// and suggesting `gemmad pull`); anything else is returned as it is, for the loader to
+/// report what is missing.
 pub fn resolve_model(value: &Path, stores: &[PathBuf]) -> Result<PathBuf> {
     if value.is_dir() {
         return Ok(value.to_path_buf());
@@ -172,13 +173,9 @@ pub fn resolve_model(value: &Path, stores: &[PathBuf]) -> Result<PathBuf> {
             });
         }
     }
-    Err(Error::Io {
-        path: value.to_path_buf(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no such checkpoint folder (give a folder, or a repo id such as google/gemma-3n-E2B-it pulled with `gemmad pull`)",
-        ),
-    })
+    // Not a folder and not a repo id: the loader says what is missing (the folder, or
+    // its config.json), as precisely as it can.
+    Ok(value.to_path_buf())
 }
 
 #[cfg(test)]
