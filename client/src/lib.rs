@@ -132,7 +132,12 @@ pub fn describe(s: &Status) -> String {
         Code::Aborted => "busy",
         _ => "gemmad error",
     };
-    let mut m = format!("{what}: {}", s.message());
+    // The daemon's messages often start with the same words; say them once.
+    let mut m = if s.message().starts_with(what) {
+        s.message().to_string()
+    } else {
+        format!("{what}: {}", s.message())
+    };
     if let Some(ms) = s
         .metadata()
         .get("retry-after-ms")
