@@ -6,7 +6,10 @@ pub use gemmad_e2e::{Daemon, FIXTURE};
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use gemmad_client::pb::generate_response::Event;
+use gemmad_client::{pb, Client};
 
 use gemmad_engine::{ChatMessage, Engine, GenerateRequest, LoadOptions, Prompt};
 
@@ -42,6 +45,51 @@ pub fn in_process_ttft(
         }
     }
     Ok(local)
+}
+
+/// A daemon on `model` for time-to-first-token runs: `threads`, warn logs, and the
+/// prompt cache off, so that each repeat of the same prompt prefills it as the
+/// in-process engine does instead of resuming from the previous one.
+pub fn start_ttft_daemon(
+    model: &Path,
+    threads: usize,
+    gemmad: Option<&Path>,
+) -> anyhow::Result<Daemon> {
+    let mut d = Daemon::builder()
+        .model(model)
+        .config(format!(
+            "[model]\nthreads = {threads}\n[log]\nlevel = \"warn\"\n[cache]\nenabled = false\n"
+        ))
+        .log_level("warn");
+    if let Some(g) = gemmad {
+        d = d.gemmad(g);
+    }
+    d.start()
+}
+
+/// The gRPC request of the time-to-first-token runs: one user turn `prompt`, seed 1,
+/// one token (what [`in_process_ttft`] runs).
+pub fn ttft_request(prompt: &str) -> pb::GenerateRequest {
+    let mut r = gemmad_client::user_prompt(prompt);
+    r.sampling = Some(pb::Sampling {
+        seed: Some(1),
+        ..Default::default()
+    });
+    r.max_tokens = 1;
+    r
+}
+
+/// Time from sending `r` to its first Delta, reading the stream to its end.
+pub async fn grpc_ttft(c: &mut Client, r: &pb::GenerateRequest) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut s = c.generate(r.clone()).await?;
+    let mut first = None;
+    while let Some(m) = s.message().await? {
+        if let Some(Event::Delta(_)) = m.event {
+            first.get_or_insert_with(|| t0.elapsed());
+        }
+    }
+    Ok(first.unwrap_or_default())
 }
 
 pub fn median(v: &mut [f64]) -> f64 {

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use gemmad_bench_serving::{median, Daemon, FIXTURE};
-use gemmad_client::pb::generate_response::Event;
-use gemmad_client::{pb, user_prompt};
+use gemmad_bench_serving::{grpc_ttft, median, start_ttft_daemon, ttft_request, FIXTURE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
@@ -78,25 +76,9 @@ async fn http_ttft(s: &mut tokio::net::UnixStream, body: &str) -> Result<Duratio
 async fn main() -> Result<()> {
     let a = Args::parse();
     let warmup = 3;
-    let mut d = Daemon::builder()
-        .model(&a.model)
-        .config(format!(
-            "[model]\nthreads = {}\n[log]\nlevel = \"warn\"\n[cache]\nenabled = false\n",
-            a.threads
-        ))
-        .log_level("warn");
-    if let Some(g) = &a.gemmad {
-        d = d.gemmad(g);
-    }
-    let mut d = d.start()?;
-
+    let mut d = start_ttft_daemon(&a.model, a.threads, a.gemmad.as_deref())?;
     let mut c = d.client().await?;
-    let mut r = user_prompt(&a.prompt);
-    r.sampling = Some(pb::Sampling {
-        seed: Some(1),
-        ..Default::default()
-    });
-    r.max_tokens = 1;
+    let r = ttft_request(&a.prompt);
     let body = serde_json::json!({
         "model": "full",
         "messages": [{"role": "user", "content": a.prompt}],
@@ -110,17 +92,10 @@ async fn main() -> Result<()> {
     // Alternate the two, so that drift (heat, other load) hits both alike.
     let (mut grpc, mut http) = (Vec::new(), Vec::new());
     for i in 0..warmup + a.runs {
-        let t0 = Instant::now();
-        let mut s = c.generate(r.clone()).await?;
-        let mut first = None;
-        while let Some(m) = s.message().await? {
-            if let Some(Event::Delta(_)) = m.event {
-                first.get_or_insert_with(|| t0.elapsed());
-            }
-        }
+        let first = grpc_ttft(&mut c, &r).await?;
         let h_first = http_ttft(&mut h, &body).await?;
         if i >= warmup {
-            grpc.push(ms(first.unwrap_or_default()));
+            grpc.push(ms(first));
             http.push(ms(h_first));
         }
     }

@@ -6,13 +6,13 @@
 //! target/release/ttft-overhead [--runs 20] [--model DIR] [--threads N]
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use gemmad_bench_serving::{in_process_ttft, median, Daemon, FIXTURE};
-use gemmad_client::pb::generate_response::Event;
-use gemmad_client::{pb, user_prompt};
+use gemmad_bench_serving::{
+    grpc_ttft, in_process_ttft, median, start_ttft_daemon, ttft_request, FIXTURE,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -44,36 +44,14 @@ async fn main() -> Result<()> {
     let mut local = in_process_ttft(&a.model, a.threads, &a.prompt, warmup, a.runs)?;
 
     // Through the daemon: from sending the request to receiving the first delta.
-    let mut d = Daemon::builder()
-        .model(&a.model)
-        .config(format!(
-            "[model]\nthreads = {}\n[log]\nlevel = \"warn\"\n",
-            a.threads
-        ))
-        .log_level("warn");
-    if let Some(g) = &a.gemmad {
-        d = d.gemmad(g);
-    }
-    let mut d = d.start()?;
+    let mut d = start_ttft_daemon(&a.model, a.threads, a.gemmad.as_deref())?;
     let mut c = d.client().await?;
-    let mut r = user_prompt(&a.prompt);
-    r.sampling = Some(pb::Sampling {
-        seed: Some(1),
-        ..Default::default()
-    });
-    r.max_tokens = 1;
+    let r = ttft_request(&a.prompt);
     let mut remote = Vec::new();
     for i in 0..warmup + a.runs {
-        let t0 = Instant::now();
-        let mut s = c.generate(r.clone()).await?;
-        let mut first = None;
-        while let Some(m) = s.message().await? {
-            if let Some(Event::Delta(_)) = m.event {
-                first.get_or_insert_with(|| t0.elapsed());
-            }
-        }
+        let first = grpc_ttft(&mut c, &r).await?;
         if i >= warmup {
-            remote.push(ms(first.unwrap_or_default()));
+            remote.push(ms(first));
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
