@@ -234,16 +234,15 @@ impl ModelSection {
             .map_err(|e: String| anyhow::anyhow!("model.isa: {e}"))
     }
 
-    /// The store `Pull` installs into: `model.store`, else `$GEMMAD_MODEL_STORE`, else
-    /// the service's store.
+    /// The store `Pull` installs into: `model.store`, else where `gemmad pull` installs
+    /// ([`gemmad_hub::default_store`]: `$GEMMAD_MODEL_STORE`, the service's store for
+    /// root and the gemmad user, else the user's own).
     pub fn store(&self) -> PathBuf {
-        if !self.store.as_os_str().is_empty() {
-            return self.store.clone();
+        if self.store.as_os_str().is_empty() {
+            gemmad_hub::default_store()
+        } else {
+            self.store.clone()
         }
-        std::env::var_os(gemmad_hub::env::STORE_ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(gemmad_hub::env::SYSTEM_STORE))
     }
 
     /// The checkpoint folder `dir` names: a folder, or a repo id found in `model.store`

@@ -415,9 +415,6 @@ async fn serve(
                 if let Some(h) = http {
                     h.stop(Duration::ZERO).await;
                 }
-                if let Some(f) = &socket_file {
-                    f.remove();
-                }
                 return Err(anyhow::Error::new(e).context(format!(
                     "cannot serve {} on the {bus} bus",
                     crate::dbus::NAME
@@ -452,9 +449,8 @@ async fn serve(
     if let Some(w) = watchdog {
         w.abort();
     }
-    if let Some(f) = socket_file {
-        f.remove();
-    }
+    // The server has stopped: the socket goes now, before D-Bus and the engine.
+    drop(socket_file);
     if let Some(d) = dbus {
         d.stop().await;
     }
@@ -512,16 +508,7 @@ async fn bind_grpc(
     } else {
         let t = tokio::net::TcpListener::bind(&cfg.server.tcp_listen)
             .await
-            .with_context(|| format!("cannot listen on tcp {}", cfg.server.tcp_listen));
-        let t = match t {
-            Ok(t) => t,
-            Err(e) => {
-                if let Some(f) = &socket_file {
-                    f.remove();
-                }
-                return Err(e);
-            }
-        };
+            .with_context(|| format!("cannot listen on tcp {}", cfg.server.tcp_listen))?;
         let addr = t.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::warn!(tcp = %addr, "TCP listener on: every TCP peer is allowed");
         Some(t)

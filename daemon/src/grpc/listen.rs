@@ -63,8 +63,9 @@ pub fn preflight(path: &Path) -> Result<()> {
     }
 }
 
-/// The socket this process created; `remove` unlinks it only if the file at the path is
-/// still that socket (same device and inode).
+/// The socket this process created. Dropping it unlinks the file, only if the file at
+/// the path is still that socket (same device and inode): every exit path, an error
+/// during start-up included, leaves no socket behind.
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
@@ -72,8 +73,8 @@ pub struct SocketFile {
     ino: u64,
 }
 
-impl SocketFile {
-    pub fn remove(&self) {
+impl Drop for SocketFile {
+    fn drop(&mut self) {
         match std::fs::symlink_metadata(&self.path) {
             Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
                 if let Err(e) = std::fs::remove_file(&self.path) {
@@ -171,10 +172,8 @@ pub fn bind_unix(
         listener.set_nonblocking(true)?;
         Ok(())
     };
-    if let Err(e) = setup() {
-        file.remove();
-        return Err(e);
-    }
+    // On an error the file is dropped, which removes the socket.
+    setup()?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     Ok((listener, file))
 }

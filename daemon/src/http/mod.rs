@@ -395,13 +395,8 @@ pub async fn start(core: Arc<Core>, s: HttpSetup) -> Result<HttpServer> {
         let t = tokio::net::TcpListener::bind(&s.tcp_listen)
             .await
             .with_context(|| format!("cannot listen on tcp {} (http.tcp_listen)", s.tcp_listen));
-        match t {
-            Ok(t) => Some(t),
-            Err(e) => {
-                socket_file.remove();
-                return Err(e);
-            }
-        }
+        // On an error `socket_file` is dropped, which removes the socket.
+        Some(t?)
     };
     let app = Arc::new(App {
         model_name: model_name(&core.model().dir),
@@ -448,7 +443,8 @@ impl HttpServer {
                 wait.as_secs_f64()
             );
         }
-        self.socket_file.remove();
+        // Connections are over: the socket goes now.
+        drop(self.socket_file);
     }
 }
 
